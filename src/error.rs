@@ -1,0 +1,197 @@
+//! The crate's one error type.
+//!
+//! Every variant says which structure (or file) is wrong and carries the offending value, so
+//! that a message such as `top.qcow2: L2 table at 0x50000: entry 3 has unaligned host
+//! offset 0x50200` can be printed without further context.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Result alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong while opening, reading or writing an image.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An error that happened in a named file (image, backing file, data file).
+    #[error("{}: {source}", file.display())]
+    InFile {
+        /// The file the error belongs to.
+        file: PathBuf,
+        /// What went wrong there.
+        #[source]
+        source: Box<Error>,
+    },
+
+    /// The operating system reported an I/O error.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, e.g. "reading L2 table at 0x50000".
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// A structure extends past the end of the file.
+    #[error(
+        "{structure} at {offset:#x} (+{len} bytes) lies past the end of the file ({file_len} bytes)"
+    )]
+    Truncated {
+        /// The structure being read.
+        structure: &'static str,
+        /// Where it starts.
+        offset: u64,
+        /// How long it is.
+        len: u64,
+        /// How long the file is.
+        file_len: u64,
+    },
+
+    /// The file does not start with the qcow2 magic.
+    #[error("not a qcow2 image (magic {found:#010x})")]
+    BadMagic {
+        /// The four bytes found instead.
+        found: u32,
+    },
+
+    /// A qcow2 version other than 2 or 3.
+    #[error("unsupported qcow2 version {0}")]
+    UnsupportedVersion(u32),
+
+    /// A header or table field holds a value the format (or QEMU's limits) does not allow.
+    #[error("invalid {field} {value:#x}: {reason}")]
+    InvalidField {
+        /// The field, e.g. "cluster_bits".
+        field: &'static str,
+        /// Its value.
+        value: u64,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+
+    /// The image uses an incompatible feature this crate does not implement.
+    #[error("unsupported incompatible feature: {name}")]
+    UnsupportedFeature {
+        /// The feature's name (from the image's feature-name table when it has one).
+        name: String,
+    },
+
+    /// The image is encrypted; encryption is not supported.
+    #[error("encrypted images are not supported (crypt_method {method})")]
+    Encrypted {
+        /// The header's crypt_method.
+        method: u32,
+    },
+
+    /// Image metadata is inconsistent.
+    #[error("{structure} at {offset:#x}: {reason}")]
+    Corrupt {
+        /// The structure that is wrong, e.g. "L2 table".
+        structure: &'static str,
+        /// Its offset in the file.
+        offset: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A compressed cluster could not be decompressed.
+    #[error("compressed cluster at host offset {host_offset:#x}: {reason}")]
+    Decompress {
+        /// Where the compressed data starts.
+        host_offset: u64,
+        /// What the decompressor said.
+        reason: String,
+    },
+
+    /// An access falls outside the image.
+    #[error("access at {offset:#x} (+{len} bytes) is past the end of the image ({size} bytes)")]
+    OutOfRange {
+        /// Requested offset.
+        offset: u64,
+        /// Requested length.
+        len: u64,
+        /// The image's virtual size.
+        size: u64,
+    },
+
+    /// A backing chain refers back to one of its own images.
+    #[error("backing chain loops back to {}", path.display())]
+    BackingLoop {
+        /// The image that appears twice.
+        path: PathBuf,
+    },
+
+    /// A backing chain is deeper than the configured limit.
+    #[error("backing chain is deeper than {limit} layers")]
+    ChainTooDeep {
+        /// The limit in force.
+        limit: usize,
+    },
+
+    /// A backing file name that this crate refuses to open (protocol, `json:` or empty).
+    #[error("backing file name {name:?} is not supported: {reason}")]
+    UnsupportedBackingName {
+        /// The name as stored in the image.
+        name: String,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+
+    /// A format name that is neither `qcow2` nor `raw`.
+    #[error("unsupported image format {0:?}")]
+    UnsupportedFormat(String),
+
+    /// The caller asked for something invalid (an option value, a range).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+impl Error {
+    /// Attaches the file this error happened in, unless it already names one.
+    pub fn in_file(self, file: impl Into<PathBuf>) -> Error {
+        match self {
+            Error::InFile { .. } => self,
+            other => Error::InFile {
+                file: file.into(),
+                source: Box::new(other),
+            },
+        }
+    }
+
+    /// The error with any [`Error::InFile`] wrappers removed.
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::InFile { source, .. } => source.root(),
+            other => other,
+        }
+    }
+
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Error {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn corrupt(
+        structure: &'static str,
+        offset: u64,
+        reason: impl Into<String>,
+    ) -> Error {
+        Error::Corrupt {
+            structure,
+            offset,
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn invalid(field: &'static str, value: u64, reason: &'static str) -> Error {
+        Error::InvalidField {
+            field,
+            value,
+            reason,
+        }
+    }
+}

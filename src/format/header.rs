@@ -1,0 +1,756 @@
+//! The image header and its extensions (spec: "Header", "Header extensions").
+
+use bitflags::bitflags;
+use byteorder::{BigEndian, ByteOrder};
+
+use super::{be32, be64};
+use crate::error::{Error, Result};
+
+/// `QFI\xfb`.
+pub const QCOW2_MAGIC: u32 = 0x5146_49fb;
+/// Smallest cluster size QEMU accepts: 512 bytes.
+pub const MIN_CLUSTER_BITS: u32 = 9;
+/// Largest cluster size QEMU accepts: 2 MiB.
+pub const MAX_CLUSTER_BITS: u32 = 21;
+/// QEMU's limit on the L1 table: 32 MiB.
+pub const MAX_L1_BYTES: u64 = 32 << 20;
+/// QEMU's limit on the refcount table: 8 MiB.
+pub const MAX_REFCOUNT_TABLE_BYTES: u64 = 8 << 20;
+/// Longest backing file name the spec allows.
+pub const MAX_BACKING_FILE_NAME: u32 = 1023;
+
+/// Extension type: end of the extension area.
+pub const EXT_END: u32 = 0;
+/// Extension type: backing file format name.
+pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+/// Extension type: feature name table.
+pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
+/// Extension type: bitmaps.
+pub const EXT_BITMAPS: u32 = 0x2385_2875;
+/// Extension type: full disk encryption header pointer.
+pub const EXT_ENCRYPTION: u32 = 0x0537_be77;
+/// Extension type: external data file name.
+pub const EXT_DATA_FILE: u32 = 0x4441_5441;
+
+/// Length of a version 2 header.
+const V2_HEADER_LEN: u32 = 72;
+/// Smallest version 3 header.
+const V3_MIN_HEADER_LEN: u32 = 104;
+/// Version 3 header with the compression type field and its padding, as QEMU writes it.
+const V3_HEADER_LEN: u32 = 112;
+
+bitflags! {
+    /// Incompatible feature bits: an image with an unknown one must not be opened.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct IncompatibleFeatures: u64 {
+        /// Refcounts may be inconsistent (lazy refcounts in use).
+        const DIRTY = 1 << 0;
+        /// Metadata may be corrupt; do not write.
+        const CORRUPT = 1 << 1;
+        /// Guest data lives in an external data file.
+        const EXTERNAL_DATA_FILE = 1 << 2;
+        /// The compression_type field is not zlib.
+        const COMPRESSION_TYPE = 1 << 3;
+        /// L2 entries have subcluster bitmaps.
+        const EXTENDED_L2 = 1 << 4;
+    }
+
+    /// Compatible feature bits: unknown ones can be ignored.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct CompatibleFeatures: u64 {
+        /// Refcount updates may be postponed while the dirty bit is set.
+        const LAZY_REFCOUNTS = 1 << 0;
+    }
+
+    /// Autoclear feature bits: a writer that does not know one clears it.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct AutoclearFeatures: u64 {
+        /// The bitmaps extension is consistent.
+        const BITMAPS = 1 << 0;
+        /// The external data file is a consistent raw image by itself.
+        const DATA_FILE_RAW = 1 << 1;
+    }
+}
+
+impl IncompatibleFeatures {
+    /// The bits this crate implements.
+    pub const SUPPORTED: IncompatibleFeatures = IncompatibleFeatures::all();
+
+    /// Human names of known bits, for messages.
+    pub fn known_name(bit: u32) -> Option<&'static str> {
+        Some(match bit {
+            0 => "dirty bit",
+            1 => "corrupt bit",
+            2 => "external data file",
+            3 => "compression type",
+            4 => "extended L2 entries",
+            _ => return None,
+        })
+    }
+}
+
+/// Algorithm used for compressed clusters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CompressionType {
+    /// Raw deflate (QEMU calls it zlib).
+    #[default]
+    Zlib,
+    /// Zstandard.
+    Zstd,
+}
+
+impl CompressionType {
+    /// The name qemu-img uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            CompressionType::Zlib => "zlib",
+            CompressionType::Zstd => "zstd",
+        }
+    }
+    fn code(self) -> u8 {
+        match self {
+            CompressionType::Zlib => 0,
+            CompressionType::Zstd => 1,
+        }
+    }
+}
+
+/// The fixed part of a qcow2 header, decoded and validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// 2 or 3.
+    pub version: u32,
+    /// Where the backing file name is stored; 0 without backing file.
+    pub backing_file_offset: u64,
+    /// Length of the backing file name.
+    pub backing_file_size: u32,
+    /// log2 of the cluster size (9..=21).
+    pub cluster_bits: u32,
+    /// Virtual disk size in bytes.
+    pub size: u64,
+    /// 0 none, 1 AES, 2 LUKS.
+    pub crypt_method: u32,
+    /// Entries in the active L1 table.
+    pub l1_size: u32,
+    /// Offset of the active L1 table.
+    pub l1_table_offset: u64,
+    /// Offset of the refcount table.
+    pub refcount_table_offset: u64,
+    /// Clusters used by the refcount table.
+    pub refcount_table_clusters: u32,
+    /// Number of internal snapshots.
+    pub nb_snapshots: u32,
+    /// Offset of the snapshot table.
+    pub snapshots_offset: u64,
+    /// Incompatible features (unknown bits retained).
+    pub incompatible_features: IncompatibleFeatures,
+    /// Compatible features (unknown bits retained).
+    pub compatible_features: CompatibleFeatures,
+    /// Autoclear features (unknown bits retained).
+    pub autoclear_features: AutoclearFeatures,
+    /// refcount_bits = 1 << refcount_order (v2: 4).
+    pub refcount_order: u32,
+    /// Header length in bytes (v2: 72).
+    pub header_length: u32,
+    /// Compression type (zlib unless the field says otherwise).
+    pub compression_type: CompressionType,
+    /// Header bytes past the compression type field (padding and fields this crate does
+    /// not know), kept so a rewrite preserves them.
+    pub unknown_tail: Vec<u8>,
+}
+
+fn invalid(field: &'static str, value: u64, reason: &'static str) -> Error {
+    Error::invalid(field, value, reason)
+}
+
+impl Header {
+    /// A fresh version 3 header with QEMU's defaults for the given geometry.
+    pub fn new_v3(cluster_bits: u32, size: u64) -> Header {
+        Header {
+            version: 3,
+            backing_file_offset: 0,
+            backing_file_size: 0,
+            cluster_bits,
+            size,
+            crypt_method: 0,
+            l1_size: 0,
+            l1_table_offset: 0,
+            refcount_table_offset: 0,
+            refcount_table_clusters: 0,
+            nb_snapshots: 0,
+            snapshots_offset: 0,
+            incompatible_features: IncompatibleFeatures::empty(),
+            compatible_features: CompatibleFeatures::empty(),
+            autoclear_features: AutoclearFeatures::empty(),
+            refcount_order: 4,
+            header_length: V3_HEADER_LEN,
+            compression_type: CompressionType::Zlib,
+            unknown_tail: vec![0; 7],
+        }
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// Refcount width in bits.
+    pub fn refcount_bits(&self) -> u32 {
+        1 << self.refcount_order
+    }
+
+    /// Whether L2 entries are extended.
+    pub fn extended_l2(&self) -> bool {
+        self.incompatible_features
+            .contains(IncompatibleFeatures::EXTENDED_L2)
+    }
+
+    /// Decodes and validates a header from the start of an image. `buf` must hold the
+    /// whole header (`header_length` bytes); the first cluster is always enough.
+    pub fn decode(buf: &[u8]) -> Result<Header> {
+        if buf.len() < V2_HEADER_LEN as usize {
+            return Err(Error::Truncated {
+                structure: "header",
+                offset: 0,
+                len: V2_HEADER_LEN as u64,
+                file_len: buf.len() as u64,
+            });
+        }
+        let magic = be32(buf, 0);
+        if magic != QCOW2_MAGIC {
+            return Err(Error::BadMagic { found: magic });
+        }
+        let version = be32(buf, 4);
+        if version != 2 && version != 3 {
+            return Err(Error::UnsupportedVersion(version));
+        }
+        let cluster_bits = be32(buf, 20);
+        if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
+            return Err(invalid(
+                "cluster_bits",
+                cluster_bits.into(),
+                "cluster size must be 512 B to 2 MiB",
+            ));
+        }
+        let cluster_size = 1u64 << cluster_bits;
+        let mut h = Header {
+            version,
+            backing_file_offset: be64(buf, 8),
+            backing_file_size: be32(buf, 16),
+            cluster_bits,
+            size: be64(buf, 24),
+            crypt_method: be32(buf, 32),
+            l1_size: be32(buf, 36),
+            l1_table_offset: be64(buf, 40),
+            refcount_table_offset: be64(buf, 48),
+            refcount_table_clusters: be32(buf, 56),
+            nb_snapshots: be32(buf, 60),
+            snapshots_offset: be64(buf, 64),
+            incompatible_features: IncompatibleFeatures::empty(),
+            compatible_features: CompatibleFeatures::empty(),
+            autoclear_features: AutoclearFeatures::empty(),
+            refcount_order: 4,
+            header_length: V2_HEADER_LEN,
+            compression_type: CompressionType::Zlib,
+            unknown_tail: Vec::new(),
+        };
+        if version == 3 {
+            if buf.len() < V3_MIN_HEADER_LEN as usize {
+                return Err(Error::Truncated {
+                    structure: "header",
+                    offset: 0,
+                    len: V3_MIN_HEADER_LEN as u64,
+                    file_len: buf.len() as u64,
+                });
+            }
+            h.incompatible_features = IncompatibleFeatures::from_bits_retain(be64(buf, 72));
+            h.compatible_features = CompatibleFeatures::from_bits_retain(be64(buf, 80));
+            h.autoclear_features = AutoclearFeatures::from_bits_retain(be64(buf, 88));
+            h.refcount_order = be32(buf, 96);
+            h.header_length = be32(buf, 100);
+            if h.header_length < V3_MIN_HEADER_LEN || h.header_length % 8 != 0 {
+                return Err(invalid(
+                    "header_length",
+                    h.header_length.into(),
+                    "must be at least 104 and a multiple of 8",
+                ));
+            }
+            if u64::from(h.header_length) > cluster_size {
+                return Err(invalid(
+                    "header_length",
+                    h.header_length.into(),
+                    "header is larger than a cluster",
+                ));
+            }
+            let hl = h.header_length as usize;
+            if buf.len() < hl {
+                return Err(Error::Truncated {
+                    structure: "header",
+                    offset: 0,
+                    len: hl as u64,
+                    file_len: buf.len() as u64,
+                });
+            }
+            let compression_code = if hl > 104 { buf[104] } else { 0 };
+            h.compression_type = match compression_code {
+                0 => CompressionType::Zlib,
+                1 => CompressionType::Zstd,
+                other => {
+                    return Err(invalid(
+                        "compression_type",
+                        other.into(),
+                        "unknown compression type",
+                    ));
+                }
+            };
+            let flagged = h
+                .incompatible_features
+                .contains(IncompatibleFeatures::COMPRESSION_TYPE);
+            if flagged != (compression_code != 0) {
+                return Err(invalid(
+                    "compression_type",
+                    compression_code.into(),
+                    "does not agree with the compression type feature bit",
+                ));
+            }
+            if hl > 105 {
+                h.unknown_tail = buf[105..hl].to_vec();
+            }
+        }
+        h.validate()?;
+        Ok(h)
+    }
+
+    /// Checks every field against the spec and QEMU's limits.
+    fn validate(&self) -> Result<()> {
+        let cluster_size = self.cluster_size();
+        if self.refcount_order > 6 {
+            return Err(invalid(
+                "refcount_order",
+                self.refcount_order.into(),
+                "refcount width must be at most 64 bits",
+            ));
+        }
+        if self.extended_l2() && self.cluster_bits < 14 {
+            return Err(invalid(
+                "cluster_bits",
+                self.cluster_bits.into(),
+                "extended L2 entries need clusters of at least 16 KiB",
+            ));
+        }
+        if self.backing_file_offset != 0 {
+            if self.backing_file_size > MAX_BACKING_FILE_NAME {
+                return Err(invalid(
+                    "backing_file_size",
+                    self.backing_file_size.into(),
+                    "backing file name longer than 1023 bytes",
+                ));
+            }
+            let end = self
+                .backing_file_offset
+                .checked_add(self.backing_file_size.into());
+            if end.is_none_or(|end| end > cluster_size) {
+                return Err(invalid(
+                    "backing_file_offset",
+                    self.backing_file_offset,
+                    "backing file name lies outside the first cluster",
+                ));
+            }
+        }
+        for (field, value) in [
+            ("l1_table_offset", self.l1_table_offset),
+            ("refcount_table_offset", self.refcount_table_offset),
+            ("snapshots_offset", self.snapshots_offset),
+        ] {
+            if value % cluster_size != 0 {
+                return Err(invalid(field, value, "not aligned to a cluster"));
+            }
+            if value >= 1 << 56 {
+                return Err(invalid(field, value, "beyond the 56-bit host offset limit"));
+            }
+        }
+        if u64::from(self.l1_size) * 8 > MAX_L1_BYTES {
+            return Err(invalid(
+                "l1_size",
+                self.l1_size.into(),
+                "L1 table larger than QEMU's 32 MiB limit",
+            ));
+        }
+        let geometry = super::Geometry::new(self.cluster_bits, self.extended_l2());
+        let needed = geometry
+            .l1_entries_for(self.size)
+            .ok_or_else(|| invalid("size", self.size, "virtual size too large"))?;
+        if needed > u64::from(self.l1_size) {
+            return Err(invalid(
+                "l1_size",
+                self.l1_size.into(),
+                "L1 table too small for the virtual size",
+            ));
+        }
+        if self.size > i64::MAX as u64 {
+            return Err(invalid("size", self.size, "virtual size too large"));
+        }
+        if u64::from(self.refcount_table_clusters) * cluster_size > MAX_REFCOUNT_TABLE_BYTES {
+            return Err(invalid(
+                "refcount_table_clusters",
+                self.refcount_table_clusters.into(),
+                "refcount table larger than QEMU's 8 MiB limit",
+            ));
+        }
+        if self.nb_snapshots > super::MAX_SNAPSHOTS {
+            return Err(invalid(
+                "nb_snapshots",
+                self.nb_snapshots.into(),
+                "more than 65536 snapshots",
+            ));
+        }
+        if self.version == 2 && self.compression_type != CompressionType::Zlib {
+            return Err(invalid("compression_type", 1, "version 2 images use zlib"));
+        }
+        Ok(())
+    }
+
+    /// Encodes the header into the start of `out` (at least `header_length` bytes).
+    pub fn encode(&self, out: &mut [u8]) {
+        BigEndian::write_u32(&mut out[0..], QCOW2_MAGIC);
+        BigEndian::write_u32(&mut out[4..], self.version);
+        BigEndian::write_u64(&mut out[8..], self.backing_file_offset);
+        BigEndian::write_u32(&mut out[16..], self.backing_file_size);
+        BigEndian::write_u32(&mut out[20..], self.cluster_bits);
+        BigEndian::write_u64(&mut out[24..], self.size);
+        BigEndian::write_u32(&mut out[32..], self.crypt_method);
+        BigEndian::write_u32(&mut out[36..], self.l1_size);
+        BigEndian::write_u64(&mut out[40..], self.l1_table_offset);
+        BigEndian::write_u64(&mut out[48..], self.refcount_table_offset);
+        BigEndian::write_u32(&mut out[56..], self.refcount_table_clusters);
+        BigEndian::write_u32(&mut out[60..], self.nb_snapshots);
+        BigEndian::write_u64(&mut out[64..], self.snapshots_offset);
+        if self.version >= 3 {
+            BigEndian::write_u64(&mut out[72..], self.incompatible_features.bits());
+            BigEndian::write_u64(&mut out[80..], self.compatible_features.bits());
+            BigEndian::write_u64(&mut out[88..], self.autoclear_features.bits());
+            BigEndian::write_u32(&mut out[96..], self.refcount_order);
+            BigEndian::write_u32(&mut out[100..], self.header_length);
+            if self.header_length > 104 {
+                out[104] = self.compression_type.code();
+                let tail_end = (105 + self.unknown_tail.len()).min(self.header_length as usize);
+                out[105..tail_end].copy_from_slice(&self.unknown_tail[..tail_end - 105]);
+            }
+        }
+    }
+}
+
+/// Which feature bitmap a feature-name table entry describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeatureKind {
+    /// incompatible_features.
+    Incompatible,
+    /// compatible_features.
+    Compatible,
+    /// autoclear_features.
+    Autoclear,
+}
+
+/// One entry of the feature-name table extension.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeatureName {
+    /// Which bitmap.
+    pub kind: FeatureKind,
+    /// Bit number 0..=63.
+    pub bit: u8,
+    /// The name (at most 46 bytes).
+    pub name: String,
+}
+
+/// The bitmaps extension (recognised and preserved; bitmaps are not interpreted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BitmapsExtension {
+    /// Number of bitmaps.
+    pub nb_bitmaps: u32,
+    /// Size of the bitmap directory.
+    pub directory_size: u64,
+    /// Offset of the bitmap directory.
+    pub directory_offset: u64,
+}
+
+/// One header extension, decoded where the crate knows its type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderExtension {
+    /// Backing file format name.
+    BackingFormat(String),
+    /// Feature name table.
+    FeatureNames(Vec<FeatureName>),
+    /// Bitmaps.
+    Bitmaps(BitmapsExtension),
+    /// Full disk encryption header pointer: offset and length.
+    Encryption {
+        /// Offset of the encryption header.
+        offset: u64,
+        /// Its length.
+        length: u64,
+    },
+    /// External data file name.
+    DataFile(String),
+    /// An extension of a type this crate does not know, kept as bytes.
+    Unknown {
+        /// The type code.
+        kind: u32,
+        /// Its data.
+        data: Vec<u8>,
+    },
+}
+
+/// All header extensions of an image, in file order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HeaderExtensions {
+    /// The extensions, in the order they appear.
+    pub list: Vec<HeaderExtension>,
+}
+
+fn ext_string(kind: &'static str, data: &[u8]) -> Result<String> {
+    String::from_utf8(data.to_vec())
+        .map_err(|_| invalid(kind, data.len() as u64, "name is not valid UTF-8"))
+}
+
+impl HeaderExtensions {
+    /// Decodes the extension area `area`, which starts at file offset `start`
+    /// (the header length) and ends where the backing file name or the first cluster does.
+    pub fn decode(area: &[u8], start: u64) -> Result<HeaderExtensions> {
+        let mut list = Vec::new();
+        let mut pos = 0usize;
+        let mut seen = Vec::new();
+        while pos + 8 <= area.len() {
+            let kind = be32(area, pos);
+            let len = be32(area, pos + 4) as usize;
+            if kind == EXT_END {
+                break;
+            }
+            let data_start = pos + 8;
+            let data = area.get(data_start..data_start.saturating_add(len)).ok_or(
+                Error::InvalidField {
+                    field: "header extension length",
+                    value: len as u64,
+                    reason: "extension runs past the end of the extension area",
+                },
+            )?;
+            if kind != EXT_FEATURE_TABLE && seen.contains(&kind) {
+                return Err(invalid(
+                    "header extension type",
+                    kind.into(),
+                    "extension appears twice",
+                ));
+            }
+            seen.push(kind);
+            list.push(Self::decode_one(kind, data, start + data_start as u64)?);
+            pos = data_start + len.div_ceil(8) * 8;
+        }
+        Ok(HeaderExtensions { list })
+    }
+
+    fn decode_one(kind: u32, data: &[u8], _at: u64) -> Result<HeaderExtension> {
+        Ok(match kind {
+            EXT_BACKING_FORMAT => {
+                HeaderExtension::BackingFormat(ext_string("backing format", data)?)
+            }
+            EXT_DATA_FILE => HeaderExtension::DataFile(ext_string("data file name", data)?),
+            EXT_FEATURE_TABLE => {
+                let mut names = Vec::new();
+                for entry in data.chunks_exact(48) {
+                    let kind = match entry[0] {
+                        0 => FeatureKind::Incompatible,
+                        1 => FeatureKind::Compatible,
+                        2 => FeatureKind::Autoclear,
+                        _ => continue,
+                    };
+                    let raw = &entry[2..48];
+                    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+                    names.push(FeatureName {
+                        kind,
+                        bit: entry[1],
+                        name: String::from_utf8_lossy(&raw[..end]).into_owned(),
+                    });
+                }
+                HeaderExtension::FeatureNames(names)
+            }
+            EXT_BITMAPS if data.len() >= 24 => HeaderExtension::Bitmaps(BitmapsExtension {
+                nb_bitmaps: be32(data, 0),
+                directory_size: be64(data, 8),
+                directory_offset: be64(data, 16),
+            }),
+            EXT_ENCRYPTION if data.len() >= 16 => HeaderExtension::Encryption {
+                offset: be64(data, 0),
+                length: be64(data, 8),
+            },
+            EXT_BITMAPS | EXT_ENCRYPTION => {
+                return Err(invalid(
+                    "header extension length",
+                    data.len() as u64,
+                    "bitmaps or encryption extension too short",
+                ));
+            }
+            other => HeaderExtension::Unknown {
+                kind: other,
+                data: data.to_vec(),
+            },
+        })
+    }
+
+    /// Encodes the extensions followed by the end marker.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for ext in &self.list {
+            let (kind, data): (u32, Vec<u8>) = match ext {
+                HeaderExtension::BackingFormat(s) => (EXT_BACKING_FORMAT, s.as_bytes().to_vec()),
+                HeaderExtension::DataFile(s) => (EXT_DATA_FILE, s.as_bytes().to_vec()),
+                HeaderExtension::FeatureNames(names) => {
+                    let mut d = vec![0u8; names.len() * 48];
+                    for (entry, n) in d.chunks_exact_mut(48).zip(names) {
+                        entry[0] = match n.kind {
+                            FeatureKind::Incompatible => 0,
+                            FeatureKind::Compatible => 1,
+                            FeatureKind::Autoclear => 2,
+                        };
+                        entry[1] = n.bit;
+                        let name = n.name.as_bytes();
+                        let l = name.len().min(46);
+                        entry[2..2 + l].copy_from_slice(&name[..l]);
+                    }
+                    (EXT_FEATURE_TABLE, d)
+                }
+                HeaderExtension::Bitmaps(b) => {
+                    let mut d = vec![0u8; 24];
+                    BigEndian::write_u32(&mut d[0..], b.nb_bitmaps);
+                    BigEndian::write_u64(&mut d[8..], b.directory_size);
+                    BigEndian::write_u64(&mut d[16..], b.directory_offset);
+                    (EXT_BITMAPS, d)
+                }
+                HeaderExtension::Encryption { offset, length } => {
+                    let mut d = vec![0u8; 16];
+                    BigEndian::write_u64(&mut d[0..], *offset);
+                    BigEndian::write_u64(&mut d[8..], *length);
+                    (EXT_ENCRYPTION, d)
+                }
+                HeaderExtension::Unknown { kind, data } => (*kind, data.clone()),
+            };
+            let mut head = [0u8; 8];
+            BigEndian::write_u32(&mut head[0..], kind);
+            BigEndian::write_u32(&mut head[4..], data.len() as u32);
+            out.extend_from_slice(&head);
+            out.extend_from_slice(&data);
+            out.resize(out.len().div_ceil(8) * 8, 0);
+        }
+        out.extend_from_slice(&[0u8; 8]);
+        out
+    }
+
+    /// The backing format name, if the extension is present.
+    pub fn backing_format(&self) -> Option<&str> {
+        self.list.iter().find_map(|e| match e {
+            HeaderExtension::BackingFormat(s) => Some(s.as_str()),
+            _ => None,
+        })
+    }
+
+    /// The external data file name, if the extension is present.
+    pub fn data_file(&self) -> Option<&str> {
+        self.list.iter().find_map(|e| match e {
+            HeaderExtension::DataFile(s) => Some(s.as_str()),
+            _ => None,
+        })
+    }
+
+    /// The name the image gives a feature bit, if its feature table has one.
+    pub fn feature_name(&self, kind: FeatureKind, bit: u32) -> Option<&str> {
+        self.list.iter().find_map(|e| match e {
+            HeaderExtension::FeatureNames(names) => names
+                .iter()
+                .find(|n| n.kind == kind && u32::from(n.bit) == bit)
+                .map(|n| n.name.as_str()),
+            _ => None,
+        })
+    }
+
+    /// Whether the bitmaps extension is present.
+    pub fn has_bitmaps(&self) -> bool {
+        self.list
+            .iter()
+            .any(|e| matches!(e, HeaderExtension::Bitmaps(_)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Header {
+        let mut h = Header::new_v3(16, 1 << 30);
+        h.l1_size = 2;
+        h.l1_table_offset = 0x30000;
+        h.refcount_table_offset = 0x10000;
+        h.refcount_table_clusters = 1;
+        h
+    }
+
+    #[test]
+    fn v3_header_round_trips() {
+        let h = sample();
+        let mut buf = vec![0u8; 512];
+        h.encode(&mut buf);
+        assert_eq!(Header::decode(&buf).unwrap(), h);
+    }
+
+    #[test]
+    fn too_small_l1_table_is_refused() {
+        let mut h = sample();
+        h.l1_size = 1;
+        let mut buf = vec![0u8; 512];
+        h.encode(&mut buf);
+        assert!(matches!(
+            Header::decode(&buf),
+            Err(Error::InvalidField {
+                field: "l1_size",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn cluster_bits_outside_qemu_limits_are_refused() {
+        for bits in [8, 22, 63] {
+            let mut buf = vec![0u8; 512];
+            sample().encode(&mut buf);
+            BigEndian::write_u32(&mut buf[20..], bits);
+            assert!(Header::decode(&buf).is_err(), "cluster_bits {bits}");
+        }
+    }
+
+    #[test]
+    fn extensions_round_trip_and_unknown_ones_are_kept() {
+        let exts = HeaderExtensions {
+            list: vec![
+                HeaderExtension::BackingFormat("qcow2".into()),
+                HeaderExtension::Unknown {
+                    kind: 0x1234,
+                    data: vec![1, 2, 3],
+                },
+                HeaderExtension::FeatureNames(vec![FeatureName {
+                    kind: FeatureKind::Incompatible,
+                    bit: 0,
+                    name: "dirty bit".into(),
+                }]),
+            ],
+        };
+        let bytes = exts.encode();
+        assert_eq!(HeaderExtensions::decode(&bytes, 112).unwrap(), exts);
+    }
+
+    #[test]
+    fn extension_running_past_its_area_is_refused() {
+        let mut bytes = HeaderExtensions {
+            list: vec![HeaderExtension::BackingFormat("raw".into())],
+        }
+        .encode();
+        BigEndian::write_u32(&mut bytes[4..], 1000);
+        assert!(HeaderExtensions::decode(&bytes, 112).is_err());
+    }
+}

@@ -1,0 +1,43 @@
+//! qcow2-engine reads qcow2 disk images exactly as QEMU defines them
+//! (`docs/interop/qcow2.rst`), through whole backing chains.
+//!
+//! The main types:
+//!
+//! - [`Chain`]: an image with its backing files, top first. [`Chain::read_at`] reads what
+//!   a guest sees; [`Chain::runs`] says, range by range, which layer decides the content
+//!   and how ([`ChainRun`]).
+//! - [`Image`]: one qcow2 image. [`Image::lookup`] is the one mapping API: it turns a guest
+//!   range into [`Run`]s of one [`Mapping`] (unallocated, zero, data at a host offset,
+//!   compressed) that reading, mapping, converting and merging all share.
+//! - [`format`]: the on-disk structures as pure codecs, [`storage`]: where bytes live,
+//!   [`ops`]: operations over chains (checksum, compare, convert, map).
+//!
+//! ```no_run
+//! use qcow2_engine::Chain;
+//!
+//! # fn main() -> Result<(), qcow2_engine::Error> {
+//! let chain = Chain::open("top.qcow2")?;
+//! let mut sector = [0u8; 512];
+//! chain.read_at(&mut sector, 0)?;
+//! for run in chain.runs(0, chain.size()) {
+//!     let run = run?;
+//!     println!("{:#x}+{:#x}: layer {} {:?}", run.offset, run.len, run.depth, run.mapping);
+//! }
+//! # Ok(())
+//! # }
+//! ```
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod chain;
+mod error;
+pub mod format;
+pub mod ops;
+pub mod qcow2;
+mod reader;
+pub mod storage;
+
+pub use chain::{Chain, ChainOptions, ChainRun, Format, Layer, RawImage};
+pub use error::{Error, Result};
+pub use qcow2::{Image, ImageOptions, Mapping, Run};
+pub use reader::ChainReader;

@@ -1,0 +1,560 @@
+//! Opening one qcow2 image and reading its data.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+use crate::format::{
+    self, AutoclearFeatures, CompatibleFeatures, CompressionType, FeatureKind, Geometry, Header,
+    HeaderExtensions, IncompatibleFeatures, L1Entry, SnapshotEntry,
+};
+use crate::storage::{FileStorage, Storage};
+
+use super::compress::decompress;
+use super::l2cache::{L2Cache, L2Table};
+use super::mapping::{Mapping, Run};
+
+/// How to open an image.
+#[derive(Debug, Clone)]
+pub struct ImageOptions {
+    /// Bytes of decoded L2 tables to keep cached (default 8 MiB: 64 GiB of guest data
+    /// with 64 KiB clusters).
+    pub l2_cache_bytes: u64,
+}
+
+impl Default for ImageOptions {
+    fn default() -> ImageOptions {
+        ImageOptions {
+            l2_cache_bytes: 8 << 20,
+        }
+    }
+}
+
+/// One open qcow2 image (without its backing chain; see [`crate::Chain`]).
+///
+/// `Image` is `Send + Sync`: metadata caches sit behind short-lived locks and data I/O is
+/// positional, so several threads can read at once.
+pub struct Image {
+    name: PathBuf,
+    storage: Box<dyn Storage>,
+    data_file: Option<Box<dyn Storage>>,
+    header: Header,
+    extensions: HeaderExtensions,
+    geometry: Geometry,
+    backing_file: Option<String>,
+    l1: Vec<u64>,
+    l2_cache: L2Cache,
+    snapshots: Vec<SnapshotEntry>,
+    file_len: u64,
+    /// The last decompressed cluster: reads smaller than a cluster hit it repeatedly.
+    last_compressed: Mutex<Option<(u64, Arc<[u8]>)>>,
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image")
+            .field("name", &self.name)
+            .field("header", &self.header)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read_exact(
+    storage: &dyn Storage,
+    structure: &'static str,
+    offset: u64,
+    len: u64,
+    file_len: u64,
+) -> Result<Vec<u8>> {
+    let end = offset.checked_add(len);
+    if end.is_none_or(|end| end > file_len) {
+        return Err(Error::Truncated {
+            structure,
+            offset,
+            len,
+            file_len,
+        });
+    }
+    let mut buf = vec![0u8; len as usize];
+    storage
+        .read_at(&mut buf, offset)
+        .map_err(|e| Error::io(format!("reading {structure} at {offset:#x}"), e))?;
+    Ok(buf)
+}
+
+impl Image {
+    /// Opens the qcow2 image at `path` read-only with default options. An external data
+    /// file is opened relative to the image's directory.
+    pub fn open(path: impl AsRef<Path>) -> Result<Image> {
+        Image::open_with(path, &ImageOptions::default())
+    }
+
+    /// Opens the qcow2 image at `path` read-only.
+    pub fn open_with(path: impl AsRef<Path>, options: &ImageOptions) -> Result<Image> {
+        let path = path.as_ref();
+        let storage =
+            FileStorage::open(path, false).map_err(|e| Error::io("opening", e).in_file(path))?;
+        let mut image =
+            Image::from_storage_inner(Box::new(storage), path.to_path_buf(), options, None)
+                .map_err(|e| e.in_file(path))?;
+        if image
+            .header
+            .incompatible_features
+            .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE)
+        {
+            let name = image.extensions.data_file().ok_or_else(|| {
+                Error::invalid(
+                    "incompatible_features",
+                    image.header.incompatible_features.bits(),
+                    "external data file bit set but no data file name extension",
+                )
+                .in_file(path)
+            })?;
+            let data_path = crate::chain::resolve_relative(path, name);
+            let data = FileStorage::open(&data_path, false)
+                .map_err(|e| Error::io("opening external data file", e).in_file(&data_path))?;
+            image.data_file = Some(Box::new(data));
+        }
+        Ok(image)
+    }
+
+    /// Opens an image held in any [`Storage`]. `name` is used in error messages. An image
+    /// with an external data file needs `data_file`.
+    pub fn from_storage(
+        storage: Box<dyn Storage>,
+        name: impl Into<PathBuf>,
+        options: &ImageOptions,
+        data_file: Option<Box<dyn Storage>>,
+    ) -> Result<Image> {
+        let name = name.into();
+        let external = data_file.is_some();
+        let image = Image::from_storage_inner(storage, name.clone(), options, data_file)
+            .map_err(|e| e.in_file(&name))?;
+        if image.has_external_data_file() && !external {
+            return Err(Error::InvalidArgument(
+                "image has an external data file but none was given".into(),
+            )
+            .in_file(&name));
+        }
+        Ok(image)
+    }
+
+    fn from_storage_inner(
+        storage: Box<dyn Storage>,
+        name: PathBuf,
+        options: &ImageOptions,
+        data_file: Option<Box<dyn Storage>>,
+    ) -> Result<Image> {
+        let file_len = storage
+            .len()
+            .map_err(|e| Error::io("reading file length", e))?;
+        // The header and its extensions live in the first cluster; read what is there
+        // (at most 2 MiB) and let decode say what is missing.
+        let first = read_exact(&*storage, "header", 0, file_len.min(512), file_len)?;
+        let probe = Header::decode(&first);
+        let header = match probe {
+            Ok(h) => h,
+            Err(Error::Truncated { .. }) if file_len > 512 => Header::decode(&read_exact(
+                &*storage,
+                "header",
+                0,
+                file_len.min(1 << format::MAX_CLUSTER_BITS),
+                file_len,
+            )?)?,
+            Err(e) => return Err(e),
+        };
+        let cluster_size = header.cluster_size();
+        let first_cluster = read_exact(
+            &*storage,
+            "header cluster",
+            0,
+            file_len.min(cluster_size),
+            file_len,
+        )?;
+        let ext_end = if header.backing_file_offset != 0 {
+            header.backing_file_offset
+        } else {
+            cluster_size
+        };
+        let ext_start = u64::from(header.header_length);
+        let extensions = if header.version >= 3 && ext_end > ext_start {
+            let area_end = (ext_end as usize).min(first_cluster.len());
+            let area = first_cluster
+                .get(ext_start as usize..area_end)
+                .unwrap_or(&[]);
+            HeaderExtensions::decode(area, ext_start)?
+        } else {
+            HeaderExtensions::default()
+        };
+        check_features(&header, &extensions)?;
+        let backing_file = if header.backing_file_offset != 0 {
+            let raw = read_exact(
+                &*storage,
+                "backing file name",
+                header.backing_file_offset,
+                header.backing_file_size.into(),
+                file_len,
+            )?;
+            Some(String::from_utf8(raw).map_err(|_| {
+                Error::invalid(
+                    "backing file name",
+                    header.backing_file_offset,
+                    "not valid UTF-8",
+                )
+            })?)
+        } else {
+            None
+        };
+        let geometry = Geometry::new(header.cluster_bits, header.extended_l2());
+        let l1_bytes = read_exact(
+            &*storage,
+            "L1 table",
+            header.l1_table_offset,
+            u64::from(header.l1_size) * 8,
+            file_len,
+        )?;
+        let l1 = format::decode_u64_table(&l1_bytes);
+        let snapshots = read_snapshot_table(&*storage, &header, file_len)?;
+        let tables = (options.l2_cache_bytes / cluster_size).max(4) as usize;
+        Ok(Image {
+            name,
+            storage,
+            data_file,
+            header,
+            extensions,
+            geometry,
+            backing_file,
+            l1,
+            l2_cache: L2Cache::new(tables),
+            snapshots,
+            file_len,
+            last_compressed: Mutex::new(None),
+        })
+    }
+
+    /// The name given at open (a path for files).
+    pub fn name(&self) -> &Path {
+        &self.name
+    }
+    /// The decoded header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+    /// The header extensions.
+    pub fn extensions(&self) -> &HeaderExtensions {
+        &self.extensions
+    }
+    /// Cluster and L2 geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        self.header.size
+    }
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.geometry.cluster_size()
+    }
+    /// The backing file name as stored in the image.
+    pub fn backing_file(&self) -> Option<&str> {
+        self.backing_file.as_deref()
+    }
+    /// The backing file format from the header extension.
+    pub fn backing_format(&self) -> Option<&str> {
+        self.extensions.backing_format()
+    }
+    /// The external data file name, if the image uses one.
+    pub fn data_file_name(&self) -> Option<&str> {
+        self.has_external_data_file()
+            .then(|| self.extensions.data_file())
+            .flatten()
+    }
+    /// Whether guest data lives in an external data file.
+    pub fn has_external_data_file(&self) -> bool {
+        self.header
+            .incompatible_features
+            .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE)
+    }
+    /// Whether the external data file is a consistent raw image by itself.
+    pub fn data_file_raw(&self) -> bool {
+        self.header
+            .autoclear_features
+            .contains(AutoclearFeatures::DATA_FILE_RAW)
+    }
+    /// The internal snapshots.
+    pub fn snapshots(&self) -> &[SnapshotEntry] {
+        &self.snapshots
+    }
+    /// Compression used for compressed clusters.
+    pub fn compression_type(&self) -> CompressionType {
+        self.header.compression_type
+    }
+    /// Whether the dirty bit is set.
+    pub fn is_dirty(&self) -> bool {
+        self.header
+            .incompatible_features
+            .contains(IncompatibleFeatures::DIRTY)
+    }
+    /// Whether the corrupt bit is set.
+    pub fn is_corrupt(&self) -> bool {
+        self.header
+            .incompatible_features
+            .contains(IncompatibleFeatures::CORRUPT)
+    }
+    /// Whether lazy refcounts are enabled.
+    pub fn lazy_refcounts(&self) -> bool {
+        self.header
+            .compatible_features
+            .contains(CompatibleFeatures::LAZY_REFCOUNTS)
+    }
+    /// Length of the image file in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+    /// Bytes the image file occupies on disk, when the storage knows.
+    pub fn allocated_size(&self) -> Option<u64> {
+        self.storage.allocated_size()
+    }
+
+    pub(crate) fn name_error(&self, e: Error) -> Error {
+        e.in_file(&self.name)
+    }
+
+    pub(crate) fn l1_entry(&self, index: u64) -> Result<L1Entry> {
+        let raw = usize::try_from(index)
+            .ok()
+            .and_then(|i| self.l1.get(i))
+            .copied()
+            .unwrap_or(0);
+        let entry = L1Entry(raw);
+        let l2 = entry.l2_offset();
+        if l2 != 0 && l2 % self.cluster_size() != 0 {
+            return Err(Error::corrupt(
+                "L1 table",
+                self.header.l1_table_offset,
+                format!("entry {index} points at unaligned L2 table {l2:#x}"),
+            ));
+        }
+        Ok(entry)
+    }
+
+    pub(crate) fn l2_table(&self, offset: u64) -> Result<L2Table> {
+        if let Some(t) = self.l2_cache.get(offset) {
+            return Ok(t);
+        }
+        let bytes = read_exact(
+            &*self.storage,
+            "L2 table",
+            offset,
+            self.cluster_size(),
+            self.file_len,
+        )?;
+        let table: L2Table = format::decode_u64_table(&bytes).into();
+        self.l2_cache.insert(offset, table.clone());
+        Ok(table)
+    }
+
+    fn data_storage(&self) -> &dyn Storage {
+        self.data_file.as_deref().unwrap_or(&*self.storage)
+    }
+
+    /// Fills `buf` with what `run`'s first `buf.len()` bytes read as in this image alone;
+    /// unallocated ranges read as zeros.
+    pub fn read_run(&self, run: &Run, buf: &mut [u8]) -> Result<()> {
+        debug_assert!(buf.len() as u64 <= run.len);
+        match run.mapping {
+            Mapping::Unallocated | Mapping::Zero { .. } => {
+                buf.fill(0);
+                Ok(())
+            }
+            Mapping::Data { host } => self.data_storage().read_at(buf, host).map_err(|e| {
+                self.name_error(Error::io(
+                    format!("reading data at host offset {host:#x}"),
+                    e,
+                ))
+            }),
+            Mapping::Compressed(d) => {
+                let cluster = self.compressed_cluster(d.host_offset, d.len)?;
+                let start = self.geometry.offset_in_cluster(run.offset) as usize;
+                let src = cluster.get(start..start + buf.len()).ok_or_else(|| {
+                    self.name_error(Error::corrupt(
+                        "compressed cluster",
+                        d.host_offset,
+                        "run exceeds cluster",
+                    ))
+                })?;
+                buf.copy_from_slice(src);
+                Ok(())
+            }
+        }
+    }
+
+    fn compressed_cluster(&self, host_offset: u64, len: u64) -> Result<Arc<[u8]>> {
+        let mut last = self
+            .last_compressed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some((at, data)) = &*last {
+            if *at == host_offset {
+                return Ok(data.clone());
+            }
+        }
+        drop(last);
+        // The descriptor may claim sectors past the end of the file (qemu writes the last
+        // compressed cluster without padding): read what exists.
+        let available = self.file_len.saturating_sub(host_offset).min(len);
+        if available == 0 {
+            return Err(self.name_error(Error::Truncated {
+                structure: "compressed cluster",
+                offset: host_offset,
+                len,
+                file_len: self.file_len,
+            }));
+        }
+        let input = read_exact(
+            &*self.storage,
+            "compressed cluster",
+            host_offset,
+            available,
+            self.file_len,
+        )
+        .map_err(|e| self.name_error(e))?;
+        let mut out = vec![0u8; self.cluster_size() as usize];
+        decompress(self.compression_type(), &input, &mut out, host_offset)
+            .map_err(|e| self.name_error(e))?;
+        let data: Arc<[u8]> = out.into();
+        last = self
+            .last_compressed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *last = Some((host_offset, data.clone()));
+        Ok(data)
+    }
+
+    /// Reads `buf.len()` bytes at guest `offset` from this image alone: ranges that are
+    /// unallocated here read as zeros (use [`crate::Chain`] to read through backing files).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let len = buf.len() as u64;
+        if offset.checked_add(len).is_none_or(|end| end > self.size()) {
+            return Err(self.name_error(Error::OutOfRange {
+                offset,
+                len,
+                size: self.size(),
+            }));
+        }
+        let mut done = 0usize;
+        for run in self.runs(offset, len) {
+            let run = run?;
+            let n = run.len as usize;
+            self.read_run(&run, &mut buf[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+fn check_features(header: &Header, extensions: &HeaderExtensions) -> Result<()> {
+    let unknown = header.incompatible_features.bits() & !IncompatibleFeatures::SUPPORTED.bits();
+    if unknown != 0 {
+        let bit = unknown.trailing_zeros();
+        let name = extensions
+            .feature_name(FeatureKind::Incompatible, bit)
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("unknown incompatible feature bit {bit}"));
+        return Err(Error::UnsupportedFeature { name });
+    }
+    if header.crypt_method != 0 {
+        return Err(Error::Encrypted {
+            method: header.crypt_method,
+        });
+    }
+    let external = header
+        .incompatible_features
+        .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE);
+    if header
+        .autoclear_features
+        .contains(AutoclearFeatures::DATA_FILE_RAW)
+        && !external
+    {
+        // QEMU ignores (and clears on write) the raw bit without a data file.
+    }
+    if external && header.nb_snapshots != 0 {
+        return Err(Error::invalid(
+            "nb_snapshots",
+            header.nb_snapshots.into(),
+            "internal snapshots are not allowed with an external data file",
+        ));
+    }
+    Ok(())
+}
+
+fn read_snapshot_table(
+    storage: &dyn Storage,
+    header: &Header,
+    file_len: u64,
+) -> Result<Vec<SnapshotEntry>> {
+    let count = header.nb_snapshots as usize;
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    // Each entry takes at least 40 bytes; check the minimum fits before reading more.
+    let min_len = count as u64 * 40;
+    let offset = header.snapshots_offset;
+    let available = file_len.saturating_sub(offset);
+    if offset == 0 || available < min_len {
+        return Err(Error::Truncated {
+            structure: "snapshot table",
+            offset,
+            len: min_len,
+            file_len,
+        });
+    }
+    // QEMU caps the table at 64 MiB.
+    let max_len = available.min(64 << 20);
+    let mut snapshots = Vec::with_capacity(count.min(1024));
+    // The largest entry: fixed part, maximal extra data, ID and name, padding.
+    const MAX_ENTRY: u64 = 40 + 1024 + 2 * 0xffff + 8;
+    let (mut pos, mut buf_start) = (0u64, 0u64);
+    let mut buf = Vec::new();
+    for _ in 0..count {
+        // Read in pieces so a huge count in a small file costs little.
+        let have = (buf_start + buf.len() as u64).saturating_sub(pos);
+        if have < MAX_ENTRY && buf_start + (buf.len() as u64) < max_len {
+            if pos >= max_len {
+                return Err(Error::Truncated {
+                    structure: "snapshot table",
+                    offset,
+                    len: pos + 40,
+                    file_len,
+                });
+            }
+            buf_start = pos;
+            let want = (max_len - pos).min(MAX_ENTRY.max(1 << 20));
+            buf = read_exact(storage, "snapshot table", offset + pos, want, file_len)?;
+        }
+        let local = (pos - buf_start) as usize;
+        let chunk = buf.get(local..).unwrap_or(&[]);
+        let (entry, used) = SnapshotEntry::decode(chunk, offset + pos)?;
+        if entry.l1_table_offset % header.cluster_size() != 0 {
+            return Err(Error::corrupt(
+                "snapshot table",
+                offset + pos,
+                format!(
+                    "snapshot {:?} has unaligned L1 table offset {:#x}",
+                    entry.id, entry.l1_table_offset
+                ),
+            ));
+        }
+        if u64::from(entry.l1_size) * 8 > format::MAX_L1_BYTES {
+            return Err(Error::corrupt(
+                "snapshot table",
+                offset + pos,
+                format!("snapshot {:?} has an L1 table larger than 32 MiB", entry.id),
+            ));
+        }
+        pos += used as u64;
+        snapshots.push(entry);
+    }
+    Ok(snapshots)
+}

@@ -1,0 +1,90 @@
+//! A bounded least-recently-used cache of decoded L2 tables.
+//!
+//! The lock is held only to look up or insert, never across I/O: a miss reads the table
+//! outside the lock, and two threads missing at once both read it (harmless).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+/// A decoded L2 table: raw 64-bit words (two per entry with extended L2).
+pub(crate) type L2Table = Arc<[u64]>;
+
+#[derive(Debug)]
+pub(crate) struct L2Cache {
+    capacity: usize,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    tick: u64,
+    by_offset: HashMap<u64, (L2Table, u64)>,
+    by_age: BTreeMap<u64, u64>,
+}
+
+impl L2Cache {
+    /// A cache holding at most `capacity` tables (at least one).
+    pub(crate) fn new(capacity: usize) -> L2Cache {
+        L2Cache {
+            capacity: capacity.max(1),
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    pub(crate) fn get(&self, offset: u64) -> Option<L2Table> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.tick += 1;
+        let tick = inner.tick;
+        let (table, old_tick) = {
+            let slot = inner.by_offset.get_mut(&offset)?;
+            let old = slot.1;
+            slot.1 = tick;
+            (slot.0.clone(), old)
+        };
+        inner.by_age.remove(&old_tick);
+        inner.by_age.insert(tick, offset);
+        Some(table)
+    }
+
+    pub(crate) fn insert(&self, offset: u64, table: L2Table) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.tick += 1;
+        let tick = inner.tick;
+        if let Some((_, old)) = inner.by_offset.insert(offset, (table, tick)) {
+            inner.by_age.remove(&old);
+        }
+        inner.by_age.insert(tick, offset);
+        while inner.by_offset.len() > self.capacity {
+            let Some((_, victim)) = inner.by_age.pop_first() else {
+                break;
+            };
+            inner.by_offset.remove(&victim);
+        }
+    }
+
+    /// Forgets a table (after it was rewritten or freed).
+    #[allow(dead_code)]
+    pub(crate) fn remove(&self, offset: u64) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, tick)) = inner.by_offset.remove(&offset) {
+            inner.by_age.remove(&tick);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn least_recently_used_table_is_evicted() {
+        let c = L2Cache::new(2);
+        c.insert(1, Arc::from(vec![1u64]));
+        c.insert(2, Arc::from(vec![2u64]));
+        assert!(c.get(1).is_some());
+        c.insert(3, Arc::from(vec![3u64]));
+        assert!(c.get(2).is_none());
+        assert_eq!(c.get(1).unwrap()[0], 1);
+        assert_eq!(c.get(3).unwrap()[0], 3);
+    }
+}

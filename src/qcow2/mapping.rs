@@ -1,0 +1,238 @@
+//! The one lookup API: what a guest range is in one image, as runs.
+//!
+//! Read, map, convert, checksum (and later write, commit and pull) all iterate these runs;
+//! nothing else walks L2 tables.
+
+use crate::error::{Error, Result};
+use crate::format::{ClusterDescriptor, CompressedDescriptor, L2Entry, SubclusterBitmap};
+
+use super::Image;
+
+/// What a guest range is in one image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapping {
+    /// Not allocated in this image: the backing file decides (zeros without one).
+    Unallocated,
+    /// Reads as zeros. `host` is the preallocated host offset of the run's first byte, if
+    /// the clusters keep one.
+    Zero {
+        /// Preallocated host offset of the run's start, if any.
+        host: Option<u64>,
+    },
+    /// Data stored at `host` (the host offset of the run's first byte) in the image's data
+    /// file (the image itself unless it has an external data file); host-contiguous.
+    Data {
+        /// Host offset of the run's first byte.
+        host: u64,
+    },
+    /// One compressed cluster (a run never spans two). The run may start inside it.
+    Compressed(CompressedDescriptor),
+}
+
+impl Mapping {
+    /// Whether reading this mapping needs no data I/O (it reads zeros or defers).
+    pub fn is_zero_or_unallocated(&self) -> bool {
+        matches!(self, Mapping::Zero { .. } | Mapping::Unallocated)
+    }
+
+    /// This mapping advanced by `delta` guest bytes (host offsets move along).
+    pub fn advanced(self, delta: u64) -> Mapping {
+        match self {
+            Mapping::Data { host } => Mapping::Data { host: host + delta },
+            Mapping::Zero { host } => Mapping::Zero {
+                host: host.map(|h| h + delta),
+            },
+            other => other,
+        }
+    }
+
+    /// Whether `next`, found `delta` bytes after the start of this mapping, continues it.
+    fn continued_by(self, next: Mapping, delta: u64) -> bool {
+        match (self, next) {
+            (Mapping::Unallocated, Mapping::Unallocated) => true,
+            (Mapping::Zero { host: None }, Mapping::Zero { host: None }) => true,
+            (Mapping::Zero { host: Some(a) }, Mapping::Zero { host: Some(b) }) => a + delta == b,
+            (Mapping::Data { host: a }, Mapping::Data { host: b }) => a + delta == b,
+            _ => false,
+        }
+    }
+}
+
+/// A guest range with one mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    /// Guest offset of the first byte.
+    pub offset: u64,
+    /// Length in bytes (never 0).
+    pub len: u64,
+    /// What the range is.
+    pub mapping: Mapping,
+}
+
+impl Run {
+    /// Guest offset one past the last byte.
+    pub fn end(&self) -> u64 {
+        self.offset + self.len
+    }
+}
+
+impl Image {
+    /// The mapping at `offset` and how far it extends, up to `max_len` bytes and at most to
+    /// the end of one L2 table's span. `offset` must be below the virtual size and
+    /// `max_len` non-zero.
+    pub fn lookup(&self, offset: u64, max_len: u64) -> Result<Run> {
+        self.lookup_inner(offset, max_len)
+            .map_err(|e| self.name_error(e))
+    }
+
+    fn lookup_inner(&self, offset: u64, max_len: u64) -> Result<Run> {
+        let size = self.size();
+        if offset >= size || max_len == 0 {
+            return Err(Error::OutOfRange {
+                offset,
+                len: max_len,
+                size,
+            });
+        }
+        let g = self.geometry();
+        let span_end = (g.l1_index(offset) + 1).saturating_mul(g.l2_span());
+        let end = offset.saturating_add(max_len).min(size).min(span_end);
+        let l2_offset = self.l1_entry(g.l1_index(offset))?.l2_offset();
+        if l2_offset == 0 {
+            return Ok(Run {
+                offset,
+                len: end - offset,
+                mapping: Mapping::Unallocated,
+            });
+        }
+        let table = self.l2_table(l2_offset)?;
+        let unit = g.subcluster_size();
+        let first = self.unit_mapping(&table, l2_offset, offset)?;
+        let mut unit_end = (offset / unit + 1) * unit;
+        if !matches!(first, Mapping::Compressed(_)) {
+            while unit_end < end {
+                let next = self.unit_mapping(&table, l2_offset, unit_end)?;
+                if !first.continued_by(next, unit_end - offset) {
+                    break;
+                }
+                unit_end += unit;
+            }
+        } else {
+            unit_end = g.cluster_start(offset) + g.cluster_size();
+        }
+        Ok(Run {
+            offset,
+            len: unit_end.min(end) - offset,
+            mapping: first,
+        })
+    }
+
+    /// The mapping of the (sub)cluster holding guest `offset`, advanced to `offset`.
+    fn unit_mapping(&self, table: &[u64], l2_offset: u64, offset: u64) -> Result<Mapping> {
+        let g = self.geometry();
+        let index = g.l2_index(offset) as usize;
+        let words = if g.extended_l2() { 2 } else { 1 };
+        let raw = L2Entry(table[index * words]);
+        let corrupt = |reason: String| Error::corrupt("L2 table", l2_offset, reason);
+        let descriptor = raw
+            .decode(g)
+            .map_err(|r| corrupt(format!("entry {index} ({:#018x}): {r}", raw.0)))?;
+        let in_cluster = g.offset_in_cluster(offset);
+        if let ClusterDescriptor::Compressed(d) = descriptor {
+            if self.has_external_data_file() {
+                return Err(corrupt(format!(
+                    "entry {index}: compressed cluster in an image with an external data file"
+                )));
+            }
+            return Ok(Mapping::Compressed(d));
+        }
+        if let ClusterDescriptor::Data { host: 0, .. } = descriptor {
+            if !self.has_external_data_file() {
+                return Err(corrupt(format!(
+                    "entry {index}: data cluster at host offset 0"
+                )));
+            }
+        }
+        if !g.extended_l2() {
+            return Ok(match descriptor {
+                ClusterDescriptor::Unallocated => Mapping::Unallocated,
+                ClusterDescriptor::Zero { host } => Mapping::Zero {
+                    host: host.map(|h| h + in_cluster),
+                },
+                ClusterDescriptor::Data { host, .. } => Mapping::Data {
+                    host: host + in_cluster,
+                },
+                ClusterDescriptor::Compressed(d) => Mapping::Compressed(d),
+            });
+        }
+        let bitmap = SubclusterBitmap(table[index * 2 + 1]);
+        let sc = in_cluster / g.subcluster_size();
+        if bitmap.conflicting() != 0 {
+            return Err(corrupt(format!(
+                "entry {index}: subclusters both allocated and zero ({:#010x})",
+                bitmap.conflicting()
+            )));
+        }
+        Ok(match descriptor {
+            ClusterDescriptor::Data { host, .. } => {
+                if bitmap.allocated(sc) {
+                    Mapping::Data {
+                        host: host + in_cluster,
+                    }
+                } else if bitmap.zero(sc) {
+                    Mapping::Zero {
+                        host: Some(host + in_cluster),
+                    }
+                } else {
+                    Mapping::Unallocated
+                }
+            }
+            _ => {
+                if bitmap.0 as u32 != 0 {
+                    return Err(corrupt(format!(
+                        "entry {index}: subclusters allocated in a cluster without host offset"
+                    )));
+                }
+                if bitmap.zero(sc) {
+                    Mapping::Zero { host: None }
+                } else {
+                    Mapping::Unallocated
+                }
+            }
+        })
+    }
+
+    /// Iterates the runs covering `offset..offset + len` (clamped to the virtual size).
+    pub fn runs(&self, offset: u64, len: u64) -> Runs<'_> {
+        let end = offset.saturating_add(len).min(self.size());
+        Runs {
+            image: self,
+            pos: offset,
+            end,
+        }
+    }
+}
+
+/// Iterator over the runs of a guest range in one image; see [`Image::runs`].
+#[derive(Debug)]
+pub struct Runs<'a> {
+    image: &'a Image,
+    pos: u64,
+    end: u64,
+}
+
+impl Iterator for Runs<'_> {
+    type Item = Result<Run>;
+
+    fn next(&mut self) -> Option<Result<Run>> {
+        if self.pos >= self.end {
+            return None;
+        }
+        let run = self.image.lookup(self.pos, self.end - self.pos);
+        match &run {
+            Ok(r) => self.pos = r.end(),
+            Err(_) => self.pos = self.end,
+        }
+        Some(run)
+    }
+}

@@ -1,0 +1,82 @@
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+
+use super::Storage;
+
+/// A file on the host, accessed with positional reads and writes (`pread`/`pwrite`).
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+    read_only: bool,
+}
+
+impl FileStorage {
+    /// Opens an existing file, read-only or read-write.
+    pub fn open(path: &Path, writable: bool) -> io::Result<FileStorage> {
+        let file = OpenOptions::new().read(true).write(writable).open(path)?;
+        if file.metadata()?.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "is a directory",
+            ));
+        }
+        Ok(FileStorage {
+            file,
+            read_only: !writable,
+        })
+    }
+
+    /// Creates (or truncates) a file for writing.
+    pub fn create(path: &Path) -> io::Result<FileStorage> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        Ok(FileStorage {
+            file,
+            read_only: false,
+        })
+    }
+
+    /// The underlying file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+impl Storage for FileStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "opened read-only",
+            ));
+        }
+        self.file.write_all_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.file.sync_data()
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+    fn allocated_size(&self) -> Option<u64> {
+        self.file.metadata().ok().map(|m| m.blocks() * 512)
+    }
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+}

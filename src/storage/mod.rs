@@ -1,0 +1,86 @@
+//! Where bytes live: a small positional-I/O trait and its backends.
+//!
+//! Every method takes `&self`: backends use positional I/O (no shared cursor) or interior
+//! locking, so several threads can read one image at once.
+
+mod file;
+mod memory;
+
+pub use file::FileStorage;
+pub use memory::MemStorage;
+
+use std::io;
+
+/// Positional byte storage under an image.
+pub trait Storage: Send + Sync {
+    /// Fills all of `buf` from `offset`. Reading past the end is an `UnexpectedEof` error.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`, growing the storage (with zeros) as needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+    /// The current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Truncates or extends (with zeros) to `len` bytes.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// True when the storage holds no bytes.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+    /// Bytes the storage really occupies (for `actual-size`); `None` when unknown.
+    fn allocated_size(&self) -> Option<u64> {
+        None
+    }
+    /// Whether `write_at` is refused.
+    fn is_read_only(&self) -> bool {
+        false
+    }
+}
+
+impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        (**self).flush()
+    }
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+    fn allocated_size(&self) -> Option<u64> {
+        (**self).allocated_size()
+    }
+    fn is_read_only(&self) -> bool {
+        (**self).is_read_only()
+    }
+}
+
+impl<S: Storage + ?Sized> Storage for Box<S> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        (**self).flush()
+    }
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+    fn allocated_size(&self) -> Option<u64> {
+        (**self).allocated_size()
+    }
+    fn is_read_only(&self) -> bool {
+        (**self).is_read_only()
+    }
+}
