@@ -12,16 +12,27 @@
 //! - [`format`]: the on-disk structures as pure codecs, [`storage`]: where bytes live,
 //!   [`ops`]: operations over chains (checksum, compare, convert, map).
 //!
-//! ```no_run
-//! use qcow2_engine::Chain;
+//! ```
+//! use qcow2_engine::{Chain, Mapping};
 //!
-//! # fn main() -> Result<(), qcow2_engine::Error> {
-//! let chain = Chain::open("top.qcow2")?;
-//! let mut sector = [0u8; 512];
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = tempfile::tempdir()?;
+//! # let path = dir.path().join("disk.qcow2");
+//! # let qemu_img = |args: &[&str]| std::process::Command::new("qemu-img").args(args).status();
+//! # assert!(qemu_img(&["create", "-q", "-f", "qcow2", path.to_str().unwrap(), "1M"])?.success());
+//! // Open an image with its whole backing chain.
+//! let chain = Chain::open(&path)?;
+//!
+//! // Read what the guest sees.
+//! let mut sector = [0xffu8; 512];
 //! chain.read_at(&mut sector, 0)?;
+//! assert_eq!(sector, [0u8; 512]);
+//!
+//! // Ask how each range is stored: runs of one mapping, with the layer that decides them.
 //! for run in chain.runs(0, chain.size()) {
 //!     let run = run?;
 //!     println!("{:#x}+{:#x}: layer {} {:?}", run.offset, run.len, run.depth, run.mapping);
+//!     assert_eq!(run.mapping, Mapping::Unallocated);
 //! }
 //! # Ok(())
 //! # }
@@ -41,3 +52,8 @@ pub use chain::{Chain, ChainOptions, ChainRun, Format, Layer, RawImage};
 pub use error::{Error, Result};
 pub use qcow2::{Image, ImageOptions, Mapping, Run};
 pub use reader::ChainReader;
+
+/// The README's example, compiled as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctest;
