@@ -226,8 +226,17 @@ fn compressed_images_zlib_and_zstd() {
             );
             let (count, at_eof) = compressed_runs(&s.open("fresh.qcow2"));
             assert!(count >= 2, "{label}: write -c made no compressed cluster");
-            assert!(at_eof, "{label}: the last compressed write does not reach EOF");
-            verify(&s, "fresh.qcow2", "qcow2", true, &format!("{label}, write -c"));
+            assert!(
+                at_eof,
+                "{label}: the last compressed write does not reach EOF"
+            );
+            verify(
+                &s,
+                "fresh.qcow2",
+                "qcow2",
+                true,
+                &format!("{label}, write -c"),
+            );
 
             // An overlay writing parts of compressed clusters.
             s.create_overlay("top.qcow2", "packed.qcow2", "qcow2", "", None);
