@@ -179,6 +179,38 @@ impl Scratch {
     }
 }
 
+impl Scratch {
+    /// Writes a big-endian u64 at `offset` of the file `name`.
+    pub fn write_u64(&self, name: &str, offset: u64, value: u64) {
+        OpenOptions::new()
+            .write(true)
+            .open(self.path(name))
+            .and_then(|f| f.write_all_at(&value.to_be_bytes(), offset))
+            .expect("patching a fixture");
+    }
+
+    /// The file offset of the L2 entry mapping guest `offset` of the qcow2 image `name`,
+    /// found from its header and L1 table; `None` when no L2 table maps it. Reads the
+    /// header fields by name, independently of the library.
+    pub fn l2_entry_location(&self, name: &str, offset: u64) -> Option<u64> {
+        let path = self.path(name);
+        let cluster_bits = read_header_field(&path, HeaderField::ClusterBits);
+        let version = read_header_field(&path, HeaderField::Version);
+        let extended = version >= 3
+            && read_header_field(&path, HeaderField::IncompatibleFeatures) & (1 << 4) != 0;
+        let entry_bytes = if extended { 16 } else { 8 };
+        let l2_entries = (1u64 << cluster_bits) / entry_bytes;
+        let cluster = offset >> cluster_bits;
+        let l1_table = read_header_field(&path, HeaderField::L1TableOffset);
+        let l1_entry = self.read_u64(name, l1_table + 8 * (cluster / l2_entries));
+        let l2_table = l1_entry & L1_OFFSET_MASK;
+        (l2_table != 0).then(|| l2_table + entry_bytes * (cluster % l2_entries))
+    }
+}
+
+/// Bits 9-55 of an L1 entry: the L2 table's offset (spec: "Cluster mapping").
+pub const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+
 /// One entry of `qemu-img map --output=json`.
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct MapEntry {
