@@ -600,3 +600,28 @@ fn internal_snapshots_in_an_overlay() {
     );
     verify(&s, "top.qcow2", "qcow2", true, "snapshot in an overlay");
 }
+
+#[test]
+fn l2_entry_with_only_the_copied_flag_reads_the_backing_file_like_qemu() {
+    // Without an external data file, QEMU takes host offset 0 to mean "unallocated" even
+    // with the COPIED flag set (only a data file makes offset 0 a real cluster), so the
+    // backing file shows through.
+    for options in ["cluster_size=64k", "cluster_size=64k,extended_l2=on"] {
+        let label = format!("COPIED-only L2 entry [{options}]");
+        let s = Scratch::new();
+        s.create("base.qcow2", "", M);
+        s.qemu_io("base.qcow2", "qcow2", &["write -P 0x22 0 128k".into()]);
+        s.create_overlay("top.qcow2", "base.qcow2", "qcow2", options, None);
+        s.qemu_io("top.qcow2", "qcow2", &["write -P 0x33 0 128k".into()]);
+        let entry = s.l2_entry_location("top.qcow2", 0).unwrap();
+        s.write_u64("top.qcow2", entry, 1 << 63);
+        if options.contains("extended_l2") {
+            // No subcluster allocated either: a fully unallocated cluster.
+            s.write_u64("top.qcow2", entry + 8, 0);
+        }
+        let expected = s.reference("top.qcow2", "qcow2");
+        assert_eq!(expected[0], 0x22, "{label}: qemu reads the backing file");
+        assert_eq!(expected[64 * 1024], 0x33, "{label}: qemu reads cluster 1");
+        verify(&s, "top.qcow2", "qcow2", true, &label);
+    }
+}
