@@ -625,3 +625,81 @@ fn l2_entry_with_only_the_copied_flag_reads_the_backing_file_like_qemu() {
         verify(&s, "top.qcow2", "qcow2", true, &label);
     }
 }
+
+#[test]
+fn preallocated_images() {
+    for options in [
+        "preallocation=metadata",
+        "preallocation=metadata,compat=0.10",
+        "preallocation=falloc,cluster_size=4k",
+        "preallocation=full,extended_l2=on",
+        "preallocation=metadata,data_file=img.data",
+    ] {
+        let label = format!("[{options}]");
+        let size = 2 * M + 512;
+        let s = Scratch::new();
+        let source_len = source_for(&s, 40, 64 * K);
+        s.create("img.qcow2", options, size);
+        let ops = random_ops(&mut Rng::new(40), size, 64 * K, source_len, 0x17, 25);
+        s.qemu_io("img.qcow2", "qcow2", &ops);
+        verify(&s, "img.qcow2", "qcow2", true, &label);
+    }
+}
+
+#[test]
+fn dirty_and_corrupt_bits_do_not_stop_reading() {
+    // QEMU opens such images read-only; so do we.
+    use common::{HeaderField, read_header_field, write_header_field};
+    for bit in [0u64, 1] {
+        let label = format!("incompatible feature bit {bit} set");
+        let size = M;
+        let s = Scratch::new();
+        let source_len = source_for(&s, 41, 64 * K);
+        s.create("img.qcow2", "lazy_refcounts=on", size);
+        let ops = random_ops(&mut Rng::new(41), size, 64 * K, source_len, 0x27, 20);
+        s.qemu_io("img.qcow2", "qcow2", &ops);
+        let path = s.path("img.qcow2");
+        let bits = read_header_field(&path, HeaderField::IncompatibleFeatures);
+        write_header_field(&path, HeaderField::IncompatibleFeatures, bits | 1 << bit);
+        let chain = s.open("img.qcow2");
+        let image = chain.top().as_qcow2().unwrap();
+        assert_eq!((image.is_dirty(), image.is_corrupt()), (bit == 0, bit == 1));
+        verify(&s, "img.qcow2", "qcow2", false, &label);
+    }
+}
+
+#[test]
+fn persistent_bitmaps_and_an_absolute_backing_name() {
+    let size = 2 * M;
+    let s = Scratch::new();
+    let source_len = source_for(&s, 42, 64 * K);
+    let mut rng = Rng::new(42);
+    s.create("base.qcow2", "cluster_size=4k", size);
+    s.qemu_io(
+        "base.qcow2",
+        "qcow2",
+        &random_ops(&mut rng, size, 4 * K, source_len, 3, 20),
+    );
+    let base = s.path("base.qcow2");
+    s.create_overlay("top.qcow2", base.to_str().unwrap(), "qcow2", "", None);
+    s.qemu_img(&["bitmap", "--add", "top.qcow2", "b0"]);
+    s.qemu_io(
+        "top.qcow2",
+        "qcow2",
+        &random_ops(&mut rng, size, 64 * K, source_len, 9, 20),
+    );
+    let chain = s.open("top.qcow2");
+    let top = chain.top().as_qcow2().unwrap();
+    assert!(
+        top.extensions().has_bitmaps(),
+        "qemu-img bitmap --add made no extension"
+    );
+    assert_eq!(top.backing_file(), base.to_str());
+    verify(
+        &s,
+        "top.qcow2",
+        "qcow2",
+        true,
+        "bitmaps, absolute backing name",
+    );
+}
