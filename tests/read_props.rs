@@ -110,10 +110,15 @@ fn compressed_under_subclusters() -> &'static Fixture {
     })
 }
 
-/// A read: an offset (anywhere, or near a multiple of one of `boundaries`) and a length
-/// that fits in `size`.
-fn read_strategy(size: u64, boundaries: &'static [u64]) -> impl Strategy<Value = (u64, usize)> {
+/// A read: an offset (anywhere, below `busy` where every layer has data, or near a
+/// multiple of one of `boundaries`) and a length that fits in `size`.
+fn read_strategy(
+    size: u64,
+    busy: u64,
+    boundaries: &'static [u64],
+) -> impl Strategy<Value = (u64, usize)> {
     let anywhere = (0..size).boxed();
+    let busy = (0..busy.min(size)).boxed();
     let near_boundary = (0..boundaries.len(), any::<u64>(), -4096i64..4096)
         .prop_map(move |(g, k, delta)| {
             let gran = boundaries[g];
@@ -121,7 +126,7 @@ fn read_strategy(size: u64, boundaries: &'static [u64]) -> impl Strategy<Value =
             b.saturating_add_signed(delta).min(size - 1)
         })
         .boxed();
-    prop_oneof![anywhere, near_boundary].prop_flat_map(move |off| {
+    prop_oneof![anywhere, busy, near_boundary].prop_flat_map(move |off| {
         let max = (size - off).min(200 * K) as usize;
         (Just(off), prop_oneof![0..=max.min(600), 0..=max])
     })
@@ -148,7 +153,7 @@ proptest! {
 
     #[test]
     fn random_reads_of_a_three_layer_chain_match_qemu(
-        (off, len) in read_strategy(5 * M + 1000, &[512, 4 * K, 64 * K, 2 * M])
+        (off, len) in read_strategy(5 * M + 1000, 5 * M + 1000, &[512, 4 * K, 64 * K, 2 * M])
     ) {
         let f = three_layers();
         prop_assert_eq!(f.chain.size(), f.expected.len() as u64);
@@ -157,7 +162,7 @@ proptest! {
 
     #[test]
     fn random_reads_of_subclusters_over_compressed_clusters_match_qemu(
-        (off, len) in read_strategy(17 * M, &[512, 16 * K, 32 * K, 2 * M, 16 * M])
+        (off, len) in read_strategy(17 * M, 2 * M + 64 * K, &[512, 16 * K, 32 * K, 2 * M, 16 * M])
     ) {
         let f = compressed_under_subclusters();
         prop_assert_eq!(f.chain.size(), f.expected.len() as u64);
@@ -619,7 +624,7 @@ proptest! {
         index_seed: usize,
         value_seed: u64,
     ) {
-        let entries = block.len() * 8 >> order;
+        let entries = (block.len() * 8) >> order;
         let index = index_seed % entries;
         let value = value_seed & max_refcount(order);
         let mut new = block.clone();
