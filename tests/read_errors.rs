@@ -171,7 +171,7 @@ fn encrypted_image() {
         "--object",
         "secret,id=sec0,data=abc",
         "-o",
-        "encrypt.format=luks,encrypt.key-secret=sec0",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
         "enc.qcow2",
         "1M",
     ]);

@@ -8,8 +8,8 @@
 
 mod common;
 
-use common::{Rng, SOURCE, Scratch, random_ops, source_file, verify};
-use qcow2_engine::{Chain, Mapping};
+use common::{Rng, SOURCE, Scratch, assert_reads_match, random_ops, source_file, verify};
+use qcow2_engine::{Chain, ChainOptions, Image, Mapping};
 
 const K: u64 = 1024;
 const M: u64 = 1024 * 1024;
@@ -702,4 +702,44 @@ fn persistent_bitmaps_and_an_absolute_backing_name() {
         true,
         "bitmaps, absolute backing name",
     );
+}
+
+#[test]
+fn one_image_alone_reads_zeros_where_unallocated() {
+    // Image::read_at and a chain opened with no_backing read the top image by itself;
+    // QEMU does the same with `"backing": null`.
+    let size = 2 * M + 512;
+    let s = Scratch::new();
+    let source_len = source_for(&s, 43, 64 * K);
+    let mut rng = Rng::new(43);
+    s.create("base.qcow2", "", size);
+    s.qemu_io("base.qcow2", "qcow2", &[format!("write -P 0x5b 0 {size}")]);
+    for options in ["cluster_size=4k", "cluster_size=64k,extended_l2=on"] {
+        s.create_overlay("top.qcow2", "base.qcow2", "qcow2", options, None);
+        let ops = random_ops(&mut rng, size, 16 * K, source_len, 0x91, 30);
+        s.qemu_io("top.qcow2", "qcow2", &ops);
+        let alone = format!(
+            r#"json:{{"driver":"qcow2","backing":null,"file":{{"driver":"file","filename":"{}"}}}}"#,
+            s.path("top.qcow2").display()
+        );
+        let expected = s.reference(&alone, "qcow2");
+        assert!(expected.iter().any(|&b| b == 0), "[{options}]: no hole");
+        let image = Image::open(s.path("top.qcow2")).unwrap();
+        let mut got = vec![0xa5; size as usize];
+        image.read_at(&mut got, 0).unwrap();
+        assert!(
+            got == expected,
+            "[{options}]: Image::read_at differs from qemu"
+        );
+        let chain = Chain::open_with(
+            s.path("top.qcow2"),
+            &ChainOptions {
+                no_backing: true,
+                ..ChainOptions::default()
+            },
+        )
+        .unwrap();
+        assert_reads_match(&chain, &expected, &format!("[{options}] no_backing"));
+        std::fs::remove_file(s.path("top.qcow2")).unwrap();
+    }
 }

@@ -139,13 +139,13 @@ impl Scratch {
         std::fs::write(self.path(name), bytes).expect("writing a fixture file");
     }
 
-    /// What QEMU reads from `name` (opened as `format`), through its backing chain:
-    /// `qemu-img convert -O raw`.
+    /// What QEMU reads from `name` (opened as `format`; a file name or a `json:` spec),
+    /// through its backing chain: `qemu-img convert -O raw`.
     pub fn reference(&self, name: &str, format: &str) -> Vec<u8> {
-        let out = format!("{name}.reference.raw");
-        self.qemu_img(&["convert", "-f", format, "-O", "raw", name, &out]);
-        let bytes = std::fs::read(self.path(&out)).expect("reading the raw conversion");
-        std::fs::remove_file(self.path(&out)).expect("removing the raw conversion");
+        let out = "reference.raw";
+        self.qemu_img(&["convert", "-f", format, "-O", "raw", name, out]);
+        let bytes = std::fs::read(self.path(out)).expect("reading the raw conversion");
+        std::fs::remove_file(self.path(out)).expect("removing the raw conversion");
         bytes
     }
 
