@@ -723,7 +723,7 @@ fn one_image_alone_reads_zeros_where_unallocated() {
             s.path("top.qcow2").display()
         );
         let expected = s.reference(&alone, "qcow2");
-        assert!(expected.iter().any(|&b| b == 0), "[{options}]: no hole");
+        assert!(expected.contains(&0), "[{options}]: no hole");
         let image = Image::open(s.path("top.qcow2")).unwrap();
         let mut got = vec![0xa5; size as usize];
         image.read_at(&mut got, 0).unwrap();
