@@ -146,13 +146,15 @@ impl Image {
             }
             return Ok(Mapping::Compressed(d));
         }
-        if let ClusterDescriptor::Data { host: 0, .. } = descriptor {
-            if !self.has_external_data_file() {
-                return Err(corrupt(format!(
-                    "entry {index}: data cluster at host offset 0"
-                )));
+        // Host offset 0 with the COPIED flag is a real cluster only in an external data
+        // file (where 0 is a valid offset). In the image file QEMU reads such an entry as
+        // unallocated (the backing file shows through), so do the same rather than fail.
+        let descriptor = match descriptor {
+            ClusterDescriptor::Data { host: 0, .. } if !self.has_external_data_file() => {
+                ClusterDescriptor::Unallocated
             }
-        }
+            other => other,
+        };
         if !g.extended_l2() {
             return Ok(match descriptor {
                 ClusterDescriptor::Unallocated => Mapping::Unallocated,
