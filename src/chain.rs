@@ -347,7 +347,7 @@ impl Chain {
     pub fn open_with(path: impl AsRef<Path>, options: &ChainOptions) -> Result<Chain> {
         let path = path.as_ref();
         let mut seen = HashSet::new();
-        let mut layers = Vec::new();
+        let mut layers: Vec<Layer> = Vec::new();
         let mut next = Some((path.to_path_buf(), options.format));
         while let Some((layer_path, format)) = next.take() {
             if layers.len() >= options.max_depth.max(1) {
@@ -356,8 +356,15 @@ impl Chain {
                 }
                 .in_file(path));
             }
-            let meta = std::fs::metadata(&layer_path)
-                .map_err(|e| Error::io("opening", e).in_file(&layer_path))?;
+            let meta = std::fs::metadata(&layer_path).map_err(|e| match layers.last() {
+                // Name the image that refers to the missing backing file, as qemu-img does.
+                Some(overlay) => Error::io(
+                    format!("could not open backing file {}", layer_path.display()),
+                    e,
+                )
+                .in_file(overlay.name()),
+                None => Error::io("opening", e).in_file(&layer_path),
+            })?;
             if !seen.insert((meta.dev(), meta.ino())) {
                 return Err(Error::BackingLoop { path: layer_path }.in_file(path));
             }

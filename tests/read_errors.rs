@@ -215,8 +215,12 @@ fn missing_backing_file() {
     std::fs::remove_file(s.path("base.qcow2")).unwrap();
     assert_error(
         Chain::open(s.path("top.qcow2")),
-        &s.path("base.qcow2"),
-        &["No such file"],
+        &s.path("top.qcow2"),
+        &[
+            "could not open backing file",
+            &s.path("base.qcow2").display().to_string(),
+            "No such file",
+        ],
     );
     // Without following the backing file, the overlay alone opens.
     let alone = Chain::open_with(
