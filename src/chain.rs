@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::qcow2::{Image, ImageOptions, Mapping, Run};
-use crate::storage::{FileStorage, Storage};
+use crate::storage::{Extent, FileStorage, Storage};
 
 /// Image formats a layer can have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +103,14 @@ impl RawImage {
     pub fn allocated_size(&self) -> Option<u64> {
         self.storage.allocated_size()
     }
+
+    /// Whether `offset..offset + max_len` starts with data or a hole in the file, and for
+    /// how many bytes (see [`Storage::extent`]). `offset` must be below the size.
+    pub fn extent(&self, offset: u64, max_len: u64) -> Result<Extent> {
+        self.storage.extent(offset, max_len).map_err(|e| {
+            Error::io(format!("querying extent at {offset:#x}"), e).in_file(&self.name)
+        })
+    }
 }
 
 /// One layer of a chain.
@@ -154,6 +162,18 @@ impl Layer {
         match self {
             Layer::Qcow2(i) => i.size(),
             Layer::Raw(r) => r.size,
+        }
+    }
+
+    /// The file holding the layer's guest data: its external data file (named relative to
+    /// the image's directory) or the layer's own file.
+    pub fn data_path(&self) -> PathBuf {
+        match self {
+            Layer::Qcow2(i) => match i.data_file_name() {
+                Some(name) => resolve_relative(i.name(), name),
+                None => i.name().to_path_buf(),
+            },
+            Layer::Raw(r) => r.name.clone(),
         }
     }
 

@@ -1,1 +1,5 @@
-//! Operations over whole chains.
+//! Operations over whole chains: map, checksum, compare, convert, info.
+
+mod map;
+
+pub use map::{MapEntries, MapEntry, map, map_range};
