@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
 use qcow2_engine::{Chain, ChainOptions, Format};
@@ -89,14 +89,6 @@ pub fn progress_bar(show: bool, total: u64) -> ProgressBar {
 pub fn print_json(value: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(value).context("formatting JSON")?;
     println!("{text}");
-    Ok(())
-}
-
-/// Refuses an operation whose sizes make no sense.
-pub fn check_nonzero(name: &str, value: u64) -> Result<()> {
-    if value == 0 {
-        bail!("{name} must not be zero");
-    }
     Ok(())
 }
 

@@ -52,7 +52,12 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("qimg: {e:#}");
+            // Library errors already say everything (file, context, cause) in their
+            // Display; CLI errors carry their context in anyhow's chain.
+            match e.downcast_ref::<qcow2_engine::Error>() {
+                Some(lib) => eprintln!("qimg: {lib}"),
+                None => eprintln!("qimg: {e:#}"),
+            }
             ExitCode::from(error_code)
         }
     }
