@@ -138,7 +138,7 @@ fn run_read(chain: &Chain, read: &Read) -> Result<bool> {
 /// qemu-io's cvtstr: a size with a binary unit, three decimals unless whole.
 fn cvtstr(value: f64) -> String {
     const UNITS: [(f64, &str); 5] = [
-        (1u64 as f64 * (1u64 << 50) as f64, "PiB"),
+        ((1u64 << 50) as f64, "PiB"),
         ((1u64 << 40) as f64, "TiB"),
         ((1u64 << 30) as f64, "GiB"),
         ((1u64 << 20) as f64, "MiB"),

@@ -43,7 +43,7 @@ pub fn run(args: Args) -> Result<u8> {
                 }
                 line.push('}');
                 if !first {
-                    print!(",\n");
+                    println!(",");
                 }
                 print!("{line}");
                 first = false;
