@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::qcow2::{Image, ImageOptions, Mapping, Run};
-use crate::storage::{FileStorage, Storage};
+use crate::storage::{Extent, FileStorage, Storage};
 
 /// Image formats a layer can have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +63,10 @@ impl Format {
 pub struct RawImage {
     name: PathBuf,
     storage: Box<dyn Storage>,
+    /// The file's length rounded up to 512 bytes.
     size: u64,
+    /// The file's length.
+    file_len: u64,
 }
 
 impl std::fmt::Debug for RawImage {
@@ -76,16 +79,18 @@ impl std::fmt::Debug for RawImage {
 }
 
 impl RawImage {
-    /// Wraps a storage as a raw image; its size is the storage's length.
+    /// Wraps a storage as a raw image. Its size is the storage's length rounded up to
+    /// whole 512-byte sectors, as QEMU counts it; the bytes past the end read as zeros.
     pub fn from_storage(storage: Box<dyn Storage>, name: impl Into<PathBuf>) -> Result<RawImage> {
         let name = name.into();
-        let size = storage
+        let file_len = storage
             .len()
             .map_err(|e| Error::io("reading file length", e).in_file(&name))?;
         Ok(RawImage {
             name,
             storage,
-            size,
+            size: file_len.div_ceil(512) * 512,
+            file_len,
         })
     }
 
@@ -94,14 +99,27 @@ impl RawImage {
         &self.name
     }
 
-    /// Size in bytes.
+    /// Size in bytes: the file's length rounded up to 512 bytes.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// The file's length in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.file_len
     }
 
     /// Bytes the file occupies on disk, when known.
     pub fn allocated_size(&self) -> Option<u64> {
         self.storage.allocated_size()
+    }
+
+    /// Whether `offset..offset + max_len` starts with data or a hole in the file, and for
+    /// how many bytes (see [`Storage::extent`]). `offset` must be below the size.
+    pub fn extent(&self, offset: u64, max_len: u64) -> Result<Extent> {
+        self.storage.extent(offset, max_len).map_err(|e| {
+            Error::io(format!("querying extent at {offset:#x}"), e).in_file(&self.name)
+        })
     }
 }
 
@@ -157,6 +175,18 @@ impl Layer {
         }
     }
 
+    /// The file holding the layer's guest data: its external data file (named relative to
+    /// the image's directory) or the layer's own file.
+    pub fn data_path(&self) -> PathBuf {
+        match self {
+            Layer::Qcow2(i) => match i.data_file_name() {
+                Some(name) => resolve_relative(i.name(), name),
+                None => i.name().to_path_buf(),
+            },
+            Layer::Raw(r) => r.name.clone(),
+        }
+    }
+
     /// The qcow2 image, if this layer is one.
     pub fn as_qcow2(&self) -> Option<&Image> {
         match self {
@@ -186,10 +216,20 @@ impl Layer {
                     }
                     .in_file(&r.name));
                 }
-                Ok(Run {
-                    offset,
-                    len: max_len.min(r.size - offset),
-                    mapping: Mapping::Data { host: offset },
+                let end = offset.saturating_add(max_len).min(r.size);
+                Ok(if offset < r.file_len {
+                    Run {
+                        offset,
+                        len: end.min(r.file_len) - offset,
+                        mapping: Mapping::Data { host: offset },
+                    }
+                } else {
+                    // The partial sector past the end of the file reads as zeros.
+                    Run {
+                        offset,
+                        len: end - offset,
+                        mapping: Mapping::Zero { host: Some(offset) },
+                    }
                 })
             }
         }

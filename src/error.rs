@@ -146,6 +146,10 @@ pub enum Error {
     /// The caller asked for something invalid (an option value, a range).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+
+    /// A long operation was stopped by its progress callback.
+    #[error("operation cancelled")]
+    Cancelled,
 }
 
 impl Error {

@@ -1,1 +1,64 @@
-fn main() {}
+//! `qimg`: a qemu-img-style command line over qcow2-engine (see `CLI.md`).
+//!
+//! Each subcommand lives in its own file and stays thin: it turns parsed arguments into
+//! library options, calls one operation and prints the result.
+
+mod checksum;
+mod common;
+mod compare;
+mod convert;
+mod info;
+mod io;
+mod map;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "qimg", version, about = "qemu-img-style tool for qcow2 images")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show facts about an image (and its backing chain).
+    Info(info::Args),
+    /// Show the allocation map of an image through its chain.
+    Map(map::Args),
+    /// Convert an image (through its chain) to another format.
+    Convert(convert::Args),
+    /// Compare the guest-visible content of two images.
+    Compare(compare::Args),
+    /// CRC-32 of an image's guest-visible content.
+    Checksum(checksum::Args),
+    /// Run qemu-io-style commands against an image.
+    Io(io::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Exit code for errors: compare reserves 1 for "different".
+    let (result, error_code) = match cli.command {
+        Command::Info(args) => (info::run(args), 1),
+        Command::Map(args) => (map::run(args), 1),
+        Command::Convert(args) => (convert::run(args), 1),
+        Command::Compare(args) => (compare::run(args), 2),
+        Command::Checksum(args) => (checksum::run(args), 1),
+        Command::Io(args) => (io::run(args), 1),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            // Library errors already say everything (file, context, cause) in their
+            // Display; CLI errors carry their context in anyhow's chain.
+            match e.downcast_ref::<qcow2_engine::Error>() {
+                Some(lib) => eprintln!("qimg: {lib}"),
+                None => eprintln!("qimg: {e:#}"),
+            }
+            ExitCode::from(error_code)
+        }
+    }
+}

@@ -1,1 +1,14 @@
-//! Operations over whole chains.
+//! Operations over whole chains: map, checksum, compare, convert, info.
+
+mod checksum;
+mod chunks;
+mod compare;
+mod convert;
+mod info;
+mod map;
+
+pub use checksum::checksum;
+pub use compare::{Comparison, compare};
+pub use convert::{ConvertOptions, convert_to_raw};
+pub use info::{ImageInfo, Qcow2Info, SnapshotInfo, chain_info, info};
+pub use map::{MapEntries, MapEntry, map, map_range};

@@ -8,7 +8,7 @@ use crate::format::{
     self, AutoclearFeatures, CompatibleFeatures, CompressionType, FeatureKind, Geometry, Header,
     HeaderExtensions, IncompatibleFeatures, L1Entry, SnapshotEntry,
 };
-use crate::storage::{FileStorage, Storage};
+use crate::storage::{Extent, FileStorage, Storage};
 
 use super::compress::decompress;
 use super::l2cache::{L2Cache, L2Table};
@@ -317,8 +317,38 @@ impl Image {
         self.storage.allocated_size()
     }
 
+    /// How the data file (the image itself unless it has an external one) stores the host
+    /// range `host..host + max_len`: data or a hole, and for how many bytes. Past the end
+    /// of the file, and from a hole that reaches the end, everything reads as zeros: the
+    /// answer is a hole over all of `max_len`.
+    pub fn host_extent(&self, host: u64, max_len: u64) -> Result<Extent> {
+        let storage = self.data_storage();
+        let io = |e| self.name_error(Error::io(format!("querying extent at {host:#x}"), e));
+        let len = storage.len().map_err(io)?;
+        if host >= len || max_len == 0 {
+            return Ok(Extent::Hole(max_len));
+        }
+        Ok(
+            match storage.extent(host, max_len.min(len - host)).map_err(io)? {
+                Extent::Hole(n) if host + n >= len => Extent::Hole(max_len),
+                other => other,
+            },
+        )
+    }
+
     pub(crate) fn name_error(&self, e: Error) -> Error {
         e.in_file(&self.name)
+    }
+
+    /// Reads `len` bytes of metadata at `offset` of the image file, refusing ranges past
+    /// its end.
+    pub(crate) fn read_metadata(
+        &self,
+        structure: &'static str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>> {
+        read_exact(&*self.storage, structure, offset, len, self.file_len)
     }
 
     pub(crate) fn l1_entry(&self, index: u64) -> Result<L1Entry> {

@@ -204,6 +204,56 @@ impl Image {
         })
     }
 
+    /// The host offset that guest `offset` would have in its cluster's host allocation,
+    /// and how many bytes from `offset` the answer holds for (to the end of the cluster, or
+    /// of the L2 table's span when no L2 table is allocated). With extended L2 entries an
+    /// unallocated subcluster of an allocated cluster keeps such a host offset (QEMU's
+    /// `map` shows it); elsewhere it is the offset of data or preallocated zeros, and
+    /// `None` for unallocated and compressed clusters. `offset` must be below the size.
+    pub fn cluster_host(&self, offset: u64) -> Result<(Option<u64>, u64)> {
+        self.cluster_host_inner(offset)
+            .map_err(|e| self.name_error(e))
+    }
+
+    fn cluster_host_inner(&self, offset: u64) -> Result<(Option<u64>, u64)> {
+        let size = self.size();
+        if offset >= size {
+            return Err(Error::OutOfRange {
+                offset,
+                len: 1,
+                size,
+            });
+        }
+        let g = self.geometry();
+        let l1_index = g.l1_index(offset);
+        let l2_offset = self.l1_entry(l1_index)?.l2_offset();
+        if l2_offset == 0 {
+            let span_end = (l1_index + 1).saturating_mul(g.l2_span()).min(size);
+            return Ok((None, span_end - offset));
+        }
+        let table = self.l2_table(l2_offset)?;
+        let index = g.l2_index(offset) as usize;
+        let words = if g.extended_l2() { 2 } else { 1 };
+        let raw = L2Entry(table[index * words]);
+        let in_cluster = g.offset_in_cluster(offset);
+        let len = (g.cluster_size() - in_cluster).min(size - offset);
+        let host = match raw.decode(g) {
+            Ok(ClusterDescriptor::Data { host, .. })
+            | Ok(ClusterDescriptor::Zero {
+                host: Some(host), ..
+            }) => Some(host + in_cluster),
+            Ok(_) => None,
+            Err(r) => {
+                return Err(Error::corrupt(
+                    "L2 table",
+                    l2_offset,
+                    format!("entry {index} ({:#018x}): {r}", raw.0),
+                ));
+            }
+        };
+        Ok((host, len))
+    }
+
     /// Iterates the runs covering `offset..offset + len` (clamped to the virtual size).
     pub fn runs(&self, offset: u64, len: u64) -> Runs<'_> {
         let end = offset.saturating_add(len).min(self.size());

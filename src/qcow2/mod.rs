@@ -4,6 +4,7 @@ mod compress;
 mod image;
 mod l2cache;
 mod mapping;
+mod prealloc;
 
 pub use image::{Image, ImageOptions};
 pub use mapping::{Mapping, Run, Runs};

@@ -3,7 +3,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
-use super::Storage;
+use super::{Extent, Storage};
 
 /// A file on the host, accessed with positional reads and writes (`pread`/`pwrite`).
 #[derive(Debug)]
@@ -78,5 +78,23 @@ impl Storage for FileStorage {
     }
     fn is_read_only(&self) -> bool {
         self.read_only
+    }
+    /// Asks the file system with `SEEK_DATA`/`SEEK_HOLE` (which move no shared state that
+    /// positional I/O depends on); a file system that cannot answer reports data.
+    fn extent(&self, offset: u64, max_len: u64) -> io::Result<Extent> {
+        use rustix::fs::{SeekFrom, seek};
+        let data = match seek(&self.file, SeekFrom::Data(offset)) {
+            Ok(data) => data,
+            // No data at or after `offset`: a trailing hole.
+            Err(rustix::io::Errno::NXIO) => return Ok(Extent::Hole(max_len)),
+            Err(_) => return Ok(Extent::Data(max_len)),
+        };
+        if data > offset {
+            return Ok(Extent::Hole((data - offset).min(max_len)));
+        }
+        match seek(&self.file, SeekFrom::Hole(offset)) {
+            Ok(hole) if hole > offset => Ok(Extent::Data((hole - offset).min(max_len))),
+            _ => Ok(Extent::Data(max_len)),
+        }
     }
 }

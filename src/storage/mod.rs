@@ -11,6 +11,29 @@ pub use memory::MemStorage;
 
 use std::io;
 
+/// What a stretch of storage is: stored bytes or a hole (see [`Storage::extent`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extent {
+    /// This many bytes are stored data.
+    Data(u64),
+    /// This many bytes are a hole: they read as zeros and occupy no space.
+    Hole(u64),
+}
+
+impl Extent {
+    /// The extent's length in bytes.
+    pub fn len(self) -> u64 {
+        match self {
+            Extent::Data(n) | Extent::Hole(n) => n,
+        }
+    }
+
+    /// Whether the extent is empty.
+    pub fn is_empty(self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Positional byte storage under an image.
 pub trait Storage: Send + Sync {
     /// Fills all of `buf` from `offset`. Reading past the end is an `UnexpectedEof` error.
@@ -34,6 +57,13 @@ pub trait Storage: Send + Sync {
     /// Whether `write_at` is refused.
     fn is_read_only(&self) -> bool {
         false
+    }
+    /// Whether the byte at `offset` (below the length) is data or in a hole, and how many
+    /// bytes of that kind follow, at most `max_len` (non-zero). Backends that cannot tell
+    /// report data.
+    fn extent(&self, offset: u64, max_len: u64) -> io::Result<Extent> {
+        let _ = offset;
+        Ok(Extent::Data(max_len))
     }
 }
 
@@ -59,6 +89,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     fn is_read_only(&self) -> bool {
         (**self).is_read_only()
     }
+    fn extent(&self, offset: u64, max_len: u64) -> io::Result<Extent> {
+        (**self).extent(offset, max_len)
+    }
 }
 
 impl<S: Storage + ?Sized> Storage for Box<S> {
@@ -82,5 +115,8 @@ impl<S: Storage + ?Sized> Storage for Box<S> {
     }
     fn is_read_only(&self) -> bool {
         (**self).is_read_only()
+    }
+    fn extent(&self, offset: u64, max_len: u64) -> io::Result<Extent> {
+        (**self).extent(offset, max_len)
     }
 }

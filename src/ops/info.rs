@@ -1,0 +1,167 @@
+//! The facts `qemu-img info` reports about an image, as plain values.
+//!
+//! Formatting (human text, JSON keys and their order) is the caller's business; this module
+//! only gathers what qemu-img shows, with the same meaning.
+
+use std::path::PathBuf;
+
+use crate::chain::{Chain, Format, Layer, resolve_relative};
+use crate::error::Result;
+use crate::format::SnapshotEntry;
+
+/// What `qemu-img info` says about one image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// The name the image was opened by (`filename`).
+    pub filename: PathBuf,
+    /// The image's format (`format`).
+    pub format: Format,
+    /// Guest-visible size in bytes (`virtual-size`).
+    pub virtual_size: u64,
+    /// Bytes the file occupies on disk, `st_blocks * 512` (`actual-size`).
+    pub actual_size: Option<u64>,
+    /// Length of the image file in bytes (the protocol node's `virtual-size`).
+    pub file_length: u64,
+    /// Cluster size for qcow2 (`cluster-size`).
+    pub cluster_size: Option<u64>,
+    /// The backing file name as stored (`backing-filename`).
+    pub backing_filename: Option<String>,
+    /// The backing file name joined to the image's directory (`full-backing-filename`).
+    pub full_backing_filename: Option<PathBuf>,
+    /// The backing format as stored (`backing-filename-format`).
+    pub backing_filename_format: Option<String>,
+    /// Whether the image is marked dirty (`dirty-flag`).
+    pub dirty: bool,
+    /// Internal snapshots (`snapshots`).
+    pub snapshots: Vec<SnapshotInfo>,
+    /// qcow2-specific facts (`format-specific`).
+    pub qcow2: Option<Qcow2Info>,
+}
+
+/// One internal snapshot, as `qemu-img info` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// Unique ID (`id`).
+    pub id: String,
+    /// Name (`name`).
+    pub name: String,
+    /// Saved VM state size in bytes (`vm-state-size`).
+    pub vm_state_size: u64,
+    /// Wall-clock seconds when taken (`date-sec`).
+    pub date_sec: u32,
+    /// Nanosecond part of the date (`date-nsec`).
+    pub date_nsec: u32,
+    /// Whole seconds of guest run time (`vm-clock-sec`).
+    pub vm_clock_sec: u64,
+    /// Nanosecond part of the guest run time (`vm-clock-nsec`).
+    pub vm_clock_nsec: u64,
+    /// Record/replay instruction count (`icount`): qemu-img shows it only when the entry
+    /// stores one other than -1.
+    pub icount: Option<u64>,
+}
+
+impl SnapshotInfo {
+    /// The facts of a snapshot table entry.
+    pub fn from_entry(entry: &SnapshotEntry) -> SnapshotInfo {
+        SnapshotInfo {
+            id: entry.id.clone(),
+            name: entry.name.clone(),
+            vm_state_size: entry.vm_state_size(),
+            date_sec: entry.date_sec,
+            date_nsec: entry.date_nsec,
+            vm_clock_sec: entry.vm_clock_nsec / 1_000_000_000,
+            vm_clock_nsec: entry.vm_clock_nsec % 1_000_000_000,
+            icount: entry.extra.icount.filter(|&i| i != u64::MAX),
+        }
+    }
+}
+
+/// The qcow2 part of `format-specific.data`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Qcow2Info {
+    /// `"0.10"` for version 2, `"1.1"` for version 3 (`compat`).
+    pub compat: &'static str,
+    /// `"zlib"` or `"zstd"` (`compression-type`).
+    pub compression_type: &'static str,
+    /// Lazy refcounts (`lazy-refcounts`; qemu-img omits it for version 2).
+    pub lazy_refcounts: bool,
+    /// Bits per refcount entry (`refcount-bits`).
+    pub refcount_bits: u32,
+    /// The corrupt bit (`corrupt`; omitted for version 2).
+    pub corrupt: bool,
+    /// Extended L2 entries (`extended-l2`; omitted for version 2).
+    pub extended_l2: bool,
+    /// External data file name as stored (`data-file`).
+    pub data_file: Option<String>,
+    /// Whether the data file is raw-consistent (`data-file-raw`, shown with `data-file`).
+    pub data_file_raw: bool,
+}
+
+impl Qcow2Info {
+    /// Whether the image is version 3 (qemu-img then shows the version 3 fields).
+    pub fn is_v3(&self) -> bool {
+        self.compat == "1.1"
+    }
+}
+
+/// The facts about one layer.
+pub fn info(layer: &Layer) -> Result<ImageInfo> {
+    Ok(match layer {
+        Layer::Raw(raw) => ImageInfo {
+            filename: raw.name().to_path_buf(),
+            format: Format::Raw,
+            virtual_size: raw.size(),
+            actual_size: raw.allocated_size(),
+            file_length: raw.file_len(),
+            cluster_size: None,
+            backing_filename: None,
+            full_backing_filename: None,
+            backing_filename_format: None,
+            dirty: false,
+            snapshots: Vec::new(),
+            qcow2: None,
+        },
+        Layer::Qcow2(image) => {
+            let header = image.header();
+            let v3 = header.version >= 3;
+            ImageInfo {
+                filename: image.name().to_path_buf(),
+                format: Format::Qcow2,
+                virtual_size: image.size(),
+                actual_size: image.allocated_size(),
+                file_length: image.file_len(),
+                cluster_size: Some(image.cluster_size()),
+                backing_filename: image.backing_file().map(str::to_owned),
+                full_backing_filename: image.backing_file().map(|name| {
+                    let name = name.strip_prefix("file:").unwrap_or(name);
+                    resolve_relative(image.name(), name)
+                }),
+                backing_filename_format: image
+                    .backing_file()
+                    .and(image.backing_format())
+                    .map(str::to_owned),
+                dirty: image.is_dirty(),
+                snapshots: image
+                    .snapshots()
+                    .iter()
+                    .map(SnapshotInfo::from_entry)
+                    .collect(),
+                qcow2: Some(Qcow2Info {
+                    compat: if v3 { "1.1" } else { "0.10" },
+                    compression_type: image.compression_type().name(),
+                    lazy_refcounts: image.lazy_refcounts(),
+                    refcount_bits: header.refcount_bits(),
+                    corrupt: image.is_corrupt(),
+                    extended_l2: header.extended_l2(),
+                    data_file: image.data_file_name().map(str::to_owned),
+                    data_file_raw: image.data_file_raw(),
+                }),
+            }
+        }
+    })
+}
+
+/// The facts about every layer of `chain`, top first (`qemu-img info --backing-chain`).
+pub fn chain_info(chain: &Chain) -> Result<Vec<ImageInfo>> {
+    chain.layers().iter().map(info).collect()
+}
