@@ -122,6 +122,7 @@ timed() {
 		cat "$work/$tool.log" >&2
 		exit 1
 	fi
+	[ -f "$out" ] || { log "$tool exited 0 but wrote no $out"; exit 1; }
 	tail -n 1 "$t" >>"$work/$tool.$scale"
 }
 
