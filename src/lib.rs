@@ -11,6 +11,8 @@
 //!   compressed) that reading, mapping, converting and merging all share.
 //! - [`format`]: the on-disk structures as pure codecs, [`storage`]: where bytes live,
 //!   [`ops`]: operations over chains (checksum, compare, convert, map).
+//! - `testing` (only with the `testing` cargo feature): the fuzz harnesses, shared by the
+//!   cargo-fuzz targets in `fuzz/` and the test that replays their corpus.
 //!
 //! ```
 //! use qcow2_engine::{Chain, Mapping};
@@ -47,6 +49,8 @@ pub mod ops;
 pub mod qcow2;
 mod reader;
 pub mod storage;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use chain::{Chain, ChainOptions, ChainRun, Format, Layer, RawImage};
 pub use error::{Error, Result};

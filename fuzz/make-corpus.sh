@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# make-corpus.sh - regenerate the seed corpus of the fuzz targets from small real images
+# made by qemu-img and qemu-io:
+#
+#   corpus/open_and_read/seed-*.qcow2    whole images (a few KiB each; 512 B clusters
+#                                        except extended L2, which needs 16 KiB clusters)
+#   corpus/header_decode/seed-*.qcow2    their first cluster (header and extensions)
+#   corpus/snapshot_table/seed-*.bin     the snapshot tables of the images that have one
+#
+# Only files named seed-* are replaced; regression inputs from fixed crashes (other names)
+# are kept. Snapshot dates differ between runs, so regenerated seeds are not
+# byte-identical; everything else is deterministic.
+#
+# Usage: fuzz/make-corpus.sh   (from anywhere; needs qemu-img, qemu-io, od, dd)
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+corpus=$here/corpus
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+
+io() { # io IMAGE CMD... : run qemu-io commands on a qcow2 image, quietly, failing loudly
+	local img=$1
+	shift
+	local args=()
+	for c in "$@"; do args+=(-c "$c"); done
+	qemu-io -f qcow2 "${args[@]}" "$img" >/dev/null
+}
+create() { # create NAME SIZE [OPTS] [extra qemu-img args...]
+	local name=$1 size=$2 opts=${3:-cluster_size=512}
+	shift 3 || shift $#
+	qemu-img create -q -f qcow2 -o "$opts" "$@" "$name" "$size"
+}
+
+# Plain v3 image: data, a zeroed range and a discarded one.
+create plain.qcow2 64k
+io plain.qcow2 "write -P 0x11 0 4k" "write -P 0x22 9k 1k" "write -z 16k 2k" "discard 0 512"
+
+# Version 2 (compat=0.10): no zero clusters, no extensions.
+create v2.qcow2 32k compat=0.10,cluster_size=512
+io v2.qcow2 "write -P 0x33 0 2k" "write -P 0x44 20k 512"
+
+# Compressed clusters, zlib and zstd.
+create compressed.qcow2 32k
+io compressed.qcow2 "write -c -P 0x55 0 512" "write -c -P 0x66 4k 512" "write -P 0x77 8k 512"
+create zstd.qcow2 32k cluster_size=512,compression_type=zstd
+io zstd.qcow2 "write -c -P 0x88 0 512" "write -c -P 0x99 1k 512"
+
+# Extended L2 entries (subcluster bitmaps) need clusters of at least 16 KiB.
+create extl2.qcow2 64k cluster_size=16384,extended_l2=on
+io extl2.qcow2 "write -P 0xaa 0 1k" "write -P 0xbb 17k 512" "write -z 33k 1k"
+
+# Internal snapshots: two, with data changed in between.
+create snapshot.qcow2 32k
+io snapshot.qcow2 "write -P 0x12 0 2k"
+qemu-img snapshot -c first snapshot.qcow2
+io snapshot.qcow2 "write -P 0x34 1k 2k"
+qemu-img snapshot -c second snapshot.qcow2
+io snapshot.qcow2 "write -P 0x56 4k 512"
+
+# A v2 image with a snapshot.
+create v2-snapshot.qcow2 16k compat=0.10,cluster_size=512
+io v2-snapshot.qcow2 "write -P 0x21 0 1k"
+qemu-img snapshot -c only v2-snapshot.qcow2
+
+# An overlay: backing file name and backing format extension (the backing file is not
+# opened by the harness).
+create backing-base.qcow2 32k
+create overlay.qcow2 32k cluster_size=512 -b backing-base.qcow2 -F qcow2
+io overlay.qcow2 "write -P 0x42 1k 1k"
+
+# Refcount widths other than 16 bits, and lazy refcounts.
+create refcount1.qcow2 16k cluster_size=512,refcount_bits=1
+io refcount1.qcow2 "write -P 0x61 0 1k"
+create refcount64.qcow2 16k cluster_size=512,refcount_bits=64,lazy_refcounts=on
+io refcount64.qcow2 "write -P 0x62 512 1k"
+
+# An external data file: the header names it (opening in memory without it fails cleanly).
+create datafile.qcow2 16k cluster_size=512,data_file=datafile.raw
+io datafile.qcow2 "write -P 0x63 0 1k"
+
+images=(plain v2 compressed zstd extl2 snapshot v2-snapshot overlay refcount1 refcount64 datafile)
+for target in open_and_read header_decode snapshot_table; do
+	mkdir -p "$corpus/$target"
+	rm -f "$corpus/$target"/seed-*
+done
+
+be() { # be FILE OFFSET LEN : a big-endian unsigned integer from FILE
+	local hex
+	hex=$(od -An -tx1 -j "$2" -N "$3" "$1" | tr -d ' \n')
+	echo $((16#$hex))
+}
+
+for name in "${images[@]}"; do
+	img=$name.qcow2
+	qemu-img check -q "$img"
+	cp "$img" "$corpus/open_and_read/seed-$name.qcow2"
+	cluster=$((1 << $(be "$img" 20 4)))
+	head -c "$cluster" "$img" >"$corpus/header_decode/seed-$name.qcow2"
+	if [ "$(be "$img" 60 4)" -gt 0 ]; then
+		# The table is far smaller than a cluster here; take the whole cluster.
+		dd if="$img" of="$corpus/snapshot_table/seed-$name.bin" bs="$cluster" \
+			skip=$(($(be "$img" 64 8) / cluster)) count=1 status=none
+	fi
+done
+
+ls -l "$corpus"/*/seed-* | awk '{ print $5, $NF }'
