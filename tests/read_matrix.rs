@@ -743,3 +743,44 @@ fn one_image_alone_reads_zeros_where_unallocated() {
         std::fs::remove_file(s.path("top.qcow2")).unwrap();
     }
 }
+
+#[test]
+fn a_chain_deeper_than_the_128_layers_vm_managers_keep() {
+    // Each layer writes one cluster of its own pattern; every 7th also zeroes the cluster
+    // a deeper layer wrote, so the result depends on every layer's content.
+    const DEPTH: usize = 160;
+    let s = Scratch::new();
+    s.create("l0.qcow2", "cluster_size=4k", 1 << 20);
+    s.qemu_io("l0.qcow2", "qcow2", &["write -P 1 0 4k".into()]);
+    for i in 1..DEPTH {
+        let (below, name) = (format!("l{}.qcow2", i - 1), format!("l{i}.qcow2"));
+        s.qemu_img(&[
+            "create",
+            "-q",
+            "-u",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            "-b",
+            &below,
+            "-F",
+            "qcow2",
+            &name,
+            "1M",
+        ]);
+        let mut commands = vec![format!("write -P {} {} 4k", i % 250 + 1, i * 4096)];
+        if i % 7 == 0 {
+            commands.push(format!("write -z {} 4k", (i - 3) * 4096));
+        }
+        s.qemu_io(&name, "qcow2", &commands);
+    }
+    let top = format!("l{}.qcow2", DEPTH - 1);
+    let chain = s.open(&top);
+    assert_eq!(chain.layers().len(), DEPTH);
+    let expected = s.reference(&top, "qcow2");
+    assert_reads_match(&chain, &expected, "160-layer chain");
+    // The run for cluster i is decided by layer DEPTH-1-i (top first), unless zeroed above.
+    let run = chain.resolve(5 * 4096, 4096).unwrap();
+    assert_eq!(run.depth, DEPTH - 1 - 5);
+}
