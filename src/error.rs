@@ -143,6 +143,17 @@ pub enum Error {
     #[error("unsupported image format {0:?}")]
     UnsupportedFormat(String),
 
+    /// The image cannot be written.
+    #[error("image is read-only: {reason}")]
+    ReadOnly {
+        /// Why.
+        reason: &'static str,
+    },
+
+    /// An operation this crate does not (yet) perform on this kind of image.
+    #[error("not supported: {0}")]
+    Unsupported(&'static str),
+
     /// The caller asked for something invalid (an option value, a range).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -280,7 +280,7 @@ fn external_data_file_with_and_without_data_file_raw() {
         let chain = s.open("img.qcow2");
         let image = chain.top().as_qcow2().unwrap();
         assert!(image.has_external_data_file(), "{label}");
-        assert_eq!(image.data_file_name(), Some("img.data"), "{label}");
+        assert_eq!(image.data_file_name().as_deref(), Some("img.data"), "{label}");
         assert_eq!(image.data_file_raw(), raw == "on", "{label}");
         verify(&s, "img.qcow2", "qcow2", true, &label);
     }
@@ -549,13 +549,13 @@ fn internal_snapshots_then_more_writes_read_the_latest_data() {
         let ops = random_ops(&mut rng, size, 64 * K, source_len, pattern, 20);
         s.qemu_io("snap.qcow2", "qcow2", &ops);
         let chain = s.open("snap.qcow2");
-        let names: Vec<&str> = chain
+        let names: Vec<String> = chain
             .top()
             .as_qcow2()
             .unwrap()
             .snapshots()
-            .iter()
-            .map(|e| e.name.as_str())
+            .into_iter()
+            .map(|e| e.name)
             .collect();
         assert_eq!(names, ["first", "second"], "{label}");
         verify(&s, "snap.qcow2", "qcow2", true, &label);
@@ -694,7 +694,7 @@ fn persistent_bitmaps_and_an_absolute_backing_name() {
         top.extensions().has_bitmaps(),
         "qemu-img bitmap --add made no extension"
     );
-    assert_eq!(top.backing_file(), base.to_str());
+    assert_eq!(top.backing_file().as_deref(), base.to_str());
     verify(
         &s,
         "top.qcow2",

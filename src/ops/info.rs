@@ -131,15 +131,12 @@ pub fn info(layer: &Layer) -> Result<ImageInfo> {
                 actual_size: image.allocated_size(),
                 file_length: image.file_len(),
                 cluster_size: Some(image.cluster_size()),
-                backing_filename: image.backing_file().map(str::to_owned),
+                backing_filename: image.backing_file(),
                 full_backing_filename: image.backing_file().map(|name| {
-                    let name = name.strip_prefix("file:").unwrap_or(name);
+                    let name = name.strip_prefix("file:").unwrap_or(&name);
                     resolve_relative(image.name(), name)
                 }),
-                backing_filename_format: image
-                    .backing_file()
-                    .and(image.backing_format())
-                    .map(str::to_owned),
+                backing_filename_format: image.backing_file().and(image.backing_format()),
                 dirty: image.is_dirty(),
                 snapshots: image
                     .snapshots()
@@ -153,7 +150,7 @@ pub fn info(layer: &Layer) -> Result<ImageInfo> {
                     refcount_bits: header.refcount_bits(),
                     corrupt: image.is_corrupt(),
                     extended_l2: header.extended_l2(),
-                    data_file: image.data_file_name().map(str::to_owned),
+                    data_file: image.data_file_name(),
                     data_file_raw: image.data_file_raw(),
                 }),
             }

@@ -196,7 +196,7 @@ impl MapEntries<'_> {
                 compressed: true,
                 ..piece(run.offset, run.len, run.depth)
             }),
-            Mapping::Data { host } => {
+            Mapping::Data { host, .. } => {
                 if !self.holes_visible(run.depth)? {
                     self.pieces.push_back(MapEntry {
                         data: true,

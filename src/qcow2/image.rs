@@ -1,7 +1,8 @@
 //! Opening one qcow2 image and reading its data.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::error::{Error, Result};
 use crate::format::{
@@ -13,6 +14,7 @@ use crate::storage::{Extent, FileStorage, Storage};
 use super::compress::decompress;
 use super::l2cache::{L2Cache, L2Table};
 use super::mapping::{Mapping, Run};
+use super::write::Writer;
 
 /// How to open an image.
 #[derive(Debug, Clone)]
@@ -20,41 +22,57 @@ pub struct ImageOptions {
     /// Bytes of decoded L2 tables to keep cached (default 8 MiB: 64 GiB of guest data
     /// with 64 KiB clusters).
     pub l2_cache_bytes: u64,
+    /// Open for writing (default: read-only).
+    pub writable: bool,
 }
 
 impl Default for ImageOptions {
     fn default() -> ImageOptions {
         ImageOptions {
             l2_cache_bytes: 8 << 20,
+            writable: false,
         }
     }
 }
 
 /// One open qcow2 image (without its backing chain; see [`crate::Chain`]).
 ///
-/// `Image` is `Send + Sync`: metadata caches sit behind short-lived locks and data I/O is
-/// positional, so several threads can read at once.
+/// `Image` is `Send + Sync`: metadata sits behind short-lived locks and data I/O is
+/// positional, so several threads read (and overwrite allocated clusters) at once, while
+/// anything that changes metadata takes the image for itself.
 pub struct Image {
-    name: PathBuf,
-    storage: Box<dyn Storage>,
-    data_file: Option<Box<dyn Storage>>,
-    header: Header,
-    extensions: HeaderExtensions,
-    geometry: Geometry,
-    backing_file: Option<String>,
-    l1: Vec<u64>,
-    l2_cache: L2Cache,
-    snapshots: Vec<SnapshotEntry>,
-    file_len: u64,
+    pub(crate) name: PathBuf,
+    pub(crate) storage: Box<dyn Storage>,
+    pub(crate) data_file: Option<Box<dyn Storage>>,
+    pub(crate) geometry: Geometry,
+    /// Guest data lives in `data_file` (fixed at open).
+    external_data_file: bool,
+    pub(crate) meta: RwLock<Meta>,
+    pub(crate) l2_cache: L2Cache,
+    pub(crate) file_len: AtomicU64,
     /// The last decompressed cluster: reads smaller than a cluster hit it repeatedly.
     last_compressed: Mutex<Option<(u64, Arc<[u8]>)>>,
+    /// Shared by reads and in-place overwrites; exclusive for metadata changes.
+    pub(crate) io_lock: RwLock<()>,
+    /// Write-side state; `None` for a read-only image.
+    pub(crate) writer: Option<Mutex<Writer>>,
+}
+
+/// The parts of an image that metadata changes rewrite.
+#[derive(Debug)]
+pub(crate) struct Meta {
+    pub(crate) header: Header,
+    pub(crate) extensions: HeaderExtensions,
+    pub(crate) backing_file: Option<String>,
+    pub(crate) l1: Vec<u64>,
+    pub(crate) snapshots: Vec<SnapshotEntry>,
 }
 
 impl std::fmt::Debug for Image {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Image")
             .field("name", &self.name)
-            .field("header", &self.header)
+            .field("header", &self.meta().header)
             .finish_non_exhaustive()
     }
 }
@@ -92,28 +110,37 @@ impl Image {
     /// Opens the qcow2 image at `path` read-only.
     pub fn open_with(path: impl AsRef<Path>, options: &ImageOptions) -> Result<Image> {
         let path = path.as_ref();
-        let storage =
-            FileStorage::open(path, false).map_err(|e| Error::io("opening", e).in_file(path))?;
+        let storage = FileStorage::open(path, options.writable)
+            .map_err(|e| Error::io("opening", e).in_file(path))?;
+        let read_only = ImageOptions {
+            writable: false,
+            ..options.clone()
+        };
         let mut image =
-            Image::from_storage_inner(Box::new(storage), path.to_path_buf(), options, None)
+            Image::from_storage_inner(Box::new(storage), path.to_path_buf(), &read_only, None)
                 .map_err(|e| e.in_file(path))?;
-        if image
-            .header
-            .incompatible_features
-            .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE)
-        {
-            let name = image.extensions.data_file().ok_or_else(|| {
-                Error::invalid(
-                    "incompatible_features",
-                    image.header.incompatible_features.bits(),
-                    "external data file bit set but no data file name extension",
-                )
-                .in_file(path)
-            })?;
-            let data_path = crate::chain::resolve_relative(path, name);
-            let data = FileStorage::open(&data_path, false)
+        if image.has_external_data_file() {
+            let meta = image.meta();
+            let name = meta
+                .extensions
+                .data_file()
+                .map(str::to_owned)
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "incompatible_features",
+                        meta.header.incompatible_features.bits(),
+                        "external data file bit set but no data file name extension",
+                    )
+                    .in_file(path)
+                })?;
+            drop(meta);
+            let data_path = crate::chain::resolve_relative(path, &name);
+            let data = FileStorage::open(&data_path, options.writable)
                 .map_err(|e| Error::io("opening external data file", e).in_file(&data_path))?;
             image.data_file = Some(Box::new(data));
+        }
+        if options.writable {
+            image.make_writable().map_err(|e| e.in_file(path))?;
         }
         Ok(image)
     }
@@ -128,13 +155,16 @@ impl Image {
     ) -> Result<Image> {
         let name = name.into();
         let external = data_file.is_some();
-        let image = Image::from_storage_inner(storage, name.clone(), options, data_file)
+        let mut image = Image::from_storage_inner(storage, name.clone(), options, data_file)
             .map_err(|e| e.in_file(&name))?;
         if image.has_external_data_file() && !external {
             return Err(Error::InvalidArgument(
                 "image has an external data file but none was given".into(),
             )
             .in_file(&name));
+        }
+        if options.writable {
+            image.make_writable().map_err(|e| e.in_file(&name))?;
         }
         Ok(image)
     }
@@ -220,15 +250,22 @@ impl Image {
             name,
             storage,
             data_file,
-            header,
-            extensions,
             geometry,
-            backing_file,
-            l1,
+            external_data_file: header
+                .incompatible_features
+                .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE),
+            meta: RwLock::new(Meta {
+                header,
+                extensions,
+                backing_file,
+                l1,
+                snapshots,
+            }),
             l2_cache: L2Cache::new(tables),
-            snapshots,
-            file_len,
+            file_len: AtomicU64::new(file_len),
             last_compressed: Mutex::new(None),
+            io_lock: RwLock::new(()),
+            writer: None,
         })
     }
 
@@ -236,13 +273,19 @@ impl Image {
     pub fn name(&self) -> &Path {
         &self.name
     }
-    /// The decoded header.
-    pub fn header(&self) -> &Header {
-        &self.header
+    pub(crate) fn meta(&self) -> RwLockReadGuard<'_, Meta> {
+        self.meta.read().unwrap_or_else(|e| e.into_inner())
     }
-    /// The header extensions.
-    pub fn extensions(&self) -> &HeaderExtensions {
-        &self.extensions
+    pub(crate) fn meta_mut(&self) -> RwLockWriteGuard<'_, Meta> {
+        self.meta.write().unwrap_or_else(|e| e.into_inner())
+    }
+    /// A copy of the current header.
+    pub fn header(&self) -> Header {
+        self.meta().header.clone()
+    }
+    /// A copy of the header extensions.
+    pub fn extensions(&self) -> HeaderExtensions {
+        self.meta().extensions.clone()
     }
     /// Cluster and L2 geometry.
     pub fn geometry(&self) -> Geometry {
@@ -250,67 +293,71 @@ impl Image {
     }
     /// Virtual size in bytes.
     pub fn size(&self) -> u64 {
-        self.header.size
+        self.meta().header.size
     }
     /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
         self.geometry.cluster_size()
     }
     /// The backing file name as stored in the image.
-    pub fn backing_file(&self) -> Option<&str> {
-        self.backing_file.as_deref()
+    pub fn backing_file(&self) -> Option<String> {
+        self.meta().backing_file.clone()
     }
     /// The backing file format from the header extension.
-    pub fn backing_format(&self) -> Option<&str> {
-        self.extensions.backing_format()
+    pub fn backing_format(&self) -> Option<String> {
+        self.meta().extensions.backing_format().map(str::to_owned)
     }
     /// The external data file name, if the image uses one.
-    pub fn data_file_name(&self) -> Option<&str> {
-        self.has_external_data_file()
-            .then(|| self.extensions.data_file())
-            .flatten()
+    pub fn data_file_name(&self) -> Option<String> {
+        if !self.has_external_data_file() {
+            return None;
+        }
+        self.meta().extensions.data_file().map(str::to_owned)
+    }
+    fn incompatible(&self) -> IncompatibleFeatures {
+        self.meta().header.incompatible_features
     }
     /// Whether guest data lives in an external data file.
     pub fn has_external_data_file(&self) -> bool {
-        self.header
-            .incompatible_features
-            .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE)
+        self.external_data_file
     }
     /// Whether the external data file is a consistent raw image by itself.
     pub fn data_file_raw(&self) -> bool {
-        self.header
+        self.meta()
+            .header
             .autoclear_features
             .contains(AutoclearFeatures::DATA_FILE_RAW)
     }
-    /// The internal snapshots.
-    pub fn snapshots(&self) -> &[SnapshotEntry] {
-        &self.snapshots
+    /// A copy of the internal snapshot table.
+    pub fn snapshots(&self) -> Vec<SnapshotEntry> {
+        self.meta().snapshots.clone()
     }
     /// Compression used for compressed clusters.
     pub fn compression_type(&self) -> CompressionType {
-        self.header.compression_type
+        self.meta().header.compression_type
     }
     /// Whether the dirty bit is set.
     pub fn is_dirty(&self) -> bool {
-        self.header
-            .incompatible_features
-            .contains(IncompatibleFeatures::DIRTY)
+        self.incompatible().contains(IncompatibleFeatures::DIRTY)
     }
     /// Whether the corrupt bit is set.
     pub fn is_corrupt(&self) -> bool {
-        self.header
-            .incompatible_features
-            .contains(IncompatibleFeatures::CORRUPT)
+        self.incompatible().contains(IncompatibleFeatures::CORRUPT)
     }
     /// Whether lazy refcounts are enabled.
     pub fn lazy_refcounts(&self) -> bool {
-        self.header
+        self.meta()
+            .header
             .compatible_features
             .contains(CompatibleFeatures::LAZY_REFCOUNTS)
     }
+    /// Whether the image was opened for writing.
+    pub fn is_writable(&self) -> bool {
+        self.writer.is_some()
+    }
     /// Length of the image file in bytes.
     pub fn file_len(&self) -> u64 {
-        self.file_len
+        self.file_len.load(Ordering::Relaxed)
     }
     /// Bytes the image file occupies on disk, when the storage knows.
     pub fn allocated_size(&self) -> Option<u64> {
@@ -348,13 +395,14 @@ impl Image {
         offset: u64,
         len: u64,
     ) -> Result<Vec<u8>> {
-        read_exact(&*self.storage, structure, offset, len, self.file_len)
+        read_exact(&*self.storage, structure, offset, len, self.file_len())
     }
 
     pub(crate) fn l1_entry(&self, index: u64) -> Result<L1Entry> {
+        let meta = self.meta();
         let raw = usize::try_from(index)
             .ok()
-            .and_then(|i| self.l1.get(i))
+            .and_then(|i| meta.l1.get(i))
             .copied()
             .unwrap_or(0);
         let entry = L1Entry(raw);
@@ -362,7 +410,7 @@ impl Image {
         if l2 != 0 && l2 % self.cluster_size() != 0 {
             return Err(Error::corrupt(
                 "L1 table",
-                self.header.l1_table_offset,
+                meta.header.l1_table_offset,
                 format!("entry {index} points at unaligned L2 table {l2:#x}"),
             ));
         }
@@ -378,14 +426,14 @@ impl Image {
             "L2 table",
             offset,
             self.cluster_size(),
-            self.file_len,
+            self.file_len(),
         )?;
         let table: L2Table = format::decode_u64_table(&bytes).into();
         self.l2_cache.insert(offset, table.clone());
         Ok(table)
     }
 
-    fn data_storage(&self) -> &dyn Storage {
+    pub(crate) fn data_storage(&self) -> &dyn Storage {
         self.data_file.as_deref().unwrap_or(&*self.storage)
     }
 
@@ -398,7 +446,7 @@ impl Image {
                 buf.fill(0);
                 Ok(())
             }
-            Mapping::Data { host } => self.data_storage().read_at(buf, host).map_err(|e| {
+            Mapping::Data { host, .. } => self.data_storage().read_at(buf, host).map_err(|e| {
                 self.name_error(Error::io(
                     format!("reading data at host offset {host:#x}"),
                     e,
@@ -420,6 +468,14 @@ impl Image {
         }
     }
 
+    /// Drops the cached decompressed cluster (its host clusters were freed).
+    pub(crate) fn forget_compressed(&self) {
+        *self
+            .last_compressed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     fn compressed_cluster(&self, host_offset: u64, len: u64) -> Result<Arc<[u8]>> {
         let mut last = self
             .last_compressed
@@ -433,13 +489,13 @@ impl Image {
         drop(last);
         // The descriptor may claim sectors past the end of the file (qemu writes the last
         // compressed cluster without padding): read what exists.
-        let available = self.file_len.saturating_sub(host_offset).min(len);
+        let available = self.file_len().saturating_sub(host_offset).min(len);
         if available == 0 {
             return Err(self.name_error(Error::Truncated {
                 structure: "compressed cluster",
                 offset: host_offset,
                 len,
-                file_len: self.file_len,
+                file_len: self.file_len(),
             }));
         }
         let input = read_exact(
@@ -447,7 +503,7 @@ impl Image {
             "compressed cluster",
             host_offset,
             available,
-            self.file_len,
+            self.file_len(),
         )
         .map_err(|e| self.name_error(e))?;
         let mut out = vec![0u8; self.cluster_size() as usize];

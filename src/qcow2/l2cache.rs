@@ -2,6 +2,9 @@
 //!
 //! The lock is held only to look up or insert, never across I/O: a miss reads the table
 //! outside the lock, and two threads missing at once both read it (harmless).
+//!
+//! Tables changed by a write are *pinned*: they are the only up-to-date copy until the
+//! next checkpoint writes them, so eviction skips them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -20,6 +23,7 @@ struct Inner {
     tick: u64,
     by_offset: HashMap<u64, (L2Table, u64)>,
     by_age: BTreeMap<u64, u64>,
+    pinned: HashMap<u64, L2Table>,
 }
 
 impl L2Cache {
@@ -33,6 +37,9 @@ impl L2Cache {
 
     pub(crate) fn get(&self, offset: u64) -> Option<L2Table> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = inner.pinned.get(&offset) {
+            return Some(t.clone());
+        }
         inner.tick += 1;
         let tick = inner.tick;
         let (table, old_tick) = {
@@ -62,12 +69,39 @@ impl L2Cache {
         }
     }
 
-    /// Forgets a table (after it was rewritten or freed).
-    #[allow(dead_code)]
+    /// Forgets a table (after it was freed).
+    #[allow(dead_code)] // used once snapshots can free L2 tables
     pub(crate) fn remove(&self, offset: u64) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, tick)) = inner.by_offset.remove(&offset) {
             inner.by_age.remove(&tick);
+        }
+        inner.pinned.remove(&offset);
+    }
+
+    /// Stores a changed table, pinned until [`L2Cache::unpin`].
+    pub(crate) fn insert_pinned(&self, offset: u64, table: L2Table) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, tick)) = inner.by_offset.remove(&offset) {
+            inner.by_age.remove(&tick);
+        }
+        inner.pinned.insert(offset, table);
+    }
+
+    /// The pinned table at `offset`, if any.
+    pub(crate) fn pinned(&self, offset: u64) -> Option<L2Table> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.pinned.get(&offset).cloned()
+    }
+
+    /// Makes a written table evictable again.
+    pub(crate) fn unpin(&self, offset: u64) {
+        let table = {
+            let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            inner.pinned.remove(&offset)
+        };
+        if let Some(t) = table {
+            self.insert(offset, t);
         }
     }
 }

@@ -24,6 +24,9 @@ pub enum Mapping {
     Data {
         /// Host offset of the run's first byte.
         host: u64,
+        /// Whether the clusters are this image's alone (refcount 1, the COPIED flag), so
+        /// that they may be overwritten in place.
+        copied: bool,
     },
     /// One compressed cluster (a run never spans two). The run may start inside it.
     Compressed(CompressedDescriptor),
@@ -38,7 +41,10 @@ impl Mapping {
     /// This mapping advanced by `delta` guest bytes (host offsets move along).
     pub fn advanced(self, delta: u64) -> Mapping {
         match self {
-            Mapping::Data { host } => Mapping::Data { host: host + delta },
+            Mapping::Data { host, copied } => Mapping::Data {
+                host: host + delta,
+                copied,
+            },
             Mapping::Zero { host } => Mapping::Zero {
                 host: host.map(|h| h + delta),
             },
@@ -52,7 +58,9 @@ impl Mapping {
             (Mapping::Unallocated, Mapping::Unallocated) => true,
             (Mapping::Zero { host: None }, Mapping::Zero { host: None }) => true,
             (Mapping::Zero { host: Some(a) }, Mapping::Zero { host: Some(b) }) => a + delta == b,
-            (Mapping::Data { host: a }, Mapping::Data { host: b }) => a + delta == b,
+            (Mapping::Data { host: a, copied: x }, Mapping::Data { host: b, copied: y }) => {
+                a + delta == b && x == y
+            }
             _ => false,
         }
     }
@@ -161,8 +169,9 @@ impl Image {
                 ClusterDescriptor::Zero { host } => Mapping::Zero {
                     host: host.map(|h| h + in_cluster),
                 },
-                ClusterDescriptor::Data { host, .. } => Mapping::Data {
+                ClusterDescriptor::Data { host, copied } => Mapping::Data {
                     host: host + in_cluster,
+                    copied,
                 },
                 ClusterDescriptor::Compressed(d) => Mapping::Compressed(d),
             });
@@ -176,10 +185,11 @@ impl Image {
             )));
         }
         Ok(match descriptor {
-            ClusterDescriptor::Data { host, .. } => {
+            ClusterDescriptor::Data { host, copied } => {
                 if bitmap.allocated(sc) {
                     Mapping::Data {
                         host: host + in_cluster,
+                        copied,
                     }
                 } else if bitmap.zero(sc) {
                     Mapping::Zero {

@@ -5,6 +5,9 @@ mod image;
 mod l2cache;
 mod mapping;
 mod prealloc;
+mod rebuild;
+mod refcount;
+mod write;
 
 pub use image::{Image, ImageOptions};
 pub use mapping::{Mapping, Run, Runs};

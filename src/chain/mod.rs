@@ -4,6 +4,8 @@
 //! directory, as QEMU does), probes formats the header does not name, and refuses loops,
 //! protocol and `json:` names and chains deeper than a limit.
 
+mod write;
+
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -136,8 +138,8 @@ pub enum Layer {
 impl Layer {
     /// Opens the file at `path` as `format`, or probes the format when `None`.
     pub fn open(path: &Path, format: Option<Format>, options: &ImageOptions) -> Result<Layer> {
-        let storage =
-            FileStorage::open(path, false).map_err(|e| Error::io("opening", e).in_file(path))?;
+        let storage = FileStorage::open(path, options.writable)
+            .map_err(|e| Error::io("opening", e).in_file(path))?;
         let format = match format {
             Some(f) => f,
             None => Format::probe(&storage).map_err(|e| e.in_file(path))?,
@@ -180,7 +182,7 @@ impl Layer {
     pub fn data_path(&self) -> PathBuf {
         match self {
             Layer::Qcow2(i) => match i.data_file_name() {
-                Some(name) => resolve_relative(i.name(), name),
+                Some(name) => resolve_relative(i.name(), &name),
                 None => i.name().to_path_buf(),
             },
             Layer::Raw(r) => r.name.clone(),
@@ -196,7 +198,7 @@ impl Layer {
     }
 
     /// The layer's backing file name and format, as stored.
-    pub fn backing(&self) -> Option<(&str, Option<&str>)> {
+    pub fn backing(&self) -> Option<(String, Option<String>)> {
         match self {
             Layer::Qcow2(i) => i.backing_file().map(|b| (b, i.backing_format())),
             Layer::Raw(_) => None,
@@ -221,7 +223,10 @@ impl Layer {
                     Run {
                         offset,
                         len: end.min(r.file_len) - offset,
-                        mapping: Mapping::Data { host: offset },
+                        mapping: Mapping::Data {
+                            host: offset,
+                            copied: false,
+                        },
                     }
                 } else {
                     // The partial sector past the end of the file reads as zeros.
@@ -240,7 +245,7 @@ impl Layer {
         match self {
             Layer::Qcow2(i) => i.read_run(run, buf),
             Layer::Raw(r) => match run.mapping {
-                Mapping::Data { host } => r
+                Mapping::Data { host, .. } => r
                     .storage
                     .read_at(buf, host)
                     .map_err(|e| Error::io(format!("reading at {host:#x}"), e).in_file(&r.name)),
@@ -264,6 +269,9 @@ pub struct ChainOptions {
     pub image: ImageOptions,
     /// Open only the top image, ignoring its backing file.
     pub no_backing: bool,
+    /// Open the top image for writing (backing files stay read-only). An image marked
+    /// corrupt opens read-only instead, with a warning in [`Chain::warnings`].
+    pub writable: bool,
 }
 
 impl Default for ChainOptions {
@@ -273,8 +281,10 @@ impl Default for ChainOptions {
             max_depth: 1024,
             image: ImageOptions {
                 l2_cache_bytes: 4 << 20,
+                writable: false,
             },
             no_backing: false,
+            writable: false,
         }
     }
 }
@@ -309,6 +319,7 @@ impl ChainRun {
 #[derive(Debug)]
 pub struct Chain {
     layers: Vec<Layer>,
+    warnings: Vec<String>,
 }
 
 /// Joins a relative `name` stored in `overlay` to the overlay's directory, as QEMU does.
@@ -387,6 +398,7 @@ impl Chain {
     pub fn open_with(path: impl AsRef<Path>, options: &ChainOptions) -> Result<Chain> {
         let path = path.as_ref();
         let mut seen = HashSet::new();
+        let mut warnings = Vec::new();
         let mut layers: Vec<Layer> = Vec::new();
         let mut next = Some((path.to_path_buf(), options.format));
         while let Some((layer_path, format)) = next.take() {
@@ -408,13 +420,30 @@ impl Chain {
             if !seen.insert((meta.dev(), meta.ino())) {
                 return Err(Error::BackingLoop { path: layer_path }.in_file(path));
             }
-            let layer = Layer::open(&layer_path, format, &options.image)?;
+            let image_options = ImageOptions {
+                writable: options.writable && layers.is_empty(),
+                ..options.image.clone()
+            };
+            let layer = match Layer::open(&layer_path, format, &image_options) {
+                Err(e) if image_options.writable && is_marked_corrupt(&e) => {
+                    warnings.push(format!(
+                        "{}: image is marked corrupt: opened read-only",
+                        layer_path.display()
+                    ));
+                    let read_only = ImageOptions {
+                        writable: false,
+                        ..image_options
+                    };
+                    Layer::open(&layer_path, format, &read_only)?
+                }
+                other => other?,
+            };
             if !options.no_backing {
                 if let Some((name, fmt)) = layer.backing() {
                     let overlay = layer.name();
-                    let name = backing_path_name(name).map_err(|e| e.in_file(overlay))?;
+                    let name = backing_path_name(&name).map_err(|e| e.in_file(overlay))?;
                     let fmt = fmt
-                        .map(Format::from_name)
+                        .map(|f| Format::from_name(&f))
                         .transpose()
                         .map_err(|e| e.in_file(overlay))?;
                     next = Some((resolve_relative(overlay, name), fmt));
@@ -422,7 +451,7 @@ impl Chain {
             }
             layers.push(layer);
         }
-        Ok(Chain { layers })
+        Ok(Chain { layers, warnings })
     }
 
     /// A chain of already open layers, top first. Fails when `layers` is empty.
@@ -432,7 +461,16 @@ impl Chain {
                 "a chain needs at least one layer".into(),
             ));
         }
-        Ok(Chain { layers })
+        Ok(Chain {
+            layers,
+            warnings: Vec::new(),
+        })
+    }
+
+    /// Things the caller should tell the user about (e.g. a corrupt image opened
+    /// read-only).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     /// The layers, top first.
@@ -454,6 +492,12 @@ impl Chain {
     /// the first run, whose length is the longest stretch decided by one layer with one
     /// mapping. `offset` must be below [`Chain::size`].
     pub fn resolve(&self, offset: u64, max_len: u64) -> Result<ChainRun> {
+        self.resolve_from(0, offset, max_len)
+    }
+
+    /// [`Chain::resolve`] as if the chain started at layer `first` (its backing chain
+    /// seen from the layer above), but bounded by the top image's size.
+    pub fn resolve_from(&self, first: usize, offset: u64, max_len: u64) -> Result<ChainRun> {
         let size = self.size();
         if offset >= size || max_len == 0 {
             return Err(Error::OutOfRange {
@@ -463,7 +507,7 @@ impl Chain {
             });
         }
         let mut len = max_len.min(size - offset);
-        for (depth, layer) in self.layers.iter().enumerate() {
+        for (depth, layer) in self.layers.iter().enumerate().skip(first) {
             if offset >= layer.size() {
                 // Past the end of a shorter backing file: zeros.
                 return Ok(ChainRun {
@@ -531,6 +575,10 @@ impl Chain {
         }
         Ok(())
     }
+}
+
+fn is_marked_corrupt(e: &Error) -> bool {
+    matches!(e.root(), Error::ReadOnly { reason } if reason.contains("corrupt"))
 }
 
 /// Iterator over resolved runs; see [`Chain::runs`].

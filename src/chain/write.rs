@@ -1,0 +1,123 @@
+//! Writing to the active (top) image of a chain: copy-on-write reads the layers below.
+
+use crate::error::{Error, Result};
+use crate::storage::Storage;
+
+use super::{Chain, Layer};
+
+impl Chain {
+    /// Fills `buf` with what the layers below the top show at `offset` (zeros past their
+    /// end): the source of copy-on-write.
+    fn read_below(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let run = self.resolve_from(1, at, (buf.len() - done) as u64)?;
+            let n = run.len as usize;
+            self.read_run(&run, &mut buf[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn writable_top(&self) -> Result<&Layer> {
+        let top = self.top();
+        let writable = match top {
+            Layer::Qcow2(i) => i.is_writable(),
+            Layer::Raw(r) => !r.storage.is_read_only(),
+        };
+        if !writable {
+            return Err(Error::ReadOnly {
+                reason: "the image was opened read-only",
+            }
+            .in_file(top.name()));
+        }
+        Ok(top)
+    }
+
+    /// Writes `buf` at guest `offset` of the top image. Partial clusters are completed
+    /// from the top image or, where it has nothing, from its backing chain.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        match self.writable_top()? {
+            Layer::Qcow2(image) => image.write_at_with(buf, offset, &|b, o| self.read_below(b, o)),
+            Layer::Raw(raw) => raw.write_at(buf, offset),
+        }
+    }
+
+    /// Makes `offset..offset + len` read as zeros, with zero flags where whole clusters
+    /// allow; `unmap` lets freed host clusters go (qemu-io's `write -z -u`).
+    pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        match self.writable_top()? {
+            Layer::Qcow2(image) => {
+                image.write_zeroes_with(offset, len, unmap, &|b, o| self.read_below(b, o))
+            }
+            Layer::Raw(raw) => raw.write_zeroes(offset, len),
+        }
+    }
+
+    /// Discards `offset..offset + len` as QEMU does: whole clusters lose their data; with
+    /// a backing file (version 3) they then read as zeros, otherwise as unallocated.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let has_backing = self.layers().len() > 1;
+        match self.writable_top()? {
+            Layer::Qcow2(image) => image.discard_with(offset, len, has_backing),
+            Layer::Raw(_) => Ok(()), // advisory: a raw file keeps its bytes
+        }
+    }
+
+    /// Makes every completed write to the top image durable.
+    pub fn flush(&self) -> Result<()> {
+        match self.writable_top()? {
+            Layer::Qcow2(image) => image.flush(),
+            Layer::Raw(raw) => raw.flush(),
+        }
+    }
+
+    /// Flushes and leaves the top image clean on disk (see [`crate::Image::close`]).
+    pub fn close(&self) -> Result<()> {
+        match self.top() {
+            Layer::Qcow2(image) => image.close(),
+            Layer::Raw(raw) if !raw.storage.is_read_only() => raw.flush(),
+            Layer::Raw(_) => Ok(()),
+        }
+    }
+}
+
+impl super::RawImage {
+    fn check(&self, offset: u64, len: u64) -> Result<()> {
+        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(Error::OutOfRange {
+                offset,
+                len,
+                size: self.size,
+            }
+            .in_file(&self.name));
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check(offset, buf.len() as u64)?;
+        self.storage
+            .write_at(buf, offset)
+            .map_err(|e| Error::io(format!("writing at {offset:#x}"), e).in_file(&self.name))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.check(offset, len)?;
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut pos = 0;
+        while pos < len {
+            let n = (len - pos).min(zeros.len() as u64) as usize;
+            self.write_at(&zeros[..n], offset + pos)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.storage
+            .flush()
+            .map_err(|e| Error::io("flushing", e).in_file(&self.name))
+    }
+}

@@ -1,0 +1,397 @@
+//! Reference counts of host clusters (spec: "Host cluster management"): reading them,
+//! raising and dropping them in memory, allocating free clusters, and growing the refcount
+//! structures — new blocks are placed inside the range they describe and count themselves.
+//!
+//! Changes stay in memory (dirty blocks) until [`Refcounts::write_dirty`], which the image's
+//! checkpoint calls before any table that points at the new clusters reaches the disk.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use byteorder::{BigEndian, ByteOrder};
+
+use crate::error::{Error, Result};
+use crate::format::{self, get_refcount, max_refcount, set_refcount};
+use crate::storage::Storage;
+
+/// Dirty blocks are never evicted; clean ones are once more than this many are cached.
+const CLEAN_BLOCKS_KEPT: usize = 64;
+
+#[derive(Debug)]
+struct Block {
+    bytes: Vec<u8>,
+    dirty: bool,
+}
+
+/// The refcount table and a cache of refcount blocks.
+#[derive(Debug)]
+pub(crate) struct Refcounts {
+    cluster_bits: u32,
+    order: u32,
+    /// Refcount table: host offsets of refcount blocks (0 = none yet).
+    table: Vec<u64>,
+    table_offset: u64,
+    /// Table entries changed in memory (written after the blocks they point at).
+    dirty_table: BTreeSet<usize>,
+    blocks: BTreeMap<usize, Block>,
+    /// Where the search for free clusters starts (a cluster index).
+    free_hint: u64,
+    /// Set when the header must be rewritten (the table moved).
+    pub(crate) header_changed: bool,
+    /// The old table after a move: its clusters are freed once the header points at the
+    /// new one.
+    pub(crate) pending_table_free: Option<TableLocation>,
+}
+
+/// Where the refcount table lives after [`Refcounts::grow_table`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TableLocation {
+    pub offset: u64,
+    pub clusters: u32,
+}
+
+impl Refcounts {
+    /// Loads the refcount table described by the header.
+    pub(crate) fn load(
+        storage: &dyn Storage,
+        cluster_bits: u32,
+        order: u32,
+        table_offset: u64,
+        table_clusters: u32,
+        file_len: u64,
+    ) -> Result<Refcounts> {
+        let len = u64::from(table_clusters) << cluster_bits;
+        if table_offset
+            .checked_add(len)
+            .is_none_or(|end| end > file_len)
+        {
+            return Err(Error::Truncated {
+                structure: "refcount table",
+                offset: table_offset,
+                len,
+                file_len,
+            });
+        }
+        let mut bytes = vec![0u8; len as usize];
+        storage
+            .read_at(&mut bytes, table_offset)
+            .map_err(|e| Error::io("reading the refcount table", e))?;
+        let table = format::decode_u64_table(&bytes);
+        let cluster_mask = (1u64 << cluster_bits) - 1;
+        for (i, &entry) in table.iter().enumerate() {
+            if entry & cluster_mask != 0 {
+                return Err(Error::corrupt(
+                    "refcount table",
+                    table_offset,
+                    format!("entry {i} points at unaligned refcount block {entry:#x}"),
+                ));
+            }
+        }
+        Ok(Refcounts {
+            cluster_bits,
+            order,
+            table,
+            table_offset,
+            dirty_table: BTreeSet::new(),
+            blocks: BTreeMap::new(),
+            free_hint: 0,
+            header_changed: false,
+            pending_table_free: None,
+        })
+    }
+
+    fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// Refcount entries per block.
+    fn per_block(&self) -> u64 {
+        (self.cluster_size() * 8) >> self.order
+    }
+
+    /// Where the table lives now.
+    pub(crate) fn table_location(&self) -> TableLocation {
+        let bytes = (self.table.len() as u64 * 8).max(1);
+        TableLocation {
+            offset: self.table_offset,
+            clusters: bytes.div_ceil(self.cluster_size()) as u32,
+        }
+    }
+
+    fn block(&mut self, storage: &dyn Storage, index: usize) -> Result<Option<&mut Block>> {
+        let Some(&offset) = self.table.get(index) else {
+            return Ok(None);
+        };
+        if offset == 0 {
+            return Ok(None);
+        }
+        if !self.blocks.contains_key(&index) {
+            if self.blocks.len() >= CLEAN_BLOCKS_KEPT {
+                let clean: Vec<usize> = self
+                    .blocks
+                    .iter()
+                    .filter(|(_, b)| !b.dirty)
+                    .map(|(&i, _)| i)
+                    .collect();
+                for i in clean {
+                    self.blocks.remove(&i);
+                }
+            }
+            let mut bytes = vec![0u8; self.cluster_size() as usize];
+            storage
+                .read_at(&mut bytes, offset)
+                .map_err(|e| Error::io(format!("reading refcount block at {offset:#x}"), e))?;
+            self.blocks.insert(
+                index,
+                Block {
+                    bytes,
+                    dirty: false,
+                },
+            );
+        }
+        Ok(self.blocks.get_mut(&index))
+    }
+
+    /// The refcount of host cluster `cluster` (an index, not an offset).
+    pub(crate) fn get(&mut self, storage: &dyn Storage, cluster: u64) -> Result<u64> {
+        let per_block = self.per_block();
+        let order = self.order;
+        let index = usize::try_from(cluster / per_block).unwrap_or(usize::MAX);
+        Ok(match self.block(storage, index)? {
+            Some(b) => get_refcount(&b.bytes, (cluster % per_block) as usize, order),
+            None => 0,
+        })
+    }
+
+    /// Adds `delta` to the refcount of `count` clusters from `cluster`. The blocks must
+    /// exist (clusters in use always have one). Fails, changing nothing further, when a
+    /// refcount would overflow its width or drop below zero.
+    pub(crate) fn add(
+        &mut self,
+        storage: &dyn Storage,
+        cluster: u64,
+        count: u64,
+        delta: i64,
+    ) -> Result<()> {
+        let per_block = self.per_block();
+        let order = self.order;
+        let max = max_refcount(order);
+        for c in cluster..cluster + count {
+            let index = usize::try_from(c / per_block).unwrap_or(usize::MAX);
+            let cluster_size = self.cluster_size();
+            let block = self.block(storage, index)?.ok_or_else(|| {
+                Error::corrupt(
+                    "refcount table",
+                    0,
+                    format!("no refcount block for cluster at {:#x}", c * cluster_size),
+                )
+            })?;
+            let i = (c % per_block) as usize;
+            let old = get_refcount(&block.bytes, i, order);
+            let new = old
+                .checked_add_signed(delta)
+                .filter(|&n| n <= max)
+                .ok_or_else(|| {
+                    Error::corrupt(
+                        "refcount block",
+                        c * cluster_size,
+                        format!("refcount {old} of this cluster cannot change by {delta}"),
+                    )
+                })?;
+            set_refcount(&mut block.bytes, i, order, new);
+            block.dirty = true;
+            if new == 0 && c < self.free_hint {
+                self.free_hint = c;
+            }
+        }
+        Ok(())
+    }
+
+    /// Finds `count` contiguous free clusters, raises their refcounts to 1 and returns the
+    /// host offset of the first. Ranges without a refcount block get one, placed just
+    /// before the run (and counted); a table too small to cover the run is moved to a
+    /// larger one at once (see [`Refcounts::grow_table`]).
+    pub(crate) fn allocate(&mut self, storage: &dyn Storage, count: u64) -> Result<u64> {
+        debug_assert!(count > 0);
+        let per_block = self.per_block();
+        let mut start = self.free_hint;
+        loop {
+            // New blocks go first, then the run: find how many ranges of the whole
+            // stretch lack a block (more blocks can make the stretch reach one more range).
+            let mut blocks = 0u64;
+            loop {
+                let end = start + blocks + count;
+                let missing = (start / per_block..=(end - 1) / per_block)
+                    .filter(|&r| self.block_offset(r) == 0)
+                    .count() as u64;
+                if missing == blocks {
+                    break;
+                }
+                blocks = missing;
+            }
+            let end = start + blocks + count;
+            if (end - 1) / per_block >= self.table.len() as u64 {
+                self.grow_table(storage, end)?;
+                continue;
+            }
+            if let Some(used) = self.first_used(storage, start, end)? {
+                start = used + 1;
+                continue;
+            }
+            let mut at = start;
+            for range in start / per_block..=(end - 1) / per_block {
+                if self.block_offset(range) == 0 {
+                    self.new_block_at(range as usize, at);
+                    at += 1;
+                }
+            }
+            self.add(storage, start, blocks + count, 1)?;
+            self.free_hint = end;
+            return Ok((start + blocks) << self.cluster_bits);
+        }
+    }
+
+    /// The offset of refcount block `range` (0 when it has none or lies past the table).
+    fn block_offset(&self, range: u64) -> u64 {
+        usize::try_from(range)
+            .ok()
+            .and_then(|r| self.table.get(r))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The first cluster in `start..end` with a non-zero refcount.
+    fn first_used(&mut self, storage: &dyn Storage, start: u64, end: u64) -> Result<Option<u64>> {
+        let per_block = self.per_block();
+        let mut c = start;
+        while c < end {
+            if self.block_offset(c / per_block) == 0 {
+                c = (c / per_block + 1) * per_block; // a range without a block is free
+                continue;
+            }
+            if self.get(storage, c)? != 0 {
+                return Ok(Some(c));
+            }
+            c += 1;
+        }
+        Ok(None)
+    }
+
+    /// Creates an empty refcount block for range `index` at cluster `at` (the caller
+    /// counts the cluster).
+    fn new_block_at(&mut self, index: usize, at: u64) {
+        let bytes = vec![0u8; self.cluster_size() as usize];
+        self.blocks.insert(index, Block { bytes, dirty: true });
+        self.table[index] = at << self.cluster_bits;
+        self.dirty_table.insert(index);
+    }
+
+    /// Moves the refcount table to a larger one covering at least `cover` clusters, placed
+    /// past everything in use together with the blocks that describe it. Writes the new
+    /// blocks and table, then flushes, so that the caller can switch the header to it.
+    fn grow_table(&mut self, storage: &dyn Storage, cover: u64) -> Result<()> {
+        let per_block = self.per_block();
+        let per_cluster = self.cluster_size() / 8;
+        let old_entries = self.table.len() as u64;
+        let old = self.table_location();
+        // Everything at or past the old coverage is free: put the new area there.
+        let area = old_entries * per_block;
+        let mut entries = (old_entries * 2).max(cover.div_ceil(per_block)).max(1);
+        let (table_clusters, blocks) = loop {
+            let table_clusters = (entries * 8).div_ceil(self.cluster_size());
+            // Blocks follow the table; count those needed to cover the table and them.
+            let mut blocks = 0u64;
+            loop {
+                let end = area + table_clusters + blocks;
+                let needed = end.div_ceil(per_block).saturating_sub(old_entries);
+                if needed <= blocks {
+                    break;
+                }
+                blocks = needed;
+            }
+            let end = area + table_clusters + blocks;
+            if end.div_ceil(per_block) <= entries {
+                break (table_clusters, blocks);
+            }
+            entries = end.div_ceil(per_block);
+        };
+        let entries = entries.div_ceil(per_cluster) * per_cluster;
+        let table_at = area;
+        let blocks_at = area + table_clusters;
+        self.table.resize(entries as usize, 0);
+        for b in 0..blocks {
+            let cluster = blocks_at + b;
+            let index = (old_entries + b) as usize;
+            let mut bytes = vec![0u8; self.cluster_size() as usize];
+            // Count every cluster of the new area that falls in this block's range.
+            let range = (index as u64) * per_block..(index as u64 + 1) * per_block;
+            for c in table_at..blocks_at + blocks {
+                if range.contains(&c) {
+                    set_refcount(&mut bytes, (c % per_block) as usize, self.order, 1);
+                }
+            }
+            storage
+                .write_at(&bytes, cluster << self.cluster_bits)
+                .map_err(|e| Error::io("writing a new refcount block", e))?;
+            self.blocks.insert(
+                index,
+                Block {
+                    bytes,
+                    dirty: false,
+                },
+            );
+            self.table[index] = cluster << self.cluster_bits;
+        }
+        // Blocks the old table pointed at but whose entries are still only in memory
+        // must reach the disk before a table that points at them.
+        self.write_blocks(storage)?;
+        let mut bytes = vec![0u8; (table_clusters * self.cluster_size()) as usize];
+        format::encode_u64_table(&self.table, &mut bytes);
+        storage
+            .write_at(&bytes, table_at << self.cluster_bits)
+            .map_err(|e| Error::io("writing the new refcount table", e))?;
+        storage
+            .flush()
+            .map_err(|e| Error::io("flushing the new refcount table", e))?;
+        self.table_offset = table_at << self.cluster_bits;
+        self.dirty_table.clear();
+        self.header_changed = true;
+        self.free_hint = self.free_hint.max(blocks_at + blocks);
+        // The old table's clusters are freed once the header points at the new one; the
+        // caller writes the header before the next checkpoint writes these refcounts.
+        self.pending_table_free = Some(old);
+        Ok(())
+    }
+
+    /// Writes dirty refcount blocks (not the table).
+    fn write_blocks(&mut self, storage: &dyn Storage) -> Result<()> {
+        for (&index, block) in self.blocks.iter_mut().filter(|(_, b)| b.dirty) {
+            let offset = self.table[index];
+            storage
+                .write_at(&block.bytes, offset)
+                .map_err(|e| Error::io(format!("writing refcount block at {offset:#x}"), e))?;
+            block.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Writes every dirty block, then (after a flush, when any table entry changed) the
+    /// changed table entries: a table entry never reaches the disk before its block.
+    pub(crate) fn write_dirty(&mut self, storage: &dyn Storage) -> Result<()> {
+        self.write_blocks(storage)?;
+        if self.dirty_table.is_empty() {
+            return Ok(());
+        }
+        storage
+            .flush()
+            .map_err(|e| Error::io("flushing new refcount blocks", e))?;
+        for index in std::mem::take(&mut self.dirty_table) {
+            let mut entry = [0u8; 8];
+            BigEndian::write_u64(&mut entry, self.table[index]);
+            let at = self.table_offset + index as u64 * 8;
+            storage
+                .write_at(&entry, at)
+                .map_err(|e| Error::io("writing the refcount table", e))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,212 @@
+//! The write path against QEMU: we write, qemu-img checks and reads back.
+
+mod common;
+
+use common::{Rng, Scratch};
+use qcow2_engine::{Chain, ChainOptions};
+
+fn open_rw(s: &Scratch, name: &str) -> Chain {
+    Chain::open_with(
+        s.path(name),
+        &ChainOptions {
+            writable: true,
+            ..ChainOptions::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("opening {name} for writing: {e}"))
+}
+
+/// `qemu-img check` exits 0: no corruption and no leak.
+fn assert_clean(s: &Scratch, name: &str, label: &str) {
+    let out = s.output("qemu-img", &["check", name]);
+    assert!(
+        out.status.success(),
+        "{label}: qemu-img check {name} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A model disk: what the guest should read.
+struct Model(Vec<u8>);
+
+impl Model {
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.0[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+    }
+    fn zero(&mut self, offset: u64, len: u64) {
+        self.0[offset as usize..(offset + len) as usize].fill(0);
+    }
+}
+
+fn assert_model(s: &Scratch, name: &str, model: &Model, label: &str) {
+    let got = s.reference(name, "qcow2");
+    assert_eq!(got.len(), model.0.len(), "{label}: size");
+    if let Some(i) = (0..got.len()).find(|&i| got[i] != model.0[i]) {
+        panic!(
+            "{label}: qemu reads {:#x} at {i:#x}, the model {:#x}",
+            got[i], model.0[i]
+        );
+    }
+}
+
+fn random_writes(options: &str, size: u64, with_backing: bool, seed: u64) {
+    let label = format!("random writes [{options}] backing={with_backing}");
+    let s = Scratch::new();
+    let mut model = Model(vec![0; size as usize]);
+    let top = if with_backing {
+        s.create("base.qcow2", options, size);
+        s.qemu_io(
+            "base.qcow2",
+            "qcow2",
+            &[
+                "write -P 0x11 0 300k".into(),
+                format!("write -P 0x12 {} 200k", size / 2),
+            ],
+        );
+        model.0[..300 << 10].fill(0x11);
+        model.0[(size / 2) as usize..(size / 2 + (200 << 10)) as usize].fill(0x12);
+        s.create_overlay("top.qcow2", "base.qcow2", "qcow2", options, None);
+        "top.qcow2"
+    } else {
+        s.create("top.qcow2", options, size);
+        "top.qcow2"
+    };
+    let mut rng = Rng::new(seed);
+    {
+        let chain = open_rw(&s, top);
+        for i in 0..60 {
+            let len = 1 + rng.below(150_000);
+            let offset = rng.below(size - len);
+            let kind = rng.below(10);
+            if kind < 7 {
+                let data = rng.bytes(len as usize);
+                chain.write_at(&data, offset).unwrap();
+                model.write(offset, &data);
+            } else if kind < 9 {
+                let unmap = kind == 8;
+                chain.write_zeroes(offset, len, unmap).unwrap();
+                model.zero(offset, len);
+            } else {
+                chain.flush().unwrap();
+            }
+            if i % 20 == 19 {
+                // Read back through the library while changes are still in memory.
+                let mut buf = vec![0u8; len as usize];
+                chain.read_at(&mut buf, offset).unwrap();
+                assert_eq!(
+                    buf,
+                    model.0[offset as usize..(offset + len) as usize],
+                    "{label}"
+                );
+            }
+        }
+        chain.close().unwrap();
+    }
+    assert_clean(&s, top, &label);
+    assert_model(&s, top, &model, &label);
+}
+
+#[test]
+fn random_writes_and_zeroes_match_the_model_and_pass_qemu_check() {
+    for (i, options) in [
+        "cluster_size=64k",
+        "cluster_size=4k",
+        "cluster_size=512",
+        "cluster_size=64k,refcount_bits=1",
+        "cluster_size=4k,refcount_bits=64",
+        "cluster_size=64k,compat=0.10",
+        "cluster_size=64k,extended_l2=on",
+        "cluster_size=2M",
+    ]
+    .iter()
+    .enumerate()
+    {
+        for backing in [false, true] {
+            random_writes(options, 6 << 20, backing, 1 + i as u64);
+        }
+    }
+}
+
+#[test]
+fn qemu_reads_what_we_wrote_and_we_read_what_qemu_wrote() {
+    let s = Scratch::new();
+    s.create("a.qcow2", "cluster_size=64k", 4 << 20);
+    {
+        let chain = open_rw(&s, "a.qcow2");
+        chain.write_at(&[0x5a; 100_000], 12_345).unwrap();
+        chain.close().unwrap();
+    }
+    s.qemu_io(
+        "a.qcow2",
+        "qcow2",
+        &[
+            "read -P 0x5a 12345 100000".into(),
+            "write -P 0x77 1M 70k".into(),
+        ],
+    );
+    {
+        let chain = open_rw(&s, "a.qcow2");
+        let mut buf = vec![0u8; 70 << 10];
+        chain.read_at(&mut buf, 1 << 20).unwrap();
+        assert!(buf.iter().all(|&b| b == 0x77));
+        chain.write_at(&[0x33; 5000], (1 << 20) + 100).unwrap();
+        chain.close().unwrap();
+    }
+    s.qemu_io(
+        "a.qcow2",
+        "qcow2",
+        &[
+            "read -P 0x77 1M 100".into(),
+            "read -P 0x33 1048676 5000".into(),
+        ],
+    );
+    assert_clean(&s, "a.qcow2", "interleaved");
+}
+
+#[test]
+fn writes_into_an_image_with_a_snapshot_copy_on_write() {
+    let s = Scratch::new();
+    s.create("a.qcow2", "cluster_size=4k", 1 << 20);
+    s.qemu_io("a.qcow2", "qcow2", &["write -P 0x41 0 64k".into()]);
+    s.qemu_img(&["snapshot", "-c", "snap", "a.qcow2"]);
+    {
+        let chain = open_rw(&s, "a.qcow2");
+        chain.write_at(&[0x42; 6000], 1000).unwrap();
+        chain.close().unwrap();
+    }
+    assert_clean(&s, "a.qcow2", "after COW");
+    s.qemu_io(
+        "a.qcow2",
+        "qcow2",
+        &[
+            "read -P 0x41 0 1000".into(),
+            "read -P 0x42 1000 6000".into(),
+            "read -P 0x41 7000 58536".into(),
+        ],
+    );
+    s.qemu_img(&["snapshot", "-a", "snap", "a.qcow2"]);
+    s.qemu_io("a.qcow2", "qcow2", &["read -P 0x41 0 64k".into()]);
+    assert_clean(&s, "a.qcow2", "after revert");
+}
+
+#[test]
+fn growing_past_the_refcount_table_moves_it_and_stays_clean() {
+    // 512-byte clusters with 64-bit refcounts: one block covers 32 KiB, the first table
+    // only a few MiB, so 24 MiB of writes moves the table several times.
+    let s = Scratch::new();
+    s.create("a.qcow2", "cluster_size=512,refcount_bits=64", 32 << 20);
+    let mut model = Model(vec![0; 32 << 20]);
+    {
+        let chain = open_rw(&s, "a.qcow2");
+        for i in 0..24u64 {
+            let data = vec![(i + 1) as u8; 1 << 20];
+            chain.write_at(&data, i << 20).unwrap();
+            model.write(i << 20, &data);
+        }
+        chain.close().unwrap();
+    }
+    assert_clean(&s, "a.qcow2", "table growth");
+    assert_model(&s, "a.qcow2", &model, "table growth");
+}
