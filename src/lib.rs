@@ -54,7 +54,9 @@ pub mod testing;
 
 pub use chain::{Chain, ChainOptions, ChainRun, Format, Layer, RawImage};
 pub use error::{Error, Result};
-pub use qcow2::{Image, ImageOptions, Mapping, Run};
+pub use qcow2::{
+    Compat, CreateOptions, Image, ImageOptions, Mapping, Preallocation, Run, create, create_on,
+};
 pub use reader::ChainReader;
 
 /// The README's example, compiled as a doc test.

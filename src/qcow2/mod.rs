@@ -1,10 +1,14 @@
 //! The engine for one qcow2 image: open, map guest ranges, read.
 
 mod compress;
+mod create;
 mod image;
 mod l2cache;
 mod mapping;
 mod prealloc;
 
+pub use create::{
+    Compat, CreateOptions, MAX_VIRTUAL_SIZE, Preallocation, create, create_on, data_file_path,
+};
 pub use image::{Image, ImageOptions};
 pub use mapping::{Mapping, Run, Runs};
