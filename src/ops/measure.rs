@@ -10,7 +10,9 @@
 //!   size, none; for an image, every output cluster that contains a byte the chain maps
 //!   as data which does not read as zeros (zero clusters, unallocated ranges and holes of
 //!   metadata-preallocated images cost nothing). With a `backing_file` in the output
-//!   options, QEMU cannot know what the backing file shares and counts every cluster.
+//!   options, QEMU cannot know what the backing file shares and counts every cluster of
+//!   an image (not of a bare size). With `preallocation=falloc|full` every cluster is
+//!   required; `metadata` changes nothing.
 //! - **bitmaps**: only for an image measured into compat 1.1 whose top layer is a qcow2
 //!   version 3 image: the persistent bitmaps it would carry over (their data and table
 //!   clusters, plus the directory), 0 without bitmaps.
@@ -20,7 +22,7 @@
 use crate::chain::{Chain, Format, Layer};
 use crate::error::{Error, Result};
 use crate::format::HeaderExtension;
-use crate::qcow2::{Compat, CreateOptions, Image};
+use crate::qcow2::{Compat, CreateOptions, Image, Preallocation};
 
 use super::map;
 
@@ -38,7 +40,7 @@ pub struct Measurement {
 /// Measures a new, empty image of `size` bytes with `options` (the output format and its
 /// qcow2 options; `options.size` is ignored).
 pub fn measure_size(size: u64, options: &CreateOptions) -> Result<Measurement> {
-    check_options(options)?;
+    check_options(options, size)?;
     match options.format {
         Format::Raw => {
             let size = size.div_ceil(512) * 512;
@@ -51,7 +53,8 @@ pub fn measure_size(size: u64, options: &CreateOptions) -> Result<Measurement> {
         Format::Qcow2 => {
             let virtual_size = size.div_ceil(options.cluster_size) * options.cluster_size;
             let full = fully_allocated_qcow2(virtual_size, options);
-            let required_data = if options.backing_file.is_some() {
+            // A backing file changes nothing here: there is no content to share.
+            let required_data = if allocates_data(options) {
                 virtual_size
             } else {
                 0
@@ -68,8 +71,8 @@ pub fn measure_size(size: u64, options: &CreateOptions) -> Result<Measurement> {
 /// Measures a new image holding what `chain` shows, with `options` (the output format and
 /// its qcow2 options; `options.size` is ignored).
 pub fn measure_chain(chain: &Chain, options: &CreateOptions) -> Result<Measurement> {
-    check_options(options)?;
     let size = chain.size();
+    check_options(options, size)?;
     if options.format == Format::Raw {
         return Ok(Measurement {
             required: size,
@@ -79,7 +82,7 @@ pub fn measure_chain(chain: &Chain, options: &CreateOptions) -> Result<Measureme
     }
     let cs = options.cluster_size;
     let virtual_size = size.div_ceil(cs) * cs;
-    let required_data = if options.backing_file.is_some() {
+    let required_data = if options.backing_file.is_some() || allocates_data(options) {
         virtual_size
     } else {
         data_clusters(chain, cs)? * cs
@@ -98,15 +101,33 @@ pub fn measure_chain(chain: &Chain, options: &CreateOptions) -> Result<Measureme
     })
 }
 
-fn check_options(options: &CreateOptions) -> Result<()> {
+/// The checks qemu-img measure makes of the output options: cluster size, refcount width
+/// (16 bits with compat 0.10), extended L2 cluster size, and a size whose L1 table fits.
+/// Options that only matter at creation (lazy refcounts, data file) are not checked.
+fn check_options(options: &CreateOptions, size: u64) -> Result<()> {
+    if options.format == Format::Raw {
+        return Ok(());
+    }
     let checked = CreateOptions {
-        size: Some(0),
+        size: Some(size),
+        lazy_refcounts: false,
+        compression_type: Default::default(),
+        data_file: None,
+        data_file_raw: false,
+        preallocation: Preallocation::Off,
+        backing_file: None,
         backing_format: None,
-        // Measuring opens nothing: the backing file only changes the count.
-        open_backing: false,
         ..options.clone()
     };
     checked.validate()
+}
+
+/// Whether the output preallocation makes every data cluster required.
+fn allocates_data(options: &CreateOptions) -> bool {
+    matches!(
+        options.preallocation,
+        Preallocation::Falloc | Preallocation::Full
+    )
 }
 
 /// Output clusters (of `cs` bytes) holding at least one byte of data that does not read as
