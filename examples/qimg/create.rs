@@ -31,8 +31,7 @@ pub struct Args {
     /// The image to create (truncated if it exists).
     file: PathBuf,
     /// Virtual size (qemu-img suffixes); taken from the backing file when absent.
-    #[arg(value_parser = parse_size)]
-    size: Option<u64>,
+    size: Option<String>,
 }
 
 /// Runs `qimg create`.
@@ -44,8 +43,8 @@ pub fn run(args: Args) -> Result<u8> {
     };
     apply_create_options(&mut options, &args.options)
         .map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
-    if let Some(size) = args.size {
-        options.size = Some(size);
+    if let Some(size) = &args.size {
+        options.size = Some(parse_size(size).map_err(|e| anyhow::anyhow!("{file}: {e}"))?);
     }
     if let Some(backing) = args.backing {
         if args.format == Format::Raw {

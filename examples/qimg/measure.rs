@@ -22,8 +22,8 @@ pub struct Args {
     #[arg(short = 'o')]
     options: Vec<String>,
     /// Measure an empty image of this size instead of FILE.
-    #[arg(long, value_parser = parse_size)]
-    size: Option<u64>,
+    #[arg(long)]
+    size: Option<String>,
     /// Format of FILE (probed when absent).
     #[arg(short = 'f', value_parser = parse_format)]
     format: Option<Format>,
@@ -52,7 +52,13 @@ pub fn run(args: Args) -> Result<u8> {
         ..CreateOptions::default()
     };
     apply_create_options(&mut options, &args.options).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let m: Measurement = match (&args.file, args.size) {
+    let size = args
+        .size
+        .as_deref()
+        .map(parse_size)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let m: Measurement = match (&args.file, size) {
         (Some(_), Some(_)) => bail!("--size N cannot be used together with a filename"),
         (None, None) => bail!("either --size N or one filename must be specified"),
         (None, Some(size)) => ops::measure_size(size, &options)?,
