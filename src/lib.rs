@@ -9,8 +9,10 @@
 //! - [`Image`]: one qcow2 image. [`Image::lookup`] is the one mapping API: it turns a guest
 //!   range into [`Run`]s of one [`Mapping`] (unallocated, zero, data at a host offset,
 //!   compressed) that reading, mapping, converting and merging all share.
+//! - [`create`] with [`CreateOptions`]: new qcow2 (v2/v3) and raw images, as qemu-img
+//!   create makes them.
 //! - [`format`]: the on-disk structures as pure codecs, [`storage`]: where bytes live,
-//!   [`ops`]: operations over chains (checksum, compare, convert, map).
+//!   [`ops`]: operations over chains (checksum, compare, convert, map, measure).
 //! - `testing` (only with the `testing` cargo feature): the fuzz harnesses, shared by the
 //!   cargo-fuzz targets in `fuzz/` and the test that replays their corpus.
 //!
@@ -54,7 +56,9 @@ pub mod testing;
 
 pub use chain::{Chain, ChainOptions, ChainRun, Format, Layer, RawImage};
 pub use error::{Error, Result};
-pub use qcow2::{Image, ImageOptions, Mapping, Run};
+pub use qcow2::{
+    Compat, CreateOptions, Image, ImageOptions, Mapping, Preallocation, Run, create, create_on,
+};
 pub use reader::ChainReader;
 
 /// The README's example, compiled as a doc test.

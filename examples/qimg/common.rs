@@ -5,7 +5,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
-use qcow2_engine::{Chain, ChainOptions, Format};
+use qcow2_engine::format::CompressionType;
+use qcow2_engine::{Chain, ChainOptions, Compat, CreateOptions, Format, Preallocation};
 
 /// `--output=human|json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -72,6 +73,93 @@ pub fn parse_number(text: &str) -> Result<u64, String> {
     Ok(value)
 }
 
+/// Splits qemu-img's `-o` text into `key=value` pairs: comma-separated, `,,` for a literal
+/// comma; a key without `=` is a flag (`on`).
+pub fn split_options(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut items = Vec::new();
+    let mut current = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                current.push(',');
+            } else {
+                items.push(std::mem::take(&mut current));
+            }
+        } else {
+            current.push(c);
+        }
+    }
+    items.push(current);
+    items
+        .into_iter()
+        .filter(|item| !item.is_empty())
+        .map(|item| match item.split_once('=') {
+            Some((k, v)) => Ok((k.to_owned(), v.to_owned())),
+            None => Ok((item, "on".to_owned())),
+        })
+        .collect()
+}
+
+fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
+    match value {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err(format!(
+            "parameter '{key}' expects 'on' or 'off', not {value:?}"
+        )),
+    }
+}
+
+/// Applies qemu-img `-o` options (each argument comma-separated `key=value`s) for the
+/// format `options.format` onto `options`. Unknown keys, and qcow2 keys for raw images,
+/// are refused like qemu-img refuses them: `Invalid parameter 'KEY'`.
+pub fn apply_create_options(options: &mut CreateOptions, texts: &[String]) -> Result<(), String> {
+    for text in texts {
+        for (key, value) in split_options(text)? {
+            let raw_ok = matches!(key.as_str(), "size" | "preallocation");
+            if options.format == Format::Raw && !raw_ok {
+                return Err(format!("Invalid parameter '{key}' for format 'raw'"));
+            }
+            let bad = |e: String| format!("parameter '{key}': {e}");
+            match key.as_str() {
+                "size" => options.size = Some(parse_size(&value)?),
+                "cluster_size" => options.cluster_size = parse_size(&value)?,
+                "refcount_bits" => {
+                    options.refcount_bits = value
+                        .parse()
+                        .map_err(|_| bad(format!("{value:?} is not a number")))?
+                }
+                "compat" => {
+                    options.compat = Compat::from_name(&value).map_err(|e| bad(e.to_string()))?
+                }
+                "extended_l2" => options.extended_l2 = parse_bool(&key, &value)?,
+                "lazy_refcounts" => options.lazy_refcounts = parse_bool(&key, &value)?,
+                "compression_type" => {
+                    options.compression_type = match value.as_str() {
+                        "zlib" => CompressionType::Zlib,
+                        "zstd" => CompressionType::Zstd,
+                        other => {
+                            return Err(bad(format!("{other:?} is not one of zlib, zstd")));
+                        }
+                    }
+                }
+                "data_file" => options.data_file = Some(value),
+                "data_file_raw" => options.data_file_raw = parse_bool(&key, &value)?,
+                "preallocation" => {
+                    options.preallocation =
+                        Preallocation::from_name(&value).map_err(|e| bad(e.to_string()))?
+                }
+                "backing_file" => options.backing_file = Some(value),
+                "backing_fmt" => options.backing_format = Some(parse_format(&value).map_err(bad)?),
+                _ => return Err(format!("Invalid parameter '{key}'")),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A progress bar on stderr for `total` bytes, hidden unless `show`.
 pub fn progress_bar(show: bool, total: u64) -> ProgressBar {
     if !show {
@@ -107,5 +195,25 @@ mod tests {
         assert_eq!(parse_number("0x1000"), Ok(4096));
         assert!(parse_size("12q").is_err());
         assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn options_split_on_single_commas() {
+        let pairs = split_options("cluster_size=4k,data_file=a,,b,lazy_refcounts").unwrap();
+        assert_eq!(
+            pairs,
+            vec![
+                ("cluster_size".into(), "4k".into()),
+                ("data_file".into(), "a,b".into()),
+                ("lazy_refcounts".into(), "on".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_option_keys_are_refused() {
+        let mut options = CreateOptions::default();
+        let err = apply_create_options(&mut options, &["foo=1".into()]).unwrap_err();
+        assert_eq!(err, "Invalid parameter 'foo'");
     }
 }

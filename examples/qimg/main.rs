@@ -7,9 +7,11 @@ mod checksum;
 mod common;
 mod compare;
 mod convert;
+mod create;
 mod info;
 mod io;
 mod map;
+mod measure;
 
 use std::process::ExitCode;
 
@@ -24,6 +26,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Create a new image.
+    Create(create::Args),
     /// Show facts about an image (and its backing chain).
     Info(info::Args),
     /// Show the allocation map of an image through its chain.
@@ -36,18 +40,22 @@ enum Command {
     Checksum(checksum::Args),
     /// Run qemu-io-style commands against an image.
     Io(io::Args),
+    /// How large a new image would be.
+    Measure(measure::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Exit code for errors: compare reserves 1 for "different".
     let (result, error_code) = match cli.command {
+        Command::Create(args) => (create::run(args), 1),
         Command::Info(args) => (info::run(args), 1),
         Command::Map(args) => (map::run(args), 1),
         Command::Convert(args) => (convert::run(args), 1),
         Command::Compare(args) => (compare::run(args), 2),
         Command::Checksum(args) => (checksum::run(args), 1),
         Command::Io(args) => (io::run(args), 1),
+        Command::Measure(args) => (measure::run(args), 1),
     };
     match result {
         Ok(code) => ExitCode::from(code),

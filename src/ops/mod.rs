@@ -1,4 +1,4 @@
-//! Operations over whole chains: map, checksum, compare, convert, info.
+//! Operations over whole chains: map, checksum, compare, convert, info, measure.
 
 mod checksum;
 mod chunks;
@@ -6,9 +6,11 @@ mod compare;
 mod convert;
 mod info;
 mod map;
+mod measure;
 
 pub use checksum::checksum;
 pub use compare::{Comparison, compare};
 pub use convert::{ConvertOptions, convert_to_raw};
 pub use info::{ImageInfo, Qcow2Info, SnapshotInfo, chain_info, info};
 pub use map::{MapEntries, MapEntry, map, map_range};
+pub use measure::{Measurement, measure_chain, measure_size};

@@ -1,6 +1,7 @@
 //! The engine for one qcow2 image: open, map guest ranges, read.
 
 mod compress;
+mod create;
 mod image;
 mod l2cache;
 mod mapping;
@@ -9,5 +10,8 @@ mod rebuild;
 mod refcount;
 mod write;
 
+pub use create::{
+    Compat, CreateOptions, MAX_VIRTUAL_SIZE, Preallocation, create, create_on, data_file_path,
+};
 pub use image::{Image, ImageOptions};
 pub use mapping::{Mapping, Run, Runs};

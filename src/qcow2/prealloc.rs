@@ -3,8 +3,8 @@
 //! Such an image maps data clusters whose host ranges are holes in the file; QEMU only
 //! looks at the file's holes under data clusters (to report them as zeros) when the image
 //! looks preallocated this way, because asking the file system costs a system call per
-//! extent. Its test: more clusters are in use (non-zero refcount) than the file really
-//! occupies, with a margin of 10% (at least two clusters).
+//! extent. Its test: the clusters in use (non-zero refcount) reach the clusters the file
+//! really occupies plus a margin of 10% (at least two clusters).
 
 use byteorder::{BigEndian, ByteOrder};
 
@@ -15,8 +15,8 @@ use super::Image;
 
 impl Image {
     /// Whether the image looks metadata-preallocated: the clusters with a non-zero
-    /// refcount (among those the file's length covers) outnumber the clusters the file
-    /// occupies on disk by more than 10% (and by more than two). `false` when the storage
+    /// refcount (among those the file's length covers) reach the clusters the file
+    /// occupies on disk plus 10% (at least plus two), as QEMU counts. `false` when the storage
     /// cannot tell its allocated size.
     pub fn looks_metadata_preallocated(&self) -> Result<bool> {
         let Some(allocated) = self.allocated_size() else {
@@ -38,7 +38,7 @@ impl Image {
         let mut block: Option<(u64, Vec<u8>)> = None;
         let mut in_use = 0u64;
         let mut cluster = 0u64;
-        while cluster < end_cluster && in_use <= threshold {
+        while cluster < end_cluster && in_use < threshold {
             let table_index = cluster / per_block;
             if table_index >= table_entries {
                 break;
@@ -62,6 +62,6 @@ impl Image {
             }
             cluster += 1;
         }
-        Ok(in_use > threshold)
+        Ok(in_use >= threshold)
     }
 }
