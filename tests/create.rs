@@ -405,8 +405,8 @@ fn overlay_takes_the_backing_size_and_reads_the_backing_content() {
         String::from_utf8_lossy(&out.stderr)
     );
     let image = qcow2_engine::Image::open(s.path("u.qcow2")).unwrap();
-    assert_eq!(image.backing_file(), Some("gone.qcow2"));
-    assert_eq!(image.backing_format(), Some("qcow2"));
+    assert_eq!(image.backing_file().as_deref(), Some("gone.qcow2"));
+    assert_eq!(image.backing_format().as_deref(), Some("qcow2"));
 }
 
 #[test]

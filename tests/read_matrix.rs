@@ -280,7 +280,11 @@ fn external_data_file_with_and_without_data_file_raw() {
         let chain = s.open("img.qcow2");
         let image = chain.top().as_qcow2().unwrap();
         assert!(image.has_external_data_file(), "{label}");
-        assert_eq!(image.data_file_name().as_deref(), Some("img.data"), "{label}");
+        assert_eq!(
+            image.data_file_name().as_deref(),
+            Some("img.data"),
+            "{label}"
+        );
         assert_eq!(image.data_file_raw(), raw == "on", "{label}");
         verify(&s, "img.qcow2", "qcow2", true, &label);
     }
