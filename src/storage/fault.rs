@@ -22,6 +22,9 @@ pub enum Unflushed {
     /// Each is kept or lost at random, the choice drawn from this seed (the same seed
     /// gives the same subset).
     Seeded(u64),
+    /// Bit `i` keeps the `i`-th unflushed write (oldest first); writes past the 64th are
+    /// lost. Enumerating masks tries every subset of a short log.
+    Mask(u64),
 }
 
 /// A change to the bytes, logged until the next flush makes it durable.
@@ -206,11 +209,12 @@ impl FaultStorage {
             Unflushed::Seeded(seed) => seed ^ 0x6a09_e667_f3bc_c908,
             _ => 0,
         };
-        for change in &s.log {
+        for (i, change) in s.log.iter().enumerate() {
             let keep = match unflushed {
                 Unflushed::Lost => false,
                 Unflushed::Kept => true,
                 Unflushed::Seeded(_) => splitmix64(&mut rng) & 1 == 1,
+                Unflushed::Mask(mask) => i < 64 && mask >> i & 1 == 1,
             };
             if keep {
                 change.apply(&mut disk);
@@ -410,6 +414,16 @@ mod tests {
             kinds.insert(image);
         }
         assert!(kinds.len() > 1, "different seeds choose different subsets");
+    }
+
+    #[test]
+    fn a_mask_keeps_the_writes_it_names() {
+        let d = disk(3);
+        for i in 0..3u8 {
+            d.write_at(&[i + 1], u64::from(i)).unwrap();
+        }
+        assert_eq!(d.crash_image(Unflushed::Mask(0b101)), [1, 0, 3]);
+        assert_eq!(d.crash_image(Unflushed::Mask(0b010)), [0, 2, 0]);
     }
 
     #[test]
