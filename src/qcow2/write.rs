@@ -577,6 +577,7 @@ impl Image {
         }
         self.sync()?;
         // 2. L2 tables.
+        let wrote_l2 = !w.dirty_l2.is_empty();
         for offset in std::mem::take(&mut w.dirty_l2) {
             if let Some(table) = self.l2_cache.pinned(offset) {
                 let mut bytes = vec![0u8; self.cluster_size() as usize];
@@ -587,9 +588,14 @@ impl Image {
             }
             self.l2_cache.unpin(offset);
         }
+        // The L2 tables must be durable before an L1 entry points at them, before a
+        // refcount they no longer use drops (step 4), and before the flush returns — also
+        // when neither L1 nor the header changed (an existing table gained entries).
+        if wrote_l2 {
+            self.sync()?;
+        }
         // 3. L1 entries and the header.
         if !w.dirty_l1.is_empty() || w.header_dirty {
-            self.sync()?;
             let dirty = std::mem::take(&mut w.dirty_l1);
             if let (Some(&lo), Some(&hi)) = (dirty.first(), dirty.last()) {
                 let meta = self.meta();

@@ -14,6 +14,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub mod ops;
+
 use qcow2_engine::{Chain, ChainRun, Layer, Mapping};
 
 /// A temporary directory that the QEMU tools run in (so relative backing names work).
