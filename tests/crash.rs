@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::HashSet;
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use common::ops::{Model, Op, random_op};
@@ -29,6 +28,10 @@ struct Case {
     /// Longest operation, in bytes.
     max_len: u64,
     seed: u64,
+    /// The workload must move the refcount table (checked on the clean run).
+    moves_refcount_table: bool,
+    /// qemu-io commands run on the image before the workload.
+    qemu_prefill: &'static [&'static str],
 }
 
 impl Case {
@@ -44,6 +47,8 @@ impl Case {
             ops: 20,
             max_len: 3 * cluster,
             seed: 1,
+            moves_refcount_table: false,
+            qemu_prefill: &[],
         }
     }
 }
@@ -102,7 +107,16 @@ fn fixture(case: &Case) -> Fixture {
         create_on(&mem, &opts).unwrap();
         mem.to_bytes()
     };
-    let initial = Model::new(below.clone(), case.cluster, below, false);
+    let mut initial = Model::new(below.clone(), case.cluster, below, false);
+    let template = if case.qemu_prefill.is_empty() {
+        template
+    } else {
+        s.write_file("prefilled.qcow2", &template);
+        let commands: Vec<String> = case.qemu_prefill.iter().map(|c| c.to_string()).collect();
+        s.qemu_io("prefilled.qcow2", "qcow2", &commands);
+        initial.bytes = s.reference("prefilled.qcow2", "qcow2");
+        std::fs::read(s.path("prefilled.qcow2")).unwrap()
+    };
     Fixture {
         scratch: s,
         template,
@@ -144,6 +158,8 @@ fn workload(case: &Case) -> Vec<Op> {
 /// the operations issued after it (the last one may have failed).
 struct Outcome {
     flushed: Model,
+    /// How many operations the last successful flush covered.
+    flushed_ops: usize,
     after: Vec<Op>,
 }
 
@@ -152,9 +168,10 @@ fn run(chain: &Chain, ops: &[Op], initial: &Model, disk: &FaultStorage) -> Outco
     let mut model = initial.clone();
     let mut out = Outcome {
         flushed: initial.clone(),
+        flushed_ops: 0,
         after: Vec::new(),
     };
-    for op in ops {
+    for (i, op) in ops.iter().enumerate() {
         let r = op.run(chain);
         if trace {
             eprintln!(
@@ -169,6 +186,7 @@ fn run(chain: &Chain, ops: &[Op], initial: &Model, disk: &FaultStorage) -> Outco
         if *op == Op::Flush {
             if ok {
                 out.flushed = model.clone();
+                out.flushed_ops = i + 1;
                 out.after.clear();
             }
         } else {
@@ -183,15 +201,21 @@ fn run(chain: &Chain, ops: &[Op], initial: &Model, disk: &FaultStorage) -> Outco
     }
     if chain.close().is_ok() {
         out.flushed = model;
+        out.flushed_ops = ops.len() + 1;
         out.after.clear();
     }
     out
 }
 
-fn hash(bytes: &[u8]) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut h);
-    h.finish()
+/// A fingerprint of an image, cheap enough for unoptimized test builds.
+fn fingerprint(bytes: &[u8]) -> (usize, u64) {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for c in bytes.chunks(8) {
+        let mut w = [0u8; 8];
+        w[..c.len()].copy_from_slice(c);
+        h = (h ^ u64::from_le_bytes(w)).wrapping_mul(0x100_0000_01b3);
+    }
+    (bytes.len(), h)
 }
 
 /// Keeps a failing image for inspection and says where.
@@ -219,28 +243,43 @@ fn verify(s: &Scratch, bytes: &[u8], outcome: &Outcome, label: &str) -> bool {
             outcome.after.iter().map(Op::describe).collect::<Vec<_>>(),
         );
     }
-    let chain = Chain::open(s.path(CRASHED))
-        .unwrap_or_else(|e| panic!("{label}: opening the crashed image: {e} ({})", keep(bytes, label)));
+    let chain = Chain::open(s.path(CRASHED)).unwrap_or_else(|e| {
+        panic!(
+            "{label}: opening the crashed image: {e} ({})",
+            keep(bytes, label)
+        )
+    });
     let mut got = vec![0u8; outcome.flushed.bytes.len()];
     chain
         .read_at(&mut got, 0)
         .unwrap_or_else(|e| panic!("{label}: reading the crashed image: {e}"));
     let flushed = &outcome.flushed;
-    for (at, (&g, &f)) in got.iter().zip(&flushed.bytes).enumerate() {
-        if g == f {
+    const CHUNK: usize = 4096;
+    for (i, (gc, fc)) in got
+        .chunks(CHUNK)
+        .zip(flushed.bytes.chunks(CHUNK))
+        .enumerate()
+    {
+        if gc == fc {
             continue;
         }
-        let explained = outcome
-            .after
-            .iter()
-            .any(|op| flushed.value_at(op, at as u64) == Some(g));
-        if !explained {
-            panic!(
-                "{label}: byte {at:#x} reads {g:#04x}; the last flush left {f:#04x} and no later \
-                 operation writes {g:#04x} there ({})\nops since the last flush: {:?}",
-                keep(bytes, label),
-                outcome.after.iter().map(Op::describe).collect::<Vec<_>>(),
-            );
+        for (j, (&g, &f)) in gc.iter().zip(fc).enumerate() {
+            let at = i * CHUNK + j;
+            if g == f {
+                continue;
+            }
+            let explained = outcome
+                .after
+                .iter()
+                .any(|op| flushed.value_at(op, at as u64) == Some(g));
+            if !explained {
+                panic!(
+                    "{label}: byte {at:#x} reads {g:#04x}; the last flush left {f:#04x} and no \
+                     later operation writes {g:#04x} there ({})\nops since the last flush: {:?}",
+                    keep(bytes, label),
+                    outcome.after.iter().map(Op::describe).collect::<Vec<_>>(),
+                );
+            }
         }
     }
     code == Some(3)
@@ -267,6 +306,15 @@ fn crash_everywhere(case: &Case) -> (u64, usize) {
         disk.writes()
     };
     let clean = disk.crash_image(Unflushed::Lost);
+    if case.moves_refcount_table {
+        // Header field refcount_table_offset: bytes 48..56.
+        assert_ne!(
+            clean[48..56],
+            f.template[48..56],
+            "{}: the workload does not move the refcount table",
+            case.name
+        );
+    }
     let mut expected = f.initial.clone();
     ops.iter().for_each(|op| expected.apply(op));
     verify(
@@ -274,6 +322,7 @@ fn crash_everywhere(case: &Case) -> (u64, usize) {
         &clean,
         &Outcome {
             flushed: expected,
+            flushed_ops: ops.len() + 1,
             after: Vec::new(),
         },
         &format!("{} clean", case.name),
@@ -296,12 +345,18 @@ fn crash_everywhere(case: &Case) -> (u64, usize) {
             // The crash hit while opening: nothing was written.
             Err(_) => Outcome {
                 flushed: f.initial.clone(),
+                flushed_ops: 0,
                 after: Vec::new(),
             },
         };
         for subset in SUBSETS {
             let bytes = disk.crash_image(subset);
-            if !seen.insert((hash(&bytes), hash(&outcome.flushed.bytes), outcome.after.len())) {
+            let key = (
+                fingerprint(&bytes),
+                outcome.flushed_ops,
+                outcome.after.len(),
+            );
+            if !seen.insert(key) {
                 continue;
             }
             let label = format!("{} crash after write {k}/{total} {subset:?}", case.name);
@@ -362,12 +417,15 @@ fn crash_with_1_bit_refcounts() {
 #[test]
 fn crash_with_64_bit_refcounts_growing_the_refcount_table() {
     // 512-byte clusters with 64-bit refcounts: a block covers 32 KiB, the first table
-    // 2 MiB of file, so the workload moves the table.
+    // 2 MiB of file; QEMU fills most of it, so the workload moves the table.
     crash_everywhere(&Case {
         refcount_bits: 64,
         seed: 6,
-        ops: 14,
-        max_len: 512 << 10,
+        ops: 12,
+        // Close to the 2 MiB of file the first refcount table covers.
+        qemu_prefill: &["write -P 0x5a 0 1900k"],
+        max_len: 256 << 10,
+        moves_refcount_table: true,
         ..Case::new("refcount_bits=64 growth", 4 << 20, 512)
     });
 }
@@ -426,42 +484,71 @@ fn a_flush_makes_a_changed_l2_table_durable() {
     assert!(buf.iter().all(|&b| b == 2), "the flushed write was lost");
 }
 
-/// Dropping a cluster's refcount must wait until the L2 table that no longer points at it
-/// is durable: otherwise a crash leaves a mapped cluster with refcount 0.
-#[test]
-fn a_discard_drops_the_refcount_only_after_the_l2_table_is_durable() {
-    let s = Scratch::new();
-    let case = Case::new("discard order", 1 << 20, 65536);
-    let f = fixture(&case);
+/// Runs `prepare` then a flush on a fresh image of `case`, crashing at every write of that
+/// flush; at each crash point every subset of the unflushed writes (when there are at
+/// most 8; else [`SUBSETS`]) must pass `qemu-img check`. Returns the crash points tried.
+fn crash_inside_a_flush(case: &Case, prepare: impl Fn(&Chain)) -> u64 {
+    let f = fixture(case);
+    let s = &f.scratch;
     let disk = Arc::new(FaultStorage::from_bytes(f.template.clone()));
-    let chain = open_top(&s, &case, disk.clone()).unwrap();
-    chain.write_at(&[1; 2 * 65536], 0).unwrap();
-    chain.flush().unwrap();
-    chain.discard(65536, 65536).unwrap();
+    let chain = open_top(s, case, disk.clone()).unwrap();
+    prepare(&chain);
     let before = disk.writes();
     chain.flush().unwrap();
     let during = disk.writes() - before;
     drop(chain);
-    // Crash at every write of that flush, keeping the later writes and losing the earlier.
     for k in 1..=during {
         let disk = Arc::new(FaultStorage::from_bytes(f.template.clone()));
         disk.crash_after(before + k);
-        let chain = open_top(&s, &case, disk.clone()).unwrap();
-        chain.write_at(&[1; 2 * 65536], 0).unwrap();
-        chain.flush().unwrap();
-        chain.discard(65536, 65536).unwrap();
-        let _ = chain.flush();
+        let chain = open_top(s, case, disk.clone()).unwrap();
+        prepare(&chain);
+        assert!(chain.flush().is_err() || k == during);
         drop(chain);
-        for mask in 0..1u64 << disk.unflushed() {
-            let subset = Unflushed::Mask(mask);
+        let n = disk.unflushed();
+        let subsets: Vec<Unflushed> = if n <= 8 {
+            (0..1u64 << n).map(Unflushed::Mask).collect()
+        } else {
+            SUBSETS.to_vec()
+        };
+        for subset in subsets {
             std::fs::write(s.path("a.qcow2"), disk.crash_image(subset)).unwrap();
             let out = s.output("qemu-img", &["check", "a.qcow2"]);
             assert!(
                 matches!(out.status.code(), Some(0 | 3)),
-                "crash after write {k} of the flush, {subset:?}: {}{}",
+                "{}: crash after write {k} of the flush, {subset:?}: {}{}",
+                case.name,
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
         }
     }
+    during
+}
+
+/// Dropping a cluster's refcount must wait until the L2 table that no longer points at it
+/// is durable: otherwise a crash leaves a mapped cluster with refcount 0.
+#[test]
+fn a_discard_drops_the_refcount_only_after_the_l2_table_is_durable() {
+    let case = Case::new("discard order", 1 << 20, 65536);
+    crash_inside_a_flush(&case, |chain| {
+        chain.write_at(&[1; 2 * 65536], 0).unwrap();
+        chain.flush().unwrap();
+        chain.discard(65536, 65536).unwrap();
+    });
+}
+
+/// One allocation that needs refcount blocks for several ranges puts them together; a
+/// block lying in another new block's range is counted there, so its refcount table entry
+/// must not reach the disk before that block's entry.
+#[test]
+fn new_refcount_blocks_reach_the_table_in_dependency_order() {
+    // 512-byte clusters, 64-bit refcounts: a block covers 64 clusters, so a 96 KiB write
+    // needs blocks for four ranges at once.
+    let case = Case {
+        refcount_bits: 64,
+        ..Case::new("refcount blocks", 1 << 20, 512)
+    };
+    crash_inside_a_flush(&case, |chain| {
+        chain.write_at(&[7; 96 << 10], 0).unwrap();
+    });
 }

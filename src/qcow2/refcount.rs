@@ -375,7 +375,8 @@ impl Refcounts {
     }
 
     /// Writes every dirty block, then (after a flush, when any table entry changed) the
-    /// changed table entries: a table entry never reaches the disk before its block.
+    /// changed table entries: a table entry never reaches the disk before its block, nor
+    /// before the table entry of the block that counts it.
     pub(crate) fn write_dirty(&mut self, storage: &dyn Storage) -> Result<()> {
         self.write_blocks(storage)?;
         if self.dirty_table.is_empty() {
@@ -384,13 +385,43 @@ impl Refcounts {
         storage
             .flush()
             .map_err(|e| Error::io("flushing new refcount blocks", e))?;
-        for index in std::mem::take(&mut self.dirty_table) {
-            let mut entry = [0u8; 8];
-            BigEndian::write_u64(&mut entry, self.table[index]);
-            let at = self.table_offset + index as u64 * 8;
-            storage
-                .write_at(&entry, at)
-                .map_err(|e| Error::io("writing the refcount table", e))?;
+        // A new block may lie in (and be counted by) another range whose block is new
+        // too: `allocate` puts all the blocks a run needs just before it. Its table entry
+        // must wait until that range's entry is durable, or a crash leaves a block that
+        // the table points at without a refcount. So write in rounds — the entries whose
+        // block counts itself or is counted by a range already on disk, then a flush.
+        let per_block = self.per_block();
+        while !self.dirty_table.is_empty() {
+            let waits = |index: usize| {
+                let counted_by = (self.table[index] >> self.cluster_bits) / per_block;
+                counted_by != index as u64
+                    && usize::try_from(counted_by).is_ok_and(|r| self.dirty_table.contains(&r))
+            };
+            let mut ready: Vec<usize> = self
+                .dirty_table
+                .iter()
+                .copied()
+                .filter(|&i| !waits(i))
+                .collect();
+            if ready.is_empty() {
+                // Cannot happen (blocks are counted by lower ranges); write them all.
+                ready = self.dirty_table.iter().copied().collect();
+            }
+            for index in ready {
+                let mut entry = [0u8; 8];
+                BigEndian::write_u64(&mut entry, self.table[index]);
+                let at = self.table_offset + index as u64 * 8;
+                storage
+                    .write_at(&entry, at)
+                    .map_err(|e| Error::io("writing the refcount table", e))?;
+                // Forgotten only once written, so that a failed write is retried.
+                self.dirty_table.remove(&index);
+            }
+            if !self.dirty_table.is_empty() {
+                storage
+                    .flush()
+                    .map_err(|e| Error::io("flushing the refcount table", e))?;
+            }
         }
         Ok(())
     }
