@@ -403,12 +403,19 @@ mod tests {
         let mut kinds = std::collections::HashSet::new();
         for seed in 0..8 {
             let image = d.crash_image(Unflushed::Seeded(seed));
-            assert_eq!(image, d.crash_image(Unflushed::Seeded(seed)), "reproducible");
+            assert_eq!(
+                image,
+                d.crash_image(Unflushed::Seeded(seed)),
+                "reproducible"
+            );
             // Every byte is zero (never written) or from a write covering it.
             for (at, &b) in image.iter().enumerate() {
                 if b != 0 {
                     let i = u64::from(b - 1);
-                    assert!(i * 2 <= at as u64 && (at as u64) < i * 2 + 3, "byte {at}: {b}");
+                    assert!(
+                        i * 2 <= at as u64 && (at as u64) < i * 2 + 3,
+                        "byte {at}: {b}"
+                    );
                 }
             }
             kinds.insert(image);

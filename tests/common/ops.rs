@@ -33,7 +33,10 @@ impl Op {
         match self {
             Op::Write { offset, data } => format!("write {offset:#x}+{:#x}", data.len()),
             Op::Zero { offset, len, unmap } => {
-                format!("zero {offset:#x}+{len:#x}{}", if *unmap { " unmap" } else { "" })
+                format!(
+                    "zero {offset:#x}+{len:#x}{}",
+                    if *unmap { " unmap" } else { "" }
+                )
             }
             Op::Discard { offset, len } => format!("discard {offset:#x}+{len:#x}"),
             Op::Flush => "flush".into(),
@@ -57,7 +60,12 @@ pub struct Model {
 
 impl Model {
     /// A model of an image reading `initial`, over a backing chain reading `below`.
-    pub fn new(initial: Vec<u8>, cluster: u64, below: Vec<u8>, discard_shows_backing: bool) -> Model {
+    pub fn new(
+        initial: Vec<u8>,
+        cluster: u64,
+        below: Vec<u8>,
+        discard_shows_backing: bool,
+    ) -> Model {
         Model {
             bytes: initial,
             cluster,
@@ -106,21 +114,17 @@ impl Model {
     /// What `op` makes byte `at` read, if it changes that byte at all.
     pub fn value_at(&self, op: &Op, at: u64) -> Option<u8> {
         match op {
-            Op::Write { offset, data } => {
-                (*offset..offset + data.len() as u64)
-                    .contains(&at)
-                    .then(|| data[(at - offset) as usize])
-            }
+            Op::Write { offset, data } => (*offset..offset + data.len() as u64)
+                .contains(&at)
+                .then(|| data[(at - offset) as usize]),
             Op::Zero { offset, len, .. } => (*offset..offset + len).contains(&at).then_some(0),
-            Op::Discard { offset, len } => {
-                self.discarded(*offset, *len).contains(&at).then(|| {
-                    if self.discard_shows_backing {
-                        self.below[at as usize]
-                    } else {
-                        0
-                    }
-                })
-            }
+            Op::Discard { offset, len } => self.discarded(*offset, *len).contains(&at).then(|| {
+                if self.discard_shows_backing {
+                    self.below[at as usize]
+                } else {
+                    0
+                }
+            }),
             Op::Flush => None,
         }
     }
@@ -146,7 +150,13 @@ pub fn random_range(rng: &mut Rng, size: u64, cluster: u64, max_len: u64) -> (u6
             let boundary = boundary.min(size - 1).max(1);
             let before = 1 + rng.below(cluster.min(boundary).min(max_len));
             let off = boundary - before;
-            (off, (before + rng.below(cluster)).min(size - off).min(max_len).max(1))
+            (
+                off,
+                (before + rng.below(cluster))
+                    .min(size - off)
+                    .min(max_len)
+                    .max(1),
+            )
         }
     }
 }
