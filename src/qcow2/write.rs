@@ -577,8 +577,11 @@ impl Image {
         }
         self.sync()?;
         // 2. L2 tables.
+        // Each table stays dirty (and pinned) until written: after a failed write (a
+        // full disk) the next checkpoint retries it, and step 3 never publishes an L1
+        // entry for a table that is not on disk.
         let wrote_l2 = !w.dirty_l2.is_empty();
-        for offset in std::mem::take(&mut w.dirty_l2) {
+        while let Some(&offset) = w.dirty_l2.first() {
             if let Some(table) = self.l2_cache.pinned(offset) {
                 let mut bytes = vec![0u8; self.cluster_size() as usize];
                 format::encode_u64_table(&table, &mut bytes);
@@ -587,6 +590,7 @@ impl Image {
                     .map_err(|e| self.io_error("writing L2 table", offset, e))?;
             }
             self.l2_cache.unpin(offset);
+            w.dirty_l2.remove(&offset);
         }
         // The L2 tables must be durable before an L1 entry points at them, before a
         // refcount they no longer use drops (step 4), and before the flush returns — also
@@ -596,8 +600,9 @@ impl Image {
         }
         // 3. L1 entries and the header.
         if !w.dirty_l1.is_empty() || w.header_dirty {
-            let dirty = std::mem::take(&mut w.dirty_l1);
-            if let (Some(&lo), Some(&hi)) = (dirty.first(), dirty.last()) {
+            // Like the L2 tables, L1 entries and header fields are forgotten only once
+            // written.
+            if let (Some(&lo), Some(&hi)) = (w.dirty_l1.first(), w.dirty_l1.last()) {
                 let meta = self.meta();
                 let mut bytes = vec![0u8; (hi - lo + 1) * 8];
                 for (chunk, e) in bytes.chunks_exact_mut(8).zip(&meta.l1[lo..=hi]) {
@@ -608,9 +613,11 @@ impl Image {
                 self.storage
                     .write_at(&bytes, at)
                     .map_err(|e| self.io_error("writing the L1 table", at, e))?;
+                w.dirty_l1.clear();
             }
-            if std::mem::take(&mut w.header_dirty) {
+            if w.header_dirty {
                 self.write_header()?;
+                w.header_dirty = false;
             }
             self.sync()?;
         }
