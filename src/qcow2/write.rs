@@ -238,7 +238,7 @@ impl Image {
                 None
             };
             self.write_cluster(
-                w,
+                &mut slot.frees,
                 &mut slot.table,
                 c,
                 from,
@@ -307,7 +307,7 @@ impl Image {
     #[allow(clippy::too_many_arguments)]
     fn write_cluster(
         &self,
-        w: &mut Writer,
+        frees: &mut Vec<(u64, u64)>,
         table: &mut [u64],
         cluster: u64,
         from: u64,
@@ -375,7 +375,7 @@ impl Image {
         self.set_entry(table, cluster, L2Entry::data(host, true), new_bitmap);
         // The old host cluster, when replaced, loses this reference.
         if new_host.is_some() && !self.has_external_data_file() {
-            self.release_descriptor(w, old);
+            self.release_descriptor(frees, old);
         }
         Ok(())
     }
@@ -437,17 +437,17 @@ impl Image {
         Ok(())
     }
 
-    /// Queues the refcount drop of whatever host clusters `old` referenced.
-    fn release_descriptor(&self, w: &mut Writer, old: ClusterDescriptor) {
+    /// Queues in `frees` the refcount drop of whatever host clusters `old` referenced.
+    fn release_descriptor(&self, frees: &mut Vec<(u64, u64)>, old: ClusterDescriptor) {
         let cb = self.geometry.cluster_bits();
         match old {
             ClusterDescriptor::Data { host, .. } | ClusterDescriptor::Zero { host: Some(host) } => {
-                w.pending_free.push((host >> cb, 1));
+                frees.push((host >> cb, 1));
             }
             ClusterDescriptor::Compressed(d) => {
                 let first = d.host_offset >> cb;
                 let last = (d.host_offset + d.len - 1) >> cb;
-                w.pending_free.push((first, last - first + 1));
+                frees.push((first, last - first + 1));
                 self.forget_compressed();
             }
             _ => {}
@@ -498,6 +498,7 @@ impl Image {
                 offset: old_offset,
                 table,
                 new_l1: None,
+                frees: Vec::new(),
             });
         }
         let words = (self.cluster_size() / 8) as usize;
@@ -515,19 +516,22 @@ impl Image {
         };
         table.truncate(words);
         let offset = self.allocate(w, 1)?;
+        let mut frees = Vec::new();
         if old_offset != 0 {
-            w.pending_free
-                .push((old_offset >> self.geometry.cluster_bits(), 1));
+            frees.push((old_offset >> self.geometry.cluster_bits(), 1));
         }
         Ok(L2Slot {
             offset,
             table,
             new_l1: Some(L1Entry::new(offset, true)),
+            frees,
         })
     }
 
-    /// Publishes a changed L2 table (pinned in the cache) and its L1 entry, in memory.
+    /// Publishes a changed L2 table (pinned in the cache) and its L1 entry, in memory, and
+    /// queues the refcount drops of what it no longer references.
     fn commit_l2(&self, w: &mut Writer, l1_index: u64, slot: L2Slot) {
+        w.pending_free.extend(slot.frees);
         self.l2_cache.insert_pinned(slot.offset, slot.table.into());
         w.dirty_l2.insert(slot.offset);
         if let Some(entry) = slot.new_l1 {
@@ -813,7 +817,7 @@ impl Image {
                             L2Entry::UNALLOCATED,
                             SubclusterBitmap(0),
                         );
-                        self.release_unless_external(&mut w, old);
+                        self.release_unless_external(&mut slot.frees, old);
                     }
                     ZeroAction::Zero { unmap, .. } if whole || !g.extended_l2() => {
                         if g.extended_l2() {
@@ -832,7 +836,7 @@ impl Image {
                                 SubclusterBitmap(0xffff_ffff << 32),
                             );
                             if !keep {
-                                self.release_unless_external(&mut w, old);
+                                self.release_unless_external(&mut slot.frees, old);
                             }
                         } else {
                             let keep = match old {
@@ -850,7 +854,7 @@ impl Image {
                                 SubclusterBitmap(0),
                             );
                             if keep.is_none() {
-                                self.release_unless_external(&mut w, old);
+                                self.release_unless_external(&mut slot.frees, old);
                             }
                         }
                     }
@@ -884,9 +888,9 @@ impl Image {
         self.maybe_checkpoint(&mut w)
     }
 
-    fn release_unless_external(&self, w: &mut Writer, old: ClusterDescriptor) {
+    fn release_unless_external(&self, frees: &mut Vec<(u64, u64)>, old: ClusterDescriptor) {
         if !self.has_external_data_file() || matches!(old, ClusterDescriptor::Compressed(_)) {
-            self.release_descriptor(w, old);
+            self.release_descriptor(frees, old);
         }
     }
 }
@@ -912,6 +916,11 @@ struct L2Slot {
     table: Vec<u64>,
     /// The L1 entry to publish when the table moved (allocated or copied).
     new_l1: Option<L1Entry>,
+    /// Refcount drops (cluster index, count) for what the changed entries no longer
+    /// reference. They reach the writer only when the slot is committed: a change that
+    /// fails half way (a full disk) is dropped with its table, and the clusters it would
+    /// have released are still in use.
+    frees: Vec<(u64, u64)>,
 }
 
 /// Coalesces data writes that continue each other into one positional write.
