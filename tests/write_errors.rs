@@ -350,3 +350,53 @@ fn an_image_marked_corrupt_opens_read_only_with_a_warning() {
     let msg = e.to_string();
     assert!(msg.contains("bad.qcow2") && msg.contains("corrupt"), "{msg}");
 }
+
+/// Moving the refcount table writes new blocks and a new table past the end of the file;
+/// when that fails, the refcounts in memory must not go on as if the table had moved.
+#[test]
+fn a_full_disk_while_moving_the_refcount_table_leaves_a_consistent_image() {
+    let s = Scratch::new();
+    // 512-byte clusters, 64-bit refcounts: the first table covers 2 MiB of file.
+    s.create("near.qcow2", "cluster_size=512,refcount_bits=64", 4 << 20);
+    s.qemu_io("near.qcow2", "qcow2", &["write -P 0x5a 0 1950k".into()]);
+    let content = s.reference("near.qcow2", "qcow2");
+    let bytes = std::fs::read(s.path("near.qcow2")).unwrap();
+    for free in [0u64, 512, 4096, 40_000, 60_000, 100_000] {
+        let label = format!("{free} bytes free");
+        let disk = Arc::new(FaultStorage::from_bytes(bytes.clone()));
+        disk.limit_len(Some(bytes.len() as u64 + free));
+        let chain = open_on(disk.clone()).unwrap();
+        let mut model = Model::new(content.clone(), 512, vec![0; 4 << 20], false);
+        let mut uncertain = Vec::new();
+        let mut failed = false;
+        for i in 0..6u64 {
+            let op = Op::Write {
+                offset: (2 << 20) + i * (128 << 10),
+                data: vec![i as u8 + 1; 128 << 10],
+            };
+            match op.run(&chain) {
+                Ok(()) => model.apply(&op),
+                Err(_) => {
+                    failed = true;
+                    uncertain.push(op);
+                }
+            }
+        }
+        assert!(failed, "{label}: the disk never filled up");
+        disk.limit_len(None);
+        for i in 0..6u64 {
+            let op = Op::Write {
+                offset: (3 << 20) + i * (64 << 10),
+                data: vec![i as u8 + 0x80; 64 << 10],
+            };
+            op.run(&chain)
+                .unwrap_or_else(|e| panic!("{label}: {} with space: {e}", op.describe()));
+            model.apply(&op);
+        }
+        chain.close().unwrap();
+        drop(chain);
+        let image = disk.crash_image(Unflushed::Lost);
+        check_no_corruption(&s, &image, &label);
+        assert_content(&s, &image, &model, &uncertain, &label);
+    }
+}

@@ -317,7 +317,12 @@ impl Refcounts {
         let entries = entries.div_ceil(per_cluster) * per_cluster;
         let table_at = area;
         let blocks_at = area + table_clusters;
-        self.table.resize(entries as usize, 0);
+        // Build the new table and blocks aside and adopt them only once they are on disk:
+        // if a write fails (a full disk), the refcounts in memory still describe the old
+        // table, which is the one the header names.
+        let mut table = self.table.clone();
+        table.resize(entries as usize, 0);
+        let mut new_blocks = Vec::new();
         for b in 0..blocks {
             let cluster = blocks_at + b;
             let index = (old_entries + b) as usize;
@@ -332,6 +337,22 @@ impl Refcounts {
             storage
                 .write_at(&bytes, cluster << self.cluster_bits)
                 .map_err(|e| Error::io("writing a new refcount block", e))?;
+            table[index] = cluster << self.cluster_bits;
+            new_blocks.push((index, bytes));
+        }
+        // Blocks the old table pointed at but whose entries are still only in memory
+        // must reach the disk before a table that points at them.
+        self.write_blocks(storage)?;
+        let mut bytes = vec![0u8; (table_clusters * self.cluster_size()) as usize];
+        format::encode_u64_table(&table, &mut bytes);
+        storage
+            .write_at(&bytes, table_at << self.cluster_bits)
+            .map_err(|e| Error::io("writing the new refcount table", e))?;
+        storage
+            .flush()
+            .map_err(|e| Error::io("flushing the new refcount table", e))?;
+        self.table = table;
+        for (index, bytes) in new_blocks {
             self.blocks.insert(
                 index,
                 Block {
@@ -339,19 +360,7 @@ impl Refcounts {
                     dirty: false,
                 },
             );
-            self.table[index] = cluster << self.cluster_bits;
         }
-        // Blocks the old table pointed at but whose entries are still only in memory
-        // must reach the disk before a table that points at them.
-        self.write_blocks(storage)?;
-        let mut bytes = vec![0u8; (table_clusters * self.cluster_size()) as usize];
-        format::encode_u64_table(&self.table, &mut bytes);
-        storage
-            .write_at(&bytes, table_at << self.cluster_bits)
-            .map_err(|e| Error::io("writing the new refcount table", e))?;
-        storage
-            .flush()
-            .map_err(|e| Error::io("flushing the new refcount table", e))?;
         self.table_offset = table_at << self.cluster_bits;
         self.dirty_table.clear();
         self.header_changed = true;
