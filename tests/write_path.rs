@@ -210,3 +210,49 @@ fn growing_past_the_refcount_table_moves_it_and_stays_clean() {
     assert_clean(&s, "a.qcow2", "table growth");
     assert_model(&s, "a.qcow2", &model, "table growth");
 }
+
+#[test]
+fn compressed_clusters_we_store_are_read_by_qemu_and_pass_check() {
+    use qcow2_engine::format::CompressionType;
+    use qcow2_engine::qcow2::compress_cluster;
+    for (options, kind) in [
+        ("cluster_size=64k", CompressionType::Zlib),
+        (
+            "cluster_size=4k,compression_type=zstd",
+            CompressionType::Zstd,
+        ),
+        ("cluster_size=64k,extended_l2=on", CompressionType::Zlib),
+    ] {
+        let label = format!("compressed [{options}]");
+        let s = Scratch::new();
+        let cs: u64 = if options.starts_with("cluster_size=4k") {
+            4096
+        } else {
+            65536
+        };
+        s.create("a.qcow2", options, 64 * cs);
+        let mut model = Model(vec![0; 64 * cs as usize]);
+        {
+            let chain = open_rw(&s, "a.qcow2");
+            for i in 0..40u64 {
+                let data: Vec<u8> = (0..cs).map(|j| ((j / 97) as u8) ^ (i as u8)).collect();
+                let c = compress_cluster(kind, &data)
+                    .unwrap()
+                    .expect("compressible");
+                chain.write_compressed(i * cs, &c).unwrap();
+                model.write(i * cs, &data);
+            }
+            // Overwrite some compressed clusters: partially (COW from the compressed
+            // data) and wholly.
+            chain.write_at(&vec![0xee; 100], 3 * cs + 10).unwrap();
+            model.write(3 * cs + 10, &[0xee; 100]);
+            chain.write_at(&vec![0xdd; cs as usize], 5 * cs).unwrap();
+            model.write(5 * cs, &vec![0xdd; cs as usize]);
+            chain.close().unwrap();
+        }
+        assert_clean(&s, "a.qcow2", &label);
+        assert_model(&s, "a.qcow2", &model, &label);
+        let map = s.qemu_img(&["map", "--output=json", "a.qcow2"]);
+        assert!(map.contains("\"compressed\": true"), "{label}: {map}");
+    }
+}

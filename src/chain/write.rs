@@ -65,6 +65,17 @@ impl Chain {
         }
     }
 
+    /// Stores one pre-compressed cluster (see [`crate::qcow2::compress_cluster`]) for the
+    /// cluster-aligned guest `offset` of the top image.
+    pub fn write_compressed(&self, offset: u64, compressed: &[u8]) -> Result<()> {
+        match self.writable_top()? {
+            Layer::Qcow2(image) => image.write_compressed(offset, compressed),
+            Layer::Raw(raw) => {
+                Err(Error::Unsupported("compressed clusters in a raw image").in_file(raw.name()))
+            }
+        }
+    }
+
     /// Makes every completed write to the top image durable.
     pub fn flush(&self) -> Result<()> {
         match self.writable_top()? {

@@ -10,6 +10,7 @@ mod rebuild;
 mod refcount;
 mod write;
 
+pub use compress::compress_cluster;
 pub use create::{
     Compat, CreateOptions, MAX_VIRTUAL_SIZE, Preallocation, create, create_on, data_file_path,
 };
