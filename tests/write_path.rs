@@ -244,7 +244,7 @@ fn compressed_clusters_we_store_are_read_by_qemu_and_pass_check() {
             }
             // Overwrite some compressed clusters: partially (COW from the compressed
             // data) and wholly.
-            chain.write_at(&vec![0xee; 100], 3 * cs + 10).unwrap();
+            chain.write_at(&[0xee; 100], 3 * cs + 10).unwrap();
             model.write(3 * cs + 10, &[0xee; 100]);
             chain.write_at(&vec![0xdd; cs as usize], 5 * cs).unwrap();
             model.write(5 * cs, &vec![0xdd; cs as usize]);
