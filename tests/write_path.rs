@@ -256,3 +256,58 @@ fn compressed_clusters_we_store_are_read_by_qemu_and_pass_check() {
         assert!(map.contains("\"compressed\": true"), "{label}: {map}");
     }
 }
+
+#[test]
+fn resize_grows_the_l1_table_shrinks_without_leaks_and_hides_a_longer_backing_file() {
+    let s = Scratch::new();
+    // 512-byte clusters: one L1 entry maps 32 KiB, so 1 MiB -> 4 MiB needs a larger L1.
+    s.create("a.qcow2", "cluster_size=512", 1 << 20);
+    let mut model = Model(vec![0; 4 << 20]);
+    {
+        let chain = open_rw(&s, "a.qcow2");
+        chain.write_at(&[0x61; 300_000], 700_000).unwrap();
+        model.write(700_000, &[0x61; 300_000]);
+        chain.resize(4 << 20, false).unwrap();
+        assert_eq!(chain.size(), 4 << 20);
+        chain.write_at(&[0x62; 100_000], 3 << 20).unwrap();
+        model.write(3 << 20, &[0x62; 100_000]);
+        chain.close().unwrap();
+    }
+    assert_clean(&s, "a.qcow2", "grown");
+    assert_model(&s, "a.qcow2", &model, "grown");
+    {
+        let chain = open_rw(&s, "a.qcow2");
+        assert!(
+            chain.resize(1 << 20, false).is_err(),
+            "shrinking needs permission"
+        );
+        chain.resize(800 << 10, true).unwrap();
+        chain.close().unwrap();
+    }
+    assert_clean(&s, "a.qcow2", "shrunk");
+    model.0.truncate(800 << 10);
+    assert_model(&s, "a.qcow2", &model, "shrunk");
+    {
+        // Growing again: what lay past the old end must not come back.
+        let chain = open_rw(&s, "a.qcow2");
+        chain.resize(1 << 20, false).unwrap();
+        chain.close().unwrap();
+    }
+    model.0.resize(1 << 20, 0);
+    assert_clean(&s, "a.qcow2", "regrown");
+    assert_model(&s, "a.qcow2", &model, "regrown");
+
+    // An overlay shorter than its backing file: the grown area reads zeros.
+    s.create("base.qcow2", "", 4 << 20);
+    s.qemu_io("base.qcow2", "qcow2", &["write -P 0x55 0 4M".into()]);
+    s.create_overlay("top.qcow2", "base.qcow2", "qcow2", "", Some(1 << 20));
+    {
+        let chain = open_rw(&s, "top.qcow2");
+        chain.resize(3 << 20, false).unwrap();
+        chain.close().unwrap();
+    }
+    let mut expected = Model(vec![0; 3 << 20]);
+    expected.0[..1 << 20].fill(0x55);
+    assert_clean(&s, "top.qcow2", "grown overlay");
+    assert_model(&s, "top.qcow2", &expected, "grown overlay");
+}

@@ -76,6 +76,21 @@ impl Chain {
         }
     }
 
+    /// Changes the top image's virtual size to `new_size` (a multiple of 512), as
+    /// qemu-img resize: growing makes the new area read as zeros (even over a longer
+    /// backing file); shrinking needs `allow_shrink` and frees what lies past the end.
+    pub fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
+        let has_backing = self.layers().len() > 1;
+        match self.writable_top()? {
+            Layer::Qcow2(image) => {
+                image.resize_with(new_size, allow_shrink, has_backing, &|b, o| {
+                    self.read_below(b, o)
+                })
+            }
+            Layer::Raw(raw) => raw.resize(new_size, allow_shrink),
+        }
+    }
+
     /// Makes every completed write to the top image durable.
     pub fn flush(&self) -> Result<()> {
         match self.writable_top()? {
@@ -124,6 +139,18 @@ impl super::RawImage {
             pos += n as u64;
         }
         Ok(())
+    }
+
+    fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
+        if new_size < self.file_len && !allow_shrink {
+            return Err(Error::InvalidArgument(
+                "shrinking an image can lose data: allow it explicitly (--shrink)".into(),
+            )
+            .in_file(&self.name));
+        }
+        self.storage
+            .set_len(new_size)
+            .map_err(|e| Error::io("resizing", e).in_file(&self.name))
     }
 
     fn flush(&self) -> Result<()> {

@@ -8,6 +8,7 @@ mod mapping;
 mod prealloc;
 mod rebuild;
 mod refcount;
+mod resize;
 mod write;
 
 pub use compress::compress_cluster;

@@ -877,6 +877,21 @@ impl Image {
         self.maybe_checkpoint(&mut w)
     }
 
+    /// Queues a refcount drop for after the next checkpoint.
+    pub(crate) fn queue_free(&self, w: &mut Writer, cluster: u64, count: u64) {
+        w.pending_free.push((cluster, count));
+    }
+
+    pub(crate) fn mark_l1_dirty(&self, w: &mut Writer, index: u64) {
+        w.dirty_l1.insert(index as usize);
+    }
+
+    /// Makes whole clusters in `lo..hi` unallocated whatever the backing file (the part of
+    /// shrinking that frees data).
+    pub(crate) fn discard_whole(&self, lo: u64, hi: u64) -> Result<()> {
+        self.change_entries(lo, hi, |_, _| ZeroAction::Unallocate)
+    }
+
     fn release_unless_external(&self, w: &mut Writer, old: ClusterDescriptor) {
         if !self.has_external_data_file() || matches!(old, ClusterDescriptor::Compressed(_)) {
             self.release_descriptor(w, old);
