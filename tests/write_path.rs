@@ -311,3 +311,54 @@ fn resize_grows_the_l1_table_shrinks_without_leaks_and_hides_a_longer_backing_fi
     assert_clean(&s, "top.qcow2", "grown overlay");
     assert_model(&s, "top.qcow2", &expected, "grown overlay");
 }
+
+#[test]
+fn lazy_refcounts_mark_the_image_dirty_until_close_and_a_dirty_image_is_repaired() {
+    let s = Scratch::new();
+    s.create("a.qcow2", "cluster_size=4k,lazy_refcounts=on", 4 << 20);
+    let mut model = Model(vec![0; 4 << 20]);
+    {
+        let chain = open_rw(&s, "a.qcow2");
+        chain.write_at(&[0x71; 50_000], 10_000).unwrap();
+        model.write(10_000, &[0x71; 50_000]);
+        chain.flush().unwrap();
+        let on_disk = Chain::open(s.path("a.qcow2")).unwrap();
+        assert!(
+            on_disk.top().as_qcow2().unwrap().is_dirty(),
+            "dirty while refcounts lag"
+        );
+        // A crash: the image is never closed.
+        std::mem::forget(chain);
+    }
+    {
+        // qemu-io leaves an image dirty too when it aborts mid-session.
+        let chain = open_rw(&s, "a.qcow2");
+        assert!(
+            !chain.top().as_qcow2().unwrap().is_dirty(),
+            "repaired on open"
+        );
+        chain.write_at(&[0x72; 9000], 2 << 20).unwrap();
+        model.write(2 << 20, &[0x72; 9000]);
+        chain.close().unwrap();
+    }
+    assert_clean(&s, "a.qcow2", "lazy refcounts");
+    assert_model(&s, "a.qcow2", &model, "lazy refcounts");
+    // An image qemu left dirty: qemu-io's abort ends the process without a clean close.
+    let out = s.output(
+        "qemu-io",
+        &["-c", "write -P 0x73 1M 64k", "-c", "abort", "a.qcow2"],
+    );
+    assert!(!out.status.success());
+    model.write(1 << 20, &[0x73; 65536]);
+    assert!(
+        Chain::open(s.path("a.qcow2"))
+            .unwrap()
+            .top()
+            .as_qcow2()
+            .unwrap()
+            .is_dirty()
+    );
+    open_rw(&s, "a.qcow2").close().unwrap();
+    assert_clean(&s, "a.qcow2", "after qemu's abort");
+    assert_model(&s, "a.qcow2", &model, "after qemu's abort");
+}
