@@ -117,3 +117,42 @@ fn snapshots_we_take_are_listed_applied_and_read_by_qemu_img() {
         );
     }
 }
+
+#[test]
+fn qimg_snapshot_lists_creates_applies_and_deletes_like_qemu_img() {
+    let s = Scratch::new();
+    s.create("a.qcow2", "cluster_size=64k", 2 << 20);
+    s.qemu_io("a.qcow2", "qcow2", &["write -P 0x10 0 1M".into()]);
+    let ok = |args: &[&str]| {
+        let out = common::qimg(s.dir(), args);
+        assert!(
+            out.status.success(),
+            "qimg {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ok(&["snapshot", "-c", "base-install", "a.qcow2"]);
+    s.qemu_io("a.qcow2", "qcow2", &["write -P 0x20 0 512k".into()]);
+    s.qemu_img(&["snapshot", "-c", "by-qemu", "a.qcow2"]);
+    let ours = ok(&["snapshot", "-l", "a.qcow2"]);
+    let theirs = s.qemu_img(&["snapshot", "-l", "a.qcow2"]);
+    let columns = |t: &str| -> Vec<Vec<String>> {
+        t.lines()
+            .skip(2)
+            .map(|l| l.split_whitespace().take(2).map(str::to_owned).collect())
+            .collect()
+    };
+    assert_eq!(columns(&ours), columns(&theirs), "{ours}\n{theirs}");
+    ok(&["snapshot", "-a", "1", "a.qcow2"]);
+    s.qemu_io("a.qcow2", "qcow2", &["read -P 0x10 0 1M".into()]);
+    ok(&["snapshot", "-d", "base-install", "a.qcow2"]);
+    assert_clean(&s, "a.qcow2", "qimg snapshot");
+    let out = common::qimg(s.dir(), &["snapshot", "-a", "no-such", "a.qcow2"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("qimg: ") && err.contains("no-such") && err.lines().count() == 1,
+        "{err}"
+    );
+}
