@@ -1,5 +1,6 @@
 //! The engine for one qcow2 image: open, map guest ranges, read.
 
+mod amend;
 mod compress;
 mod create;
 mod image;
@@ -8,8 +9,12 @@ mod mapping;
 mod prealloc;
 mod rebuild;
 mod refcount;
+mod resize;
+mod snapshot;
 mod write;
 
+pub use amend::AmendOptions;
+pub use compress::compress_cluster;
 pub use create::{
     Compat, CreateOptions, MAX_VIRTUAL_SIZE, Preallocation, create, create_on, data_file_path,
 };

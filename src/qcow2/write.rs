@@ -51,6 +51,15 @@ pub(crate) struct Writer {
     pending_free: Vec<(u64, u64)>,
     /// Refcount updates are postponed (lazy refcounts, dirty bit set while they lag).
     lazy: bool,
+    /// Free bytes after the last compressed cluster stored since the last checkpoint
+    /// (next byte, end of its host cluster): the next one is packed there.
+    compressed_tail: Option<(u64, u64)>,
+}
+
+impl Writer {
+    pub(crate) fn set_lazy(&mut self, lazy: bool) {
+        self.lazy = lazy;
+    }
 }
 
 /// How many changed L2 tables may wait in memory before a checkpoint writes them.
@@ -91,6 +100,7 @@ impl Image {
             header_dirty: false,
             pending_free: Vec::new(),
             lazy,
+            compressed_tail: None,
         }));
         if header
             .incompatible_features
@@ -219,7 +229,7 @@ impl Image {
         } else {
             None
         };
-        let mut pending = PendingWrite::default();
+        let mut pending = PendingWrite::new(buf, offset);
         let mut c = first_cluster;
         while c < end {
             let from = offset.max(c);
@@ -264,7 +274,7 @@ impl Image {
         })
     }
 
-    fn entry(&self, table: &[u64], cluster: u64) -> (L2Entry, SubclusterBitmap) {
+    pub(crate) fn entry(&self, table: &[u64], cluster: u64) -> (L2Entry, SubclusterBitmap) {
         let i = self.geometry.l2_index(cluster) as usize;
         if self.geometry.extended_l2() {
             (L2Entry(table[2 * i]), SubclusterBitmap(table[2 * i + 1]))
@@ -273,7 +283,13 @@ impl Image {
         }
     }
 
-    fn set_entry(&self, table: &mut [u64], cluster: u64, entry: L2Entry, bitmap: SubclusterBitmap) {
+    pub(crate) fn set_entry(
+        &self,
+        table: &mut [u64],
+        cluster: u64,
+        entry: L2Entry,
+        bitmap: SubclusterBitmap,
+    ) {
         let i = self.geometry.l2_index(cluster) as usize;
         if self.geometry.extended_l2() {
             table[2 * i] = entry.0;
@@ -283,7 +299,7 @@ impl Image {
         }
     }
 
-    fn descriptor(&self, entry: L2Entry, cluster: u64) -> Result<ClusterDescriptor> {
+    pub(crate) fn descriptor(&self, entry: L2Entry, cluster: u64) -> Result<ClusterDescriptor> {
         let d = entry.decode(self.geometry).map_err(|reason| {
             Error::corrupt(
                 "L2 entry",
@@ -314,7 +330,7 @@ impl Image {
         part: &[u8],
         new_host: Option<u64>,
         backing: BackingRead<'_>,
-        pending: &mut PendingWrite,
+        pending: &mut PendingWrite<'_>,
     ) -> Result<()> {
         let g = self.geometry;
         let cs = g.cluster_size();
@@ -362,7 +378,7 @@ impl Image {
             }
         }
         if write_lo == from && write_hi == to {
-            pending.push(self, host + (from - cluster), part)?;
+            pending.push_borrowed(self, host + (from - cluster), from, part.len())?;
         } else {
             let mut bytes = vec![0u8; (write_hi - write_lo) as usize];
             let head = (from - write_lo) as usize;
@@ -370,7 +386,7 @@ impl Image {
             let tail = (to - write_lo) as usize;
             self.read_old(old, bitmap, to, &mut bytes[tail..], backing)?;
             bytes[head..tail].copy_from_slice(part);
-            pending.push(self, host + (write_lo - cluster), &bytes)?;
+            pending.push_owned(self, host + (write_lo - cluster), &bytes)?;
         }
         self.set_entry(table, cluster, L2Entry::data(host, true), new_bitmap);
         // The old host cluster, when replaced, loses this reference.
@@ -489,7 +505,7 @@ impl Image {
 
     /// The L2 table for L1 entry `l1_index`, ready to change: allocated when missing,
     /// copied to a new cluster when shared (COPIED clear).
-    fn l2_for_write(&self, w: &mut Writer, l1_index: u64) -> Result<L2Slot> {
+    pub(crate) fn l2_for_write(&self, w: &mut Writer, l1_index: u64) -> Result<L2Slot> {
         let entry = self.l1_entry(l1_index)?;
         let old_offset = entry.l2_offset();
         if old_offset != 0 && entry.copied() {
@@ -530,7 +546,7 @@ impl Image {
 
     /// Publishes a changed L2 table (pinned in the cache) and its L1 entry, in memory, and
     /// queues the refcount drops of what it no longer references.
-    fn commit_l2(&self, w: &mut Writer, l1_index: u64, slot: L2Slot) {
+    pub(crate) fn commit_l2(&self, w: &mut Writer, l1_index: u64, slot: L2Slot) {
         w.pending_free.extend(slot.frees);
         self.l2_cache.insert_pinned(slot.offset, slot.table.into());
         w.dirty_l2.insert(slot.offset);
@@ -625,6 +641,8 @@ impl Image {
             }
             self.sync()?;
         }
+        // A packed cluster's refcount may drop below: start packing afresh.
+        w.compressed_tail = None;
         // 4. Dropped refcounts, now that nothing on disk points at those clusters.
         let frees = std::mem::take(&mut w.pending_free);
         for &(cluster, count) in &frees {
@@ -888,10 +906,88 @@ impl Image {
         self.maybe_checkpoint(&mut w)
     }
 
+    /// Queues a refcount drop for after the next checkpoint.
+    pub(crate) fn queue_free(&self, w: &mut Writer, cluster: u64, count: u64) {
+        w.pending_free.push((cluster, count));
+    }
+
+    pub(crate) fn mark_l1_dirty(&self, w: &mut Writer, index: u64) {
+        w.dirty_l1.insert(index as usize);
+    }
+
+    /// Makes whole clusters in `lo..hi` unallocated whatever the backing file (the part of
+    /// shrinking that frees data).
+    pub(crate) fn discard_whole(&self, lo: u64, hi: u64) -> Result<()> {
+        self.change_entries(lo, hi, |_, _| ZeroAction::Unallocate)
+    }
+
     fn release_unless_external(&self, frees: &mut Vec<(u64, u64)>, old: ClusterDescriptor) {
         if !self.has_external_data_file() || matches!(old, ClusterDescriptor::Compressed(_)) {
             self.release_descriptor(frees, old);
         }
+    }
+}
+
+impl Image {
+    /// Stores one compressed cluster (from [`super::compress_cluster`]) for the guest
+    /// cluster at `offset`, packed after the previous one as QEMU packs them.
+    pub(crate) fn write_compressed(&self, offset: u64, compressed: &[u8]) -> Result<()> {
+        self.write_compressed_inner(offset, compressed)
+            .map_err(|e| self.name_error(e))
+    }
+
+    fn write_compressed_inner(&self, offset: u64, compressed: &[u8]) -> Result<()> {
+        self.ensure_writable()?;
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        if offset % cs != 0 || compressed.is_empty() || compressed.len() as u64 >= cs {
+            return Err(Error::InvalidArgument(format!(
+                "compressed cluster at {offset:#x}: need a cluster-aligned offset and 1 to {} bytes, got {}",
+                cs - 1,
+                compressed.len()
+            )));
+        }
+        self.check_range(offset, 1)?;
+        if self.has_external_data_file() {
+            return Err(Error::Unsupported(
+                "compressed clusters in an image with an external data file",
+            ));
+        }
+        let _io = self.io_lock.write().unwrap_or_else(PoisonError::into_inner);
+        let mut w = self.writer()?;
+        let len = compressed.len() as u64;
+        let cb = g.cluster_bits();
+        let host = match w.compressed_tail {
+            Some((next, end)) if next + len <= end => {
+                // The packed cluster gains a reference.
+                w.refcounts.add(&*self.storage, next >> cb, 1, 1)?;
+                next
+            }
+            _ => self.allocate(&mut w, 1)?,
+        };
+        let end = (host >> cb << cb) + cs;
+        w.compressed_tail = Some((host + len, end));
+        self.storage
+            .write_at(compressed, host)
+            .map_err(|e| self.io_error("writing a compressed cluster", host, e))?;
+        self.file_len.fetch_max(host + len, Ordering::Relaxed);
+        let l1_index = g.l1_index(offset);
+        let mut slot = self.l2_for_write(&mut w, l1_index)?;
+        let (entry, _) = self.entry(&slot.table, offset);
+        let old = self.descriptor(entry, offset)?;
+        let descriptor = format::CompressedDescriptor {
+            host_offset: host,
+            len,
+        };
+        self.set_entry(
+            &mut slot.table,
+            offset,
+            L2Entry::compressed(g, descriptor),
+            SubclusterBitmap(0),
+        );
+        self.release_descriptor(&mut slot.frees, old);
+        self.commit_l2(&mut w, l1_index, slot);
+        self.maybe_checkpoint(&mut w)
     }
 }
 
@@ -911,9 +1007,9 @@ enum ZeroAction {
 }
 
 /// An L2 table being changed: where it will live and its entries.
-struct L2Slot {
+pub(crate) struct L2Slot {
     offset: u64,
-    table: Vec<u64>,
+    pub(crate) table: Vec<u64>,
     /// The L1 entry to publish when the table moved (allocated or copied).
     new_l1: Option<L1Entry>,
     /// Refcount drops (cluster index, count) for what the changed entries no longer
@@ -923,44 +1019,64 @@ struct L2Slot {
     frees: Vec<(u64, u64)>,
 }
 
-/// Coalesces data writes that continue each other into one positional write.
-#[derive(Default)]
-struct PendingWrite {
-    host: u64,
-    bytes: Vec<u8>,
+/// Coalesces data writes that continue each other, in the host file and in the caller's
+/// buffer, into one positional write straight from that buffer.
+struct PendingWrite<'b> {
+    /// The caller's data and the guest offset of its first byte.
+    src: &'b [u8],
+    src_offset: u64,
+    /// A run waiting to be written: host offset, start in `src`, length.
+    run: Option<(u64, usize, usize)>,
 }
 
-impl PendingWrite {
-    fn push(&mut self, image: &Image, host: u64, data: &[u8]) -> Result<()> {
-        if !self.bytes.is_empty() && self.host + self.bytes.len() as u64 != host {
+impl<'b> PendingWrite<'b> {
+    fn new(src: &'b [u8], src_offset: u64) -> PendingWrite<'b> {
+        PendingWrite {
+            src,
+            src_offset,
+            run: None,
+        }
+    }
+
+    /// Queues `len` bytes of the caller's data from guest `guest` for host `host`.
+    fn push_borrowed(&mut self, image: &Image, host: u64, guest: u64, len: usize) -> Result<()> {
+        let start = (guest - self.src_offset) as usize;
+        if let Some((h, s, l)) = self.run {
+            if h + l as u64 == host && s + l == start && l < 32 << 20 {
+                self.run = Some((h, s, l + len));
+                return Ok(());
+            }
             self.flush(image)?;
         }
-        if self.bytes.is_empty() {
-            self.host = host;
-        }
-        self.bytes.extend_from_slice(data);
-        if self.bytes.len() >= 8 << 20 {
-            self.flush(image)?;
-        }
+        self.run = Some((host, start, len));
         Ok(())
+    }
+
+    /// Writes bytes assembled elsewhere (copy-on-write), after what is queued.
+    fn push_owned(&mut self, image: &Image, host: u64, bytes: &[u8]) -> Result<()> {
+        self.flush(image)?;
+        write_data(image, host, bytes)
     }
 
     fn flush(&mut self, image: &Image) -> Result<()> {
-        if self.bytes.is_empty() {
-            return Ok(());
+        match self.run.take() {
+            Some((host, start, len)) => write_data(image, host, &self.src[start..start + len]),
+            None => Ok(()),
         }
-        image
-            .data_storage()
-            .write_at(&self.bytes, self.host)
-            .map_err(|e| image.io_error("writing data", self.host, e))?;
-        if image.data_file.is_none() {
-            image
-                .file_len
-                .fetch_max(self.host + self.bytes.len() as u64, Ordering::Relaxed);
-        }
-        self.bytes.clear();
-        Ok(())
     }
+}
+
+fn write_data(image: &Image, host: u64, bytes: &[u8]) -> Result<()> {
+    image
+        .data_storage()
+        .write_at(bytes, host)
+        .map_err(|e| image.io_error("writing data", host, e))?;
+    if image.data_file.is_none() {
+        image
+            .file_len
+            .fetch_max(host + bytes.len() as u64, Ordering::Relaxed);
+    }
+    Ok(())
 }
 
 impl Drop for Image {

@@ -531,3 +531,23 @@ pub fn verify(scratch: &Scratch, top: &str, format: &str, check_map: bool, label
         assert_map_agrees(&chain, &map, label);
     }
 }
+
+/// Runs the `qimg` example (built once per test binary) in `dir`.
+pub fn qimg(dir: &Path, args: &[&str]) -> std::process::Output {
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let path = PATH.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "--example", "qimg"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "building the qimg example failed");
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debug/examples/qimg")
+    });
+    Command::new(path)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("running qimg")
+}
