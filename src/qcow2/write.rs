@@ -1019,6 +1019,14 @@ pub(crate) struct L2Slot {
     frees: Vec<(u64, u64)>,
 }
 
+impl L2Slot {
+    /// Queues a refcount drop of `count` clusters from index `cluster`, taking effect
+    /// only if this slot is committed (see [`Image::commit_l2`]).
+    pub(crate) fn free_on_commit(&mut self, cluster: u64, count: u64) {
+        self.frees.push((cluster, count));
+    }
+}
+
 /// Coalesces data writes that continue each other, in the host file and in the caller's
 /// buffer, into one positional write straight from that buffer.
 struct PendingWrite<'b> {
