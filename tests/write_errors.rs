@@ -98,7 +98,15 @@ fn full_disk(cluster: u64, refcount_bits: u32, extra: u64, seed: u64) -> usize {
     let label = format!(
         "full disk: {cluster}-byte clusters, refcount_bits={refcount_bits}, {extra} bytes free"
     );
-    full_disk_on(&s, &bytes, vec![0; size as usize], cluster, extra, seed, &label)
+    full_disk_on(
+        &s,
+        &bytes,
+        vec![0; size as usize],
+        cluster,
+        extra,
+        seed,
+        &label,
+    )
 }
 
 fn full_disk_on(
@@ -219,7 +227,10 @@ fn a_failed_l2_table_write_is_retried_and_never_published_unwritten() {
 #[test]
 fn a_full_disk_while_copying_on_write_from_a_snapshot_leaves_a_consistent_image() {
     let mut failures = 0;
-    for (i, extra) in [0u64, 4096, 30_000, 70_000, 200_000].into_iter().enumerate() {
+    for (i, extra) in [0u64, 4096, 30_000, 70_000, 200_000]
+        .into_iter()
+        .enumerate()
+    {
         let s = Scratch::new();
         let (bytes, content) = snapshotted_template(&s, "cluster_size=4096", 2 << 20);
         let label = format!("full disk, snapshot: {extra} bytes free");
@@ -255,7 +266,10 @@ fn opening_a_read_only_file_for_writing_fails_naming_the_file() {
     let e = Image::from_storage(Box::new(disk), "ro.qcow2", &options, None).unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e.root(), Error::ReadOnly { .. }), "{msg}");
-    assert!(msg.contains("ro.qcow2") && msg.contains("read-only"), "{msg}");
+    assert!(
+        msg.contains("ro.qcow2") && msg.contains("read-only"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -272,7 +286,10 @@ fn writing_to_a_chain_opened_read_only_fails_naming_the_file() {
     for e in errors {
         let msg = e.to_string();
         assert!(matches!(e.root(), Error::ReadOnly { .. }), "{msg}");
-        assert!(msg.contains("a.qcow2") && msg.contains("read-only"), "{msg}");
+        assert!(
+            msg.contains("a.qcow2") && msg.contains("read-only"),
+            "{msg}"
+        );
     }
     // Closing a read-only chain is fine, and nothing changed.
     chain.close().unwrap();
@@ -304,7 +321,10 @@ fn writing_past_the_virtual_size_fails_naming_offset_and_size() {
         assert!(msg.contains(&size.to_string()), "names the size: {msg}");
     }
     let msg = chain.write_at(&[1; 20], size - 10).unwrap_err().to_string();
-    assert!(msg.contains(&format!("{:#x}", size - 10)), "names the offset: {msg}");
+    assert!(
+        msg.contains(&format!("{:#x}", size - 10)),
+        "names the offset: {msg}"
+    );
     // Nothing was written, nothing leaked.
     chain.close().unwrap();
     drop(chain);
@@ -321,7 +341,11 @@ fn an_image_marked_corrupt_opens_read_only_with_a_warning() {
     s.create("bad.qcow2", "", 1 << 20);
     s.qemu_io("bad.qcow2", "qcow2", &["write -P 0x42 0 64k".into()]);
     // Incompatible feature bit 1: corrupt.
-    write_header_field(&s.path("bad.qcow2"), HeaderField::IncompatibleFeatures, 1 << 1);
+    write_header_field(
+        &s.path("bad.qcow2"),
+        HeaderField::IncompatibleFeatures,
+        1 << 1,
+    );
     let before = std::fs::read(s.path("bad.qcow2")).unwrap();
     let chain = Chain::open_with(s.path("bad.qcow2"), &writable()).unwrap();
     assert!(
@@ -340,7 +364,11 @@ fn an_image_marked_corrupt_opens_read_only_with_a_warning() {
     assert!(e.to_string().contains("bad.qcow2"), "{e}");
     chain.close().unwrap();
     drop(chain);
-    assert_eq!(std::fs::read(s.path("bad.qcow2")).unwrap(), before, "file unchanged");
+    assert_eq!(
+        std::fs::read(s.path("bad.qcow2")).unwrap(),
+        before,
+        "file unchanged"
+    );
     // Without the chain's fallback, opening the image itself for writing says why.
     let options = ImageOptions {
         writable: true,
@@ -348,7 +376,10 @@ fn an_image_marked_corrupt_opens_read_only_with_a_warning() {
     };
     let e = Image::open_with(s.path("bad.qcow2"), &options).unwrap_err();
     let msg = e.to_string();
-    assert!(msg.contains("bad.qcow2") && msg.contains("corrupt"), "{msg}");
+    assert!(
+        msg.contains("bad.qcow2") && msg.contains("corrupt"),
+        "{msg}"
+    );
 }
 
 /// Moving the refcount table writes new blocks and a new table past the end of the file;
