@@ -210,3 +210,43 @@ fn growing_past_the_refcount_table_moves_it_and_stays_clean() {
     assert_clean(&s, "a.qcow2", "table growth");
     assert_model(&s, "a.qcow2", &model, "table growth");
 }
+
+/// Discard leaves the same allocation as QEMU's: a version 3 image without a backing file
+/// keeps discarded clusters it had allocated as zero clusters ("present" in the map),
+/// leaves clusters it never allocated alone, and a version 2 image unallocates them.
+#[test]
+fn discard_without_a_backing_file_leaves_qemus_allocation() {
+    for options in [
+        "cluster_size=64k",
+        "cluster_size=64k,compat=0.10",
+        "cluster_size=64k,extended_l2=on",
+    ] {
+        let s = Scratch::new();
+        s.create("ours.qcow2", options, 1 << 20);
+        let setup = [
+            "write -P 1 0 128k".to_string(),
+            "write -z 256k 64k".to_string(),
+        ];
+        s.qemu_io("ours.qcow2", "qcow2", &setup);
+        std::fs::copy(s.path("ours.qcow2"), s.path("theirs.qcow2")).unwrap();
+        {
+            let chain = open_rw(&s, "ours.qcow2");
+            chain.discard(0, 512 << 10).unwrap();
+            chain.close().unwrap();
+        }
+        s.qemu_io("theirs.qcow2", "qcow2", &["discard 0 512k".into()]);
+        assert_clean(&s, "ours.qcow2", options);
+        let present = |name: &str| -> Vec<(u64, u64, bool, bool)> {
+            s.map(name, "qcow2")
+                .iter()
+                .map(|e| (e.start, e.length, e.present, e.zero))
+                .collect()
+        };
+        assert_eq!(present("ours.qcow2"), present("theirs.qcow2"), "{options}");
+        assert_eq!(
+            s.reference("ours.qcow2", "qcow2"),
+            vec![0u8; 1 << 20],
+            "{options}"
+        );
+    }
+}

@@ -721,10 +721,12 @@ impl Image {
         Ok(())
     }
 
-    /// Discards guest `offset..offset + len`: whole clusters (subclusters with extended
-    /// L2) lose their data and host clusters, as QEMU's discard: they read as zeros when the
-    /// image has a backing file (zero flag, version 3) and otherwise as unallocated.
-    /// Unaligned head and tail are left alone, as QEMU does.
+    /// Discards guest `offset..offset + len` as QEMU's discard: whole clusters lose their
+    /// data and host clusters. In a version 3 image they then read as zeros (zero flag, or
+    /// all-zero subclusters with extended L2) when the image has a backing file or
+    /// allocated them (so a discarded cluster stays "present" in `qemu-img map`); version 2
+    /// clusters become unallocated. Clusters this image does not allocate, without a
+    /// backing file, are left as they are. Unaligned head and tail are left alone.
     pub(crate) fn discard_with(&self, offset: u64, len: u64, has_backing: bool) -> Result<()> {
         self.discard_inner(offset, len, has_backing)
             .map_err(|e| self.name_error(e))
@@ -745,9 +747,12 @@ impl Image {
         if lo >= hi {
             return Ok(());
         }
-        let zero_flag = has_backing && self.header().version >= 3;
-        self.change_entries(lo, hi, |_, _| {
-            if zero_flag {
+        let zero_flag = self.header().version >= 3;
+        self.change_entries(lo, hi, |old, _| {
+            if !has_backing && matches!(old, ClusterDescriptor::Unallocated) {
+                // Reads as zeros already, and stays unallocated.
+                ZeroAction::Keep
+            } else if zero_flag {
                 ZeroAction::Zero {
                     unmap: true,
                     keep_old: ClusterDescriptor::Unallocated,
@@ -778,7 +783,7 @@ impl Image {
             if self.l1_entry(l1_index)?.l2_offset() == 0
                 && matches!(
                     action(ClusterDescriptor::Unallocated, pos),
-                    ZeroAction::Unallocate
+                    ZeroAction::Unallocate | ZeroAction::Keep
                 )
             {
                 pos = span_end; // nothing allocated, nothing to do
@@ -793,6 +798,7 @@ impl Image {
                 let old = self.descriptor(entry, c)?;
                 let whole = from == c && to == c + cs;
                 match action(old, c) {
+                    ZeroAction::Keep => {}
                     ZeroAction::Unallocate if whole || !g.extended_l2() => {
                         self.set_entry(
                             &mut slot.table,
@@ -857,6 +863,7 @@ impl Image {
                             nb = match action {
                                 ZeroAction::Unallocate => nb.with(i, false, false),
                                 ZeroAction::Zero { .. } => nb.with(i, false, true),
+                                ZeroAction::Keep => nb,
                             };
                             s += unit;
                         }
@@ -891,6 +898,8 @@ enum ZeroAction {
     },
     /// Become unallocated (the backing file shows through).
     Unallocate,
+    /// Stay as it is.
+    Keep,
 }
 
 /// An L2 table being changed: where it will live and its entries.
