@@ -250,3 +250,155 @@ fn discard_without_a_backing_file_leaves_qemus_allocation() {
         );
     }
 }
+
+#[test]
+fn compressed_clusters_we_store_are_read_by_qemu_and_pass_check() {
+    use qcow2_engine::format::CompressionType;
+    use qcow2_engine::qcow2::compress_cluster;
+    for (options, kind) in [
+        ("cluster_size=64k", CompressionType::Zlib),
+        (
+            "cluster_size=4k,compression_type=zstd",
+            CompressionType::Zstd,
+        ),
+        ("cluster_size=64k,extended_l2=on", CompressionType::Zlib),
+    ] {
+        let label = format!("compressed [{options}]");
+        let s = Scratch::new();
+        let cs: u64 = if options.starts_with("cluster_size=4k") {
+            4096
+        } else {
+            65536
+        };
+        s.create("a.qcow2", options, 64 * cs);
+        let mut model = Model(vec![0; 64 * cs as usize]);
+        {
+            let chain = open_rw(&s, "a.qcow2");
+            for i in 0..40u64 {
+                let data: Vec<u8> = (0..cs).map(|j| ((j / 97) as u8) ^ (i as u8)).collect();
+                let c = compress_cluster(kind, &data)
+                    .unwrap()
+                    .expect("compressible");
+                chain.write_compressed(i * cs, &c).unwrap();
+                model.write(i * cs, &data);
+            }
+            // Overwrite some compressed clusters: partially (COW from the compressed
+            // data) and wholly.
+            chain.write_at(&[0xee; 100], 3 * cs + 10).unwrap();
+            model.write(3 * cs + 10, &[0xee; 100]);
+            chain.write_at(&vec![0xdd; cs as usize], 5 * cs).unwrap();
+            model.write(5 * cs, &vec![0xdd; cs as usize]);
+            chain.close().unwrap();
+        }
+        assert_clean(&s, "a.qcow2", &label);
+        assert_model(&s, "a.qcow2", &model, &label);
+        let map = s.qemu_img(&["map", "--output=json", "a.qcow2"]);
+        assert!(map.contains("\"compressed\": true"), "{label}: {map}");
+    }
+}
+
+#[test]
+fn resize_grows_the_l1_table_shrinks_without_leaks_and_hides_a_longer_backing_file() {
+    let s = Scratch::new();
+    // 512-byte clusters: one L1 entry maps 32 KiB, so 1 MiB -> 4 MiB needs a larger L1.
+    s.create("a.qcow2", "cluster_size=512", 1 << 20);
+    let mut model = Model(vec![0; 4 << 20]);
+    {
+        let chain = open_rw(&s, "a.qcow2");
+        chain.write_at(&[0x61; 300_000], 700_000).unwrap();
+        model.write(700_000, &[0x61; 300_000]);
+        chain.resize(4 << 20, false).unwrap();
+        assert_eq!(chain.size(), 4 << 20);
+        chain.write_at(&[0x62; 100_000], 3 << 20).unwrap();
+        model.write(3 << 20, &[0x62; 100_000]);
+        chain.close().unwrap();
+    }
+    assert_clean(&s, "a.qcow2", "grown");
+    assert_model(&s, "a.qcow2", &model, "grown");
+    {
+        let chain = open_rw(&s, "a.qcow2");
+        assert!(
+            chain.resize(1 << 20, false).is_err(),
+            "shrinking needs permission"
+        );
+        chain.resize(800 << 10, true).unwrap();
+        chain.close().unwrap();
+    }
+    assert_clean(&s, "a.qcow2", "shrunk");
+    model.0.truncate(800 << 10);
+    assert_model(&s, "a.qcow2", &model, "shrunk");
+    {
+        // Growing again: what lay past the old end must not come back.
+        let chain = open_rw(&s, "a.qcow2");
+        chain.resize(1 << 20, false).unwrap();
+        chain.close().unwrap();
+    }
+    model.0.resize(1 << 20, 0);
+    assert_clean(&s, "a.qcow2", "regrown");
+    assert_model(&s, "a.qcow2", &model, "regrown");
+
+    // An overlay shorter than its backing file: the grown area reads zeros.
+    s.create("base.qcow2", "", 4 << 20);
+    s.qemu_io("base.qcow2", "qcow2", &["write -P 0x55 0 4M".into()]);
+    s.create_overlay("top.qcow2", "base.qcow2", "qcow2", "", Some(1 << 20));
+    {
+        let chain = open_rw(&s, "top.qcow2");
+        chain.resize(3 << 20, false).unwrap();
+        chain.close().unwrap();
+    }
+    let mut expected = Model(vec![0; 3 << 20]);
+    expected.0[..1 << 20].fill(0x55);
+    assert_clean(&s, "top.qcow2", "grown overlay");
+    assert_model(&s, "top.qcow2", &expected, "grown overlay");
+}
+
+#[test]
+fn lazy_refcounts_mark_the_image_dirty_until_close_and_a_dirty_image_is_repaired() {
+    let s = Scratch::new();
+    s.create("a.qcow2", "cluster_size=4k,lazy_refcounts=on", 4 << 20);
+    let mut model = Model(vec![0; 4 << 20]);
+    {
+        let chain = open_rw(&s, "a.qcow2");
+        chain.write_at(&[0x71; 50_000], 10_000).unwrap();
+        model.write(10_000, &[0x71; 50_000]);
+        chain.flush().unwrap();
+        let on_disk = Chain::open(s.path("a.qcow2")).unwrap();
+        assert!(
+            on_disk.top().as_qcow2().unwrap().is_dirty(),
+            "dirty while refcounts lag"
+        );
+        // A crash: the image is never closed.
+        std::mem::forget(chain);
+    }
+    {
+        // qemu-io leaves an image dirty too when it aborts mid-session.
+        let chain = open_rw(&s, "a.qcow2");
+        assert!(
+            !chain.top().as_qcow2().unwrap().is_dirty(),
+            "repaired on open"
+        );
+        chain.write_at(&[0x72; 9000], 2 << 20).unwrap();
+        model.write(2 << 20, &[0x72; 9000]);
+        chain.close().unwrap();
+    }
+    assert_clean(&s, "a.qcow2", "lazy refcounts");
+    assert_model(&s, "a.qcow2", &model, "lazy refcounts");
+    // An image qemu left dirty: qemu-io's abort ends the process without a clean close.
+    let out = s.output(
+        "qemu-io",
+        &["-c", "write -P 0x73 1M 64k", "-c", "abort", "a.qcow2"],
+    );
+    assert!(!out.status.success());
+    model.write(1 << 20, &[0x73; 65536]);
+    assert!(
+        Chain::open(s.path("a.qcow2"))
+            .unwrap()
+            .top()
+            .as_qcow2()
+            .unwrap()
+            .is_dirty()
+    );
+    open_rw(&s, "a.qcow2").close().unwrap();
+    assert_clean(&s, "a.qcow2", "after qemu's abort");
+    assert_model(&s, "a.qcow2", &model, "after qemu's abort");
+}

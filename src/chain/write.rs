@@ -65,6 +65,32 @@ impl Chain {
         }
     }
 
+    /// Stores one pre-compressed cluster (see [`crate::qcow2::compress_cluster`]) for the
+    /// cluster-aligned guest `offset` of the top image.
+    pub fn write_compressed(&self, offset: u64, compressed: &[u8]) -> Result<()> {
+        match self.writable_top()? {
+            Layer::Qcow2(image) => image.write_compressed(offset, compressed),
+            Layer::Raw(raw) => {
+                Err(Error::Unsupported("compressed clusters in a raw image").in_file(raw.name()))
+            }
+        }
+    }
+
+    /// Changes the top image's virtual size to `new_size` (a multiple of 512), as
+    /// qemu-img resize: growing makes the new area read as zeros (even over a longer
+    /// backing file); shrinking needs `allow_shrink` and frees what lies past the end.
+    pub fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
+        let has_backing = self.layers().len() > 1;
+        match self.writable_top()? {
+            Layer::Qcow2(image) => {
+                image.resize_with(new_size, allow_shrink, has_backing, &|b, o| {
+                    self.read_below(b, o)
+                })
+            }
+            Layer::Raw(raw) => raw.resize(new_size, allow_shrink),
+        }
+    }
+
     /// Makes every completed write to the top image durable.
     pub fn flush(&self) -> Result<()> {
         match self.writable_top()? {
@@ -113,6 +139,18 @@ impl super::RawImage {
             pos += n as u64;
         }
         Ok(())
+    }
+
+    fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
+        if new_size < self.file_len && !allow_shrink {
+            return Err(Error::InvalidArgument(
+                "shrinking an image can lose data: allow it explicitly (--shrink)".into(),
+            )
+            .in_file(&self.name));
+        }
+        self.storage
+            .set_len(new_size)
+            .map_err(|e| Error::io("resizing", e).in_file(&self.name))
     }
 
     fn flush(&self) -> Result<()> {

@@ -3,6 +3,35 @@
 use crate::error::{Error, Result};
 use crate::format::CompressionType;
 
+/// Compresses one cluster for storage as a compressed cluster: raw deflate with a 4 KiB
+/// window (what QEMU's decompressor accepts) or a zstd frame. `None` when compression
+/// would not make the cluster smaller, so it should be written uncompressed.
+pub fn compress_cluster(kind: CompressionType, data: &[u8]) -> Result<Option<Vec<u8>>> {
+    let fail = |reason: String| Error::Decompress {
+        host_offset: 0,
+        reason,
+    };
+    let out = match kind {
+        CompressionType::Zlib => {
+            let mut c =
+                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+            let mut out = Vec::with_capacity(data.len());
+            let status = c
+                .compress_vec(data, &mut out, flate2::FlushCompress::Finish)
+                .map_err(|e| fail(format!("deflate: {e}")))?;
+            if status != flate2::Status::StreamEnd {
+                return Ok(None); // did not fit in a cluster's worth of output
+            }
+            out
+        }
+        CompressionType::Zstd => {
+            zstd::bulk::compress(data, 0).map_err(|e| fail(format!("zstd: {e}")))?
+        }
+    };
+    // A compressed cluster must save at least a sector to be worth its indirection.
+    Ok((out.len() as u64 + 512 <= data.len() as u64).then_some(out))
+}
+
 /// Decompresses `input` into exactly `out.len()` bytes (one cluster). Trailing input past
 /// the end of the stream is ignored: the last sector is shared with the next cluster.
 pub(crate) fn decompress(
@@ -83,6 +112,21 @@ mod tests {
         assert_eq!(out, data);
         let mut bigger = vec![0u8; 16384];
         assert!(decompress(CompressionType::Zstd, &compressed, &mut bigger, 0).is_err());
+    }
+
+    #[test]
+    fn compressed_clusters_round_trip_and_incompressible_ones_are_refused() {
+        let data: Vec<u8> = (0..65536u32).map(|i| (i / 100) as u8).collect();
+        for kind in [CompressionType::Zlib, CompressionType::Zstd] {
+            let c = compress_cluster(kind, &data).unwrap().unwrap();
+            let mut out = vec![0u8; data.len()];
+            decompress(kind, &c, &mut out, 0).unwrap();
+            assert_eq!(out, data);
+            let noise: Vec<u8> = (0..4096u64)
+                .map(|i| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8)
+                .collect();
+            assert_eq!(compress_cluster(kind, &noise).unwrap(), None);
+        }
     }
 
     #[test]

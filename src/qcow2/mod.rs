@@ -8,8 +8,10 @@ mod mapping;
 mod prealloc;
 mod rebuild;
 mod refcount;
+mod resize;
 mod write;
 
+pub use compress::compress_cluster;
 pub use create::{
     Compat, CreateOptions, MAX_VIRTUAL_SIZE, Preallocation, create, create_on, data_file_path,
 };

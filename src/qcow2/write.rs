@@ -51,6 +51,9 @@ pub(crate) struct Writer {
     pending_free: Vec<(u64, u64)>,
     /// Refcount updates are postponed (lazy refcounts, dirty bit set while they lag).
     lazy: bool,
+    /// Free bytes after the last compressed cluster stored since the last checkpoint
+    /// (next byte, end of its host cluster): the next one is packed there.
+    compressed_tail: Option<(u64, u64)>,
 }
 
 /// How many changed L2 tables may wait in memory before a checkpoint writes them.
@@ -91,6 +94,7 @@ impl Image {
             header_dirty: false,
             pending_free: Vec::new(),
             lazy,
+            compressed_tail: None,
         }));
         if header
             .incompatible_features
@@ -608,6 +612,8 @@ impl Image {
             }
             self.sync()?;
         }
+        // A packed cluster's refcount may drop below: start packing afresh.
+        w.compressed_tail = None;
         // 4. Dropped refcounts, now that nothing on disk points at those clusters.
         let frees = std::mem::take(&mut w.pending_free);
         for &(cluster, count) in &frees {
@@ -878,10 +884,88 @@ impl Image {
         self.maybe_checkpoint(&mut w)
     }
 
+    /// Queues a refcount drop for after the next checkpoint.
+    pub(crate) fn queue_free(&self, w: &mut Writer, cluster: u64, count: u64) {
+        w.pending_free.push((cluster, count));
+    }
+
+    pub(crate) fn mark_l1_dirty(&self, w: &mut Writer, index: u64) {
+        w.dirty_l1.insert(index as usize);
+    }
+
+    /// Makes whole clusters in `lo..hi` unallocated whatever the backing file (the part of
+    /// shrinking that frees data).
+    pub(crate) fn discard_whole(&self, lo: u64, hi: u64) -> Result<()> {
+        self.change_entries(lo, hi, |_, _| ZeroAction::Unallocate)
+    }
+
     fn release_unless_external(&self, w: &mut Writer, old: ClusterDescriptor) {
         if !self.has_external_data_file() || matches!(old, ClusterDescriptor::Compressed(_)) {
             self.release_descriptor(w, old);
         }
+    }
+}
+
+impl Image {
+    /// Stores one compressed cluster (from [`super::compress_cluster`]) for the guest
+    /// cluster at `offset`, packed after the previous one as QEMU packs them.
+    pub(crate) fn write_compressed(&self, offset: u64, compressed: &[u8]) -> Result<()> {
+        self.write_compressed_inner(offset, compressed)
+            .map_err(|e| self.name_error(e))
+    }
+
+    fn write_compressed_inner(&self, offset: u64, compressed: &[u8]) -> Result<()> {
+        self.ensure_writable()?;
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        if offset % cs != 0 || compressed.is_empty() || compressed.len() as u64 >= cs {
+            return Err(Error::InvalidArgument(format!(
+                "compressed cluster at {offset:#x}: need a cluster-aligned offset and 1 to {} bytes, got {}",
+                cs - 1,
+                compressed.len()
+            )));
+        }
+        self.check_range(offset, 1)?;
+        if self.has_external_data_file() {
+            return Err(Error::Unsupported(
+                "compressed clusters in an image with an external data file",
+            ));
+        }
+        let _io = self.io_lock.write().unwrap_or_else(PoisonError::into_inner);
+        let mut w = self.writer()?;
+        let len = compressed.len() as u64;
+        let cb = g.cluster_bits();
+        let host = match w.compressed_tail {
+            Some((next, end)) if next + len <= end => {
+                // The packed cluster gains a reference.
+                w.refcounts.add(&*self.storage, next >> cb, 1, 1)?;
+                next
+            }
+            _ => self.allocate(&mut w, 1)?,
+        };
+        let end = (host >> cb << cb) + cs;
+        w.compressed_tail = Some((host + len, end));
+        self.storage
+            .write_at(compressed, host)
+            .map_err(|e| self.io_error("writing a compressed cluster", host, e))?;
+        self.file_len.fetch_max(host + len, Ordering::Relaxed);
+        let l1_index = g.l1_index(offset);
+        let mut slot = self.l2_for_write(&mut w, l1_index)?;
+        let (entry, _) = self.entry(&slot.table, offset);
+        let old = self.descriptor(entry, offset)?;
+        let descriptor = format::CompressedDescriptor {
+            host_offset: host,
+            len,
+        };
+        self.set_entry(
+            &mut slot.table,
+            offset,
+            L2Entry::compressed(g, descriptor),
+            SubclusterBitmap(0),
+        );
+        self.release_descriptor(&mut w, old);
+        self.commit_l2(&mut w, l1_index, slot);
+        self.maybe_checkpoint(&mut w)
     }
 }
 

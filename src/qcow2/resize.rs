@@ -1,0 +1,150 @@
+//! Changing an image's virtual size (qemu-img resize).
+
+use std::sync::PoisonError;
+
+use crate::error::{Error, Result};
+use crate::format;
+
+use super::image::Image;
+use super::write::{BackingRead, Writer};
+
+impl Image {
+    /// Changes the virtual size to `new_size` (a multiple of 512). Growing extends the L1
+    /// table when needed; the new area reads as zeros even over a longer backing file.
+    /// Shrinking needs `allow_shrink` and frees the clusters past the new end.
+    pub(crate) fn resize_with(
+        &self,
+        new_size: u64,
+        allow_shrink: bool,
+        has_backing: bool,
+        backing: BackingRead<'_>,
+    ) -> Result<()> {
+        self.resize_inner(new_size, allow_shrink, has_backing, backing)
+            .map_err(|e| self.name_error(e))
+    }
+
+    fn resize_inner(
+        &self,
+        new_size: u64,
+        allow_shrink: bool,
+        has_backing: bool,
+        backing: BackingRead<'_>,
+    ) -> Result<()> {
+        if new_size % 512 != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "the new size {new_size} is not a multiple of 512"
+            )));
+        }
+        let old_size = self.size();
+        if new_size == old_size {
+            return Ok(());
+        }
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let needed_l1 = g
+            .l1_entries_for(new_size)
+            .filter(|&n| n * 8 <= format::MAX_L1_BYTES)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "size {new_size} needs an L1 table larger than QEMU's 32 MiB limit"
+                ))
+            })?;
+        if new_size < old_size {
+            if !allow_shrink {
+                return Err(Error::InvalidArgument(
+                    "shrinking an image can lose data: allow it explicitly (--shrink)".into(),
+                ));
+            }
+            // Whole clusters past the new end lose their data and host clusters.
+            let lo = new_size.div_ceil(cs) * cs;
+            if lo < old_size {
+                self.unallocate(lo, old_size)?;
+            }
+            self.set_size(new_size, None)?;
+            return Ok(());
+        }
+        let l1_size = u64::from(self.header().l1_size);
+        if needed_l1 > l1_size {
+            self.set_size(new_size, Some(needed_l1))?;
+        } else {
+            self.set_size(new_size, None)?;
+        }
+        // The new area must read as zeros: a partial last cluster may hold old bytes past
+        // the old end, and a longer backing file would show through.
+        let tail_end = new_size.min(old_size.div_ceil(cs) * cs);
+        let zero_to = if has_backing { new_size } else { tail_end };
+        if zero_to > old_size {
+            self.write_zeroes_with(old_size, zero_to - old_size, false, backing)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the new size (and a new, larger L1 table) to disk, crash-safely: pending
+    /// metadata first, then the new L1 table, then the header in one write.
+    fn set_size(&self, new_size: u64, new_l1_entries: Option<u64>) -> Result<()> {
+        let _io = self.io_lock.write().unwrap_or_else(PoisonError::into_inner);
+        let mut w = self.writer()?;
+        self.checkpoint(&mut w)?;
+        let cb = self.geometry.cluster_bits();
+        if let Some(entries) = new_l1_entries {
+            let bytes_len = entries * 8;
+            let clusters = bytes_len.div_ceil(self.cluster_size());
+            let at = self.allocate(&mut w, clusters)?;
+            let mut bytes = vec![0u8; bytes_len as usize];
+            let (old_offset, old_entries) = {
+                let mut meta = self.meta_mut();
+                meta.l1.resize(entries as usize, 0);
+                format::encode_u64_table(&meta.l1, &mut bytes);
+                (meta.header.l1_table_offset, u64::from(meta.header.l1_size))
+            };
+            // The new table's refcounts, then the table, then the header switching to it.
+            self.checkpoint(&mut w)?;
+            self.storage
+                .write_at(&bytes, at)
+                .map_err(|e| Error::io("writing the new L1 table", e))?;
+            self.sync()?;
+            {
+                let mut meta = self.meta_mut();
+                meta.header.l1_table_offset = at;
+                meta.header.l1_size = entries as u32;
+                meta.header.size = new_size;
+            }
+            self.write_header()?;
+            self.sync()?;
+            if old_entries > 0 {
+                let old_clusters = (old_entries * 8).div_ceil(self.cluster_size());
+                self.queue_free(&mut w, old_offset >> cb, old_clusters);
+            }
+        } else {
+            self.meta_mut().header.size = new_size;
+            self.write_header()?;
+            self.sync()?;
+        }
+        self.checkpoint(&mut w)
+    }
+
+    /// Makes whole clusters in `lo..hi` unallocated (shrinking), freeing their clusters
+    /// and the L2 tables that end up mapping nothing past the end.
+    fn unallocate(&self, lo: u64, hi: u64) -> Result<()> {
+        self.discard_whole(lo, hi)?;
+        let _io = self.io_lock.write().unwrap_or_else(PoisonError::into_inner);
+        let mut w = self.writer()?;
+        let g = self.geometry;
+        // L2 tables whose whole span lies past the new end go too.
+        let first_unused = lo.div_ceil(g.l2_span());
+        let l1_len = self.meta().l1.len() as u64;
+        for index in first_unused..l1_len {
+            let entry = self.l1_entry(index)?;
+            if entry.l2_offset() != 0 {
+                self.clear_l1_entry(&mut w, index, entry.l2_offset());
+            }
+        }
+        self.checkpoint(&mut w)
+    }
+
+    fn clear_l1_entry(&self, w: &mut Writer, index: u64, l2_offset: u64) {
+        self.meta_mut().l1[index as usize] = 0;
+        self.mark_l1_dirty(w, index);
+        self.queue_free(w, l2_offset >> self.geometry.cluster_bits(), 1);
+    }
+}
