@@ -352,6 +352,29 @@ fn resize_grows_the_l1_table_shrinks_without_leaks_and_hides_a_longer_backing_fi
     assert_model(&s, "top.qcow2", &expected, "grown overlay");
 }
 
+/// QEMU refuses to resize a version 2 image with snapshots (its snapshot table does not
+/// record their sizes); version 3 images with snapshots resize.
+#[test]
+fn resizing_a_version_2_image_with_snapshots_is_refused() {
+    let s = Scratch::new();
+    for (options, refused) in [("compat=0.10", true), ("compat=1.1", false)] {
+        s.create("a.qcow2", options, 1 << 20);
+        s.qemu_img(&["snapshot", "-c", "snap", "a.qcow2"]);
+        let qemu_refuses = !s
+            .output("qemu-img", &["resize", "a.qcow2", "2M"])
+            .status
+            .success();
+        assert_eq!(qemu_refuses, refused, "{options}");
+        {
+            let chain = open_rw(&s, "a.qcow2");
+            assert_eq!(chain.resize(3 << 20, false).is_err(), refused, "{options}");
+            chain.close().unwrap();
+        }
+        assert_clean(&s, "a.qcow2", options);
+        std::fs::remove_file(s.path("a.qcow2")).unwrap();
+    }
+}
+
 #[test]
 fn lazy_refcounts_mark_the_image_dirty_until_close_and_a_dirty_image_is_repaired() {
     let s = Scratch::new();

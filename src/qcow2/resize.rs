@@ -39,6 +39,14 @@ impl Image {
         if new_size == old_size {
             return Ok(());
         }
+        // A version 2 snapshot table does not record each snapshot's size, so the
+        // snapshots would take the new one: QEMU refuses.
+        let header = self.header();
+        if header.version < 3 && header.nb_snapshots > 0 {
+            return Err(Error::Unsupported(
+                "resizing a version 2 (compat=0.10) image that has snapshots",
+            ));
+        }
         let g = self.geometry;
         let cs = g.cluster_size();
         let needed_l1 = g
