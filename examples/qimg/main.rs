@@ -12,6 +12,7 @@ mod info;
 mod io;
 mod map;
 mod measure;
+mod resize;
 
 use std::process::ExitCode;
 
@@ -42,6 +43,8 @@ enum Command {
     Io(io::Args),
     /// How large a new image would be.
     Measure(measure::Args),
+    /// Change an image's virtual size.
+    Resize(resize::Args),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
         Command::Checksum(args) => (checksum::run(args), 1),
         Command::Io(args) => (io::run(args), 1),
         Command::Measure(args) => (measure::run(args), 1),
+        Command::Resize(args) => (resize::run(args), 1),
     };
     match result {
         Ok(code) => ExitCode::from(code),
