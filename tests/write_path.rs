@@ -425,3 +425,101 @@ fn lazy_refcounts_mark_the_image_dirty_until_close_and_a_dirty_image_is_repaired
     assert_clean(&s, "a.qcow2", "after qemu's abort");
     assert_model(&s, "a.qcow2", &model, "after qemu's abort");
 }
+
+#[test]
+fn amend_changes_compat_refcount_width_lazy_refcounts_and_backing_like_qemu() {
+    use qcow2_engine::qcow2::{AmendOptions, Compat};
+    let s = Scratch::new();
+    s.create("base.qcow2", "cluster_size=64k", 4 << 20);
+    s.qemu_io("base.qcow2", "qcow2", &["write -P 0x21 0 4M".into()]);
+    s.create_overlay("top.qcow2", "base.qcow2", "qcow2", "cluster_size=64k", None);
+    s.qemu_io(
+        "top.qcow2",
+        "qcow2",
+        &[
+            "write -P 0x22 64k 128k".into(),
+            "write -z 1M 256k".into(),
+            "write -z 2M 10k".into(),
+        ],
+    );
+    let before = s.reference("top.qcow2", "qcow2");
+    let info = |field: &str| -> String {
+        let out = s.qemu_img(&["info", "--output=json", "top.qcow2"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v.pointer(field).map(|x| x.to_string()).unwrap_or_default()
+    };
+    let steps: Vec<(AmendOptions, &str, &str)> = vec![
+        (
+            AmendOptions {
+                refcount_bits: Some(64),
+                ..Default::default()
+            },
+            "/format-specific/data/refcount-bits",
+            "64",
+        ),
+        (
+            AmendOptions {
+                lazy_refcounts: Some(true),
+                ..Default::default()
+            },
+            "/format-specific/data/lazy-refcounts",
+            "true",
+        ),
+        (
+            AmendOptions {
+                compat: Some(Compat::V0_10),
+                refcount_bits: Some(16),
+                lazy_refcounts: Some(false),
+                ..Default::default()
+            },
+            "/format-specific/data/compat",
+            "\"0.10\"",
+        ),
+        (
+            AmendOptions {
+                compat: Some(Compat::V1_1),
+                ..Default::default()
+            },
+            "/format-specific/data/compat",
+            "\"1.1\"",
+        ),
+        (
+            AmendOptions {
+                backing_file: Some(Some("base.qcow2".into())),
+                backing_format: Some(Some("qcow2".into())),
+                ..Default::default()
+            },
+            "/backing-filename-format",
+            "\"qcow2\"",
+        ),
+    ];
+    for (options, field, want) in steps {
+        let label = format!("amend {options:?}");
+        {
+            let chain = open_rw(&s, "top.qcow2");
+            chain
+                .amend(&options)
+                .unwrap_or_else(|e| panic!("{label}: {e}"));
+            chain.close().unwrap();
+        }
+        assert_clean(&s, "top.qcow2", &label);
+        assert_eq!(info(field), want, "{label}");
+        assert_eq!(
+            s.reference("top.qcow2", "qcow2"),
+            before,
+            "{label}: content"
+        );
+    }
+    // Refused: 1-bit refcounts cannot count a cluster shared with a snapshot.
+    s.qemu_img(&["snapshot", "-c", "s", "top.qcow2"]);
+    let chain = open_rw(&s, "top.qcow2");
+    let err = chain
+        .amend(&AmendOptions {
+            refcount_bits: Some(1),
+            ..Default::default()
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("references"), "{err}");
+    chain.close().unwrap();
+    assert_clean(&s, "top.qcow2", "refused amend");
+}

@@ -1,6 +1,7 @@
 //! Writing to the active (top) image of a chain: copy-on-write reads the layers below.
 
 use crate::error::{Error, Result};
+use crate::qcow2::AmendOptions;
 use crate::storage::Storage;
 
 use super::{Chain, Layer};
@@ -89,6 +90,19 @@ impl Chain {
             }
             Layer::Raw(raw) => raw.resize(new_size, allow_shrink),
         }
+    }
+
+    /// Changes the top image's options as qemu-img amend (see [`AmendOptions`]); a new
+    /// `size` is applied as a resize that may shrink.
+    pub fn amend(&self, options: &AmendOptions) -> Result<()> {
+        let Layer::Qcow2(image) = self.writable_top()? else {
+            return Err(Error::Unsupported("amending a raw image").in_file(self.top().name()));
+        };
+        image.amend(options, self.layers().len() > 1)?;
+        if let Some(size) = options.size {
+            self.resize(size, true)?;
+        }
+        Ok(())
     }
 
     /// Makes every completed write to the top image durable.

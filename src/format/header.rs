@@ -440,6 +440,34 @@ impl Header {
     }
 }
 
+/// Lays out the first cluster of an image: the header, its extensions, then the backing
+/// file name (where QEMU puts it), setting `header.backing_file_offset`/`_size`. `None`
+/// when they do not fit in `cluster_size` bytes.
+pub fn encode_header_cluster(
+    header: &mut Header,
+    extensions: &HeaderExtensions,
+    backing_file: Option<&str>,
+    cluster_size: u64,
+) -> Option<Vec<u8>> {
+    let ext_bytes = extensions.encode();
+    let ext_start = header.header_length as usize;
+    let name = backing_file.unwrap_or("").as_bytes();
+    let name_start = ext_start + ext_bytes.len();
+    if (name_start + name.len()) as u64 > cluster_size {
+        return None;
+    }
+    (header.backing_file_offset, header.backing_file_size) = if name.is_empty() {
+        (0, 0)
+    } else {
+        (name_start as u64, name.len() as u32)
+    };
+    let mut cluster = vec![0u8; cluster_size as usize];
+    header.encode(&mut cluster);
+    cluster[ext_start..name_start].copy_from_slice(&ext_bytes);
+    cluster[name_start..name_start + name.len()].copy_from_slice(name);
+    Some(cluster)
+}
+
 /// Which feature bitmap a feature-name table entry describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FeatureKind {

@@ -519,7 +519,7 @@ fn write_zeros_at(storage: &dyn Storage, mut offset: u64, len: u64) -> Result<()
 }
 
 /// The names QEMU puts in the feature-name table, in its order.
-fn qemu_feature_names() -> Vec<FeatureName> {
+pub(crate) fn qemu_feature_names() -> Vec<FeatureName> {
     let names = [
         (FeatureKind::Incompatible, 0, "dirty bit"),
         (FeatureKind::Incompatible, 1, "corrupt bit"),
@@ -541,7 +541,7 @@ fn qemu_feature_names() -> Vec<FeatureName> {
 }
 
 /// QEMU writes the feature-name table only into header clusters of at least 8 KiB.
-const MIN_CLUSTER_FOR_FEATURE_TABLE: u64 = 8192;
+pub(crate) const MIN_CLUSTER_FOR_FEATURE_TABLE: u64 = 8192;
 
 /// Where everything of a fresh qcow2 image goes, in clusters counted from the start.
 #[derive(Debug)]
@@ -687,39 +687,26 @@ impl Layout {
                 header.autoclear_features = AutoclearFeatures::DATA_FILE_RAW;
             }
         }
-        let backing = options.backing_file.as_deref().unwrap_or("").as_bytes();
-        let fits = |exts: &[HeaderExtension]| {
-            let len = HeaderExtensions {
+        let backing = options.backing_file.as_deref();
+        let encode = |header: &mut Header, exts: &[HeaderExtension]| {
+            let list = HeaderExtensions {
                 list: exts.to_vec(),
-            }
-            .encode()
-            .len();
-            u64::from(header.header_length) + len as u64 + backing.len() as u64 <= cs
+            };
+            crate::format::encode_header_cluster(header, &list, backing, cs)
         };
         if options.compat == Compat::V1_1 && cs >= MIN_CLUSTER_FOR_FEATURE_TABLE {
             let mut with_table = extensions.clone();
             with_table.push(HeaderExtension::FeatureNames(qemu_feature_names()));
-            if fits(&with_table) {
-                extensions = with_table;
+            if let Some(cluster) = encode(&mut header, &with_table) {
+                return Ok(cluster);
             }
         }
-        if !fits(&extensions) {
-            return Err(invalid(format!(
+        let cluster = encode(&mut header, &extensions).ok_or_else(|| {
+            invalid(format!(
                 "the header, its extensions and the backing file name do not fit in one \
                  {cs}-byte cluster; use larger clusters or shorter names"
-            )));
-        }
-        let ext_bytes = HeaderExtensions { list: extensions }.encode();
-        let ext_start = header.header_length as usize;
-        let name_start = ext_start + ext_bytes.len();
-        if !backing.is_empty() {
-            header.backing_file_offset = name_start as u64;
-            header.backing_file_size = backing.len() as u32;
-        }
-        let mut cluster = vec![0u8; cs as usize];
-        header.encode(&mut cluster);
-        cluster[ext_start..name_start].copy_from_slice(&ext_bytes);
-        cluster[name_start..name_start + backing.len()].copy_from_slice(backing);
+            ))
+        })?;
         Ok(cluster)
     }
 

@@ -1,5 +1,6 @@
 //! The engine for one qcow2 image: open, map guest ranges, read.
 
+mod amend;
 mod compress;
 mod create;
 mod image;
@@ -11,6 +12,7 @@ mod refcount;
 mod resize;
 mod write;
 
+pub use amend::AmendOptions;
 pub use compress::compress_cluster;
 pub use create::{
     Compat, CreateOptions, MAX_VIRTUAL_SIZE, Preallocation, create, create_on, data_file_path,

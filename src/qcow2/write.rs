@@ -56,6 +56,12 @@ pub(crate) struct Writer {
     compressed_tail: Option<(u64, u64)>,
 }
 
+impl Writer {
+    pub(crate) fn set_lazy(&mut self, lazy: bool) {
+        self.lazy = lazy;
+    }
+}
+
 /// How many changed L2 tables may wait in memory before a checkpoint writes them.
 const MAX_DIRTY_L2_BYTES: u64 = 16 << 20;
 
@@ -268,7 +274,7 @@ impl Image {
         })
     }
 
-    fn entry(&self, table: &[u64], cluster: u64) -> (L2Entry, SubclusterBitmap) {
+    pub(crate) fn entry(&self, table: &[u64], cluster: u64) -> (L2Entry, SubclusterBitmap) {
         let i = self.geometry.l2_index(cluster) as usize;
         if self.geometry.extended_l2() {
             (L2Entry(table[2 * i]), SubclusterBitmap(table[2 * i + 1]))
@@ -277,7 +283,13 @@ impl Image {
         }
     }
 
-    fn set_entry(&self, table: &mut [u64], cluster: u64, entry: L2Entry, bitmap: SubclusterBitmap) {
+    pub(crate) fn set_entry(
+        &self,
+        table: &mut [u64],
+        cluster: u64,
+        entry: L2Entry,
+        bitmap: SubclusterBitmap,
+    ) {
         let i = self.geometry.l2_index(cluster) as usize;
         if self.geometry.extended_l2() {
             table[2 * i] = entry.0;
@@ -287,7 +299,7 @@ impl Image {
         }
     }
 
-    fn descriptor(&self, entry: L2Entry, cluster: u64) -> Result<ClusterDescriptor> {
+    pub(crate) fn descriptor(&self, entry: L2Entry, cluster: u64) -> Result<ClusterDescriptor> {
         let d = entry.decode(self.geometry).map_err(|reason| {
             Error::corrupt(
                 "L2 entry",
@@ -493,7 +505,7 @@ impl Image {
 
     /// The L2 table for L1 entry `l1_index`, ready to change: allocated when missing,
     /// copied to a new cluster when shared (COPIED clear).
-    fn l2_for_write(&self, w: &mut Writer, l1_index: u64) -> Result<L2Slot> {
+    pub(crate) fn l2_for_write(&self, w: &mut Writer, l1_index: u64) -> Result<L2Slot> {
         let entry = self.l1_entry(l1_index)?;
         let old_offset = entry.l2_offset();
         if old_offset != 0 && entry.copied() {
@@ -531,7 +543,7 @@ impl Image {
     }
 
     /// Publishes a changed L2 table (pinned in the cache) and its L1 entry, in memory.
-    fn commit_l2(&self, w: &mut Writer, l1_index: u64, slot: L2Slot) {
+    pub(crate) fn commit_l2(&self, w: &mut Writer, l1_index: u64, slot: L2Slot) {
         self.l2_cache.insert_pinned(slot.offset, slot.table.into());
         w.dirty_l2.insert(slot.offset);
         if let Some(entry) = slot.new_l1 {
@@ -987,9 +999,9 @@ enum ZeroAction {
 }
 
 /// An L2 table being changed: where it will live and its entries.
-struct L2Slot {
+pub(crate) struct L2Slot {
     offset: u64,
-    table: Vec<u64>,
+    pub(crate) table: Vec<u64>,
     /// The L1 entry to publish when the table moved (allocated or copied).
     new_l1: Option<L1Entry>,
 }
