@@ -352,6 +352,59 @@ fn resize_grows_the_l1_table_shrinks_without_leaks_and_hides_a_longer_backing_fi
     assert_model(&s, "top.qcow2", &expected, "grown overlay");
 }
 
+/// Version 2 has no zero flag: QEMU zeroes whole clusters of an image without a backing
+/// file by unallocating them, and ignores a discard when a backing file would show
+/// through. Same content and same allocation as QEMU's.
+#[test]
+fn version_2_zero_writes_and_discards_match_qemu() {
+    for backing in [false, true] {
+        let s = Scratch::new();
+        if backing {
+            s.create("base.qcow2", "compat=0.10", 1 << 20);
+            s.qemu_io("base.qcow2", "qcow2", &["write -P 0xb 0 1M".into()]);
+            s.create_overlay("ours.qcow2", "base.qcow2", "qcow2", "compat=0.10", None);
+        } else {
+            s.create("ours.qcow2", "compat=0.10", 1 << 20);
+        }
+        s.qemu_io("ours.qcow2", "qcow2", &["write -P 1 0 512k".into()]);
+        std::fs::copy(s.path("ours.qcow2"), s.path("theirs.qcow2")).unwrap();
+        {
+            let chain = open_rw(&s, "ours.qcow2");
+            chain.write_zeroes(0, 128 << 10, false).unwrap();
+            chain.write_zeroes(640 << 10, 64 << 10, true).unwrap();
+            chain.discard(256 << 10, 128 << 10).unwrap();
+            chain.close().unwrap();
+        }
+        s.qemu_io(
+            "theirs.qcow2",
+            "qcow2",
+            &[
+                "write -z 0 128k".into(),
+                "write -z -u 640k 64k".into(),
+                "discard 256k 128k".into(),
+            ],
+        );
+        let label = format!("compat=0.10 backing={backing}");
+        assert_clean(&s, "ours.qcow2", &label);
+        assert_eq!(
+            s.reference("ours.qcow2", "qcow2"),
+            s.reference("theirs.qcow2", "qcow2"),
+            "{label}"
+        );
+        let allocation = |name: &str| -> Vec<(u64, u64, usize, bool, bool)> {
+            s.map(name, "qcow2")
+                .iter()
+                .map(|e| (e.start, e.length, e.depth, e.present, e.data))
+                .collect()
+        };
+        assert_eq!(
+            allocation("ours.qcow2"),
+            allocation("theirs.qcow2"),
+            "{label}"
+        );
+    }
+}
+
 /// QEMU refuses to resize a version 2 image with snapshots (its snapshot table does not
 /// record their sizes); version 3 images with snapshots resize.
 #[test]
