@@ -1,4 +1,5 @@
-//! Operations over whole chains: map, checksum, compare, convert, info, measure.
+//! Operations over whole chains: map, checksum, compare, convert, info, measure, and the
+//! merges (commit, pull, rebase).
 
 mod checksum;
 mod chunks;
@@ -7,6 +8,7 @@ mod convert;
 mod info;
 mod map;
 mod measure;
+mod merge;
 
 pub use checksum::checksum;
 pub use compare::{Comparison, compare};
@@ -14,3 +16,6 @@ pub use convert::{ConvertOptions, convert_to_raw};
 pub use info::{ImageInfo, Qcow2Info, SnapshotInfo, chain_info, info};
 pub use map::{MapEntries, MapEntry, map, map_range};
 pub use measure::{Measurement, measure_chain, measure_size};
+pub use merge::{
+    CommitOptions, MergeOptions, MergeReport, Progress, commit, find_layer, pull, rebase,
+};
