@@ -405,6 +405,49 @@ fn version_2_zero_writes_and_discards_match_qemu() {
     }
 }
 
+/// Growing over a longer backing file needs zero clusters to hide it: a version 2 overlay
+/// refuses, as QEMU; over a backing file no longer than the image nothing needs hiding,
+/// and growing writes no data (we wrote zero-filled clusters over the whole new area).
+#[test]
+fn growing_a_version_2_overlay_hides_a_longer_backing_file_or_refuses() {
+    let s = Scratch::new();
+    s.create("base.qcow2", "", 4 << 20);
+    s.qemu_io("base.qcow2", "qcow2", &["write -P 0xb 0 4M".into()]);
+    for (top_size, refused) in [(2 << 20, true), (4 << 20, false)] {
+        let label = format!("compat=0.10 overlay of {top_size} over 4M");
+        s.create_overlay(
+            "a.qcow2",
+            "base.qcow2",
+            "qcow2",
+            "compat=0.10",
+            Some(top_size),
+        );
+        std::fs::copy(s.path("a.qcow2"), s.path("b.qcow2")).unwrap();
+        let qemu_refuses = !s
+            .output("qemu-img", &["resize", "b.qcow2", "64M"])
+            .status
+            .success();
+        assert_eq!(qemu_refuses, refused, "{label}");
+        {
+            let chain = open_rw(&s, "a.qcow2");
+            assert_eq!(chain.resize(64 << 20, false).is_err(), refused, "{label}");
+            chain.close().unwrap();
+        }
+        assert_clean(&s, "a.qcow2", &label);
+        assert_eq!(
+            s.reference("a.qcow2", "qcow2"),
+            s.reference("b.qcow2", "qcow2"),
+            "{label}"
+        );
+        assert!(
+            s.map("a.qcow2", "qcow2")
+                .iter()
+                .all(|e| e.depth > 0 || !e.data),
+            "{label}: growing wrote data"
+        );
+    }
+}
+
 /// QEMU refuses to resize a version 2 image with snapshots (its snapshot table does not
 /// record their sizes); version 3 images with snapshots resize.
 #[test]
