@@ -298,7 +298,7 @@ fn failing_commands_print_one_line_and_leave_the_image_clean() {
     s.copy("top.qcow2", "before.qcow2");
     let size: u64 = 8 << 20;
     let end = size.to_string();
-    let past = format!("write 8388000 1024");
+    let past = "write 8388000 1024".to_string();
     let cases: Vec<Vec<String>> = vec![
         vec![format!("write {end} 512")],
         vec![past.clone()],
