@@ -448,6 +448,42 @@ fn growing_a_version_2_overlay_hides_a_longer_backing_file_or_refuses() {
     }
 }
 
+/// An external data file follows the virtual size both ways, as QEMU truncates it; with
+/// data_file_raw it is then still the whole disk as a raw image.
+#[test]
+fn resizing_resizes_the_external_data_file() {
+    let s = Scratch::new();
+    for raw in ["off", "on"] {
+        let options = format!("data_file=d-{raw}.raw,data_file_raw={raw}");
+        s.create("a.qcow2", &options, 1 << 20);
+        s.qemu_io("a.qcow2", "qcow2", &["write -P 0x5 0 1M".into()]);
+        for size in [4u64 << 20, 3 << 20, 512 << 10, 2 << 20] {
+            {
+                let chain = open_rw(&s, "a.qcow2");
+                chain.resize(size, true).unwrap();
+                chain.close().unwrap();
+            }
+            let label = format!("{options} resized to {size}");
+            assert_clean(&s, "a.qcow2", &label);
+            let len = std::fs::metadata(s.path(&format!("d-{raw}.raw")))
+                .unwrap()
+                .len();
+            assert_eq!(len, size, "{label}: data file length");
+        }
+        let mut model = Model(vec![0; 2 << 20]);
+        model.write(0, &[0x5; 512 << 10]);
+        assert_model(&s, "a.qcow2", &model, &options);
+        if raw == "on" {
+            assert_eq!(
+                s.reference("d-on.raw", "raw"),
+                model.0,
+                "{options}: raw view"
+            );
+        }
+        std::fs::remove_file(s.path("a.qcow2")).unwrap();
+    }
+}
+
 /// QEMU refuses to resize a version 2 image with snapshots (its snapshot table does not
 /// record their sizes); version 3 images with snapshots resize.
 #[test]

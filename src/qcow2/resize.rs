@@ -77,8 +77,9 @@ impl Image {
                 self.unallocate(lo, old_size)?;
             }
             self.set_size(new_size, None)?;
-            return Ok(());
+            return self.set_data_file_len(new_size);
         }
+        self.set_data_file_len(new_size)?;
         let l1_size = u64::from(self.header().l1_size);
         if needed_l1 > l1_size {
             self.set_size(new_size, Some(needed_l1))?;
@@ -93,6 +94,17 @@ impl Image {
             self.write_zeroes_with(old_size, zero_to - old_size, false, backing)?;
         }
         Ok(())
+    }
+
+    /// An external data file follows the virtual size, as QEMU truncates it (with
+    /// `data_file_raw` it must read as the whole disk).
+    fn set_data_file_len(&self, len: u64) -> Result<()> {
+        match &self.data_file {
+            Some(data) => data
+                .set_len(len)
+                .map_err(|e| Error::io("resizing the data file", e)),
+            None => Ok(()),
+        }
     }
 
     /// Writes the new size (and a new, larger L1 table) to disk, crash-safely: pending
