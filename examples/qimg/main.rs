@@ -14,6 +14,7 @@ mod io;
 mod map;
 mod measure;
 mod resize;
+mod snapshot;
 
 use std::process::ExitCode;
 
@@ -38,6 +39,8 @@ enum Command {
     Convert(convert::Args),
     /// Compare the guest-visible content of two images.
     Compare(compare::Args),
+    /// List, create, apply or delete internal snapshots.
+    Snapshot(snapshot::Args),
     /// CRC-32 of an image's guest-visible content.
     Checksum(checksum::Args),
     /// Run qemu-io-style commands against an image.
@@ -60,6 +63,7 @@ fn main() -> ExitCode {
         Command::Convert(args) => (convert::run(args), 1),
         Command::Compare(args) => (compare::run(args), 2),
         Command::Checksum(args) => (checksum::run(args), 1),
+        Command::Snapshot(args) => (snapshot::run(args), 1),
         Command::Io(args) => (io::run(args), 1),
         Command::Measure(args) => (measure::run(args), 1),
         Command::Resize(args) => (resize::run(args), 1),

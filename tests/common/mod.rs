@@ -611,3 +611,12 @@ pub fn assert_one_line_failure(out: &std::process::Output, label: &str) {
         "{label}: stderr is not one line:\n{stderr}"
     );
 }
+
+/// Runs the `qimg` example (built once per test binary) in `dir`.
+pub fn qimg(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(qimg_path())
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("running qimg")
+}
