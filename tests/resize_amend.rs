@@ -147,6 +147,34 @@ fn growing_after_an_unaligned_shrink_reads_zeros_where_qemu_shows_old_data() {
     );
 }
 
+/// A version 3 image with an internal snapshot shrinks and grows like QEMU's, and applying
+/// the snapshot afterwards brings back its size and content on both.
+#[test]
+fn resize_keeps_internal_snapshots_intact() {
+    let s = Scratch::new();
+    make_image(&s, "cluster_size=64k", false, 4 << 20);
+    s.qemu_img(&["snapshot", "-c", "s1", "img.qcow2"]);
+    s.copy("img.qcow2", "ours.qcow2");
+    s.copy("img.qcow2", "theirs.qcow2");
+    for step in [&["--shrink", "1M"][..], &["8M"]] {
+        let (flags, size) = step.split_at(step.len() - 1);
+        let mut ours = vec!["resize"];
+        ours.extend(flags);
+        ours.extend(["ours.qcow2", size[0]]);
+        s.qimg(&ours);
+        let mut theirs = vec!["resize", "-q"];
+        theirs.extend(flags);
+        theirs.extend(["theirs.qcow2", size[0]]);
+        s.qemu_img(&theirs);
+        assert_same_image(&s, "ours.qcow2", "theirs.qcow2", &format!("{step:?}"));
+    }
+    for name in ["ours.qcow2", "theirs.qcow2"] {
+        s.qemu_img(&["snapshot", "-a", "s1", name]);
+    }
+    assert_same_image(&s, "ours.qcow2", "theirs.qcow2", "snapshot applied");
+    s.assert_same_content("ours.qcow2", "img.qcow2", "snapshot applied");
+}
+
 #[test]
 fn resize_of_a_raw_image_truncates_like_qemu_img() {
     let s = Scratch::new();
@@ -354,4 +382,55 @@ fn refused_amends_print_one_line_and_change_nothing() {
     let out = s.qimg_output(&["amend", "-f", "raw", "-o", "size=2M", "img.raw"]);
     assert_one_line_failure(&out, "amend raw");
     assert_eq!(std::fs::metadata(s.path("img.raw")).unwrap().len(), 1 << 20);
+}
+
+/// Amending an image with an internal snapshot: the same outcome as qemu-img amend (1-bit
+/// refcounts cannot count a shared cluster: both refuse), and the snapshot still applies.
+#[test]
+fn amend_with_an_internal_snapshot_matches_qemu_img() {
+    for (amend, accepted) in [
+        ("refcount_bits=1", false),
+        ("refcount_bits=4", true),
+        ("lazy_refcounts=on", true),
+        ("size=8M", true),
+        ("compat=0.10", true),
+    ] {
+        let s = Scratch::new();
+        s.create("img.qcow2", "", 4 << 20);
+        s.qemu_io(
+            "img.qcow2",
+            "qcow2",
+            &[
+                "write -q -P 0x21 0 1M".into(),
+                "write -q -P 0x22 2M 64k".into(),
+            ],
+        );
+        s.qemu_img(&["snapshot", "-c", "s1", "img.qcow2"]);
+        s.qemu_io("img.qcow2", "qcow2", &["write -q -P 0x23 0 64k".into()]);
+        s.copy("img.qcow2", "ours.qcow2");
+        s.copy("img.qcow2", "theirs.qcow2");
+        let label = format!("amend -o {amend} with a snapshot");
+        let theirs = s.output("qemu-img", &["amend", "-o", amend, "theirs.qcow2"]);
+        assert_eq!(theirs.status.success(), accepted, "{label}: qemu-img");
+        let ours = s.qimg_output(&["amend", "-o", amend, "ours.qcow2"]);
+        if accepted {
+            assert!(
+                ours.status.success(),
+                "{label}: {}",
+                String::from_utf8_lossy(&ours.stderr)
+            );
+        } else {
+            assert_one_line_failure(&ours, &label);
+        }
+        assert_same_image(&s, "ours.qcow2", "theirs.qcow2", &label);
+        for name in ["ours.qcow2", "theirs.qcow2"] {
+            s.qemu_img(&["snapshot", "-a", "s1", name]);
+        }
+        assert_same_image(
+            &s,
+            "ours.qcow2",
+            "theirs.qcow2",
+            &format!("{label}, applied"),
+        );
+    }
 }
