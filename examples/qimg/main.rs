@@ -3,6 +3,7 @@
 //! Each subcommand lives in its own file and stays thin: it turns parsed arguments into
 //! library options, calls one operation and prints the result.
 
+mod amend;
 mod checksum;
 mod common;
 mod compare;
@@ -12,6 +13,7 @@ mod info;
 mod io;
 mod map;
 mod measure;
+mod resize;
 mod snapshot;
 
 use std::process::ExitCode;
@@ -45,6 +47,10 @@ enum Command {
     Io(io::Args),
     /// How large a new image would be.
     Measure(measure::Args),
+    /// Change an image's virtual size.
+    Resize(resize::Args),
+    /// Change a qcow2 image's options in place.
+    Amend(amend::Args),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +66,8 @@ fn main() -> ExitCode {
         Command::Snapshot(args) => (snapshot::run(args), 1),
         Command::Io(args) => (io::run(args), 1),
         Command::Measure(args) => (measure::run(args), 1),
+        Command::Resize(args) => (resize::run(args), 1),
+        Command::Amend(args) => (amend::run(args), 1),
     };
     match result {
         Ok(code) => ExitCode::from(code),
