@@ -109,7 +109,7 @@ fn fixture(case: &Case) -> Fixture {
         create_on(&mem, &opts).unwrap();
         mem.to_bytes()
     };
-    let mut initial = Model::new(below.clone(), case.cluster, below, false);
+    let mut initial = Model::new(below, case.cluster, false);
     let template = if case.qemu_prefill.is_empty() {
         template
     } else {

@@ -124,7 +124,7 @@ fn full_disk_on(
         let disk = Arc::new(FaultStorage::from_bytes(bytes.to_vec()));
         disk.limit_len(Some(bytes.len() as u64 + extra));
         let chain = open_on(disk.clone()).unwrap();
-        let mut model = Model::new(initial.clone(), cluster, vec![0; size as usize], false);
+        let mut model = Model::new(initial.clone(), cluster, false);
         let mut uncertain = Vec::new();
         let mut rng = Rng::new(seed);
         for _ in 0..40 {
@@ -397,7 +397,7 @@ fn a_full_disk_while_moving_the_refcount_table_leaves_a_consistent_image() {
         let disk = Arc::new(FaultStorage::from_bytes(bytes.clone()));
         disk.limit_len(Some(bytes.len() as u64 + free));
         let chain = open_on(disk.clone()).unwrap();
-        let mut model = Model::new(content.clone(), 512, vec![0; 4 << 20], false);
+        let mut model = Model::new(content.clone(), 512, false);
         let mut uncertain = Vec::new();
         let mut failed = false;
         for i in 0..6u64 {

@@ -166,7 +166,7 @@ fn run_case(config: usize, steps: &[Step], in_memory: bool) -> Result<(), TestCa
         s.create(TOP, options, size);
     }
     let v2 = options.contains("compat=0.10");
-    let mut model = Model::new(below.clone(), cluster, below, backing && v2);
+    let mut model = Model::new(below, cluster, backing && v2);
     let storage = if in_memory {
         let bytes = std::fs::read(s.path(TOP)).unwrap();
         Storage::Memory(Arc::new(MemStorage::from_bytes(bytes)))

@@ -51,26 +51,19 @@ pub struct Model {
     pub bytes: Vec<u8>,
     /// Cluster size of the top image (discard works on whole clusters).
     pub cluster: u64,
-    /// What the backing chain shows (zeros without one).
-    pub below: Vec<u8>,
-    /// A discarded cluster shows the backing chain (version 2 with a backing file)
-    /// instead of zeros.
-    pub discard_shows_backing: bool,
+    /// Discards change nothing: version 2 with a backing file, where QEMU can neither mark
+    /// zeros nor unallocate (that would expose the backing file), and leaves the clusters
+    /// alone. Otherwise a discarded cluster reads as zeros.
+    pub discard_ignored: bool,
 }
 
 impl Model {
-    /// A model of an image reading `initial`, over a backing chain reading `below`.
-    pub fn new(
-        initial: Vec<u8>,
-        cluster: u64,
-        below: Vec<u8>,
-        discard_shows_backing: bool,
-    ) -> Model {
+    /// A model of an image that reads `initial`.
+    pub fn new(initial: Vec<u8>, cluster: u64, discard_ignored: bool) -> Model {
         Model {
             bytes: initial,
             cluster,
-            below,
-            discard_shows_backing,
+            discard_ignored,
         }
     }
 
@@ -99,12 +92,9 @@ impl Model {
                 self.bytes[*offset as usize..(offset + len) as usize].fill(0);
             }
             Op::Discard { offset, len } => {
-                let r = self.discarded(*offset, *len);
-                let r = r.start as usize..r.end as usize;
-                if self.discard_shows_backing {
-                    self.bytes[r.clone()].copy_from_slice(&self.below[r]);
-                } else {
-                    self.bytes[r].fill(0);
+                if !self.discard_ignored {
+                    let r = self.discarded(*offset, *len);
+                    self.bytes[r.start as usize..r.end as usize].fill(0);
                 }
             }
             Op::Flush => {}
@@ -118,13 +108,9 @@ impl Model {
                 .contains(&at)
                 .then(|| data[(at - offset) as usize]),
             Op::Zero { offset, len, .. } => (*offset..offset + len).contains(&at).then_some(0),
-            Op::Discard { offset, len } => self.discarded(*offset, *len).contains(&at).then(|| {
-                if self.discard_shows_backing {
-                    self.below[at as usize]
-                } else {
-                    0
-                }
-            }),
+            Op::Discard { offset, len } => {
+                (!self.discard_ignored && self.discarded(*offset, *len).contains(&at)).then_some(0)
+            }
             Op::Flush => None,
         }
     }
