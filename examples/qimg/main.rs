@@ -4,6 +4,7 @@
 //! library options, calls one operation and prints the result.
 
 mod checksum;
+mod commit;
 mod common;
 mod compare;
 mod convert;
@@ -12,6 +13,8 @@ mod info;
 mod io;
 mod map;
 mod measure;
+mod pull;
+mod rebase;
 
 use std::process::ExitCode;
 
@@ -42,6 +45,12 @@ enum Command {
     Io(io::Args),
     /// How large a new image would be.
     Measure(measure::Args),
+    /// Commit an image's data into its backing chain.
+    Commit(commit::Args),
+    /// Copy the data of an image's backing chain into it.
+    Pull(pull::Args),
+    /// Change an image's backing file.
+    Rebase(rebase::Args),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +65,9 @@ fn main() -> ExitCode {
         Command::Checksum(args) => (checksum::run(args), 1),
         Command::Io(args) => (io::run(args), 1),
         Command::Measure(args) => (measure::run(args), 1),
+        Command::Commit(args) => (commit::run(args), 1),
+        Command::Pull(args) => (pull::run(args), 1),
+        Command::Rebase(args) => (rebase::run(args), 1),
     };
     match result {
         Ok(code) => ExitCode::from(code),
