@@ -15,6 +15,7 @@ mod map;
 mod measure;
 mod pull;
 mod rebase;
+mod snapshot;
 
 use std::process::ExitCode;
 
@@ -39,6 +40,8 @@ enum Command {
     Convert(convert::Args),
     /// Compare the guest-visible content of two images.
     Compare(compare::Args),
+    /// List, create, apply or delete internal snapshots.
+    Snapshot(snapshot::Args),
     /// CRC-32 of an image's guest-visible content.
     Checksum(checksum::Args),
     /// Run qemu-io-style commands against an image.
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
         Command::Convert(args) => (convert::run(args), 1),
         Command::Compare(args) => (compare::run(args), 2),
         Command::Checksum(args) => (checksum::run(args), 1),
+        Command::Snapshot(args) => (snapshot::run(args), 1),
         Command::Io(args) => (io::run(args), 1),
         Command::Measure(args) => (measure::run(args), 1),
         Command::Commit(args) => (commit::run(args), 1),

@@ -122,8 +122,14 @@ mod tests {
             let mut out = vec![0u8; data.len()];
             decompress(kind, &c, &mut out, 0).unwrap();
             assert_eq!(out, data);
-            let noise: Vec<u8> = (0..4096u64)
-                .map(|i| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8)
+            let mut x = 0x2545_f491_4f6c_dd1du64;
+            let noise: Vec<u8> = (0..4096)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x >> 32) as u8
+                })
                 .collect();
             assert_eq!(compress_cluster(kind, &noise).unwrap(), None);
         }

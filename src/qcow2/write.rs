@@ -229,7 +229,7 @@ impl Image {
         } else {
             None
         };
-        let mut pending = PendingWrite::default();
+        let mut pending = PendingWrite::new(buf, offset);
         let mut c = first_cluster;
         while c < end {
             let from = offset.max(c);
@@ -330,7 +330,7 @@ impl Image {
         part: &[u8],
         new_host: Option<u64>,
         backing: BackingRead<'_>,
-        pending: &mut PendingWrite,
+        pending: &mut PendingWrite<'_>,
     ) -> Result<()> {
         let g = self.geometry;
         let cs = g.cluster_size();
@@ -378,7 +378,7 @@ impl Image {
             }
         }
         if write_lo == from && write_hi == to {
-            pending.push(self, host + (from - cluster), part)?;
+            pending.push_borrowed(self, host + (from - cluster), from, part.len())?;
         } else {
             let mut bytes = vec![0u8; (write_hi - write_lo) as usize];
             let head = (from - write_lo) as usize;
@@ -386,7 +386,7 @@ impl Image {
             let tail = (to - write_lo) as usize;
             self.read_old(old, bitmap, to, &mut bytes[tail..], backing)?;
             bytes[head..tail].copy_from_slice(part);
-            pending.push(self, host + (write_lo - cluster), &bytes)?;
+            pending.push_owned(self, host + (write_lo - cluster), &bytes)?;
         }
         self.set_entry(table, cluster, L2Entry::data(host, true), new_bitmap);
         // The old host cluster, when replaced, loses this reference.
@@ -997,44 +997,64 @@ pub(crate) struct L2Slot {
     new_l1: Option<L1Entry>,
 }
 
-/// Coalesces data writes that continue each other into one positional write.
-#[derive(Default)]
-struct PendingWrite {
-    host: u64,
-    bytes: Vec<u8>,
+/// Coalesces data writes that continue each other, in the host file and in the caller's
+/// buffer, into one positional write straight from that buffer.
+struct PendingWrite<'b> {
+    /// The caller's data and the guest offset of its first byte.
+    src: &'b [u8],
+    src_offset: u64,
+    /// A run waiting to be written: host offset, start in `src`, length.
+    run: Option<(u64, usize, usize)>,
 }
 
-impl PendingWrite {
-    fn push(&mut self, image: &Image, host: u64, data: &[u8]) -> Result<()> {
-        if !self.bytes.is_empty() && self.host + self.bytes.len() as u64 != host {
+impl<'b> PendingWrite<'b> {
+    fn new(src: &'b [u8], src_offset: u64) -> PendingWrite<'b> {
+        PendingWrite {
+            src,
+            src_offset,
+            run: None,
+        }
+    }
+
+    /// Queues `len` bytes of the caller's data from guest `guest` for host `host`.
+    fn push_borrowed(&mut self, image: &Image, host: u64, guest: u64, len: usize) -> Result<()> {
+        let start = (guest - self.src_offset) as usize;
+        if let Some((h, s, l)) = self.run {
+            if h + l as u64 == host && s + l == start && l < 32 << 20 {
+                self.run = Some((h, s, l + len));
+                return Ok(());
+            }
             self.flush(image)?;
         }
-        if self.bytes.is_empty() {
-            self.host = host;
-        }
-        self.bytes.extend_from_slice(data);
-        if self.bytes.len() >= 8 << 20 {
-            self.flush(image)?;
-        }
+        self.run = Some((host, start, len));
         Ok(())
+    }
+
+    /// Writes bytes assembled elsewhere (copy-on-write), after what is queued.
+    fn push_owned(&mut self, image: &Image, host: u64, bytes: &[u8]) -> Result<()> {
+        self.flush(image)?;
+        write_data(image, host, bytes)
     }
 
     fn flush(&mut self, image: &Image) -> Result<()> {
-        if self.bytes.is_empty() {
-            return Ok(());
+        match self.run.take() {
+            Some((host, start, len)) => write_data(image, host, &self.src[start..start + len]),
+            None => Ok(()),
         }
-        image
-            .data_storage()
-            .write_at(&self.bytes, self.host)
-            .map_err(|e| image.io_error("writing data", self.host, e))?;
-        if image.data_file.is_none() {
-            image
-                .file_len
-                .fetch_max(self.host + self.bytes.len() as u64, Ordering::Relaxed);
-        }
-        self.bytes.clear();
-        Ok(())
     }
+}
+
+fn write_data(image: &Image, host: u64, bytes: &[u8]) -> Result<()> {
+    image
+        .data_storage()
+        .write_at(bytes, host)
+        .map_err(|e| image.io_error("writing data", host, e))?;
+    if image.data_file.is_none() {
+        image
+            .file_len
+            .fetch_max(host + bytes.len() as u64, Ordering::Relaxed);
+    }
+    Ok(())
 }
 
 impl Drop for Image {

@@ -602,9 +602,18 @@ pub fn qimg_path() -> &'static Path {
     })
 }
 
+/// Runs the `qimg` example (built once per test binary) in `dir`.
+pub fn qimg(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(qimg_path())
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("running qimg")
+}
+
 impl Scratch {
     /// Runs `qimg args...` in the directory (whatever its exit status).
     pub fn qimg(&self, args: &[&str]) -> std::process::Output {
-        self.output(qimg_path().to_str().expect("a UTF-8 path"), args)
+        qimg(self.dir(), args)
     }
 }
