@@ -15,7 +15,7 @@ use common::{
 const IMAGES: [&str; 3] = ["base.qcow2", "mid.qcow2", "top.qcow2"];
 
 /// `args` with every `{}` replaced by `dir`.
-fn in_dir<'a>(args: &[&'a str], dir: &str) -> Vec<String> {
+fn in_dir(args: &[&str], dir: &str) -> Vec<String> {
     args.iter().map(|a| a.replace("{}", dir)).collect()
 }
 
@@ -58,11 +58,6 @@ fn assert_same_chains(s: &Scratch, images: &[&str], backings: &[Option<&str>]) {
     }
 }
 
-/// The image at `path` shows what the untouched original `original` showed.
-fn unchanged_content(s: &Scratch, path: &str, original: &str) {
-    same_content(s, path, original);
-}
-
 #[test]
 fn commit_empties_the_top_like_qemu_img_commit() {
     let s = Scratch::new();
@@ -74,7 +69,7 @@ fn commit_empties_the_top_like_qemu_img_commit() {
     );
     assert_eq!(stdout, "Image committed.\n");
     assert_same_chains(&s, &IMAGES, &[None, Some("base.qcow2"), Some("mid.qcow2")]);
-    unchanged_content(&s, "ours/top.qcow2", "top.qcow2");
+    same_content(&s, "ours/top.qcow2", "top.qcow2");
     let map = s.map("ours/top.qcow2", "qcow2");
     assert!(map.iter().all(|e| e.depth > 0), "top still allocates");
 }
@@ -108,7 +103,7 @@ fn commit_b_goes_through_mid_into_base_like_qemu_img() {
     );
     assert_eq!(stdout, "");
     assert_same_chains(&s, &IMAGES, &[None, Some("base.qcow2"), Some("mid.qcow2")]);
-    unchanged_content(&s, "ours/top.qcow2", "top.qcow2");
+    same_content(&s, "ours/top.qcow2", "top.qcow2");
     same_content(&s, "ours/base.qcow2", "top.qcow2");
 }
 
@@ -145,7 +140,7 @@ fn commit_t_mid_commits_a_middle_range_and_repoints_the_top() {
             &["base.qcow2", "top.qcow2"],
             &[None, Some("base.qcow2")],
         );
-        unchanged_content(&s, "ours/top.qcow2", "top.qcow2");
+        same_content(&s, "ours/top.qcow2", "top.qcow2");
     }
 }
 
@@ -190,7 +185,7 @@ fn commit_t_top_b_base_merges_two_layers_below_the_active_image() {
         &["base.qcow2", "top2.qcow2"],
         &[None, Some("base.qcow2")],
     );
-    unchanged_content(&s, "ours/top2.qcow2", "top2.qcow2");
+    same_content(&s, "ours/top2.qcow2", "top2.qcow2");
     same_content(&s, "ours/base.qcow2", "top.qcow2");
 }
 
@@ -210,7 +205,7 @@ fn pull_matches_qemu_img_rebase_onto_nothing_and_onto_the_base() {
         let stdout = run_both(&s, &ours, &[&qemu]);
         assert_eq!(stdout, "", "pull prints nothing");
         assert_same_chains(&s, &["top.qcow2"], &[base]);
-        unchanged_content(&s, "ours/top.qcow2", "top.qcow2");
+        same_content(&s, "ours/top.qcow2", "top.qcow2");
     }
 }
 
@@ -248,7 +243,7 @@ fn rebase_matches_qemu_img_rebase_safe_and_unsafe() {
         assert_eq!(stdout, "", "rebase {options:?} prints nothing");
         assert_same_chains(&s, &["top.qcow2"], &[*backing]);
         if !options.contains(&"-u") {
-            unchanged_content(&s, "ours/top.qcow2", "top.qcow2");
+            same_content(&s, "ours/top.qcow2", "top.qcow2");
         }
     }
 }
