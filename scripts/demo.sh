@@ -27,19 +27,10 @@ qimg=$root/target/release/examples/qimg
 
 mkdir -p "$dir"
 cd "$dir"
-rm -f base.qcow2 mid.qcow2 top.qcow2 qimg.raw qemu.raw probe.qcow2
+rm -f base.qcow2 mid.qcow2 top.qcow2 qimg.raw qemu.raw
 
-# io IMAGE COMMAND...: run qemu-io-style commands on IMAGE. qimg io's writes (write -P,
-# write -z, discard) landed after its reads; a qimg that cannot write yet falls back to
-# qemu-io (needs qemu-utils), so the demo runs on either.
-"$qimg" create -q -f qcow2 probe.qcow2 1M
-if "$qimg" io -c 'write -P 0x01 0 64k' probe.qcow2 >/dev/null 2>&1; then
-	writer=("$qimg" io -f qcow2)
-else
-	echo "(this qimg cannot write with io yet: the sample data is written with qemu-io)"
-	writer=(qemu-io -f qcow2)
-fi
-rm -f probe.qcow2
+# io IMAGE COMMAND...: run qemu-io-style commands on IMAGE with qimg io, showing them.
+writer=("$qimg" io -f qcow2)
 io() {
 	local image=$1 c
 	shift

@@ -24,7 +24,7 @@ fn in_dir(args: &[&str], dir: &str) -> Vec<String> {
 fn run_both(s: &Scratch, ours: &[&str], qemu: &[&[&str]]) -> String {
     let args = in_dir(ours, "ours");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = s.qimg(&args);
+    let out = s.qimg_output(&args);
     assert!(
         out.status.success(),
         "qimg {args:?} failed: {}",
@@ -302,7 +302,7 @@ fn dry_runs_change_nothing_and_count_what_the_map_shows() {
     for (args, expected) in cases {
         let mut args = args.to_vec();
         args.extend(["--dry-run", "ours/top.qcow2"]);
-        let out = s.qimg(&args);
+        let out = s.qimg_output(&args);
         assert!(out.status.success(), "qimg {args:?}");
         let stdout = String::from_utf8(out.stdout).unwrap();
         let (data, _zero) = dry_run_numbers(&stdout);
@@ -318,7 +318,7 @@ fn dry_runs_change_nothing_and_count_what_the_map_shows() {
 /// `needle`, and changes no file.
 fn fails(s: &Scratch, args: &[&str], needle: &str) {
     let before = snapshot_files(&s.path("ours"));
-    let out = s.qimg(args);
+    let out = s.qimg_output(args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "qimg {args:?}: {stderr}");
     assert_eq!(
@@ -426,7 +426,7 @@ fn errors_are_one_line_exit_1_and_change_nothing() {
     }
     // Arguments clap refuses exit 2, as qemu-img's usage errors would be exit 1; only
     // check that they fail.
-    assert!(!s.qimg(&["commit"]).status.success());
+    assert!(!s.qimg_output(&["commit"]).status.success());
 }
 
 /// Runs `program args` in `dir` as an unprivileged user when we are root (so that file

@@ -3,6 +3,7 @@
 //! Each subcommand lives in its own file and stays thin: it turns parsed arguments into
 //! library options, calls one operation and prints the result.
 
+mod amend;
 mod checksum;
 mod commit;
 mod common;
@@ -15,6 +16,7 @@ mod map;
 mod measure;
 mod pull;
 mod rebase;
+mod resize;
 mod snapshot;
 
 use std::process::ExitCode;
@@ -54,6 +56,10 @@ enum Command {
     Pull(pull::Args),
     /// Change an image's backing file.
     Rebase(rebase::Args),
+    /// Change an image's virtual size.
+    Resize(resize::Args),
+    /// Change a qcow2 image's options in place.
+    Amend(amend::Args),
 }
 
 fn main() -> ExitCode {
@@ -72,6 +78,8 @@ fn main() -> ExitCode {
         Command::Commit(args) => (commit::run(args), 1),
         Command::Pull(args) => (pull::run(args), 1),
         Command::Rebase(args) => (rebase::run(args), 1),
+        Command::Resize(args) => (resize::run(args), 1),
+        Command::Amend(args) => (amend::run(args), 1),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -671,7 +671,8 @@ impl Image {
 
     /// Makes guest `offset..offset + len` read as zeros. Whole clusters (or subclusters)
     /// get the zero flag — `unmap` also frees their host clusters; partial ones are
-    /// written with zeros. Images without zero flags (version 2) get zeros written.
+    /// written with zeros. Version 2 images have no zero flag: without a backing file
+    /// their whole clusters become unallocated (as QEMU does), with one zeros are written.
     pub(crate) fn write_zeroes_with(
         &self,
         offset: u64,
@@ -696,7 +697,9 @@ impl Image {
         let unit = g.subcluster_size();
         let v2 = self.header().version < 3;
         let raw_data_file = self.data_file_raw();
-        if v2 || raw_data_file {
+        // Version 2 has no zero flag; without a backing file, whole clusters are
+        // unallocated instead (they read as zeros), as QEMU does.
+        if (v2 && self.backing_file().is_some()) || raw_data_file {
             return self.write_zero_bytes(offset, len, backing);
         }
         let end = offset + len;
@@ -720,9 +723,15 @@ impl Image {
         self.change_entries(
             aligned_lo,
             aligned_hi.min(end.div_ceil(unit) * unit),
-            |old, _| ZeroAction::Zero {
-                unmap,
-                keep_old: old,
+            |old, _| {
+                if v2 {
+                    ZeroAction::Unallocate
+                } else {
+                    ZeroAction::Zero {
+                        unmap,
+                        keep_old: old,
+                    }
+                }
             },
         )
     }
@@ -739,10 +748,13 @@ impl Image {
         Ok(())
     }
 
-    /// Discards guest `offset..offset + len`: whole clusters (subclusters with extended
-    /// L2) lose their data and host clusters, as QEMU's discard: they read as zeros when the
-    /// image has a backing file (zero flag, version 3) and otherwise as unallocated.
-    /// Unaligned head and tail are left alone, as QEMU does.
+    /// Discards guest `offset..offset + len` as QEMU's discard: whole clusters lose their
+    /// data and host clusters. In a version 3 image they then read as zeros (zero flag, or
+    /// all-zero subclusters with extended L2) when the image has a backing file or
+    /// allocated them (so a discarded cluster stays "present" in `qemu-img map`); version 2
+    /// clusters become unallocated, unless the image has a backing file, which would show
+    /// through: then nothing changes. Clusters this image does not allocate, without a
+    /// backing file, are left as they are. Unaligned head and tail are left alone.
     pub(crate) fn discard_with(&self, offset: u64, len: u64, has_backing: bool) -> Result<()> {
         self.discard_inner(offset, len, has_backing)
             .map_err(|e| self.name_error(e))
@@ -763,9 +775,17 @@ impl Image {
         if lo >= hi {
             return Ok(());
         }
-        let zero_flag = has_backing && self.header().version >= 3;
-        self.change_entries(lo, hi, |_, _| {
-            if zero_flag {
+        let zero_flag = self.header().version >= 3;
+        if !zero_flag && has_backing {
+            // Unallocating would expose the backing file and version 2 cannot mark zeros:
+            // QEMU leaves the clusters alone (discard is advisory).
+            return Ok(());
+        }
+        self.change_entries(lo, hi, |old, _| {
+            if !has_backing && matches!(old, ClusterDescriptor::Unallocated) {
+                // Reads as zeros already, and stays unallocated.
+                ZeroAction::Keep
+            } else if zero_flag {
                 ZeroAction::Zero {
                     unmap: true,
                     keep_old: ClusterDescriptor::Unallocated,
@@ -796,7 +816,7 @@ impl Image {
             if self.l1_entry(l1_index)?.l2_offset() == 0
                 && matches!(
                     action(ClusterDescriptor::Unallocated, pos),
-                    ZeroAction::Unallocate
+                    ZeroAction::Unallocate | ZeroAction::Keep
                 )
             {
                 pos = span_end; // nothing allocated, nothing to do
@@ -811,6 +831,7 @@ impl Image {
                 let old = self.descriptor(entry, c)?;
                 let whole = from == c && to == c + cs;
                 match action(old, c) {
+                    ZeroAction::Keep => {}
                     ZeroAction::Unallocate if whole || !g.extended_l2() => {
                         self.set_entry(
                             &mut slot.table,
@@ -875,6 +896,7 @@ impl Image {
                             nb = match action {
                                 ZeroAction::Unallocate => nb.with(i, false, false),
                                 ZeroAction::Zero { .. } => nb.with(i, false, true),
+                                ZeroAction::Keep => nb,
                             };
                             s += unit;
                         }
@@ -987,6 +1009,8 @@ enum ZeroAction {
     },
     /// Become unallocated (the backing file shows through).
     Unallocate,
+    /// Stay as it is.
+    Keep,
 }
 
 /// An L2 table being changed: where it will live and its entries.
