@@ -88,8 +88,9 @@ impl Sink for Chain {
     }
 }
 
-/// The largest piece of data read and written at once.
-const PIECE: usize = 4 << 20;
+/// The largest piece of data read and written at once (1 MiB stays in the CPU caches
+/// between the read and the write; 4 MiB measured twice the CPU time).
+const PIECE: usize = 1 << 20;
 
 /// Copies into `sink` every range of `chain`, seen from layer `first`, that one of the
 /// layers `copy` decides. Ranges that read as zeros there become zeros in the sink, except

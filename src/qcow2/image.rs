@@ -429,7 +429,7 @@ impl Image {
             self.cluster_size(),
             self.file_len(),
         )?;
-        let table: L2Table = format::decode_u64_table(&bytes).into();
+        let table: L2Table = Arc::new(format::decode_u64_table(&bytes));
         self.l2_cache.insert(offset, table.clone());
         Ok(table)
     }

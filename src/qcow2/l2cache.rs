@@ -10,7 +10,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 /// A decoded L2 table: raw 64-bit words (two per entry with extended L2).
-pub(crate) type L2Table = Arc<[u64]>;
+/// (An `Arc<Vec>` rather than `Arc<[u64]>`: a changed table is published without a copy.)
+pub(crate) type L2Table = Arc<Vec<u64>>;
 
 #[derive(Debug)]
 pub(crate) struct L2Cache {

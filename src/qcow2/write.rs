@@ -19,7 +19,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
-use std::sync::{MutexGuard, PoisonError};
+use std::sync::{Arc, MutexGuard, PoisonError};
 
 use byteorder::{BigEndian, ByteOrder};
 
@@ -548,7 +548,8 @@ impl Image {
     /// queues the refcount drops of what it no longer references.
     pub(crate) fn commit_l2(&self, w: &mut Writer, l1_index: u64, slot: L2Slot) {
         w.pending_free.extend(slot.frees);
-        self.l2_cache.insert_pinned(slot.offset, slot.table.into());
+        self.l2_cache
+            .insert_pinned(slot.offset, Arc::new(slot.table));
         w.dirty_l2.insert(slot.offset);
         if let Some(entry) = slot.new_l1 {
             self.meta_mut().l1[l1_index as usize] = entry.0;

@@ -72,7 +72,8 @@ impl Model {
     pub fn discarded(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
         let size = self.bytes.len() as u64;
         let end = offset + len;
-        let lo = offset.div_ceil(self.cluster) * self.cluster;
+        // A discard starting inside the last, partial cluster discards nothing.
+        let lo = (offset.div_ceil(self.cluster) * self.cluster).min(size);
         let hi = if end == size {
             size
         } else {
