@@ -188,10 +188,7 @@ pub fn convert_to_qcow2(
 /// mode (`unsafe`) makes them: the write path's checkpoints flush between metadata steps
 /// to stay crash-consistent, which buys nothing for an output that is useless until the
 /// conversion has finished, and each flush would write back everything written so far.
-fn open_output(
-    dst: &Path,
-    options: &CreateOptions,
-) -> Result<(Chain, Vec<(std::path::PathBuf, Arc<FileStorage>)>)> {
+fn open_output(dst: &Path, options: &CreateOptions) -> Result<(Chain, Vec<OutputFile>)> {
     let open = |path: &Path| {
         FileStorage::open(path, true)
             .map(Arc::new)
@@ -217,6 +214,9 @@ fn open_output(
     )?;
     Ok((Chain::from_layers(vec![Layer::Qcow2(image)])?, files))
 }
+
+/// A file of the output (image or data file) and its path.
+type OutputFile = (std::path::PathBuf, Arc<FileStorage>);
 
 /// A file whose flushes are skipped (see [`open_output`]).
 struct Unsynced(Arc<FileStorage>);
