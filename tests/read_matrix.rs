@@ -788,3 +788,21 @@ fn a_chain_deeper_than_the_128_layers_vm_managers_keep() {
     let run = chain.resolve(5 * 4096, 4096).unwrap();
     assert_eq!(run.depth, DEPTH - 1 - 5);
 }
+
+/// Version 2 images carry header extensions too: the backing format of a compat=0.10
+/// overlay is read (QEMU reads and writes it), and the chain opens the backing file with it.
+#[test]
+fn a_version_2_overlay_keeps_its_backing_format() {
+    let s = Scratch::new();
+    s.qemu_img(&["create", "-q", "-f", "raw", "base.img", "1M"]);
+    s.create_overlay("top.qcow2", "base.img", "raw", "compat=0.10", None);
+    let image = Image::open(s.path("top.qcow2")).unwrap();
+    assert_eq!(image.header().version, 2);
+    assert_eq!(image.backing_format().as_deref(), Some("raw"));
+    let chain = s.open("top.qcow2");
+    assert_eq!(
+        chain.top().backing(),
+        Some(("base.img".to_owned(), Some("raw".to_owned())))
+    );
+    assert!(chain.warnings().is_empty(), "{:?}", chain.warnings());
+}

@@ -211,6 +211,46 @@ fn growing_past_the_refcount_table_moves_it_and_stays_clean() {
     assert_model(&s, "a.qcow2", &model, "table growth");
 }
 
+/// Discard leaves the same allocation as QEMU's: a version 3 image without a backing file
+/// keeps discarded clusters it had allocated as zero clusters ("present" in the map),
+/// leaves clusters it never allocated alone, and a version 2 image unallocates them.
+#[test]
+fn discard_without_a_backing_file_leaves_qemus_allocation() {
+    for options in [
+        "cluster_size=64k",
+        "cluster_size=64k,compat=0.10",
+        "cluster_size=64k,extended_l2=on",
+    ] {
+        let s = Scratch::new();
+        s.create("ours.qcow2", options, 1 << 20);
+        let setup = [
+            "write -P 1 0 128k".to_string(),
+            "write -z 256k 64k".to_string(),
+        ];
+        s.qemu_io("ours.qcow2", "qcow2", &setup);
+        std::fs::copy(s.path("ours.qcow2"), s.path("theirs.qcow2")).unwrap();
+        {
+            let chain = open_rw(&s, "ours.qcow2");
+            chain.discard(0, 512 << 10).unwrap();
+            chain.close().unwrap();
+        }
+        s.qemu_io("theirs.qcow2", "qcow2", &["discard 0 512k".into()]);
+        assert_clean(&s, "ours.qcow2", options);
+        let present = |name: &str| -> Vec<(u64, u64, bool, bool)> {
+            s.map(name, "qcow2")
+                .iter()
+                .map(|e| (e.start, e.length, e.present, e.zero))
+                .collect()
+        };
+        assert_eq!(present("ours.qcow2"), present("theirs.qcow2"), "{options}");
+        assert_eq!(
+            s.reference("ours.qcow2", "qcow2"),
+            vec![0u8; 1 << 20],
+            "{options}"
+        );
+    }
+}
+
 #[test]
 fn compressed_clusters_we_store_are_read_by_qemu_and_pass_check() {
     use qcow2_engine::format::CompressionType;
@@ -310,6 +350,161 @@ fn resize_grows_the_l1_table_shrinks_without_leaks_and_hides_a_longer_backing_fi
     expected.0[..1 << 20].fill(0x55);
     assert_clean(&s, "top.qcow2", "grown overlay");
     assert_model(&s, "top.qcow2", &expected, "grown overlay");
+}
+
+/// Version 2 has no zero flag: QEMU zeroes whole clusters of an image without a backing
+/// file by unallocating them, and ignores a discard when a backing file would show
+/// through. Same content and same allocation as QEMU's.
+#[test]
+fn version_2_zero_writes_and_discards_match_qemu() {
+    for backing in [false, true] {
+        let s = Scratch::new();
+        if backing {
+            s.create("base.qcow2", "compat=0.10", 1 << 20);
+            s.qemu_io("base.qcow2", "qcow2", &["write -P 0xb 0 1M".into()]);
+            s.create_overlay("ours.qcow2", "base.qcow2", "qcow2", "compat=0.10", None);
+        } else {
+            s.create("ours.qcow2", "compat=0.10", 1 << 20);
+        }
+        s.qemu_io("ours.qcow2", "qcow2", &["write -P 1 0 512k".into()]);
+        std::fs::copy(s.path("ours.qcow2"), s.path("theirs.qcow2")).unwrap();
+        {
+            let chain = open_rw(&s, "ours.qcow2");
+            chain.write_zeroes(0, 128 << 10, false).unwrap();
+            chain.write_zeroes(640 << 10, 64 << 10, true).unwrap();
+            chain.discard(256 << 10, 128 << 10).unwrap();
+            chain.close().unwrap();
+        }
+        s.qemu_io(
+            "theirs.qcow2",
+            "qcow2",
+            &[
+                "write -z 0 128k".into(),
+                "write -z -u 640k 64k".into(),
+                "discard 256k 128k".into(),
+            ],
+        );
+        let label = format!("compat=0.10 backing={backing}");
+        assert_clean(&s, "ours.qcow2", &label);
+        assert_eq!(
+            s.reference("ours.qcow2", "qcow2"),
+            s.reference("theirs.qcow2", "qcow2"),
+            "{label}"
+        );
+        let allocation = |name: &str| -> Vec<(u64, u64, usize, bool, bool)> {
+            s.map(name, "qcow2")
+                .iter()
+                .map(|e| (e.start, e.length, e.depth, e.present, e.data))
+                .collect()
+        };
+        assert_eq!(
+            allocation("ours.qcow2"),
+            allocation("theirs.qcow2"),
+            "{label}"
+        );
+    }
+}
+
+/// Growing over a longer backing file needs zero clusters to hide it: a version 2 overlay
+/// refuses, as QEMU; over a backing file no longer than the image nothing needs hiding,
+/// and growing writes no data (we wrote zero-filled clusters over the whole new area).
+#[test]
+fn growing_a_version_2_overlay_hides_a_longer_backing_file_or_refuses() {
+    let s = Scratch::new();
+    s.create("base.qcow2", "", 4 << 20);
+    s.qemu_io("base.qcow2", "qcow2", &["write -P 0xb 0 4M".into()]);
+    for (top_size, refused) in [(2 << 20, true), (4 << 20, false)] {
+        let label = format!("compat=0.10 overlay of {top_size} over 4M");
+        s.create_overlay(
+            "a.qcow2",
+            "base.qcow2",
+            "qcow2",
+            "compat=0.10",
+            Some(top_size),
+        );
+        std::fs::copy(s.path("a.qcow2"), s.path("b.qcow2")).unwrap();
+        let qemu_refuses = !s
+            .output("qemu-img", &["resize", "b.qcow2", "64M"])
+            .status
+            .success();
+        assert_eq!(qemu_refuses, refused, "{label}");
+        {
+            let chain = open_rw(&s, "a.qcow2");
+            assert_eq!(chain.resize(64 << 20, false).is_err(), refused, "{label}");
+            chain.close().unwrap();
+        }
+        assert_clean(&s, "a.qcow2", &label);
+        assert_eq!(
+            s.reference("a.qcow2", "qcow2"),
+            s.reference("b.qcow2", "qcow2"),
+            "{label}"
+        );
+        assert!(
+            s.map("a.qcow2", "qcow2")
+                .iter()
+                .all(|e| e.depth > 0 || !e.data),
+            "{label}: growing wrote data"
+        );
+    }
+}
+
+/// An external data file follows the virtual size both ways, as QEMU truncates it; with
+/// data_file_raw it is then still the whole disk as a raw image.
+#[test]
+fn resizing_resizes_the_external_data_file() {
+    let s = Scratch::new();
+    for raw in ["off", "on"] {
+        let options = format!("data_file=d-{raw}.raw,data_file_raw={raw}");
+        s.create("a.qcow2", &options, 1 << 20);
+        s.qemu_io("a.qcow2", "qcow2", &["write -P 0x5 0 1M".into()]);
+        for size in [4u64 << 20, 3 << 20, 512 << 10, 2 << 20] {
+            {
+                let chain = open_rw(&s, "a.qcow2");
+                chain.resize(size, true).unwrap();
+                chain.close().unwrap();
+            }
+            let label = format!("{options} resized to {size}");
+            assert_clean(&s, "a.qcow2", &label);
+            let len = std::fs::metadata(s.path(&format!("d-{raw}.raw")))
+                .unwrap()
+                .len();
+            assert_eq!(len, size, "{label}: data file length");
+        }
+        let mut model = Model(vec![0; 2 << 20]);
+        model.write(0, &[0x5; 512 << 10]);
+        assert_model(&s, "a.qcow2", &model, &options);
+        if raw == "on" {
+            assert_eq!(
+                s.reference("d-on.raw", "raw"),
+                model.0,
+                "{options}: raw view"
+            );
+        }
+        std::fs::remove_file(s.path("a.qcow2")).unwrap();
+    }
+}
+
+/// QEMU refuses to resize a version 2 image with snapshots (its snapshot table does not
+/// record their sizes); version 3 images with snapshots resize.
+#[test]
+fn resizing_a_version_2_image_with_snapshots_is_refused() {
+    let s = Scratch::new();
+    for (options, refused) in [("compat=0.10", true), ("compat=1.1", false)] {
+        s.create("a.qcow2", options, 1 << 20);
+        s.qemu_img(&["snapshot", "-c", "snap", "a.qcow2"]);
+        let qemu_refuses = !s
+            .output("qemu-img", &["resize", "a.qcow2", "2M"])
+            .status
+            .success();
+        assert_eq!(qemu_refuses, refused, "{options}");
+        {
+            let chain = open_rw(&s, "a.qcow2");
+            assert_eq!(chain.resize(3 << 20, false).is_err(), refused, "{options}");
+            chain.close().unwrap();
+        }
+        assert_clean(&s, "a.qcow2", options);
+        std::fs::remove_file(s.path("a.qcow2")).unwrap();
+    }
 }
 
 #[test]

@@ -102,7 +102,8 @@ pub fn split_options(text: &str) -> Result<Vec<(String, String)>, String> {
         .collect()
 }
 
-fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
+/// Parses an on/off option value as qemu-img does.
+pub fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
     match value {
         "on" | "yes" | "true" => Ok(true),
         "off" | "no" | "false" => Ok(false),

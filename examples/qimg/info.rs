@@ -267,29 +267,7 @@ fn print_human(info: &ImageInfo) {
         println!("cleanly shut down: no");
     }
     if !info.snapshots.is_empty() {
-        println!("Snapshot list:");
-        println!(
-            "ID      TAG               VM_SIZE                DATE        VM_CLOCK     ICOUNT"
-        );
-        for s in &info.snapshots {
-            let clock = s.vm_clock_sec;
-            let icount = s.icount.map(|i| i.to_string()).unwrap_or_default();
-            println!(
-                "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
-                s.id,
-                s.name,
-                size_to_str(s.vm_state_size),
-                utc_date(s.date_sec.into()),
-                format!(
-                    "{:04}:{:02}:{:02}.{:03}",
-                    clock / 3600,
-                    clock / 60 % 60,
-                    clock % 60,
-                    s.vm_clock_nsec / 1_000_000
-                ),
-                icount
-            );
-        }
+        print_snapshot_list(&info.snapshots);
     }
     if let Some(q) = &info.qcow2 {
         println!("Format specific information:");
@@ -322,6 +300,31 @@ fn print_human(info: &ImageInfo) {
 }
 
 /// qemu's size_to_str: three significant digits and a binary unit ("336 KiB").
+/// Prints snapshots as `qemu-img snapshot -l` and `qemu-img info` list them.
+pub fn print_snapshot_list(snapshots: &[SnapshotInfo]) {
+    println!("Snapshot list:");
+    println!("ID      TAG               VM_SIZE                DATE        VM_CLOCK     ICOUNT");
+    for s in snapshots {
+        let clock = s.vm_clock_sec;
+        let icount = s.icount.map(|i| i.to_string()).unwrap_or_default();
+        println!(
+            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+            s.id,
+            s.name,
+            size_to_str(s.vm_state_size),
+            utc_date(s.date_sec.into()),
+            format!(
+                "{:04}:{:02}:{:02}.{:03}",
+                clock / 3600,
+                clock / 60 % 60,
+                clock % 60,
+                s.vm_clock_nsec / 1_000_000
+            ),
+            icount
+        );
+    }
+}
+
 fn size_to_str(value: u64) -> String {
     const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
     // Switch units at 1000 of the smaller one, as qemu does.

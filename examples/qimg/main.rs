@@ -3,6 +3,7 @@
 //! Each subcommand lives in its own file and stays thin: it turns parsed arguments into
 //! library options, calls one operation and prints the result.
 
+mod amend;
 mod checksum;
 mod common;
 mod compare;
@@ -12,6 +13,8 @@ mod info;
 mod io;
 mod map;
 mod measure;
+mod resize;
+mod snapshot;
 
 use std::process::ExitCode;
 
@@ -36,12 +39,18 @@ enum Command {
     Convert(convert::Args),
     /// Compare the guest-visible content of two images.
     Compare(compare::Args),
+    /// List, create, apply or delete internal snapshots.
+    Snapshot(snapshot::Args),
     /// CRC-32 of an image's guest-visible content.
     Checksum(checksum::Args),
     /// Run qemu-io-style commands against an image.
     Io(io::Args),
     /// How large a new image would be.
     Measure(measure::Args),
+    /// Change an image's virtual size.
+    Resize(resize::Args),
+    /// Change a qcow2 image's options in place.
+    Amend(amend::Args),
 }
 
 fn main() -> ExitCode {
@@ -54,8 +63,11 @@ fn main() -> ExitCode {
         Command::Convert(args) => (convert::run(args), 1),
         Command::Compare(args) => (compare::run(args), 2),
         Command::Checksum(args) => (checksum::run(args), 1),
+        Command::Snapshot(args) => (snapshot::run(args), 1),
         Command::Io(args) => (io::run(args), 1),
         Command::Measure(args) => (measure::run(args), 1),
+        Command::Resize(args) => (resize::run(args), 1),
+        Command::Amend(args) => (amend::run(args), 1),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -81,10 +81,11 @@ impl Chain {
     /// qemu-img resize: growing makes the new area read as zeros (even over a longer
     /// backing file); shrinking needs `allow_shrink` and frees what lies past the end.
     pub fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
-        let has_backing = self.layers().len() > 1;
+        // Only a backing file longer than the image would show through the new area.
+        let backing_longer = self.layers().get(1).is_some_and(|b| b.size() > self.size());
         match self.writable_top()? {
             Layer::Qcow2(image) => {
-                image.resize_with(new_size, allow_shrink, has_backing, &|b, o| {
+                image.resize_with(new_size, allow_shrink, backing_longer, &|b, o| {
                     self.read_below(b, o)
                 })
             }

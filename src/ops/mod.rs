@@ -1,4 +1,5 @@
-//! Operations over whole chains: map, checksum, compare, convert, info, measure.
+//! Operations over whole chains: map, checksum, compare, convert, info, measure, and the
+//! merges (commit, pull, rebase).
 
 mod checksum;
 mod chunks;
@@ -9,6 +10,7 @@ mod convert_qcow2;
 mod info;
 mod map;
 mod measure;
+mod merge;
 mod windows;
 
 pub use checksum::checksum;
@@ -18,3 +20,6 @@ pub use convert_qcow2::convert_to_qcow2;
 pub use info::{ImageInfo, Qcow2Info, SnapshotInfo, chain_info, info};
 pub use map::{MapEntries, MapEntry, map, map_range};
 pub use measure::{Measurement, measure_chain, measure_size};
+pub use merge::{
+    CommitOptions, MergeOptions, MergeReport, Progress, commit, find_layer, pull, rebase,
+};

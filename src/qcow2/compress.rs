@@ -124,15 +124,13 @@ mod tests {
             let mut out = vec![0u8; data.len()];
             decompress(kind, &c, &mut out, 0).unwrap();
             assert_eq!(out, data);
-            // xorshift64*: bytes without structure a compressor could find (a plain
-            // multiplicative sequence still compresses by a few bytes).
             let mut x = 0x2545_f491_4f6c_dd1du64;
             let noise: Vec<u8> = (0..4096)
                 .map(|_| {
-                    x ^= x >> 12;
-                    x ^= x << 25;
-                    x ^= x >> 27;
-                    (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x >> 32) as u8
                 })
                 .collect();
             assert_eq!(compress_cluster(kind, &noise).unwrap(), None);

@@ -207,7 +207,8 @@ impl Image {
             cluster_size
         };
         let ext_start = u64::from(header.header_length);
-        let extensions = if header.version >= 3 && ext_end > ext_start {
+        // Version 2 images have extensions too (after the 72-byte header), as QEMU reads them.
+        let extensions = if ext_end > ext_start {
             let area_end = (ext_end as usize).min(first_cluster.len());
             let area = first_cluster
                 .get(ext_start as usize..area_end)

@@ -79,6 +79,13 @@ impl L2Cache {
         inner.pinned.remove(&offset);
     }
 
+    /// Forgets every unpinned table (after tables were rewritten on disk directly).
+    pub(crate) fn clear(&self) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.by_offset.clear();
+        inner.by_age.clear();
+    }
+
     /// Stores a changed table, pinned until [`L2Cache::unpin`].
     pub(crate) fn insert_pinned(&self, offset: u64, table: L2Table) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());

@@ -10,6 +10,7 @@ mod prealloc;
 mod rebuild;
 mod refcount;
 mod resize;
+mod snapshot;
 mod write;
 
 pub use amend::AmendOptions;

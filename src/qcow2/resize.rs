@@ -10,16 +10,18 @@ use super::write::{BackingRead, Writer};
 
 impl Image {
     /// Changes the virtual size to `new_size` (a multiple of 512). Growing extends the L1
-    /// table when needed; the new area reads as zeros even over a longer backing file.
-    /// Shrinking needs `allow_shrink` and frees the clusters past the new end.
+    /// table when needed; the new area reads as zeros even over a longer backing file
+    /// (`backing_longer`: the backing file is longer than the image), which a version 2
+    /// image cannot mark as zeros: refused, as QEMU does. Shrinking needs `allow_shrink`
+    /// and frees the clusters past the new end.
     pub(crate) fn resize_with(
         &self,
         new_size: u64,
         allow_shrink: bool,
-        has_backing: bool,
+        backing_longer: bool,
         backing: BackingRead<'_>,
     ) -> Result<()> {
-        self.resize_inner(new_size, allow_shrink, has_backing, backing)
+        self.resize_inner(new_size, allow_shrink, backing_longer, backing)
             .map_err(|e| self.name_error(e))
     }
 
@@ -27,7 +29,7 @@ impl Image {
         &self,
         new_size: u64,
         allow_shrink: bool,
-        has_backing: bool,
+        backing_longer: bool,
         backing: BackingRead<'_>,
     ) -> Result<()> {
         if new_size % 512 != 0 {
@@ -38,6 +40,20 @@ impl Image {
         let old_size = self.size();
         if new_size == old_size {
             return Ok(());
+        }
+        // A version 2 snapshot table does not record each snapshot's size, so the
+        // snapshots would take the new one: QEMU refuses.
+        let header = self.header();
+        if header.version < 3 && header.nb_snapshots > 0 {
+            return Err(Error::Unsupported(
+                "resizing a version 2 (compat=0.10) image that has snapshots",
+            ));
+        }
+        if header.version < 3 && backing_longer && new_size > old_size {
+            return Err(Error::Unsupported(
+                "growing a version 2 (compat=0.10) image over a longer backing file (no zero \
+                 clusters to hide it)",
+            ));
         }
         let g = self.geometry;
         let cs = g.cluster_size();
@@ -61,8 +77,9 @@ impl Image {
                 self.unallocate(lo, old_size)?;
             }
             self.set_size(new_size, None)?;
-            return Ok(());
+            return self.set_data_file_len(new_size);
         }
+        self.set_data_file_len(new_size)?;
         let l1_size = u64::from(self.header().l1_size);
         if needed_l1 > l1_size {
             self.set_size(new_size, Some(needed_l1))?;
@@ -72,11 +89,22 @@ impl Image {
         // The new area must read as zeros: a partial last cluster may hold old bytes past
         // the old end, and a longer backing file would show through.
         let tail_end = new_size.min(old_size.div_ceil(cs) * cs);
-        let zero_to = if has_backing { new_size } else { tail_end };
+        let zero_to = if backing_longer { new_size } else { tail_end };
         if zero_to > old_size {
             self.write_zeroes_with(old_size, zero_to - old_size, false, backing)?;
         }
         Ok(())
+    }
+
+    /// An external data file follows the virtual size, as QEMU truncates it (with
+    /// `data_file_raw` it must read as the whole disk).
+    fn set_data_file_len(&self, len: u64) -> Result<()> {
+        match &self.data_file {
+            Some(data) => data
+                .set_len(len)
+                .map_err(|e| Error::io("resizing the data file", e)),
+            None => Ok(()),
+        }
     }
 
     /// Writes the new size (and a new, larger L1 table) to disk, crash-safely: pending

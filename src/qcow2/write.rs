@@ -378,8 +378,7 @@ impl Image {
             }
         }
         if write_lo == from && write_hi == to {
-            // Straight from the caller's buffer: no copy (see `PendingWrite`).
-            pending.push_span(self, host + (from - cluster), from, part.len())?;
+            pending.push_borrowed(self, host + (from - cluster), from, part.len())?;
         } else {
             let mut bytes = vec![0u8; (write_hi - write_lo) as usize];
             let head = (from - write_lo) as usize;
@@ -387,7 +386,7 @@ impl Image {
             let tail = (to - write_lo) as usize;
             self.read_old(old, bitmap, to, &mut bytes[tail..], backing)?;
             bytes[head..tail].copy_from_slice(part);
-            pending.push(self, host + (write_lo - cluster), &bytes)?;
+            pending.push_owned(self, host + (write_lo - cluster), &bytes)?;
         }
         self.set_entry(table, cluster, L2Entry::data(host, true), new_bitmap);
         // The old host cluster, when replaced, loses this reference.
@@ -672,7 +671,8 @@ impl Image {
 
     /// Makes guest `offset..offset + len` read as zeros. Whole clusters (or subclusters)
     /// get the zero flag — `unmap` also frees their host clusters; partial ones are
-    /// written with zeros. Images without zero flags (version 2) get zeros written.
+    /// written with zeros. Version 2 images have no zero flag: without a backing file
+    /// their whole clusters become unallocated (as QEMU does), with one zeros are written.
     pub(crate) fn write_zeroes_with(
         &self,
         offset: u64,
@@ -697,7 +697,9 @@ impl Image {
         let unit = g.subcluster_size();
         let v2 = self.header().version < 3;
         let raw_data_file = self.data_file_raw();
-        if v2 || raw_data_file {
+        // Version 2 has no zero flag; without a backing file, whole clusters are
+        // unallocated instead (they read as zeros), as QEMU does.
+        if (v2 && self.backing_file().is_some()) || raw_data_file {
             return self.write_zero_bytes(offset, len, backing);
         }
         let end = offset + len;
@@ -721,9 +723,15 @@ impl Image {
         self.change_entries(
             aligned_lo,
             aligned_hi.min(end.div_ceil(unit) * unit),
-            |old, _| ZeroAction::Zero {
-                unmap,
-                keep_old: old,
+            |old, _| {
+                if v2 {
+                    ZeroAction::Unallocate
+                } else {
+                    ZeroAction::Zero {
+                        unmap,
+                        keep_old: old,
+                    }
+                }
             },
         )
     }
@@ -740,10 +748,13 @@ impl Image {
         Ok(())
     }
 
-    /// Discards guest `offset..offset + len`: whole clusters (subclusters with extended
-    /// L2) lose their data and host clusters, as QEMU's discard: they read as zeros when the
-    /// image has a backing file (zero flag, version 3) and otherwise as unallocated.
-    /// Unaligned head and tail are left alone, as QEMU does.
+    /// Discards guest `offset..offset + len` as QEMU's discard: whole clusters lose their
+    /// data and host clusters. In a version 3 image they then read as zeros (zero flag, or
+    /// all-zero subclusters with extended L2) when the image has a backing file or
+    /// allocated them (so a discarded cluster stays "present" in `qemu-img map`); version 2
+    /// clusters become unallocated, unless the image has a backing file, which would show
+    /// through: then nothing changes. Clusters this image does not allocate, without a
+    /// backing file, are left as they are. Unaligned head and tail are left alone.
     pub(crate) fn discard_with(&self, offset: u64, len: u64, has_backing: bool) -> Result<()> {
         self.discard_inner(offset, len, has_backing)
             .map_err(|e| self.name_error(e))
@@ -764,9 +775,17 @@ impl Image {
         if lo >= hi {
             return Ok(());
         }
-        let zero_flag = has_backing && self.header().version >= 3;
-        self.change_entries(lo, hi, |_, _| {
-            if zero_flag {
+        let zero_flag = self.header().version >= 3;
+        if !zero_flag && has_backing {
+            // Unallocating would expose the backing file and version 2 cannot mark zeros:
+            // QEMU leaves the clusters alone (discard is advisory).
+            return Ok(());
+        }
+        self.change_entries(lo, hi, |old, _| {
+            if !has_backing && matches!(old, ClusterDescriptor::Unallocated) {
+                // Reads as zeros already, and stays unallocated.
+                ZeroAction::Keep
+            } else if zero_flag {
                 ZeroAction::Zero {
                     unmap: true,
                     keep_old: ClusterDescriptor::Unallocated,
@@ -797,7 +816,7 @@ impl Image {
             if self.l1_entry(l1_index)?.l2_offset() == 0
                 && matches!(
                     action(ClusterDescriptor::Unallocated, pos),
-                    ZeroAction::Unallocate
+                    ZeroAction::Unallocate | ZeroAction::Keep
                 )
             {
                 pos = span_end; // nothing allocated, nothing to do
@@ -812,6 +831,7 @@ impl Image {
                 let old = self.descriptor(entry, c)?;
                 let whole = from == c && to == c + cs;
                 match action(old, c) {
+                    ZeroAction::Keep => {}
                     ZeroAction::Unallocate if whole || !g.extended_l2() => {
                         self.set_entry(
                             &mut slot.table,
@@ -876,6 +896,7 @@ impl Image {
                             nb = match action {
                                 ZeroAction::Unallocate => nb.with(i, false, false),
                                 ZeroAction::Zero { .. } => nb.with(i, false, true),
+                                ZeroAction::Keep => nb,
                             };
                             s += unit;
                         }
@@ -998,6 +1019,8 @@ enum ZeroAction {
     },
     /// Become unallocated (the backing file shows through).
     Unallocate,
+    /// Stay as it is.
+    Keep,
 }
 
 /// An L2 table being changed: where it will live and its entries.
@@ -1008,115 +1031,64 @@ pub(crate) struct L2Slot {
     new_l1: Option<L1Entry>,
 }
 
-/// Coalesces data writes that continue each other into one positional write.
-///
-/// Pieces that come straight from the span being written (`push_span`) and follow each
-/// other both there and on the host are written from the caller's buffer without being
-/// copied: a large write that allocates contiguous clusters is one `pwrite` of the caller's
-/// bytes. (Copying every cluster into `bytes` first cost about 15% of the CPU time of a
-/// conversion to qcow2.) Only when a piece assembled by copy-on-write (`push`) joins them
-/// are the bytes gathered in `bytes`.
-struct PendingWrite<'a> {
-    /// The span being written and its guest offset.
-    span: &'a [u8],
-    span_offset: u64,
-    /// Host offset of the pending bytes.
-    host: u64,
-    /// Pending bytes that are `span[range]`, not copied; empty when `bytes` is used.
-    range: std::ops::Range<usize>,
-    /// Pending bytes gathered by copying; empty when `range` is used.
-    bytes: Vec<u8>,
+/// Coalesces data writes that continue each other, in the host file and in the caller's
+/// buffer, into one positional write straight from that buffer.
+struct PendingWrite<'b> {
+    /// The caller's data and the guest offset of its first byte.
+    src: &'b [u8],
+    src_offset: u64,
+    /// A run waiting to be written: host offset, start in `src`, length.
+    run: Option<(u64, usize, usize)>,
 }
 
-impl<'a> PendingWrite<'a> {
-    fn new(span: &'a [u8], span_offset: u64) -> PendingWrite<'a> {
+impl<'b> PendingWrite<'b> {
+    fn new(src: &'b [u8], src_offset: u64) -> PendingWrite<'b> {
         PendingWrite {
-            span,
-            span_offset,
-            host: 0,
-            range: 0..0,
-            bytes: Vec::new(),
+            src,
+            src_offset,
+            run: None,
         }
     }
 
-    fn pending_len(&self) -> usize {
-        self.range.len() + self.bytes.len()
-    }
-
-    /// Makes room for `len` bytes at `host`: flushes what does not continue there.
-    fn prepare(&mut self, image: &Image, host: u64) -> Result<()> {
-        let len = self.pending_len();
-        if len != 0 && self.host + len as u64 != host {
-            self.flush(image)?;
-        }
-        if self.pending_len() == 0 {
-            self.host = host;
-        }
-        Ok(())
-    }
-
-    /// Queues the span's bytes at guest `from..from + len` for host offset `host`.
-    fn push_span(&mut self, image: &Image, host: u64, from: u64, len: usize) -> Result<()> {
-        self.prepare(image, host)?;
-        let start = (from - self.span_offset) as usize;
-        if self.bytes.is_empty() && (self.range.is_empty() || self.range.end == start) {
-            if self.range.is_empty() {
-                self.range = start..start;
+    /// Queues `len` bytes of the caller's data from guest `guest` for host `host`.
+    fn push_borrowed(&mut self, image: &Image, host: u64, guest: u64, len: usize) -> Result<()> {
+        let start = (guest - self.src_offset) as usize;
+        if let Some((h, s, l)) = self.run {
+            if h + l as u64 == host && s + l == start && l < 32 << 20 {
+                self.run = Some((h, s, l + len));
+                return Ok(());
             }
-            self.range.end = start + len;
-        } else {
-            self.gather();
-            self.bytes.extend_from_slice(&self.span[start..start + len]);
-        }
-        self.flush_if_large(image)
-    }
-
-    /// Queues assembled `data` for host offset `host`.
-    fn push(&mut self, image: &Image, host: u64, data: &[u8]) -> Result<()> {
-        self.prepare(image, host)?;
-        self.gather();
-        self.bytes.extend_from_slice(data);
-        self.flush_if_large(image)
-    }
-
-    /// Moves borrowed pending bytes into `bytes`, so that more can be appended.
-    fn gather(&mut self) {
-        if !self.range.is_empty() {
-            let range = std::mem::replace(&mut self.range, 0..0);
-            self.bytes.extend_from_slice(&self.span[range]);
-        }
-    }
-
-    fn flush_if_large(&mut self, image: &Image) -> Result<()> {
-        // Borrowed bytes cost nothing to keep; gathered ones are bounded.
-        if self.bytes.len() >= 8 << 20 || self.range.len() >= 64 << 20 {
             self.flush(image)?;
         }
+        self.run = Some((host, start, len));
         Ok(())
+    }
+
+    /// Writes bytes assembled elsewhere (copy-on-write), after what is queued.
+    fn push_owned(&mut self, image: &Image, host: u64, bytes: &[u8]) -> Result<()> {
+        self.flush(image)?;
+        write_data(image, host, bytes)
     }
 
     fn flush(&mut self, image: &Image) -> Result<()> {
-        let len = self.pending_len();
-        if len == 0 {
-            return Ok(());
+        match self.run.take() {
+            Some((host, start, len)) => write_data(image, host, &self.src[start..start + len]),
+            None => Ok(()),
         }
-        let data = match self.range.is_empty() {
-            true => &self.bytes[..],
-            false => &self.span[self.range.clone()],
-        };
-        image
-            .data_storage()
-            .write_at(data, self.host)
-            .map_err(|e| image.io_error("writing data", self.host, e))?;
-        if image.data_file.is_none() {
-            image
-                .file_len
-                .fetch_max(self.host + len as u64, Ordering::Relaxed);
-        }
-        self.range = 0..0;
-        self.bytes.clear();
-        Ok(())
     }
+}
+
+fn write_data(image: &Image, host: u64, bytes: &[u8]) -> Result<()> {
+    image
+        .data_storage()
+        .write_at(bytes, host)
+        .map_err(|e| image.io_error("writing data", host, e))?;
+    if image.data_file.is_none() {
+        image
+            .file_len
+            .fetch_max(host + bytes.len() as u64, Ordering::Relaxed);
+    }
+    Ok(())
 }
 
 impl Drop for Image {

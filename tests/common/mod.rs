@@ -529,3 +529,94 @@ pub fn verify(scratch: &Scratch, top: &str, format: &str, check_map: bool, label
         assert_map_agrees(&chain, &map, label);
     }
 }
+
+/// The `qimg` example, built once per test binary with `cargo build --example qimg`.
+pub fn qimg_path() -> &'static Path {
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "--example", "qimg"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "building the qimg example failed");
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debug/examples/qimg")
+    })
+}
+
+impl Scratch {
+    /// Runs `qimg args...` in the directory and returns its output, whatever its status.
+    pub fn qimg_output(&self, args: &[&str]) -> std::process::Output {
+        Command::new(qimg_path())
+            .args(args)
+            .current_dir(self.dir())
+            .output()
+            .expect("running qimg")
+    }
+
+    /// Runs `qimg args...`; panics with stderr unless it succeeds. Returns stdout.
+    pub fn qimg(&self, args: &[&str]) -> String {
+        let out = self.qimg_output(args);
+        if !out.status.success() {
+            panic!(
+                "`qimg {}` failed ({}):\n--- stderr ---\n{}\n--- stdout ---\n{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr),
+                String::from_utf8_lossy(&out.stdout),
+            );
+        }
+        String::from_utf8(out.stdout).expect("qimg output is UTF-8")
+    }
+
+    /// Panics unless `qemu-img check` finds `name` clean (no corruption, no leak).
+    pub fn assert_clean(&self, name: &str, label: &str) {
+        let out = self.output("qemu-img", &["check", name]);
+        assert!(
+            out.status.success(),
+            "{label}: qemu-img check {name} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Panics unless `qemu-img compare` finds `a` and `b` equal in content.
+    pub fn assert_same_content(&self, a: &str, b: &str, label: &str) {
+        let out = self.output("qemu-img", &["compare", a, b]);
+        assert!(
+            out.status.success(),
+            "{label}: qemu-img compare {a} {b} ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Copies `from` to `to` inside the directory.
+    pub fn copy(&self, from: &str, to: &str) {
+        std::fs::copy(self.path(from), self.path(to)).expect("copying a fixture");
+    }
+}
+
+/// Asserts that a failed command said one thing on one line of stderr and exited non-zero.
+pub fn assert_one_line_failure(out: &std::process::Output, label: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{label}: succeeded");
+    assert_ne!(out.status.code(), None, "{label}: killed by a signal");
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "{label}: stderr is not one line:\n{stderr}"
+    );
+}
+
+/// Runs the `qimg` example (built once per test binary) in `dir`.
+pub fn qimg(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(qimg_path())
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("running qimg")
+}

@@ -1,0 +1,179 @@
+//! `qimg amend`: change a qcow2 image's options in place, as qemu-img amend.
+//!
+//! Beyond qemu-img (which since QEMU 5.1 refuses to change the backing file here and
+//! points at `rebase`), `backing_file` and `backing_fmt` change the stored names like
+//! `qemu-img rebase -u`; an empty `backing_file` removes the backing file.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, anyhow, bail};
+use qcow2_engine::qcow2::AmendOptions;
+use qcow2_engine::{Chain, ChainOptions, Compat, Format};
+
+use crate::common::{parse_bool, parse_format, parse_size, split_options};
+
+/// Arguments of `qimg amend`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Options to change: comma-separated `key=value` (repeatable; later ones win).
+    #[arg(short = 'o', required = true)]
+    options: Vec<String>,
+    /// Format of FILE (probed when absent; only qcow2 can be amended).
+    #[arg(short = 'f', value_parser = parse_format)]
+    format: Option<Format>,
+    /// Print nothing on success (qimg prints nothing anyway; accepted for compatibility).
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Show progress (accepted for compatibility).
+    #[arg(short = 'p')]
+    progress: bool,
+    /// The image.
+    file: PathBuf,
+}
+
+/// Turns qemu-img's `-o` texts into [`AmendOptions`], refusing what amend cannot change
+/// with qemu-img's reasons.
+fn parse_options(texts: &[String]) -> Result<AmendOptions, String> {
+    let mut options = AmendOptions::default();
+    for text in texts {
+        for (key, value) in split_options(text)? {
+            let bad = |e: String| format!("parameter '{key}': {e}");
+            match key.as_str() {
+                "compat" => {
+                    options.compat =
+                        Some(Compat::from_name(&value).map_err(|e| bad(e.to_string()))?)
+                }
+                "lazy_refcounts" => options.lazy_refcounts = Some(parse_bool(&key, &value)?),
+                "refcount_bits" => {
+                    let bits: u32 = value
+                        .parse()
+                        .map_err(|_| bad(format!("{value:?} is not a number")))?;
+                    if !bits.is_power_of_two() || bits > 64 {
+                        return Err(bad(format!(
+                            "refcount width {bits} is not a power of two from 1 to 64"
+                        )));
+                    }
+                    options.refcount_bits = Some(bits);
+                }
+                "backing_file" => {
+                    options.backing_file = Some((!value.is_empty()).then_some(value));
+                }
+                "backing_fmt" => {
+                    let format = parse_format(&value).map_err(bad)?;
+                    options.backing_format = Some(Some(format.name().to_owned()));
+                }
+                "size" => {
+                    let size = parse_size(&value)?;
+                    if size == 0 || size % 512 != 0 {
+                        return Err(bad(format!(
+                            "the new size {size} must be a positive multiple of 512"
+                        )));
+                    }
+                    options.size = Some(size);
+                }
+                "cluster_size" | "extended_l2" | "compression_type" | "preallocation"
+                | "encryption" | "encrypt.format" => {
+                    return Err(format!(
+                        "Invalid parameter '{key}': this option is only supported for image \
+                         creation"
+                    ));
+                }
+                "data_file" | "data_file_raw" => {
+                    return Err(format!("parameter '{key}' cannot be amended by qimg"));
+                }
+                _ => return Err(format!("Invalid parameter '{key}'")),
+            }
+        }
+    }
+    // An empty backing file takes its format along.
+    if options.backing_file == Some(None) {
+        if matches!(options.backing_format, Some(Some(_))) {
+            return Err("backing_fmt needs a backing file".into());
+        }
+        options.backing_format = Some(None);
+    }
+    Ok(options)
+}
+
+/// Runs `qimg amend`.
+pub fn run(args: Args) -> Result<u8> {
+    let _ = (args.quiet, args.progress);
+    let options =
+        parse_options(&args.options).map_err(|e| anyhow!("{}: {e}", args.file.display()))?;
+    let chain = Chain::open_with(
+        &args.file,
+        &ChainOptions {
+            format: args.format,
+            writable: true,
+            ..ChainOptions::default()
+        },
+    )?;
+    for warning in chain.warnings() {
+        eprintln!("qimg: warning: {warning}");
+    }
+    if chain.top().format() != Format::Qcow2 {
+        bail!(
+            "{}: format '{}' does not support option amendment",
+            args.file.display(),
+            chain.top().format().name()
+        );
+    }
+    let amended = chain.amend(&options);
+    let closed = chain.close();
+    amended?;
+    closed?;
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<AmendOptions, String> {
+        parse_options(&[text.to_owned()])
+    }
+
+    #[test]
+    fn every_amendable_option_parses() {
+        let o = parse("compat=0.10,lazy_refcounts=off,refcount_bits=16,size=1M").unwrap();
+        assert_eq!(o.compat, Some(Compat::V0_10));
+        assert_eq!(o.lazy_refcounts, Some(false));
+        assert_eq!(o.refcount_bits, Some(16));
+        assert_eq!(o.size, Some(1 << 20));
+        let o = parse("backing_file=b.qcow2,backing_fmt=qcow2").unwrap();
+        assert_eq!(o.backing_file, Some(Some("b.qcow2".into())));
+        assert_eq!(o.backing_format, Some(Some("qcow2".into())));
+    }
+
+    #[test]
+    fn later_options_win_and_an_empty_backing_file_removes_it() {
+        let o = parse_options(&["size=1M,size=2M".into(), "size=4M".into()]).unwrap();
+        assert_eq!(o.size, Some(4 << 20));
+        let o = parse("backing_file=").unwrap();
+        assert_eq!(o.backing_file, Some(None));
+        assert_eq!(o.backing_format, Some(None));
+    }
+
+    #[test]
+    fn bad_values_and_creation_options_are_refused() {
+        for bad in [
+            "compat=2.0",
+            "refcount_bits=3",
+            "refcount_bits=128",
+            "refcount_bits=x",
+            "lazy_refcounts=maybe",
+            "size=1000",
+            "size=0",
+            "size=abc",
+            "backing_fmt=vmdk",
+            "cluster_size=4k",
+            "extended_l2=on",
+            "data_file=x",
+            "foo=1",
+            "backing_file=,backing_fmt=raw",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse("foo=1").unwrap_err(), "Invalid parameter 'foo'");
+    }
+}

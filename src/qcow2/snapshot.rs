@@ -1,0 +1,366 @@
+//! Internal snapshots (spec: "Snapshots"): create, apply (revert) and delete, as QEMU's.
+//!
+//! # Crash ordering
+//!
+//! The snapshot table only changes by one header write that switches to a complete new
+//! table. Around it, references are counted before they exist and dropped after they are
+//! gone, so a crash leaks at worst. COPIED flags are cleared before any refcount rises
+//! above one and set only after the refcount of one is on disk: a crash never leaves a
+//! COPIED flag on a shared cluster (a later write would overwrite snapshot data in place).
+
+use std::sync::PoisonError;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::error::{Error, Result};
+use crate::format::{self, ClusterDescriptor, L1Entry, L2Entry, SnapshotEntry, SnapshotExtra};
+
+use super::image::Image;
+use super::write::Writer;
+
+const COPIED: u64 = 1 << 63;
+
+impl Image {
+    /// Takes an internal snapshot of the active image named `name`, with the next free
+    /// numeric ID, as `qemu-img snapshot -c`. Returns its table entry.
+    pub fn snapshot_create(&self, name: &str) -> Result<SnapshotEntry> {
+        self.snapshot_op(|w| self.create_locked(w, name))
+    }
+
+    /// Reverts the active image to the snapshot whose ID or name is `id_or_name`, as
+    /// `qemu-img snapshot -a`.
+    pub fn snapshot_apply(&self, id_or_name: &str) -> Result<()> {
+        self.snapshot_op(|w| self.apply_locked(w, id_or_name))
+    }
+
+    /// Deletes the snapshot whose ID or name is `id_or_name`, as `qemu-img snapshot -d`;
+    /// clusters only it used are freed.
+    pub fn snapshot_delete(&self, id_or_name: &str) -> Result<()> {
+        self.snapshot_op(|w| self.delete_locked(w, id_or_name))
+    }
+
+    fn snapshot_op<T>(&self, op: impl FnOnce(&mut Writer) -> Result<T>) -> Result<T> {
+        if self.has_external_data_file() {
+            return Err(self.name_error(Error::Unsupported(
+                "internal snapshots in an image with an external data file",
+            )));
+        }
+        let _io = self.io_lock.write().unwrap_or_else(PoisonError::into_inner);
+        let mut w = self.writer().map_err(|e| self.name_error(e))?;
+        let result = self.checkpoint(&mut w).and_then(|()| op(&mut w));
+        // Tables changed behind the cache's back: start it afresh.
+        self.l2_cache.clear();
+        result.map_err(|e| self.name_error(e))
+    }
+
+    /// The index of the snapshot with this ID, else the first with this name.
+    fn find_snapshot(&self, id_or_name: &str) -> Result<usize> {
+        let snapshots = &self.meta().snapshots;
+        snapshots
+            .iter()
+            .position(|s| s.id == id_or_name)
+            .or_else(|| snapshots.iter().position(|s| s.name == id_or_name))
+            .ok_or_else(|| Error::InvalidArgument(format!("no snapshot {id_or_name:?}")))
+    }
+
+    fn create_locked(&self, w: &mut Writer, name: &str) -> Result<SnapshotEntry> {
+        let count = self.meta().snapshots.len();
+        if count >= format::MAX_SNAPSHOTS as usize {
+            return Err(Error::InvalidArgument(
+                "the image has 65536 snapshots already".into(),
+            ));
+        }
+        if name.len() > 0xffff {
+            return Err(Error::InvalidArgument(
+                "snapshot name longer than 65535 bytes".into(),
+            ));
+        }
+        // 1. Clear COPIED in the active tables: every cluster is about to be shared.
+        let l1 = self.meta().l1.clone();
+        for &raw in &l1 {
+            let l2 = L1Entry(raw).l2_offset();
+            if l2 != 0 {
+                self.rewrite_l2(l2, |_, e| e & !COPIED)?;
+            }
+        }
+        let cleared: Vec<u64> = l1.iter().map(|e| e & !COPIED).collect();
+        self.write_active_l1(&cleared)?;
+        self.meta_mut().l1 = cleared.clone();
+        self.sync()?;
+        // 2. Count the snapshot's references; write its L1 copy and the new table.
+        self.add_references(w, &l1, 1)?;
+        let header = self.header();
+        let cs = self.cluster_size();
+        let l1_bytes = (l1.len() as u64 * 8).max(8);
+        let l1_copy_at = self.allocate(w, l1_bytes.div_ceil(cs))?;
+        let mut bytes = vec![0u8; l1_bytes as usize];
+        format::encode_u64_table(&cleared, &mut bytes);
+        self.storage
+            .write_at(&bytes, l1_copy_at)
+            .map_err(|e| Error::io("writing the snapshot's L1 table", e))?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let id = {
+            let meta = self.meta();
+            let max = meta
+                .snapshots
+                .iter()
+                .filter_map(|s| s.id.parse::<u64>().ok())
+                .max()
+                .unwrap_or(0);
+            (max + 1).to_string()
+        };
+        let entry = SnapshotEntry {
+            l1_table_offset: l1_copy_at,
+            l1_size: l1.len() as u32,
+            id,
+            name: name.to_owned(),
+            date_sec: now.as_secs() as u32,
+            date_nsec: now.subsec_nanos(),
+            vm_clock_nsec: 0,
+            vm_state_size32: 0,
+            extra: SnapshotExtra {
+                vm_state_size_large: Some(0),
+                disk_size: Some(header.size),
+                icount: Some(0),
+                unknown: Vec::new(),
+            },
+        };
+        let mut snapshots = self.meta().snapshots.clone();
+        snapshots.push(entry.clone());
+        self.switch_snapshot_table(w, snapshots)?;
+        Ok(entry)
+    }
+
+    fn delete_locked(&self, w: &mut Writer, id_or_name: &str) -> Result<()> {
+        let index = self.find_snapshot(id_or_name)?;
+        let mut snapshots = self.meta().snapshots.clone();
+        let gone = snapshots.remove(index);
+        // 1. The table without it; 2. its references dropped; 3. COPIED where now alone.
+        self.switch_snapshot_table(w, snapshots)?;
+        let l1 = self.read_l1(gone.l1_table_offset, gone.l1_size)?;
+        self.add_references(w, &l1, -1)?;
+        self.drop_l1_clusters(w, gone.l1_table_offset, gone.l1_size)?;
+        w.refcounts.write_dirty(&*self.storage)?;
+        self.sync()?;
+        self.recompute_copied(w)
+    }
+
+    fn apply_locked(&self, w: &mut Writer, id_or_name: &str) -> Result<()> {
+        let index = self.find_snapshot(id_or_name)?;
+        let snapshot = self.meta().snapshots[index].clone();
+        let target = self.read_l1(snapshot.l1_table_offset, snapshot.l1_size)?;
+        let old = self.meta().l1.clone();
+        let header = self.header();
+        let size = snapshot.extra.disk_size.unwrap_or(header.size);
+        let geometry = self.geometry;
+        let needed = geometry.l1_entries_for(size).unwrap_or(u64::MAX);
+        let entries = (target.len() as u64).max(needed);
+        if entries * 8 > format::MAX_L1_BYTES {
+            return Err(Error::corrupt(
+                "snapshot table",
+                header.snapshots_offset,
+                "snapshot L1 table too large",
+            ));
+        }
+        // 1. The active image is about to reference the snapshot's clusters.
+        self.add_references(w, &target, 1)?;
+        let cs = self.cluster_size();
+        let at = self.allocate(w, (entries * 8).max(8).div_ceil(cs))?;
+        let mut l1: Vec<u64> = target.iter().map(|e| e & !COPIED).collect();
+        l1.resize(entries as usize, 0);
+        let mut bytes = vec![0u8; (entries * 8) as usize];
+        format::encode_u64_table(&l1, &mut bytes);
+        self.storage
+            .write_at(&bytes, at)
+            .map_err(|e| Error::io("writing the new active L1 table", e))?;
+        w.refcounts.write_dirty(&*self.storage)?;
+        self.sync()?;
+        // 2. Switch the header to it in one write.
+        {
+            let mut meta = self.meta_mut();
+            meta.header.l1_table_offset = at;
+            meta.header.l1_size = entries as u32;
+            meta.header.size = size;
+            meta.l1 = l1;
+        }
+        self.write_header()?;
+        self.sync()?;
+        // 3. Drop the old active image's references; 4. COPIED where now alone.
+        self.add_references(w, &old, -1)?;
+        self.drop_l1_clusters(w, header.l1_table_offset, header.l1_size)?;
+        w.refcounts.write_dirty(&*self.storage)?;
+        self.sync()?;
+        self.recompute_copied(w)
+    }
+
+    fn read_l1(&self, offset: u64, entries: u32) -> Result<Vec<u64>> {
+        let bytes = self.read_metadata("snapshot L1 table", offset, u64::from(entries) * 8)?;
+        Ok(format::decode_u64_table(&bytes))
+    }
+
+    fn drop_l1_clusters(&self, w: &mut Writer, offset: u64, entries: u32) -> Result<()> {
+        if entries == 0 || offset == 0 {
+            return Ok(());
+        }
+        let cb = self.geometry.cluster_bits();
+        let clusters = (u64::from(entries) * 8).div_ceil(self.cluster_size());
+        w.refcounts.add(&*self.storage, offset >> cb, clusters, -1)
+    }
+
+    /// Adds `delta` to the refcount of every L2 table `l1` points at and of every cluster
+    /// those tables map (once per reference, as QEMU counts them).
+    fn add_references(&self, w: &mut Writer, l1: &[u64], delta: i64) -> Result<()> {
+        let g = self.geometry;
+        let cb = g.cluster_bits();
+        let step = if g.extended_l2() { 2 } else { 1 };
+        for &raw in l1 {
+            let l2 = L1Entry(raw).l2_offset();
+            if l2 == 0 {
+                continue;
+            }
+            let table = self.read_metadata("L2 table", l2, self.cluster_size())?;
+            for (i, e) in format::decode_u64_table(&table)
+                .into_iter()
+                .step_by(step)
+                .enumerate()
+            {
+                let d = L2Entry(e).decode(g).map_err(|reason| {
+                    Error::corrupt("L2 table", l2, format!("entry {i}: {reason}"))
+                })?;
+                match d {
+                    ClusterDescriptor::Data { host, .. }
+                    | ClusterDescriptor::Zero { host: Some(host) }
+                        if host != 0 =>
+                    {
+                        w.refcounts.add(&*self.storage, host >> cb, 1, delta)?;
+                    }
+                    ClusterDescriptor::Compressed(c) => {
+                        let first = c.host_offset >> cb;
+                        let last = (c.host_offset + c.len - 1) >> cb;
+                        w.refcounts
+                            .add(&*self.storage, first, last - first + 1, delta)?;
+                    }
+                    _ => {}
+                }
+            }
+            w.refcounts.add(&*self.storage, l2 >> cb, 1, delta)?;
+        }
+        Ok(())
+    }
+
+    /// Sets COPIED exactly where the refcount is one, in the active L2 tables and L1.
+    fn recompute_copied(&self, w: &mut Writer) -> Result<()> {
+        let g = self.geometry;
+        let cb = g.cluster_bits();
+        let mut l1 = self.meta().l1.clone();
+        for raw in l1.iter_mut() {
+            let l2 = L1Entry(*raw).l2_offset();
+            if l2 == 0 {
+                continue;
+            }
+            let shared_table = w.refcounts.get(&*self.storage, l2 >> cb)? != 1;
+            *raw = if shared_table { l2 } else { l2 | COPIED };
+            if shared_table {
+                continue; // entries of a shared table are not accurate; leave them
+            }
+            let mut error = None;
+            self.rewrite_l2(l2, |_, e| {
+                let d = match L2Entry(e).decode(g) {
+                    Ok(d) => d,
+                    Err(_) => return e,
+                };
+                let host = match d {
+                    ClusterDescriptor::Data { host, .. }
+                    | ClusterDescriptor::Zero { host: Some(host) }
+                        if host != 0 =>
+                    {
+                        host
+                    }
+                    _ => return e & !COPIED,
+                };
+                match w.refcounts.get(&*self.storage, host >> cb) {
+                    Ok(1) => e | COPIED,
+                    Ok(_) => e & !COPIED,
+                    Err(err) => {
+                        error = Some(err);
+                        e
+                    }
+                }
+            })?;
+            if let Some(e) = error {
+                return Err(e);
+            }
+        }
+        self.write_active_l1(&l1)?;
+        self.meta_mut().l1 = l1;
+        self.sync()
+    }
+
+    /// Rewrites the L2 table at `offset` in place, entry by entry (the first word of each
+    /// extended entry), with `change(index, entry)`.
+    fn rewrite_l2(&self, offset: u64, mut change: impl FnMut(usize, u64) -> u64) -> Result<()> {
+        let bytes = self.read_metadata("L2 table", offset, self.cluster_size())?;
+        let mut table = format::decode_u64_table(&bytes);
+        let step = if self.geometry.extended_l2() { 2 } else { 1 };
+        let mut changed = false;
+        for (i, e) in table.iter_mut().step_by(step).enumerate() {
+            let new = change(i, *e);
+            changed |= new != *e;
+            *e = new;
+        }
+        if changed {
+            let mut out = vec![0u8; bytes.len()];
+            format::encode_u64_table(&table, &mut out);
+            self.storage
+                .write_at(&out, offset)
+                .map_err(|e| Error::io(format!("writing L2 table at {offset:#x}"), e))?;
+        }
+        Ok(())
+    }
+
+    fn write_active_l1(&self, l1: &[u64]) -> Result<()> {
+        let at = self.header().l1_table_offset;
+        let mut bytes = vec![0u8; l1.len() * 8];
+        format::encode_u64_table(l1, &mut bytes);
+        self.storage
+            .write_at(&bytes, at)
+            .map_err(|e| Error::io("writing the L1 table", e))
+    }
+
+    /// Writes `snapshots` as a new table, switches the header to it in one write, then
+    /// frees the old table.
+    fn switch_snapshot_table(&self, w: &mut Writer, snapshots: Vec<SnapshotEntry>) -> Result<()> {
+        let cb = self.geometry.cluster_bits();
+        let cs = self.cluster_size();
+        let bytes: Vec<u8> = snapshots.iter().flat_map(|s| s.encode()).collect();
+        let at = if bytes.is_empty() {
+            0
+        } else {
+            let at = self.allocate(w, (bytes.len() as u64).div_ceil(cs))?;
+            self.storage
+                .write_at(&bytes, at)
+                .map_err(|e| Error::io("writing the snapshot table", e))?;
+            at
+        };
+        w.refcounts.write_dirty(&*self.storage)?;
+        self.sync()?;
+        let (old_at, old_len) = {
+            let mut meta = self.meta_mut();
+            let old_len: u64 = meta.snapshots.iter().map(|s| s.encoded_len() as u64).sum();
+            let old_at = meta.header.snapshots_offset;
+            meta.header.snapshots_offset = at;
+            meta.header.nb_snapshots = snapshots.len() as u32;
+            meta.snapshots = snapshots;
+            (old_at, old_len)
+        };
+        self.write_header()?;
+        self.sync()?;
+        if old_len > 0 && old_at != 0 {
+            w.refcounts
+                .add(&*self.storage, old_at >> cb, old_len.div_ceil(cs), -1)?;
+        }
+        w.refcounts.write_dirty(&*self.storage)?;
+        self.sync()
+    }
+}

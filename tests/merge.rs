@@ -1,0 +1,283 @@
+//! Commit, pull and rebase against qemu-img's on copies of the same chains: the same
+//! visible content, clean checks, the right backing pointers.
+
+mod common;
+
+use std::path::Path;
+
+use common::{Rng, Scratch, random_ops, source_file};
+use qcow2_engine::ops::{self, CommitOptions, MergeOptions};
+
+const K: u64 = 1024;
+const SIZE: u64 = 8 << 20;
+
+/// base <- mid <- top with random writes, zero writes and discards in every layer, in
+/// two directories `ours/` and `qemu/` holding identical copies.
+fn chain(s: &Scratch, options: &str, seed: u64) {
+    let mut rng = Rng::new(seed);
+    source_file(s, seed, 256 * 1024);
+    s.create("base.qcow2", options, SIZE);
+    s.qemu_io("base.qcow2", "qcow2", &["write -P 0x11 0 3M".into()]);
+    let ops = random_ops(&mut rng, SIZE, 64 * K, 256 * K, 0x20, 40);
+    s.qemu_io("base.qcow2", "qcow2", &ops);
+    s.create_overlay("mid.qcow2", "base.qcow2", "qcow2", options, None);
+    let ops = random_ops(&mut rng, SIZE, 64 * K, 256 * K, 0x60, 40);
+    s.qemu_io("mid.qcow2", "qcow2", &ops);
+    s.create_overlay("top.qcow2", "mid.qcow2", "qcow2", options, None);
+    let ops = random_ops(&mut rng, SIZE, 64 * K, 256 * K, 0xa0, 40);
+    s.qemu_io("top.qcow2", "qcow2", &ops);
+    for dir in ["ours", "qemu"] {
+        std::fs::create_dir_all(s.path(dir)).unwrap();
+        for f in ["base.qcow2", "mid.qcow2", "top.qcow2"] {
+            std::fs::copy(s.path(f), s.path(dir).join(f)).unwrap();
+        }
+    }
+}
+
+fn check(s: &Scratch, path: &str) {
+    let out = s.output("qemu-img", &["check", path]);
+    assert!(
+        out.status.success(),
+        "qemu-img check {path}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn same_content(s: &Scratch, a: &str, b: &str) {
+    let out = s.output("qemu-img", &["compare", a, b]);
+    assert!(
+        out.status.success(),
+        "qemu-img compare {a} {b}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn backing_of(s: &Scratch, path: &str) -> Option<String> {
+    let out = s.qemu_img(&["info", "--output=json", path]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v.get("backing-filename")
+        .and_then(|b| b.as_str())
+        .map(str::to_owned)
+}
+
+fn no_progress() -> impl FnMut(u64, u64) -> bool {
+    |_, _| true
+}
+
+const OPTIONS: &[&str] = &[
+    "cluster_size=64k",
+    "cluster_size=4k",
+    "cluster_size=64k,extended_l2=on",
+    "cluster_size=64k,compat=0.10",
+];
+
+#[test]
+fn commit_into_the_backing_file_matches_qemu_img_commit() {
+    for (i, options) in OPTIONS.iter().enumerate() {
+        let s = Scratch::new();
+        chain(&s, options, 10 + i as u64);
+        let before = s.reference("top.qcow2", "qcow2");
+        ops::commit(
+            &s.path("ours/top.qcow2"),
+            &CommitOptions::default(),
+            &mut no_progress(),
+        )
+        .unwrap();
+        s.qemu_img(&["commit", "-q", "qemu/top.qcow2"]);
+        for f in ["base.qcow2", "mid.qcow2", "top.qcow2"] {
+            check(&s, &format!("ours/{f}"));
+        }
+        same_content(&s, "ours/mid.qcow2", "qemu/mid.qcow2");
+        same_content(&s, "ours/top.qcow2", "qemu/top.qcow2");
+        assert_eq!(s.reference("ours/top.qcow2", "qcow2"), before, "{options}");
+        // The committed image was emptied: nothing allocated in it any more.
+        let map = s.map("ours/top.qcow2", "qcow2");
+        assert!(
+            map.iter().all(|e| e.depth > 0),
+            "{options}: top still allocates"
+        );
+    }
+}
+
+#[test]
+fn commit_through_mid_into_base_matches_qemu_img_commit_b() {
+    for (i, options) in OPTIONS.iter().enumerate() {
+        let s = Scratch::new();
+        chain(&s, options, 20 + i as u64);
+        let before = s.reference("top.qcow2", "qcow2");
+        ops::commit(
+            &s.path("ours/top.qcow2"),
+            &CommitOptions {
+                base: Some(s.path("ours/base.qcow2")),
+                ..CommitOptions::default()
+            },
+            &mut no_progress(),
+        )
+        .unwrap();
+        // qemu-img finds the base by the name the chain resolves to.
+        let qbase = s.path("qemu/base.qcow2").display().to_string();
+        let qtop = s.path("qemu/top.qcow2").display().to_string();
+        s.qemu_img(&["commit", "-q", "-b", &qbase, &qtop]);
+        for f in ["base.qcow2", "mid.qcow2", "top.qcow2"] {
+            check(&s, &format!("ours/{f}"));
+            same_content(&s, &format!("ours/{f}"), &format!("qemu/{f}"));
+        }
+        assert_eq!(s.reference("ours/top.qcow2", "qcow2"), before, "{options}");
+        // base now shows what top showed.
+        same_content(&s, "ours/base.qcow2", "ours/top.qcow2");
+    }
+}
+
+#[test]
+fn commit_of_a_middle_range_repoints_the_image_above_and_keeps_the_content() {
+    for (i, options) in OPTIONS.iter().enumerate() {
+        let s = Scratch::new();
+        chain(&s, options, 30 + i as u64);
+        let before = s.reference("top.qcow2", "qcow2");
+        ops::commit(
+            &s.path("ours/top.qcow2"),
+            &CommitOptions {
+                top: Some(s.path("ours/mid.qcow2")),
+                ..CommitOptions::default()
+            },
+            &mut no_progress(),
+        )
+        .unwrap();
+        for f in ["base.qcow2", "top.qcow2"] {
+            check(&s, &format!("ours/{f}"));
+        }
+        assert_eq!(
+            backing_of(&s, "ours/top.qcow2").as_deref(),
+            Some("base.qcow2")
+        );
+        assert_eq!(s.reference("ours/top.qcow2", "qcow2"), before, "{options}");
+        // qemu's equivalent: commit mid into base, then point top at base.
+        s.qemu_img(&["commit", "-q", "qemu/mid.qcow2"]);
+        s.qemu_img(&[
+            "rebase",
+            "-u",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "qemu/top.qcow2",
+        ]);
+        same_content(&s, "ours/base.qcow2", "qemu/base.qcow2");
+    }
+}
+
+#[test]
+fn pull_matches_qemu_img_rebase_with_and_without_a_base() {
+    for (i, options) in OPTIONS.iter().enumerate() {
+        for base in [None, Some("base.qcow2")] {
+            let s = Scratch::new();
+            chain(&s, options, 40 + i as u64);
+            let before = s.reference("top.qcow2", "qcow2");
+            let base_path = base.map(|b| s.path("ours").join(b));
+            ops::pull(
+                &s.path("ours/top.qcow2"),
+                base_path.as_deref(),
+                &MergeOptions::default(),
+                &mut no_progress(),
+            )
+            .unwrap();
+            let mut args = vec!["rebase", "-q", "-b", base.unwrap_or("")];
+            if base.is_some() {
+                args.extend(["-F", "qcow2"]);
+            }
+            args.push("qemu/top.qcow2");
+            s.qemu_img(&args);
+            check(&s, "ours/top.qcow2");
+            assert_eq!(
+                backing_of(&s, "ours/top.qcow2").as_deref(),
+                base,
+                "{options}"
+            );
+            same_content(&s, "ours/top.qcow2", "qemu/top.qcow2");
+            assert_eq!(
+                s.reference("ours/top.qcow2", "qcow2"),
+                before,
+                "{options} {base:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_dry_run_reports_without_changing_anything() {
+    let s = Scratch::new();
+    chain(&s, "cluster_size=64k", 50);
+    let before = std::fs::read(s.path("ours/mid.qcow2")).unwrap();
+    let report = ops::commit(
+        &s.path("ours/top.qcow2"),
+        &CommitOptions {
+            merge: MergeOptions { dry_run: true },
+            ..CommitOptions::default()
+        },
+        &mut no_progress(),
+    )
+    .unwrap();
+    assert!(report.data_bytes > 0);
+    assert_eq!(std::fs::read(s.path("ours/mid.qcow2")).unwrap(), before);
+    let real = ops::commit(
+        &s.path("ours/top.qcow2"),
+        &CommitOptions::default(),
+        &mut no_progress(),
+    )
+    .unwrap();
+    assert_eq!(real, report);
+}
+
+#[test]
+fn safe_rebase_onto_another_image_keeps_the_content_and_unsafe_only_renames() {
+    let s = Scratch::new();
+    chain(&s, "cluster_size=64k", 60);
+    s.create("other.qcow2", "cluster_size=64k", SIZE);
+    s.qemu_io("other.qcow2", "qcow2", &["write -P 0x77 1M 2M".into()]);
+    for dir in ["ours", "qemu"] {
+        std::fs::copy(s.path("other.qcow2"), s.path(dir).join("other.qcow2")).unwrap();
+    }
+    let before = s.reference("top.qcow2", "qcow2");
+    ops::rebase(
+        Path::new(&s.path("ours/top.qcow2")),
+        Some("other.qcow2"),
+        Some("qcow2"),
+        false,
+        &MergeOptions::default(),
+        &mut no_progress(),
+    )
+    .unwrap();
+    s.qemu_img(&[
+        "rebase",
+        "-q",
+        "-b",
+        "other.qcow2",
+        "-F",
+        "qcow2",
+        "qemu/top.qcow2",
+    ]);
+    check(&s, "ours/top.qcow2");
+    assert_eq!(
+        backing_of(&s, "ours/top.qcow2").as_deref(),
+        Some("other.qcow2")
+    );
+    assert_eq!(s.reference("ours/top.qcow2", "qcow2"), before);
+    same_content(&s, "ours/top.qcow2", "qemu/top.qcow2");
+    // Unsafe: only the name changes.
+    ops::rebase(
+        Path::new(&s.path("ours/top.qcow2")),
+        Some("base.qcow2"),
+        Some("qcow2"),
+        true,
+        &MergeOptions::default(),
+        &mut no_progress(),
+    )
+    .unwrap();
+    assert_eq!(
+        backing_of(&s, "ours/top.qcow2").as_deref(),
+        Some("base.qcow2")
+    );
+    check(&s, "ours/top.qcow2");
+}

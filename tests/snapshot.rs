@@ -1,0 +1,158 @@
+//! Internal snapshots against qemu-img: ours are qemu's and qemu's are ours.
+
+mod common;
+
+use common::{Rng, Scratch, random_ops, source_file};
+use qcow2_engine::{Chain, ChainOptions};
+
+fn open_rw(s: &Scratch, name: &str) -> Chain {
+    Chain::open_with(
+        s.path(name),
+        &ChainOptions {
+            writable: true,
+            ..ChainOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+fn assert_clean(s: &Scratch, name: &str, label: &str) {
+    let out = s.output("qemu-img", &["check", name]);
+    assert!(
+        out.status.success(),
+        "{label}: qemu-img check: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn image(chain: &Chain) -> &qcow2_engine::Image {
+    chain.top().as_qcow2().unwrap()
+}
+
+#[test]
+fn snapshots_we_take_are_listed_applied_and_read_by_qemu_img() {
+    for options in [
+        "cluster_size=64k",
+        "cluster_size=512",
+        "cluster_size=64k,extended_l2=on",
+        "cluster_size=64k,compat=0.10",
+        "cluster_size=4k,refcount_bits=64",
+    ] {
+        let s = Scratch::new();
+        let mut rng = Rng::new(7);
+        source_file(&s, 7, 128 * 1024);
+        s.create("a.qcow2", options, 4 << 20);
+        let ops = random_ops(&mut rng, 4 << 20, 64 * 1024, 128 * 1024, 0x30, 30);
+        s.qemu_io("a.qcow2", "qcow2", &ops);
+        let first = s.reference("a.qcow2", "qcow2");
+        {
+            let chain = open_rw(&s, "a.qcow2");
+            let e = image(&chain).snapshot_create("first").unwrap();
+            assert_eq!(e.id, "1");
+            chain.write_at(&[0x99; 200_000], 100_000).unwrap();
+            chain.close().unwrap();
+        }
+        assert_clean(&s, "a.qcow2", &format!("{options}: create"));
+        let list = s.qemu_img(&["snapshot", "-l", "a.qcow2"]);
+        assert!(list.contains("first"), "{options}: {list}");
+        let second = s.reference("a.qcow2", "qcow2");
+        // qemu takes one too, then writes more.
+        s.qemu_img(&["snapshot", "-c", "second", "a.qcow2"]);
+        let ops = random_ops(&mut rng, 4 << 20, 64 * 1024, 128 * 1024, 0x50, 30);
+        s.qemu_io("a.qcow2", "qcow2", &ops);
+        {
+            // Ours applies qemu's, and our own.
+            let chain = open_rw(&s, "a.qcow2");
+            image(&chain).snapshot_apply("second").unwrap();
+            chain.close().unwrap();
+        }
+        assert_clean(&s, "a.qcow2", &format!("{options}: apply qemu's"));
+        assert_eq!(
+            s.reference("a.qcow2", "qcow2"),
+            second,
+            "{options}: apply second"
+        );
+        {
+            let chain = open_rw(&s, "a.qcow2");
+            image(&chain).snapshot_apply("1").unwrap();
+            chain.close().unwrap();
+        }
+        assert_eq!(
+            s.reference("a.qcow2", "qcow2"),
+            first,
+            "{options}: apply first"
+        );
+        assert_clean(&s, "a.qcow2", &format!("{options}: apply ours"));
+        // qemu applies ours.
+        s.qemu_img(&["snapshot", "-a", "second", "a.qcow2"]);
+        assert_eq!(
+            s.reference("a.qcow2", "qcow2"),
+            second,
+            "{options}: qemu applies"
+        );
+        // Deleting both leaves no leak, and writes after it go in place again.
+        {
+            let chain = open_rw(&s, "a.qcow2");
+            image(&chain).snapshot_delete("first").unwrap();
+            image(&chain).snapshot_delete("second").unwrap();
+            assert!(image(&chain).snapshots().is_empty());
+            chain.write_at(&[0x98; 70_000], 2 << 20).unwrap();
+            chain.close().unwrap();
+        }
+        assert_clean(&s, "a.qcow2", &format!("{options}: delete"));
+        let mut expect = second.clone();
+        expect[2 << 20..(2 << 20) + 70_000].fill(0x98);
+        assert_eq!(
+            s.reference("a.qcow2", "qcow2"),
+            expect,
+            "{options}: after delete"
+        );
+        let out = s.qemu_img(&["check", "--output=json", "a.qcow2"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            v.get("leaks").and_then(|l| l.as_u64()).unwrap_or(0),
+            0,
+            "{options}"
+        );
+    }
+}
+
+#[test]
+fn qimg_snapshot_lists_creates_applies_and_deletes_like_qemu_img() {
+    let s = Scratch::new();
+    s.create("a.qcow2", "cluster_size=64k", 2 << 20);
+    s.qemu_io("a.qcow2", "qcow2", &["write -P 0x10 0 1M".into()]);
+    let ok = |args: &[&str]| {
+        let out = common::qimg(s.dir(), args);
+        assert!(
+            out.status.success(),
+            "qimg {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ok(&["snapshot", "-c", "base-install", "a.qcow2"]);
+    s.qemu_io("a.qcow2", "qcow2", &["write -P 0x20 0 512k".into()]);
+    s.qemu_img(&["snapshot", "-c", "by-qemu", "a.qcow2"]);
+    let ours = ok(&["snapshot", "-l", "a.qcow2"]);
+    let theirs = s.qemu_img(&["snapshot", "-l", "a.qcow2"]);
+    let columns = |t: &str| -> Vec<Vec<String>> {
+        t.lines()
+            .skip(2)
+            .map(|l| l.split_whitespace().take(2).map(str::to_owned).collect())
+            .collect()
+    };
+    assert_eq!(columns(&ours), columns(&theirs), "{ours}\n{theirs}");
+    ok(&["snapshot", "-a", "1", "a.qcow2"]);
+    s.qemu_io("a.qcow2", "qcow2", &["read -P 0x10 0 1M".into()]);
+    ok(&["snapshot", "-d", "base-install", "a.qcow2"]);
+    assert_clean(&s, "a.qcow2", "qimg snapshot");
+    let out = common::qimg(s.dir(), &["snapshot", "-a", "no-such", "a.qcow2"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("qimg: ") && err.contains("no-such") && err.lines().count() == 1,
+        "{err}"
+    );
+}
