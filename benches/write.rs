@@ -120,7 +120,10 @@ fn check_with_qemu(dir: &Path) {
         .arg(&path)
         .status();
     match status {
-        Ok(s) => assert!(s.success(), "qemu-img check found problems in the bench image"),
+        Ok(s) => assert!(
+            s.success(),
+            "qemu-img check found problems in the bench image"
+        ),
         Err(e) => eprintln!("qemu-img not available ({e}); skipping the check"),
     }
     let chain = Chain::open(&path).unwrap();
