@@ -581,7 +581,20 @@ fn refusals_name_the_problem() {
         err.to_string().contains("destination is the source"),
         "{err}"
     );
+    let err = ops::convert(
+        &chain,
+        &s.path("base.qcow2"),
+        &raw,
+        &ConvertOptions::default(),
+        &mut |_, _| true,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("destination is the source"),
+        "{err}"
+    );
     assert_clean(&s, "mid.qcow2");
+    assert_clean(&s, "base.qcow2");
     // A sparse size that is not a multiple of 512.
     let odd = ConvertOptions {
         min_sparse: 1000,

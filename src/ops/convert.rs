@@ -69,6 +69,8 @@ pub fn convert(
                 size: Some(chain.size()),
                 ..create_options.clone()
             };
+            raw.validate().map_err(|e| e.in_file(dst))?;
+            super::convert_qcow2::refuse_overwriting_a_source(chain, dst)?;
             create(dst, &raw)?;
             let out =
                 FileStorage::open(dst, true).map_err(|e| Error::io("opening", e).in_file(dst))?;

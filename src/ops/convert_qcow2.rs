@@ -250,7 +250,7 @@ impl Storage for Unsynced {
 
 /// Refuses a destination that is one of the source chain's files: creating it would
 /// destroy the data being copied.
-fn refuse_overwriting_a_source(chain: &Chain, dst: &Path) -> Result<()> {
+pub(super) fn refuse_overwriting_a_source(chain: &Chain, dst: &Path) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let Ok(target) = std::fs::metadata(dst) else {
         return Ok(());
