@@ -5,62 +5,13 @@ mod common;
 
 use std::path::Path;
 
-use common::{Rng, Scratch, random_ops, source_file};
+use common::{
+    Scratch, assert_check_clean as check, assert_same_content as same_content, backing_of,
+    merge_chain as chain,
+};
 use qcow2_engine::ops::{self, CommitOptions, MergeOptions};
 
-const K: u64 = 1024;
-const SIZE: u64 = 8 << 20;
-
-/// base <- mid <- top with random writes, zero writes and discards in every layer, in
-/// two directories `ours/` and `qemu/` holding identical copies.
-fn chain(s: &Scratch, options: &str, seed: u64) {
-    let mut rng = Rng::new(seed);
-    source_file(s, seed, 256 * 1024);
-    s.create("base.qcow2", options, SIZE);
-    s.qemu_io("base.qcow2", "qcow2", &["write -P 0x11 0 3M".into()]);
-    let ops = random_ops(&mut rng, SIZE, 64 * K, 256 * K, 0x20, 40);
-    s.qemu_io("base.qcow2", "qcow2", &ops);
-    s.create_overlay("mid.qcow2", "base.qcow2", "qcow2", options, None);
-    let ops = random_ops(&mut rng, SIZE, 64 * K, 256 * K, 0x60, 40);
-    s.qemu_io("mid.qcow2", "qcow2", &ops);
-    s.create_overlay("top.qcow2", "mid.qcow2", "qcow2", options, None);
-    let ops = random_ops(&mut rng, SIZE, 64 * K, 256 * K, 0xa0, 40);
-    s.qemu_io("top.qcow2", "qcow2", &ops);
-    for dir in ["ours", "qemu"] {
-        std::fs::create_dir_all(s.path(dir)).unwrap();
-        for f in ["base.qcow2", "mid.qcow2", "top.qcow2"] {
-            std::fs::copy(s.path(f), s.path(dir).join(f)).unwrap();
-        }
-    }
-}
-
-fn check(s: &Scratch, path: &str) {
-    let out = s.output("qemu-img", &["check", path]);
-    assert!(
-        out.status.success(),
-        "qemu-img check {path}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn same_content(s: &Scratch, a: &str, b: &str) {
-    let out = s.output("qemu-img", &["compare", a, b]);
-    assert!(
-        out.status.success(),
-        "qemu-img compare {a} {b}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn backing_of(s: &Scratch, path: &str) -> Option<String> {
-    let out = s.qemu_img(&["info", "--output=json", path]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v.get("backing-filename")
-        .and_then(|b| b.as_str())
-        .map(str::to_owned)
-}
+const SIZE: u64 = common::MERGE_SIZE;
 
 fn no_progress() -> impl FnMut(u64, u64) -> bool {
     |_, _| true

@@ -1,11 +1,13 @@
 //! Helpers shared by the subcommands: opening chains, parsing sizes, progress bars.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
+use qcow2_engine::chain::resolve_relative;
 use qcow2_engine::format::CompressionType;
+use qcow2_engine::ops::{self, MergeReport};
 use qcow2_engine::{Chain, ChainOptions, Compat, CreateOptions, Format, Preallocation};
 
 /// `--output=human|json`.
@@ -172,6 +174,62 @@ pub fn progress_bar(show: bool, total: u64) -> ProgressBar {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar
+}
+
+/// The image of `chain` that the user named `name` in `commit -b/-t` or `pull -b`, found
+/// as qemu-img finds a base: the name an image of the chain stores for its backing file,
+/// or the file `name` resolves to next to any image of the chain, or from the current
+/// directory. Returns that layer's path as the chain opened it.
+pub fn find_in_chain(chain: &Chain, name: &str) -> Result<PathBuf> {
+    let layers = chain.layers();
+    for (i, layer) in layers.iter().enumerate().skip(1) {
+        if layers[i - 1]
+            .backing()
+            .is_some_and(|(stored, _)| stored == name)
+        {
+            return Ok(layer.name().to_path_buf());
+        }
+    }
+    let mut candidates = vec![PathBuf::from(name)];
+    candidates.extend(layers.iter().map(|l| resolve_relative(l.name(), name)));
+    for candidate in candidates {
+        if let Ok(i) = ops::find_layer(chain, &candidate) {
+            return Ok(layers[i].name().to_path_buf());
+        }
+    }
+    bail!(
+        "{}: '{name}' is not in its backing chain",
+        chain.top().name().display()
+    )
+}
+
+/// The progress callback of a merge, driving `bar`.
+pub fn merge_progress(bar: &ProgressBar) -> impl FnMut(u64, u64) -> bool + '_ {
+    |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+        true
+    }
+}
+
+/// A merge's library error, named after `file` unless it already names a file.
+pub fn merge_error(error: qcow2_engine::Error, file: &Path) -> anyhow::Error {
+    error.in_file(file).into()
+}
+
+/// Prints what a dry run of a merge found, on stdout.
+pub fn print_dry_run(report: &MergeReport) {
+    println!("Dry run: nothing was changed. The merge would copy:");
+    println!(
+        "  data bytes: {} ({})",
+        report.data_bytes,
+        HumanBytes(report.data_bytes)
+    );
+    println!(
+        "  zero bytes: {} ({})",
+        report.zero_bytes,
+        HumanBytes(report.zero_bytes)
+    );
 }
 
 /// Writes `value` as pretty JSON on stdout with a final newline.

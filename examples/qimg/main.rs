@@ -5,6 +5,7 @@
 
 mod amend;
 mod checksum;
+mod commit;
 mod common;
 mod compare;
 mod convert;
@@ -13,6 +14,8 @@ mod info;
 mod io;
 mod map;
 mod measure;
+mod pull;
+mod rebase;
 mod resize;
 mod snapshot;
 
@@ -47,6 +50,12 @@ enum Command {
     Io(io::Args),
     /// How large a new image would be.
     Measure(measure::Args),
+    /// Commit an image's data into its backing chain.
+    Commit(commit::Args),
+    /// Copy the data of an image's backing chain into it.
+    Pull(pull::Args),
+    /// Change an image's backing file.
+    Rebase(rebase::Args),
     /// Change an image's virtual size.
     Resize(resize::Args),
     /// Change a qcow2 image's options in place.
@@ -66,6 +75,9 @@ fn main() -> ExitCode {
         Command::Snapshot(args) => (snapshot::run(args), 1),
         Command::Io(args) => (io::run(args), 1),
         Command::Measure(args) => (measure::run(args), 1),
+        Command::Commit(args) => (commit::run(args), 1),
+        Command::Pull(args) => (pull::run(args), 1),
+        Command::Rebase(args) => (rebase::run(args), 1),
         Command::Resize(args) => (resize::run(args), 1),
         Command::Amend(args) => (amend::run(args), 1),
     };

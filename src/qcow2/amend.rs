@@ -238,7 +238,8 @@ impl Image {
                     _ => None,
                 };
                 if let Some(h) = host.filter(|&h| Some(h) != new) {
-                    self.queue_free(w, h >> g.cluster_bits(), 1);
+                    // Dropped with the slot if a later cluster of this table fails.
+                    slot.free_on_commit(h >> g.cluster_bits(), 1);
                 }
                 let e = match new {
                     Some(h) => {

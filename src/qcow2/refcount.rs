@@ -317,7 +317,12 @@ impl Refcounts {
         let entries = entries.div_ceil(per_cluster) * per_cluster;
         let table_at = area;
         let blocks_at = area + table_clusters;
-        self.table.resize(entries as usize, 0);
+        // Build the new table and blocks aside and adopt them only once they are on disk:
+        // if a write fails (a full disk), the refcounts in memory still describe the old
+        // table, which is the one the header names.
+        let mut table = self.table.clone();
+        table.resize(entries as usize, 0);
+        let mut new_blocks = Vec::new();
         for b in 0..blocks {
             let cluster = blocks_at + b;
             let index = (old_entries + b) as usize;
@@ -332,6 +337,22 @@ impl Refcounts {
             storage
                 .write_at(&bytes, cluster << self.cluster_bits)
                 .map_err(|e| Error::io("writing a new refcount block", e))?;
+            table[index] = cluster << self.cluster_bits;
+            new_blocks.push((index, bytes));
+        }
+        // Blocks the old table pointed at but whose entries are still only in memory
+        // must reach the disk before a table that points at them.
+        self.write_blocks(storage)?;
+        let mut bytes = vec![0u8; (table_clusters * self.cluster_size()) as usize];
+        format::encode_u64_table(&table, &mut bytes);
+        storage
+            .write_at(&bytes, table_at << self.cluster_bits)
+            .map_err(|e| Error::io("writing the new refcount table", e))?;
+        storage
+            .flush()
+            .map_err(|e| Error::io("flushing the new refcount table", e))?;
+        self.table = table;
+        for (index, bytes) in new_blocks {
             self.blocks.insert(
                 index,
                 Block {
@@ -339,19 +360,7 @@ impl Refcounts {
                     dirty: false,
                 },
             );
-            self.table[index] = cluster << self.cluster_bits;
         }
-        // Blocks the old table pointed at but whose entries are still only in memory
-        // must reach the disk before a table that points at them.
-        self.write_blocks(storage)?;
-        let mut bytes = vec![0u8; (table_clusters * self.cluster_size()) as usize];
-        format::encode_u64_table(&self.table, &mut bytes);
-        storage
-            .write_at(&bytes, table_at << self.cluster_bits)
-            .map_err(|e| Error::io("writing the new refcount table", e))?;
-        storage
-            .flush()
-            .map_err(|e| Error::io("flushing the new refcount table", e))?;
         self.table_offset = table_at << self.cluster_bits;
         self.dirty_table.clear();
         self.header_changed = true;
@@ -375,7 +384,8 @@ impl Refcounts {
     }
 
     /// Writes every dirty block, then (after a flush, when any table entry changed) the
-    /// changed table entries: a table entry never reaches the disk before its block.
+    /// changed table entries: a table entry never reaches the disk before its block, nor
+    /// before the table entry of the block that counts it.
     pub(crate) fn write_dirty(&mut self, storage: &dyn Storage) -> Result<()> {
         self.write_blocks(storage)?;
         if self.dirty_table.is_empty() {
@@ -384,13 +394,43 @@ impl Refcounts {
         storage
             .flush()
             .map_err(|e| Error::io("flushing new refcount blocks", e))?;
-        for index in std::mem::take(&mut self.dirty_table) {
-            let mut entry = [0u8; 8];
-            BigEndian::write_u64(&mut entry, self.table[index]);
-            let at = self.table_offset + index as u64 * 8;
-            storage
-                .write_at(&entry, at)
-                .map_err(|e| Error::io("writing the refcount table", e))?;
+        // A new block may lie in (and be counted by) another range whose block is new
+        // too: `allocate` puts all the blocks a run needs just before it. Its table entry
+        // must wait until that range's entry is durable, or a crash leaves a block that
+        // the table points at without a refcount. So write in rounds — the entries whose
+        // block counts itself or is counted by a range already on disk, then a flush.
+        let per_block = self.per_block();
+        while !self.dirty_table.is_empty() {
+            let waits = |index: usize| {
+                let counted_by = (self.table[index] >> self.cluster_bits) / per_block;
+                counted_by != index as u64
+                    && usize::try_from(counted_by).is_ok_and(|r| self.dirty_table.contains(&r))
+            };
+            let mut ready: Vec<usize> = self
+                .dirty_table
+                .iter()
+                .copied()
+                .filter(|&i| !waits(i))
+                .collect();
+            if ready.is_empty() {
+                // Cannot happen (blocks are counted by lower ranges); write them all.
+                ready = self.dirty_table.iter().copied().collect();
+            }
+            for index in ready {
+                let mut entry = [0u8; 8];
+                BigEndian::write_u64(&mut entry, self.table[index]);
+                let at = self.table_offset + index as u64 * 8;
+                storage
+                    .write_at(&entry, at)
+                    .map_err(|e| Error::io("writing the refcount table", e))?;
+                // Forgotten only once written, so that a failed write is retried.
+                self.dirty_table.remove(&index);
+            }
+            if !self.dirty_table.is_empty() {
+                storage
+                    .flush()
+                    .map_err(|e| Error::io("flushing the refcount table", e))?;
+            }
         }
         Ok(())
     }

@@ -248,7 +248,7 @@ impl Image {
                 None
             };
             self.write_cluster(
-                w,
+                &mut slot.frees,
                 &mut slot.table,
                 c,
                 from,
@@ -323,7 +323,7 @@ impl Image {
     #[allow(clippy::too_many_arguments)]
     fn write_cluster(
         &self,
-        w: &mut Writer,
+        frees: &mut Vec<(u64, u64)>,
         table: &mut [u64],
         cluster: u64,
         from: u64,
@@ -391,7 +391,7 @@ impl Image {
         self.set_entry(table, cluster, L2Entry::data(host, true), new_bitmap);
         // The old host cluster, when replaced, loses this reference.
         if new_host.is_some() && !self.has_external_data_file() {
-            self.release_descriptor(w, old);
+            self.release_descriptor(frees, old);
         }
         Ok(())
     }
@@ -453,17 +453,17 @@ impl Image {
         Ok(())
     }
 
-    /// Queues the refcount drop of whatever host clusters `old` referenced.
-    fn release_descriptor(&self, w: &mut Writer, old: ClusterDescriptor) {
+    /// Queues in `frees` the refcount drop of whatever host clusters `old` referenced.
+    fn release_descriptor(&self, frees: &mut Vec<(u64, u64)>, old: ClusterDescriptor) {
         let cb = self.geometry.cluster_bits();
         match old {
             ClusterDescriptor::Data { host, .. } | ClusterDescriptor::Zero { host: Some(host) } => {
-                w.pending_free.push((host >> cb, 1));
+                frees.push((host >> cb, 1));
             }
             ClusterDescriptor::Compressed(d) => {
                 let first = d.host_offset >> cb;
                 let last = (d.host_offset + d.len - 1) >> cb;
-                w.pending_free.push((first, last - first + 1));
+                frees.push((first, last - first + 1));
                 self.forget_compressed();
             }
             _ => {}
@@ -514,6 +514,7 @@ impl Image {
                 offset: old_offset,
                 table,
                 new_l1: None,
+                frees: Vec::new(),
             });
         }
         let words = (self.cluster_size() / 8) as usize;
@@ -531,19 +532,22 @@ impl Image {
         };
         table.truncate(words);
         let offset = self.allocate(w, 1)?;
+        let mut frees = Vec::new();
         if old_offset != 0 {
-            w.pending_free
-                .push((old_offset >> self.geometry.cluster_bits(), 1));
+            frees.push((old_offset >> self.geometry.cluster_bits(), 1));
         }
         Ok(L2Slot {
             offset,
             table,
             new_l1: Some(L1Entry::new(offset, true)),
+            frees,
         })
     }
 
-    /// Publishes a changed L2 table (pinned in the cache) and its L1 entry, in memory.
+    /// Publishes a changed L2 table (pinned in the cache) and its L1 entry, in memory, and
+    /// queues the refcount drops of what it no longer references.
     pub(crate) fn commit_l2(&self, w: &mut Writer, l1_index: u64, slot: L2Slot) {
+        w.pending_free.extend(slot.frees);
         self.l2_cache.insert_pinned(slot.offset, slot.table.into());
         w.dirty_l2.insert(slot.offset);
         if let Some(entry) = slot.new_l1 {
@@ -593,7 +597,11 @@ impl Image {
         }
         self.sync()?;
         // 2. L2 tables.
-        for offset in std::mem::take(&mut w.dirty_l2) {
+        // Each table stays dirty (and pinned) until written: after a failed write (a
+        // full disk) the next checkpoint retries it, and step 3 never publishes an L1
+        // entry for a table that is not on disk.
+        let wrote_l2 = !w.dirty_l2.is_empty();
+        while let Some(&offset) = w.dirty_l2.first() {
             if let Some(table) = self.l2_cache.pinned(offset) {
                 let mut bytes = vec![0u8; self.cluster_size() as usize];
                 format::encode_u64_table(&table, &mut bytes);
@@ -602,12 +610,19 @@ impl Image {
                     .map_err(|e| self.io_error("writing L2 table", offset, e))?;
             }
             self.l2_cache.unpin(offset);
+            w.dirty_l2.remove(&offset);
+        }
+        // The L2 tables must be durable before an L1 entry points at them, before a
+        // refcount they no longer use drops (step 4), and before the flush returns — also
+        // when neither L1 nor the header changed (an existing table gained entries).
+        if wrote_l2 {
+            self.sync()?;
         }
         // 3. L1 entries and the header.
         if !w.dirty_l1.is_empty() || w.header_dirty {
-            self.sync()?;
-            let dirty = std::mem::take(&mut w.dirty_l1);
-            if let (Some(&lo), Some(&hi)) = (dirty.first(), dirty.last()) {
+            // Like the L2 tables, L1 entries and header fields are forgotten only once
+            // written.
+            if let (Some(&lo), Some(&hi)) = (w.dirty_l1.first(), w.dirty_l1.last()) {
                 let meta = self.meta();
                 let mut bytes = vec![0u8; (hi - lo + 1) * 8];
                 for (chunk, e) in bytes.chunks_exact_mut(8).zip(&meta.l1[lo..=hi]) {
@@ -618,9 +633,11 @@ impl Image {
                 self.storage
                     .write_at(&bytes, at)
                     .map_err(|e| self.io_error("writing the L1 table", at, e))?;
+                w.dirty_l1.clear();
             }
-            if std::mem::take(&mut w.header_dirty) {
+            if w.header_dirty {
                 self.write_header()?;
+                w.header_dirty = false;
             }
             self.sync()?;
         }
@@ -839,7 +856,7 @@ impl Image {
                             L2Entry::UNALLOCATED,
                             SubclusterBitmap(0),
                         );
-                        self.release_unless_external(&mut w, old);
+                        self.release_unless_external(&mut slot.frees, old);
                     }
                     ZeroAction::Zero { unmap, .. } if whole || !g.extended_l2() => {
                         if g.extended_l2() {
@@ -858,7 +875,7 @@ impl Image {
                                 SubclusterBitmap(0xffff_ffff << 32),
                             );
                             if !keep {
-                                self.release_unless_external(&mut w, old);
+                                self.release_unless_external(&mut slot.frees, old);
                             }
                         } else {
                             let keep = match old {
@@ -876,7 +893,7 @@ impl Image {
                                 SubclusterBitmap(0),
                             );
                             if keep.is_none() {
-                                self.release_unless_external(&mut w, old);
+                                self.release_unless_external(&mut slot.frees, old);
                             }
                         }
                     }
@@ -926,9 +943,9 @@ impl Image {
         self.change_entries(lo, hi, |_, _| ZeroAction::Unallocate)
     }
 
-    fn release_unless_external(&self, w: &mut Writer, old: ClusterDescriptor) {
+    fn release_unless_external(&self, frees: &mut Vec<(u64, u64)>, old: ClusterDescriptor) {
         if !self.has_external_data_file() || matches!(old, ClusterDescriptor::Compressed(_)) {
-            self.release_descriptor(w, old);
+            self.release_descriptor(frees, old);
         }
     }
 }
@@ -1000,7 +1017,7 @@ impl Image {
             L2Entry::compressed(g, descriptor),
             SubclusterBitmap(0),
         );
-        self.release_descriptor(&mut w, old);
+        self.release_descriptor(&mut slot.frees, old);
         self.commit_l2(&mut w, l1_index, slot);
         self.maybe_checkpoint(&mut w)
     }
@@ -1029,6 +1046,19 @@ pub(crate) struct L2Slot {
     pub(crate) table: Vec<u64>,
     /// The L1 entry to publish when the table moved (allocated or copied).
     new_l1: Option<L1Entry>,
+    /// Refcount drops (cluster index, count) for what the changed entries no longer
+    /// reference. They reach the writer only when the slot is committed: a change that
+    /// fails half way (a full disk) is dropped with its table, and the clusters it would
+    /// have released are still in use.
+    frees: Vec<(u64, u64)>,
+}
+
+impl L2Slot {
+    /// Queues a refcount drop of `count` clusters from index `cluster`, taking effect
+    /// only if this slot is committed (see [`Image::commit_l2`]).
+    pub(crate) fn free_on_commit(&mut self, cluster: u64, count: u64) {
+        self.frees.push((cluster, count));
+    }
 }
 
 /// Coalesces data writes that continue each other, in the host file and in the caller's

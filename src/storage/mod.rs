@@ -1,11 +1,14 @@
-//! Where bytes live: a small positional-I/O trait and its backends.
+//! Where bytes live: a small positional-I/O trait and its backends, plus
+//! [`FaultStorage`], which simulates crashes, full disks and read-only media for tests.
 //!
 //! Every method takes `&self`: backends use positional I/O (no shared cursor) or interior
 //! locking, so several threads can read one image at once.
 
+mod fault;
 mod file;
 mod memory;
 
+pub use fault::{FaultStorage, Unflushed};
 pub use file::FileStorage;
 pub use memory::MemStorage;
 

@@ -14,6 +14,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub mod ops;
+
 use qcow2_engine::{Chain, ChainRun, Layer, Mapping};
 
 /// A temporary directory that the QEMU tools run in (so relative backing names work).
@@ -528,6 +530,63 @@ pub fn verify(scratch: &Scratch, top: &str, format: &str, check_map: bool, label
         let map = scratch.map(top, format);
         assert_map_agrees(&chain, &map, label);
     }
+}
+
+/// The virtual size of the chains [`merge_chain`] builds.
+pub const MERGE_SIZE: u64 = 8 << 20;
+
+/// base <- mid <- top with random writes, zero writes and discards in every layer, in
+/// two directories `ours/` and `qemu/` holding identical copies.
+pub fn merge_chain(s: &Scratch, options: &str, seed: u64) {
+    let mut rng = Rng::new(seed);
+    source_file(s, seed, 256 * 1024);
+    s.create("base.qcow2", options, MERGE_SIZE);
+    s.qemu_io("base.qcow2", "qcow2", &["write -P 0x11 0 3M".into()]);
+    let ops = random_ops(&mut rng, MERGE_SIZE, 64 * 1024, 256 * 1024, 0x20, 40);
+    s.qemu_io("base.qcow2", "qcow2", &ops);
+    s.create_overlay("mid.qcow2", "base.qcow2", "qcow2", options, None);
+    let ops = random_ops(&mut rng, MERGE_SIZE, 64 * 1024, 256 * 1024, 0x60, 40);
+    s.qemu_io("mid.qcow2", "qcow2", &ops);
+    s.create_overlay("top.qcow2", "mid.qcow2", "qcow2", options, None);
+    let ops = random_ops(&mut rng, MERGE_SIZE, 64 * 1024, 256 * 1024, 0xa0, 40);
+    s.qemu_io("top.qcow2", "qcow2", &ops);
+    for dir in ["ours", "qemu"] {
+        std::fs::create_dir_all(s.path(dir)).unwrap();
+        for f in ["base.qcow2", "mid.qcow2", "top.qcow2"] {
+            std::fs::copy(s.path(f), s.path(dir).join(f)).unwrap();
+        }
+    }
+}
+
+/// `qemu-img check PATH` (relative to the scratch directory) reports a clean image.
+pub fn assert_check_clean(s: &Scratch, path: &str) {
+    let out = s.output("qemu-img", &["check", path]);
+    assert!(
+        out.status.success(),
+        "qemu-img check {path}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `qemu-img compare A B` finds the same visible content.
+pub fn assert_same_content(s: &Scratch, a: &str, b: &str) {
+    let out = s.output("qemu-img", &["compare", a, b]);
+    assert!(
+        out.status.success(),
+        "qemu-img compare {a} {b}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The backing file name PATH stores (`backing-filename` of `qemu-img info`).
+pub fn backing_of(s: &Scratch, path: &str) -> Option<String> {
+    let out = s.qemu_img(&["info", "--output=json", path]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v.get("backing-filename")
+        .and_then(|b| b.as_str())
+        .map(str::to_owned)
 }
 
 /// The `qimg` example, built once per test binary with `cargo build --example qimg`.

@@ -1,0 +1,64 @@
+//! `qimg pull`: bring the data of an image's backing chain up into it, as libvirt's
+//! blockpull; what the image shows does not change.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use qcow2_engine::ops::{self, MergeOptions};
+
+use crate::common::{
+    find_in_chain, merge_error, merge_progress, open_chain, print_dry_run, progress_bar,
+};
+
+/// Arguments of `qimg pull`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Pull only the layers above BASE, which becomes FILE's backing file (default: pull
+    /// everything; FILE ends up with no backing file). Named as stored in the chain, or a
+    /// path.
+    #[arg(short = 'b')]
+    base: Option<String>,
+    /// Show a progress bar.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Print nothing on success (pull prints nothing anyway).
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Change nothing; print how many bytes of data and of zeros would be copied.
+    #[arg(long = "dry-run")]
+    dry_run: bool,
+    /// The image to pull into.
+    file: PathBuf,
+}
+
+/// Runs `qimg pull`.
+pub fn run(args: Args) -> Result<u8> {
+    let file = args.file.display().to_string();
+    let base = match &args.base {
+        Some(name) => {
+            let chain = open_chain(&args.file, None)?;
+            let base = find_in_chain(&chain, name)?;
+            if ops::find_layer(&chain, &base)? == 0 {
+                bail!("{file}: the base '{name}' is the image itself; it must be below it");
+            }
+            Some(base)
+        }
+        None => None,
+    };
+    let options = MergeOptions {
+        dry_run: args.dry_run,
+    };
+    let bar = progress_bar(args.progress && !args.quiet, 0);
+    let result = ops::pull(
+        &args.file,
+        base.as_deref(),
+        &options,
+        &mut merge_progress(&bar),
+    );
+    bar.finish_and_clear();
+    let report = result.map_err(|e| merge_error(e, &args.file))?;
+    if args.dry_run {
+        print_dry_run(&report);
+    }
+    Ok(0)
+}

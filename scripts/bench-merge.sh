@@ -1,0 +1,289 @@
+#!/usr/bin/env bash
+# bench-merge.sh - time qimg's merges (commit, pull) against qemu-img's on fresh copies of
+# the same three-layer backing chain (built by the shared mkchain.sh), next to a floor:
+# the same number of data bytes written durably by four parallel O_DIRECT dd writers.
+#
+# Usage: scripts/bench-merge.sh [-n RUNS] [-k] [--cold] [SCALE...]
+#
+#   SCALE...  chain sizes in GiB, each an integer >= 1 (default: 1).
+#             `scripts/bench-merge.sh 1 4` benches the small and the larger chain.
+#   -n RUNS   timed runs per tool, operation and scale (default 3, at least 3); medians.
+#   -k        keep the work directory (chain, logs) instead of deleting it.
+#   --cold    after the warm table, the same again with the chain copy's pages evicted
+#             from the page cache before each run (sync, then posix_fadvise DONTNEED on
+#             each file; nothing system-wide is dropped or changed).
+#
+# Operations (each tool runs in the copy's directory):
+#   commit-top   qemu-img commit -d top.qcow2               qimg commit -d top.qcow2
+#   commit-base  qemu-img commit -b base.qcow2 top.qcow2    qimg commit -b base.qcow2 top.qcow2
+#   pull-all     qemu-img rebase -b '' top.qcow2            qimg pull top.qcow2
+#   pull-base    qemu-img rebase -b base.qcow2 -F qcow2 top qimg pull -b base.qcow2 top.qcow2
+#
+# Environment:
+#   SHARED     directory holding bench/mkchain.sh (default: ../shared from the repo root)
+#   QIMG       qimg binary; when unset the script builds `cargo build --release --example
+#              qimg` and uses target/release/examples/qimg
+#   TOUCH_GIB  GiB of memory a throwaway process touches before every timed run (default 3)
+#   TMPDIR     where the work directory goes (SCALE 4 needs ~10 GiB free)
+#
+# Method: per scale, one chain is built once. Before every timed run the chain is copied
+# afresh (cp --sparse=always, then sync so no dirty page of the copy is left for the tool
+# to write back; not timed), and a throwaway process touches TOUCH_GIB of memory (as in
+# bench-convert.sh: first-touched memory is expensive on these VMs). Runs are interleaved
+# and the order alternates each round. After the first round of each operation qimg's
+# result must compare equal to qemu-img's (qemu-img compare of the top image and of the
+# image written into, qemu-img check of the latter) or the script fails. The bytes an
+# operation must copy come from `qimg ... --dry-run` on the pristine chain.
+# The floor writes that many bytes (rounded up to 16 MiB) from /dev/zero into a new file
+# with four `dd oflag=direct bs=4M conv=notrunc,fsync` writers on disjoint quarters.
+#
+# Output (stdout): one table per mode (warm, then cold with --cold), one row per scale and
+# operation:
+#   data_mib       bytes of data the operation copies
+#   qemu_s qimg_s  median wall seconds; speedup = qemu_s / qimg_s (> 1: qimg faster)
+#   floor_s        median seconds of the floor for the same bytes
+#   qemu_floor qimg_floor  each tool's throughput as a fraction of the floor's (floor_s / s)
+#   qemu_rss qimg_rss      peak RSS in MiB over the runs (GNU time's %M, as `time -v`)
+# Progress goes to stderr.
+set -euo pipefail
+
+usage() {
+	sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+	exit 0
+}
+usage_error() {
+	echo "bench-merge.sh: $*" >&2
+	echo "usage: scripts/bench-merge.sh [-n RUNS] [-k] [--cold] [SCALE...]   (-h for help)" >&2
+	exit 2
+}
+
+runs=3
+keep=0
+cold=0
+scales=()
+while [ $# -gt 0 ]; do
+	case $1 in
+	-n) [ $# -ge 2 ] || usage_error "-n needs a value"; runs=$2; shift 2 ;;
+	-n*) runs=${1#-n}; shift ;;
+	-k) keep=1; shift ;;
+	--cold) cold=1; shift ;;
+	-h | --help) usage ;;
+	-*) usage_error "unknown option $1" ;;
+	*) scales+=("$1"); shift ;;
+	esac
+done
+[ ${#scales[@]} -gt 0 ] || scales=(1)
+case $runs in '' | *[!0-9]*) usage_error "-n needs an integer: $runs" ;; esac
+[ "$runs" -ge 3 ] || usage_error "-n must be at least 3"
+for s in "${scales[@]}"; do
+	case $s in '' | *[!0-9]* | 0) usage_error "SCALE must be an integer >= 1: $s" ;; esac
+done
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+shared=${SHARED:-$root/../shared}
+mkchain=$shared/bench/mkchain.sh
+touch_gib=${TOUCH_GIB:-3}
+[ -f "$mkchain" ] || { echo "bench-merge.sh: $mkchain not found (set SHARED=...)" >&2; exit 1; }
+for tool in qemu-img python3 dd; do
+	command -v "$tool" >/dev/null || { echo "bench-merge.sh: $tool not found" >&2; exit 1; }
+done
+
+log() { echo "bench-merge.sh: $*" >&2; }
+die() { log "$*"; exit 1; }
+
+if [ ! -x /usr/bin/time ]; then
+	log "/usr/bin/time missing, installing the 'time' package"
+	apt-get install -y time >&2 || die "could not install 'time'"
+fi
+
+if [ -z "${QIMG:-}" ]; then
+	log "building qimg (cargo build --release --example qimg)"
+	(cd "$root" && cargo build --release --example qimg >&2)
+	QIMG=$root/target/release/examples/qimg
+fi
+[ -x "$QIMG" ] || die "qimg not executable: $QIMG"
+QIMG=$(cd "$(dirname "$QIMG")" && pwd)/$(basename "$QIMG")
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/bench-merge.XXXXXX")
+cleanup() {
+	if [ "$keep" = 1 ]; then log "kept $work"; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+touch_memory() {
+	[ "$touch_gib" -gt 0 ] || return 0
+	python3 -c "b = bytearray($touch_gib << 30)"
+}
+
+# evict FILE...: drop the files' clean pages from the page cache (after a sync).
+evict() {
+	sync
+	python3 - "$@" <<-'EOF'
+		import os, sys
+		for name in sys.argv[1:]:
+		    fd = os.open(name, os.O_RDONLY)
+		    try:
+		        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+		    finally:
+		        os.close(fd)
+	EOF
+}
+
+# The command line of operation OP for TOOL (run inside the chain copy).
+command_of() {
+	local op=$1 tool=$2
+	case $op/$tool in
+	commit-top/qemu-img) echo "qemu-img commit -q -d top.qcow2" ;;
+	commit-top/qimg) echo "$QIMG commit -q -d top.qcow2" ;;
+	commit-base/qemu-img) echo "qemu-img commit -q -b base.qcow2 top.qcow2" ;;
+	commit-base/qimg) echo "$QIMG commit -q -b base.qcow2 top.qcow2" ;;
+	pull-all/qemu-img) echo "qemu-img rebase -q -b '' top.qcow2" ;;
+	pull-all/qimg) echo "$QIMG pull top.qcow2" ;;
+	pull-base/qemu-img) echo "qemu-img rebase -q -b base.qcow2 -F qcow2 top.qcow2" ;;
+	pull-base/qimg) echo "$QIMG pull -b base.qcow2 top.qcow2" ;;
+	esac
+}
+# The qimg dry run that counts OP's bytes, and the image OP writes into.
+dry_run_of() {
+	case $1 in
+	commit-top) echo "commit --dry-run top.qcow2" ;;
+	commit-base) echo "commit --dry-run -b base.qcow2 top.qcow2" ;;
+	pull-all) echo "pull --dry-run top.qcow2" ;;
+	pull-base) echo "pull --dry-run -b base.qcow2 top.qcow2" ;;
+	esac
+}
+destination_of() {
+	case $1 in
+	commit-top) echo mid.qcow2 ;;
+	commit-base) echo base.qcow2 ;;
+	pull-*) echo top.qcow2 ;;
+	esac
+}
+ops=(commit-top commit-base pull-all pull-base)
+
+# fresh DIR: a clean copy of the chain in DIR, written back to disk; evicted when cold.
+fresh() {
+	local dir=$1 f
+	rm -rf "$dir"
+	mkdir -p "$dir"
+	for f in base.qcow2 mid.qcow2 top.qcow2; do
+		cp --sparse=always "$chain/$f" "$dir/$f"
+	done
+	sync
+	if [ "$mode" = cold ]; then evict "$dir"/*.qcow2; fi
+}
+
+# timed TOOL OP DIR: run OP with TOOL in DIR (a fresh copy); append "elapsed user sys
+# maxrss_kib" to $work/$mode.$scale.$op.$tool.
+timed() {
+	local tool=$1 op=$2 dir=$3 t=$work/time.out cmd
+	cmd=$(command_of "$op" "$tool")
+	touch_memory
+	if ! (cd "$dir" && eval "/usr/bin/time -f '%e %U %S %M' -o '$t' $cmd" >"$work/$tool.log" 2>&1); then
+		log "$tool failed: $cmd"
+		cat "$work/$tool.log" >&2
+		exit 1
+	fi
+	tail -n 1 "$t" >>"$work/$mode.$scale.$op.$tool"
+}
+
+# floor BYTES: four parallel O_DIRECT writers put BYTES (rounded up to 16 MiB) into a new
+# file and fsync; append its elapsed seconds to $work/$mode.$scale.$op.floor.
+floor() {
+	local bytes=$1 out=$work/floor.bin blocks start end
+	blocks=$(((bytes + (16 << 20) - 1) / (16 << 20))) # 4 MiB blocks per writer
+	[ "$blocks" -gt 0 ] || blocks=1
+	rm -f "$out"
+	touch_memory
+	start=$(date +%s.%N)
+	for w in 0 1 2 3; do
+		dd if=/dev/zero of="$out" bs=4M count="$blocks" seek=$((w * blocks)) \
+			oflag=direct conv=notrunc,fsync status=none &
+	done
+	wait
+	end=$(date +%s.%N)
+	rm -f "$out"
+	awk -v a="$start" -v b="$end" 'BEGIN { printf "%.3f\n", b - a }' >>"$work/$mode.$scale.$op.floor"
+}
+
+# verify OP: qimg's result in $work/first.qimg equals qemu-img's in $work/first.qemu-img.
+verify() {
+	local op=$1 dst
+	dst=$(destination_of "$op")
+	for f in top.qcow2 "$dst"; do
+		qemu-img compare -q "$work/first.qimg/$f" "$work/first.qemu-img/$f" ||
+			die "$mode scale $scale $op: qimg's $f differs from qemu-img's"
+	done
+	qemu-img check -q "$work/first.qimg/$dst" || die "$mode scale $scale $op: qimg's $dst fails qemu-img check"
+	local a b
+	a=$(qemu-img info --output=json "$work/first.qimg/top.qcow2" | grep '"backing-filename"' || true)
+	b=$(qemu-img info --output=json "$work/first.qemu-img/top.qcow2" | grep '"backing-filename"' || true)
+	[ "$a" = "$b" ] || die "$mode scale $scale $op: backing files differ: qimg '$a', qemu-img '$b'"
+	log "$mode scale $scale $op: qimg's result compares equal to qemu-img's"
+}
+
+median() { sort -g | awk '{ v[NR] = $1 } END { m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; printf "%.2f", m }'; }
+peak_mib() { sort -g | tail -n 1 | awk '{ printf "%.0f", $1 / 1024 }'; }
+
+python3 -c "b = bytearray($touch_gib << 30)" 2>/dev/null || die "cannot touch $touch_gib GiB (set TOUCH_GIB)"
+log "touching $touch_gib GiB before each run"
+
+modes=(warm)
+[ "$cold" = 1 ] && modes+=(cold)
+declare -A data_bytes=()
+for scale in "${scales[@]}"; do
+	chain=$work/chain$scale
+	log "scale $scale: building the chain in $chain"
+	"$mkchain" "$chain" "$scale" >&2
+	for op in "${ops[@]}"; do
+		# shellcheck disable=SC2046 # the dry run's words are its arguments
+		data_bytes[$scale.$op]=$(cd "$chain" && "$QIMG" $(dry_run_of "$op") | awk '/data bytes:/ { print $3 }')
+		log "scale $scale: $op copies ${data_bytes[$scale.$op]} data bytes"
+	done
+	for mode in "${modes[@]}"; do
+		for op in "${ops[@]}"; do
+			for ((i = 1; i <= runs; i++)); do
+				if ((i % 2)); then order=(qemu-img qimg floor); else order=(qimg qemu-img floor); fi
+				for tool in "${order[@]}"; do
+					log "$mode scale $scale $op: run $i/$runs: $tool"
+					if [ "$tool" = floor ]; then
+						floor "${data_bytes[$scale.$op]}"
+						continue
+					fi
+					fresh "$work/run"
+					timed "$tool" "$op" "$work/run"
+					if [ "$i" = 1 ]; then
+						rm -rf "$work/first.$tool"
+						mv "$work/run" "$work/first.$tool"
+					fi
+				done
+				if [ "$i" = 1 ]; then
+					verify "$op"
+					rm -rf "$work/first.qimg" "$work/first.qemu-img"
+				fi
+			done
+		done
+	done
+	rm -rf "$chain" "$work/run"
+done
+
+for mode in "${modes[@]}"; do
+	echo "== $mode page cache ($runs runs each, medians)"
+	printf "%-6s %-12s %9s %8s %8s %8s %8s %10s %10s %9s %9s\n" \
+		scale op data_mib qemu_s qimg_s speedup floor_s qemu_floor qimg_floor qemu_rss qimg_rss
+	for scale in "${scales[@]}"; do
+		for op in "${ops[@]}"; do
+			base=$work/$mode.$scale.$op
+			q=$(cut -d' ' -f1 "$base.qemu-img" | median)
+			m=$(cut -d' ' -f1 "$base.qimg" | median)
+			f=$(median <"$base.floor")
+			qr=$(cut -d' ' -f4 "$base.qemu-img" | peak_mib)
+			mr=$(cut -d' ' -f4 "$base.qimg" | peak_mib)
+			awk -v s="$scale" -v op="$op" -v d="${data_bytes[$scale.$op]}" -v q="$q" -v m="$m" \
+				-v f="$f" -v qr="$qr" -v mr="$mr" 'function div(a, b) { return b > 0 ? sprintf("%.2f", a / b) : "inf" }
+				BEGIN { printf "%-6s %-12s %9.0f %8.2f %8.2f %8s %8.2f %10s %10s %9s %9s\n",
+					s, op, d / 1048576, q, m, div(q, m), f, div(f, q), div(f, m), qr, mr }'
+		done
+	done
+done
