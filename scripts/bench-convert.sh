@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# bench-convert.sh - time `qimg convert -O raw` against `qemu-img convert -O raw` on the
-# same three-layer backing chain (built by the shared mkchain.sh).
+# bench-convert.sh - time `qimg convert` against `qemu-img convert` on the same
+# three-layer backing chain (built by the shared mkchain.sh), to raw and to qcow2.
 #
-# Usage: scripts/bench-convert.sh [-n RUNS] [-k] [SCALE...]
+# Usage: scripts/bench-convert.sh [-n RUNS] [-m MODES] [-k] [SCALE...]
 #
 #   SCALE...  chain sizes in GiB to bench, each an integer >= 1 (default: 1).
 #             `scripts/bench-convert.sh 1 4` benches the small and the large chain.
-#   -n RUNS   timed runs per tool and scale (default 3, at least 3); the median is reported.
+#   -n RUNS   timed runs per tool, mode and scale (default 3, at least 3); the median is
+#             reported.
+#   -m MODES  comma-separated output modes (default raw):
+#               raw       convert -O raw
+#               qcow2     convert -O qcow2
+#               qcow2-c   convert -c -O qcow2 (compressed clusters, zlib)
+#             `scripts/bench-convert.sh -m qcow2,qcow2-c` benches both qcow2 modes.
 #   -k        keep the work directory (chains and logs) instead of deleting it.
 #
 # Environment:
@@ -15,7 +21,9 @@
 #              `cargo build --release --example qimg` and uses target/release/examples/qimg
 #   TOUCH_GIB  GiB of memory a throwaway process touches before every timed run (default 3)
 #   TMPDIR     where the work directory is created (a SCALE 4 run needs ~12 GiB free)
-#   VERIFY     1 (default): check once per scale that both tools wrote the same bytes
+#   VERIFY     1 (default): check once per scale and mode that both tools wrote the same
+#              bytes (raw) or images with the same content that qemu-img check finds clean
+#              (qcow2, whose layouts may differ)
 #
 # Method: per scale, one chain is built and both tools convert that same top.qcow2. Runs
 # are interleaved and the order alternates every round (qemu-img first, then qimg first,
@@ -26,10 +34,10 @@
 # that cost off whichever tool happens to run first. The output is deleted after every
 # run. Nothing system-wide is dropped or changed.
 #
-# Output (stdout): a header line, then one row per scale and tool:
-#   scale  tool      runs  median_s  min_s   max_s   user_s  sys_s   peak_rss_mib  ratio
-#   1      qemu-img  3     1.52      1.50    1.60    0.20    0.90    25.1          -
-#   1      qimg      3     1.20      ...                                            1.27
+# Output (stdout): a header line, then one row per scale, mode and tool:
+#   scale  mode     tool      runs  median_s  min_s  max_s  user_s  sys_s  peak_rss_mib  ratio
+#   1      raw      qemu-img  3     1.52      1.50   1.60   0.20    0.90   25.1          -
+#   1      raw      qimg      3     1.20      ...                                        1.27
 # user_s/sys_s are medians; peak_rss_mib is the largest of the runs; ratio is
 # median(qemu-img) / median(qimg), so > 1 means qimg is faster. Progress goes to stderr.
 set -euo pipefail
@@ -40,15 +48,17 @@ usage() {
 }
 usage_error() {
 	echo "bench-convert.sh: $*" >&2
-	echo "usage: scripts/bench-convert.sh [-n RUNS] [-k] [SCALE...]   (-h for help)" >&2
+	echo "usage: scripts/bench-convert.sh [-n RUNS] [-m MODES] [-k] [SCALE...]   (-h for help)" >&2
 	exit 2
 }
 
 runs=3
 keep=0
-while getopts "n:kh" opt; do
+modes=raw
+while getopts "n:m:kh" opt; do
 	case $opt in
 	n) runs=$OPTARG ;;
+	m) modes=$OPTARG ;;
 	k) keep=1 ;;
 	h) usage ;;
 	*) usage_error "unknown option" ;;
@@ -62,6 +72,11 @@ case $runs in '' | *[!0-9]*) usage_error "-n needs an integer: $runs" ;; esac
 [ "$runs" -ge 3 ] || usage_error "-n must be at least 3"
 for s in "${scales[@]}"; do
 	case $s in '' | *[!0-9]* | 0) usage_error "SCALE must be an integer >= 1: $s" ;; esac
+done
+IFS=, read -r -a mode_list <<<"$modes"
+[ ${#mode_list[@]} -gt 0 ] || usage_error "-m needs at least one mode"
+for m in "${mode_list[@]}"; do
+	case $m in raw | qcow2 | qcow2-c) ;; *) usage_error "unknown mode: $m (raw, qcow2, qcow2-c)" ;; esac
 done
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -106,14 +121,19 @@ touch_memory() {
 	"${toucher[@]}"
 }
 
-# timed TOOL OUT: convert $chain/top.qcow2 to OUT with TOOL; append "elapsed user sys
-# maxrss_kib" to $work/TOOL.$scale.
+# timed TOOL MODE OUT: convert $chain/top.qcow2 to OUT with TOOL in MODE; append
+# "elapsed user sys maxrss_kib" to $work/TOOL.$scale.MODE.
 timed() {
-	local tool=$1 out=$2 t=$work/time.out
-	local -a cmd
+	local tool=$1 mode=$2 out=$3 t=$work/time.out
+	local -a cmd args
+	case $mode in
+	raw) args=(-O raw) ;;
+	qcow2) args=(-O qcow2) ;;
+	qcow2-c) args=(-c -O qcow2) ;;
+	esac
 	case $tool in
-	qemu-img) cmd=(qemu-img convert -O raw "$chain/top.qcow2" "$out") ;;
-	qimg) cmd=("$QIMG" convert -O raw "$chain/top.qcow2" "$out") ;;
+	qemu-img) cmd=(qemu-img convert "${args[@]}" "$chain/top.qcow2" "$out") ;;
+	qimg) cmd=("$QIMG" convert "${args[@]}" "$chain/top.qcow2" "$out") ;;
 	esac
 	rm -f "$out"
 	touch_memory
@@ -123,7 +143,26 @@ timed() {
 		exit 1
 	fi
 	[ -f "$out" ] || { log "$tool exited 0 but wrote no $out"; exit 1; }
-	tail -n 1 "$t" >>"$work/$tool.$scale"
+	tail -n 1 "$t" >>"$work/$tool.$scale.$mode"
+}
+
+# verify MODE OUT: on the first round, keep the first tool's output as ref.MODE; compare
+# the second's with it (byte for byte for raw; content and qemu-img check for qcow2).
+verify() {
+	local mode=$1 out=$2 ref=$work/ref.$1
+	if [ ! -e "$ref" ]; then
+		mv "$out" "$ref"
+		return
+	fi
+	case $mode in
+	raw) cmp "$ref" "$out" >&2 || { log "scale $scale: $mode outputs differ"; exit 1; } ;;
+	*)
+		qemu-img compare -q "$ref" "$out" >&2 || { log "scale $scale: $mode outputs differ"; exit 1; }
+		qemu-img check -q "$ref" >&2 || { log "scale $scale: $mode: qemu-img check failed"; exit 1; }
+		qemu-img check -q "$out" >&2 || { log "scale $scale: $mode: qemu-img check failed"; exit 1; }
+		;;
+	esac
+	rm -f "$ref"
 }
 
 # median of the numbers on stdin
@@ -137,46 +176,40 @@ if [ "$touch_gib" -gt 0 ]; then
 	log "touching $touch_gib GiB before each run: ${e} s (${s} s system), peak RSS $((m >> 10)) MiB"
 fi
 
-printf "%-6s %-9s %-5s %-9s %-7s %-7s %-7s %-7s %-13s %s\n" \
-	scale tool runs median_s min_s max_s user_s sys_s peak_rss_mib ratio
+row() { printf "%-6s %-8s %-9s %-5s %-9s %-7s %-7s %-7s %-7s %-13s %s\n" "$@"; }
+row scale mode tool runs median_s min_s max_s user_s sys_s peak_rss_mib ratio
 for scale in "${scales[@]}"; do
 	chain=$work/chain$scale
 	log "scale $scale: building chain in $chain"
 	"$mkchain" "$chain" "$scale" >&2
 	cat "$chain"/*.qcow2 >/dev/null # warm the page cache for both tools alike
-	out=$work/out.raw
-	for ((i = 1; i <= runs; i++)); do
-		if ((i % 2)); then order=(qemu-img qimg); else order=(qimg qemu-img); fi
-		for tool in "${order[@]}"; do
-			log "scale $scale: run $i/$runs: $tool"
-			timed "$tool" "$out"
-			if [ "$i" = 1 ] && [ "$verify" = 1 ]; then
-				if [ -e "$work/ref.raw" ]; then
-					cmp "$work/ref.raw" "$out" >&2 || { log "scale $scale: qimg and qemu-img outputs differ"; exit 1; }
-					rm -f "$work/ref.raw"
-				else
-					mv "$out" "$work/ref.raw"
-				fi
-			fi
-			rm -f "$out"
+	for mode in "${mode_list[@]}"; do
+		out=$work/out.$mode
+		for ((i = 1; i <= runs; i++)); do
+			if ((i % 2)); then order=(qemu-img qimg); else order=(qimg qemu-img); fi
+			for tool in "${order[@]}"; do
+				log "scale $scale: $mode: run $i/$runs: $tool"
+				timed "$tool" "$mode" "$out"
+				if [ "$i" = 1 ] && [ "$verify" = 1 ]; then verify "$mode" "$out"; fi
+				rm -f "$out"
+			done
 		done
+		declare -A med=()
+		for tool in qemu-img qimg; do
+			f=$work/$tool.$scale.$mode
+			med[$tool]=$(cut -d' ' -f1 "$f" | median)
+			min=$(cut -d' ' -f1 "$f" | sort -g | head -n 1)
+			max=$(cut -d' ' -f1 "$f" | sort -g | tail -n 1)
+			user=$(cut -d' ' -f2 "$f" | median)
+			sys=$(cut -d' ' -f3 "$f" | median)
+			rss=$(cut -d' ' -f4 "$f" | sort -g | tail -n 1 | awk '{ printf "%.1f", $1 / 1024 }')
+			ratio=-
+			if [ "$tool" = qimg ]; then
+				ratio=$(awk -v a="${med[qemu-img]}" -v b="${med[qimg]}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "inf" }')
+			fi
+			row "$scale" "$mode" "$tool" "$runs" "${med[$tool]}" "$min" "$max" "$user" "$sys" "$rss" "$ratio"
+		done
+		unset med
 	done
-	declare -A med=()
-	for tool in qemu-img qimg; do
-		f=$work/$tool.$scale
-		med[$tool]=$(cut -d' ' -f1 "$f" | median)
-		min=$(cut -d' ' -f1 "$f" | sort -g | head -n 1)
-		max=$(cut -d' ' -f1 "$f" | sort -g | tail -n 1)
-		user=$(cut -d' ' -f2 "$f" | median)
-		sys=$(cut -d' ' -f3 "$f" | median)
-		rss=$(cut -d' ' -f4 "$f" | sort -g | tail -n 1 | awk '{ printf "%.1f", $1 / 1024 }')
-		ratio=-
-		if [ "$tool" = qimg ]; then
-			ratio=$(awk -v a="${med[qemu-img]}" -v b="${med[qimg]}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "inf" }')
-		fi
-		printf "%-6s %-9s %-5s %-9s %-7s %-7s %-7s %-7s %-13s %s\n" \
-			"$scale" "$tool" "$runs" "${med[$tool]}" "$min" "$max" "$user" "$sys" "$rss" "$ratio"
-	done
-	unset med
 	rm -rf "$chain"
 done

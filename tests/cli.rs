@@ -460,22 +460,118 @@ fn convert_to_raw_is_byte_equal_to_qemu_img_and_sparse() {
 }
 
 #[test]
-fn convert_to_qcow2_is_refused_as_not_implemented() {
+fn convert_to_qcow2_with_options_compression_and_a_backing_file() {
     let dir = tempdir();
     let d = dir.path();
-    qemu(
-        d,
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "a.qcow2", "1M"],
-    );
-    let out = run("qimg", d, &["convert", "-O", "qcow2", "a.qcow2", "b.qcow2"]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    build_chain(d);
+    let ok = |args: &[&str]| {
+        let out = run("qimg", d, args);
+        assert!(
+            out.status.success(),
+            "qimg {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ok(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=4k,refcount_bits=8",
+        "top.qcow2",
+        "a.qcow2",
+    ]);
+    ok(&[
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        "-o",
+        "compression_type=zstd",
+        "top.qcow2",
+        "c.qcow2",
+    ]);
+    ok(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "-B",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+        "b.qcow2",
+    ]);
+    ok(&[
+        "convert",
+        "-p",
+        "-S",
+        "0",
+        "-O",
+        "qcow2",
+        "top.qcow2",
+        "s.qcow2",
+    ]);
+    for name in ["a.qcow2", "c.qcow2", "b.qcow2", "s.qcow2"] {
+        qemu(d, "qemu-img", &["check", name]);
+        qemu(d, "qemu-img", &["compare", "top.qcow2", name]);
+    }
+    let info = json_of(&run("qemu-img", d, &["info", "--output=json", "a.qcow2"]));
+    assert_eq!(info["cluster-size"], 4096);
+    assert_eq!(info["format-specific"]["data"]["refcount-bits"], 8);
+    let info = json_of(&run("qemu-img", d, &["info", "--output=json", "c.qcow2"]));
+    assert_eq!(info["format-specific"]["data"]["compression-type"], "zstd");
+    let map = json_of(&run("qemu-img", d, &["map", "--output=json", "c.qcow2"]));
     assert!(
-        err.starts_with("qimg: b.qcow2: ") && err.contains("not implemented"),
-        "{err}"
+        map.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["compressed"] == true)
     );
-    assert!(!d.join("b.qcow2").exists());
+    let info = json_of(&run("qemu-img", d, &["info", "--output=json", "b.qcow2"]));
+    assert_eq!(info["backing-filename"], "base.qcow2");
+    assert_eq!(info["backing-filename-format"], "qcow2");
+    // What qemu-img refuses, qimg refuses: a backing file without its format, compressed
+    // raw output, unknown -o keys.
+    for (args, what) in [
+        (
+            &[
+                "convert",
+                "-O",
+                "qcow2",
+                "-B",
+                "base.qcow2",
+                "top.qcow2",
+                "x.qcow2",
+            ][..],
+            "backing format",
+        ),
+        (
+            &["convert", "-c", "-O", "raw", "top.qcow2", "x.raw"][..],
+            "Compression not supported",
+        ),
+        (
+            &[
+                "convert",
+                "-O",
+                "qcow2",
+                "-o",
+                "foo=1",
+                "top.qcow2",
+                "x.qcow2",
+            ][..],
+            "Invalid parameter 'foo'",
+        ),
+    ] {
+        let out = run("qimg", d, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.starts_with("qimg: x.") && err.contains(what),
+            "{args:?}: {err}"
+        );
+        assert!(!d.join("x.qcow2").exists() && !d.join("x.raw").exists());
+    }
 }
 
 #[test]

@@ -2,12 +2,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use qcow2_engine::ops::{self, ConvertOptions};
-use qcow2_engine::storage::FileStorage;
-use qcow2_engine::{Error, Format};
+use qcow2_engine::{CreateOptions, Error, Format};
 
-use crate::common::{open_chain, parse_format, parse_size, progress_bar};
+use crate::common::{apply_create_options, open_chain, parse_format, parse_size, progress_bar};
 
 /// Arguments of `qimg convert`.
 #[derive(clap::Args)]
@@ -15,10 +14,22 @@ pub struct Args {
     /// Format of SRC (probed when absent).
     #[arg(short = 'f', value_parser = parse_format)]
     format: Option<Format>,
-    /// Output format (only raw is implemented so far).
+    /// Output format: raw or qcow2.
     #[arg(short = 'O', default_value = "raw")]
     output_format: String,
-    /// Zero blocks of this size in data are left as holes (0: fully allocate).
+    /// Output format options, comma-separated `key=value` (may repeat), as `create -o`.
+    #[arg(short = 'o')]
+    options: Vec<String>,
+    /// Store clusters compressed (qcow2 output).
+    #[arg(short = 'c')]
+    compress: bool,
+    /// Make DST an overlay on BACKING holding only what differs from it.
+    #[arg(short = 'B')]
+    backing: Option<String>,
+    /// Format of BACKING.
+    #[arg(short = 'F', value_parser = parse_format)]
+    backing_format: Option<Format>,
+    /// Zero blocks of this size in data are not written (0: fully allocate).
     #[arg(short = 'S', value_parser = parse_size, default_value = "4k")]
     sparse_size: u64,
     /// Show a progress bar.
@@ -33,16 +44,21 @@ pub struct Args {
     dst: PathBuf,
 }
 
-/// Runs `qimg convert`.
-pub fn run(args: Args) -> Result<u8> {
-    let _ = args.force_share;
-    match args.output_format.as_str() {
-        "raw" => {}
-        "qcow2" => bail!(
-            "{}: writing qcow2 (convert -O qcow2) is not implemented yet",
-            args.dst.display()
-        ),
-        other => bail!("{}: unknown output format {other:?}", args.dst.display()),
+/// Turns the arguments into the library's options, refusing what qemu-img refuses.
+fn options(args: &Args) -> Result<(CreateOptions, ConvertOptions)> {
+    let dst = args.dst.display();
+    let format = match args.output_format.as_str() {
+        "raw" => Format::Raw,
+        "qcow2" => Format::Qcow2,
+        other => bail!("{dst}: unknown output format {other:?}"),
+    };
+    let mut create = CreateOptions {
+        format,
+        ..CreateOptions::default()
+    };
+    apply_create_options(&mut create, &args.options).map_err(|e| anyhow::anyhow!("{dst}: {e}"))?;
+    if args.compress && format == Format::Raw {
+        bail!("{dst}: Compression not supported for this file format");
     }
     if args.sparse_size % 512 != 0 {
         bail!(
@@ -50,15 +66,33 @@ pub fn run(args: Args) -> Result<u8> {
             args.sparse_size
         );
     }
-    let chain = open_chain(&args.src, args.format)?;
-    let out = FileStorage::create(&args.dst)
-        .with_context(|| format!("{}: could not create", args.dst.display()))?;
-    let options = ConvertOptions {
+    if let Some(backing) = &args.backing {
+        if format == Format::Raw {
+            bail!("{dst}: raw images cannot have a backing file");
+        }
+        create.backing_file = Some(backing.clone());
+    }
+    if args.backing_format.is_some() {
+        create.backing_format = args.backing_format;
+    }
+    if create.backing_file.is_some() && create.backing_format.is_none() {
+        bail!("{dst}: Use of backing file requires explicit backing format (use -F FMT)");
+    }
+    let convert = ConvertOptions {
         min_sparse: args.sparse_size,
+        compress: args.compress,
         ..ConvertOptions::default()
     };
+    Ok((create, convert))
+}
+
+/// Runs `qimg convert`.
+pub fn run(args: Args) -> Result<u8> {
+    let _ = args.force_share;
+    let (create, options) = options(&args)?;
+    let chain = open_chain(&args.src, args.format)?;
     let bar = progress_bar(args.progress, chain.size());
-    let result = ops::convert_to_raw(&chain, &out, &options, &mut |done, _| {
+    let result = ops::convert(&chain, &args.dst, &create, &options, &mut |done, _| {
         bar.set_position(done);
         true
     });

@@ -1,12 +1,17 @@
-//! Converting a chain's guest content to a raw image.
+//! Converting a chain's guest content to a new image: [`convert`] creates the destination
+//! and dispatches on its format; [`convert_to_raw`] fills a raw file (qcow2 output is in
+//! `convert_qcow2.rs`).
 //!
-//! The output is sparse: ranges that read as zeros are never read nor written, and blocks
+//! Raw output is sparse: ranges that read as zeros are never read nor written, and blocks
 //! of data that are all zeros (of [`ConvertOptions::min_sparse`] bytes) are left as holes.
 //! Data is read in large chunks on a reader thread while this thread writes.
 
-use crate::chain::Chain;
+use std::path::Path;
+
+use crate::chain::{Chain, Format};
 use crate::error::{Error, Result};
-use crate::storage::Storage;
+use crate::qcow2::{CreateOptions, create};
+use crate::storage::{FileStorage, Storage};
 
 use super::chunks::{Chunk, for_each_chunk};
 
@@ -17,15 +22,64 @@ pub struct ConvertOptions {
     /// only zeros are not written, leaving holes (qemu-img's `-S`, default 4 KiB). 0 writes
     /// every byte, zeros included: a fully allocated output.
     pub min_sparse: u64,
-    /// Bytes of data read at a time (default 4 MiB).
+    /// Bytes of data read at a time (default 1 MiB). Each chunk is read into a buffer and
+    /// written from it: a buffer that still sits in the CPU's caches when it is written
+    /// halves the CPU time of a conversion compared with 4 MiB chunks (measured).
     pub chunk_size: usize,
+    /// Store clusters compressed (qcow2 output only; qemu-img's `-c`).
+    pub compress: bool,
+    /// Threads compressing clusters; 0 (the default) uses every core.
+    pub threads: usize,
+    /// Flush the output to stable storage when done. Off by default, as qemu-img
+    /// convert's default cache mode (`unsafe`) leaves it: the data is in the page cache
+    /// and reaches the disk as the kernel writes it back.
+    pub sync: bool,
 }
 
 impl Default for ConvertOptions {
     fn default() -> ConvertOptions {
         ConvertOptions {
             min_sparse: 4096,
-            chunk_size: 4 << 20,
+            chunk_size: 1 << 20,
+            compress: false,
+            threads: 0,
+            sync: false,
+        }
+    }
+}
+
+/// Creates `dst` as `create` says (format, qcow2 options, backing file; the size is always
+/// the source's) and copies `chain`'s guest content into it: see [`convert_to_raw`] and
+/// [`super::convert_to_qcow2`]. `progress(done, total)` is called as bytes are handled;
+/// returning `false` cancels with [`Error::Cancelled`].
+pub fn convert(
+    chain: &Chain,
+    dst: &Path,
+    create_options: &CreateOptions,
+    options: &ConvertOptions,
+    progress: &mut dyn FnMut(u64, u64) -> bool,
+) -> Result<()> {
+    match create_options.format {
+        Format::Qcow2 => super::convert_to_qcow2(chain, dst, create_options, options, progress),
+        Format::Raw => {
+            if options.compress {
+                return Err(Error::Unsupported("compressed clusters in a raw image").in_file(dst));
+            }
+            let raw = CreateOptions {
+                size: Some(chain.size()),
+                ..create_options.clone()
+            };
+            raw.validate().map_err(|e| e.in_file(dst))?;
+            super::convert_qcow2::refuse_overwriting_a_source(chain, dst)?;
+            create(dst, &raw)?;
+            let out =
+                FileStorage::open(dst, true).map_err(|e| Error::io("opening", e).in_file(dst))?;
+            convert_to_raw(chain, &out, options, progress).map_err(|e| e.in_file(dst))?;
+            if options.sync {
+                out.flush()
+                    .map_err(|e| Error::io("flushing", e).in_file(dst))?;
+            }
+            Ok(())
         }
     }
 }
@@ -45,6 +99,9 @@ pub fn convert_to_raw(
             "sparse size {} is not a multiple of 512",
             options.min_sparse
         )));
+    }
+    if options.compress {
+        return Err(Error::Unsupported("compressed clusters in a raw image"));
     }
     let total = chain.size();
     let write = |buf: &[u8], offset: u64| {

@@ -4,15 +4,19 @@
 mod checksum;
 mod chunks;
 mod compare;
+mod compress_pool;
 mod convert;
+mod convert_qcow2;
 mod info;
 mod map;
 mod measure;
 mod merge;
+mod windows;
 
 pub use checksum::checksum;
 pub use compare::{Comparison, compare};
-pub use convert::{ConvertOptions, convert_to_raw};
+pub use convert::{ConvertOptions, convert, convert_to_raw};
+pub use convert_qcow2::convert_to_qcow2;
 pub use info::{ImageInfo, Qcow2Info, SnapshotInfo, chain_info, info};
 pub use map::{MapEntries, MapEntry, map, map_range};
 pub use measure::{Measurement, measure_chain, measure_size};

@@ -28,8 +28,10 @@ pub fn compress_cluster(kind: CompressionType, data: &[u8]) -> Result<Option<Vec
             zstd::bulk::compress(data, 0).map_err(|e| fail(format!("zstd: {e}")))?
         }
     };
-    // A compressed cluster must save at least a sector to be worth its indirection.
-    Ok((out.len() as u64 + 512 <= data.len() as u64).then_some(out))
+    // As QEMU decides: any saving counts. Compressed clusters are packed byte by byte, so
+    // even one that saves less than a sector saves space (with 512-byte clusters none
+    // could save a whole sector, and QEMU still compresses them).
+    Ok((out.len() < data.len()).then_some(out))
 }
 
 /// Decompresses `input` into exactly `out.len()` bytes (one cluster). Trailing input past

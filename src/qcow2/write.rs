@@ -980,8 +980,18 @@ impl Image {
         let mut w = self.writer()?;
         let len = compressed.len() as u64;
         let cb = g.cluster_bits();
-        let host = match w.compressed_tail {
+        // Packing into the previous compressed cluster's host cluster adds a reference to
+        // it; a refcount already at its width's maximum (always, with 1-bit refcounts)
+        // cannot take one more, so the cluster then starts a new host cluster, as in QEMU.
+        let packable = match w.compressed_tail {
             Some((next, end)) if next + len <= end => {
+                let max = format::max_refcount(self.header().refcount_order);
+                w.refcounts.get(&*self.storage, next >> cb)? < max
+            }
+            _ => false,
+        };
+        let host = match w.compressed_tail {
+            Some((next, _)) if packable => {
                 // The packed cluster gains a reference.
                 w.refcounts.add(&*self.storage, next >> cb, 1, 1)?;
                 next
