@@ -3,27 +3,14 @@
 //! Images are built with qemu-img and qemu-io in a temporary directory; `qimg` is built once
 //! with `cargo build --example qimg`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 
+mod common;
+
+use common::qimg_path;
 use qcow2_engine::{Chain, ops};
 use serde_json::Value;
-
-/// The built `qimg` example.
-fn qimg_path() -> &'static Path {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--quiet", "--example", "qimg"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("running cargo build");
-        assert!(status.success(), "building the qimg example failed");
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debug/examples/qimg")
-    })
-}
 
 fn run(program: &str, dir: &Path, args: &[&str]) -> Output {
     let program = if program == "qimg" {

@@ -5,36 +5,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 
 use common::Scratch;
 use qcow2_engine::format::CompressionType;
 use qcow2_engine::{Chain, Compat, CreateOptions, Format, Preallocation, create};
 use serde_json::Value;
 
-/// The built `qimg` example.
-fn qimg_path() -> &'static Path {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--quiet", "--example", "qimg"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("running cargo build");
-        assert!(status.success(), "building the qimg example failed");
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debug/examples/qimg")
-    })
-}
-
 fn qimg(s: &Scratch, args: &[&str]) -> Output {
-    Command::new(qimg_path())
-        .args(args)
-        .current_dir(s.dir())
-        .output()
-        .expect("running qimg")
+    s.qimg_output(args)
 }
 
 fn tool(s: &Scratch, program: &str, args: &[&str]) -> Output {
