@@ -1,5 +1,5 @@
 //! Property tests of the write path: random sequences of writes, zero writes, discards,
-//! flushes and reopens, on memory and file storage, against a model disk. After each case
+//! resizes, flushes and reopens, on memory and file storage, against a model disk. After each case
 //! the library reads the model, `qemu-img check` finds nothing (no corruption, no leak)
 //! and `qemu-img compare` finds the image identical to the model as a raw file.
 
@@ -58,6 +58,10 @@ enum Step {
     Flush,
     /// Close the chain and open it again.
     Reopen,
+    /// Resize to the case's size plus `extra` bytes (a multiple of 512; 0 shrinks back).
+    Resize {
+        extra: u64,
+    },
 }
 
 impl Step {
@@ -70,7 +74,7 @@ impl Step {
             Step::Zero { offset, len, unmap } => Op::Zero { offset, len, unmap },
             Step::Discard { offset, len } => Op::Discard { offset, len },
             Step::Flush => Op::Flush,
-            Step::Reopen => return None,
+            Step::Reopen | Step::Resize { .. } => return None,
         })
     }
 }
@@ -97,6 +101,7 @@ fn step(size: u64, cluster: u64) -> impl Strategy<Value = Step> {
         2 => range(size, cluster).prop_map(|(offset, len)| Step::Discard { offset, len }),
         1 => Just(Step::Flush),
         1 => Just(Step::Reopen),
+        1 => (0..4 * cluster / 512 + 2).prop_map(|sectors| Step::Resize { extra: sectors * 512 }),
     ]
 }
 
@@ -181,6 +186,17 @@ fn run_case(config: usize, steps: &[Step], in_memory: bool) -> Result<(), TestCa
                     .map_err(|e| TestCaseError::fail(format!("step {i} {step:?}: {e}")))?;
                 model.apply(&op);
             }
+            // Ranges are drawn below the case's size, so they stay valid at any size.
+            None if matches!(step, Step::Resize { .. }) => {
+                let Step::Resize { extra } = *step else {
+                    unreachable!()
+                };
+                chain
+                    .resize(size + extra, true)
+                    .map_err(|e| TestCaseError::fail(format!("step {i} {step:?}: {e}")))?;
+                // A shrink loses what lay past the end; a growth reads as zeros.
+                model.bytes.resize((size + extra) as usize, 0);
+            }
             None => {
                 chain
                     .close()
@@ -190,7 +206,8 @@ fn run_case(config: usize, steps: &[Step], in_memory: bool) -> Result<(), TestCa
             }
         }
     }
-    let mut got = vec![0u8; size as usize];
+    prop_assert_eq!(chain.size(), model.bytes.len() as u64, "[{}] size", options);
+    let mut got = vec![0u8; model.bytes.len()];
     chain.read_at(&mut got, 0).unwrap();
     if let Some(at) = (0..got.len()).find(|&i| got[i] != model.bytes[i]) {
         return Err(TestCaseError::fail(format!(
