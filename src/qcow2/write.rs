@@ -476,31 +476,40 @@ impl Image {
         let at = w.refcounts.allocate(&*self.storage, count)?;
         let end = at + (count << self.geometry.cluster_bits());
         self.file_len.fetch_max(end, Ordering::Relaxed);
-        if w.refcounts.header_changed {
-            let location = w.refcounts.table_location();
-            {
-                let mut meta = self.meta_mut();
-                meta.header.refcount_table_offset = location.offset;
-                meta.header.refcount_table_clusters = location.clusters;
-            }
-            self.write_header()?;
-            self.sync()?;
-            w.refcounts.header_changed = false;
-            if let Some(old) = w.refcounts.pending_table_free.take() {
-                let cb = self.geometry.cluster_bits();
-                w.refcounts
-                    .add(&*self.storage, old.offset >> cb, old.clusters.into(), -1)?;
-            }
-            let new_end =
-                location.offset + (u64::from(location.clusters) << self.geometry.cluster_bits());
-            self.file_len.fetch_max(new_end, Ordering::Relaxed);
-        }
+        self.publish_table_move(w)?;
         // Files only grow by what is written; make sure reads of metadata past the old end
         // see the new length (blocks written by a table growth already extended it).
         if let Ok(len) = self.storage.len() {
             self.file_len.fetch_max(len, Ordering::Relaxed);
         }
         Ok(at)
+    }
+
+    /// Switches the header to a refcount table that moved (written and flushed already),
+    /// then frees the old table. Retried by the next checkpoint when the header write
+    /// failed: until the header names the new table, nothing may be written to it.
+    fn publish_table_move(&self, w: &mut Writer) -> Result<()> {
+        if !w.refcounts.header_changed {
+            return Ok(());
+        }
+        let location = w.refcounts.table_location();
+        {
+            let mut meta = self.meta_mut();
+            meta.header.refcount_table_offset = location.offset;
+            meta.header.refcount_table_clusters = location.clusters;
+        }
+        self.write_header()?;
+        self.sync()?;
+        w.refcounts.header_changed = false;
+        if let Some(old) = w.refcounts.pending_table_free.take() {
+            let cb = self.geometry.cluster_bits();
+            w.refcounts
+                .add(&*self.storage, old.offset >> cb, old.clusters.into(), -1)?;
+        }
+        let new_end =
+            location.offset + (u64::from(location.clusters) << self.geometry.cluster_bits());
+        self.file_len.fetch_max(new_end, Ordering::Relaxed);
+        Ok(())
     }
 
     /// The L2 table for L1 entry `l1_index`, ready to change: allocated when missing,
@@ -581,6 +590,7 @@ impl Image {
 
     /// Writes every metadata change in the crash-safe order (see the module docs).
     pub(crate) fn checkpoint(&self, w: &mut Writer) -> Result<()> {
+        self.publish_table_move(w)?;
         let metadata_changes = !w.dirty_l2.is_empty() || !w.dirty_l1.is_empty() || w.header_dirty;
         if metadata_changes && w.lazy && !self.is_dirty() {
             // Lazy refcounts: mark the image dirty before refcounts start to lag.
