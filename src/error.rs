@@ -139,6 +139,15 @@ pub enum Error {
         reason: &'static str,
     },
 
+    /// A backing file that the caller's [`crate::chain::BackingPolicy`] does not allow.
+    #[error("backing file {} refused: {reason}", path.display())]
+    BackingRefused {
+        /// The backing file.
+        path: PathBuf,
+        /// Why.
+        reason: &'static str,
+    },
+
     /// A format name that is neither `qcow2` nor `raw`.
     #[error("unsupported image format {0:?}")]
     UnsupportedFormat(String),

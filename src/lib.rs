@@ -54,7 +54,7 @@ pub mod storage;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use chain::{Chain, ChainOptions, ChainRun, Format, Layer, RawImage};
+pub use chain::{BackingPolicy, Chain, ChainOptions, ChainRun, Format, Layer, RawImage};
 pub use error::{Error, Result};
 pub use qcow2::{
     Compat, CreateOptions, Image, ImageOptions, Mapping, Preallocation, Run, create, create_on,

@@ -304,3 +304,97 @@ fn l2_entry_with_an_unaligned_host_offset() {
         &["L2 table", "entry 0", "not aligned"],
     );
 }
+
+#[test]
+fn a_backing_policy_confines_backing_files_and_refuses_special_files() {
+    use qcow2_engine::BackingPolicy;
+    let s = Scratch::new();
+    std::fs::create_dir(s.path("vm")).unwrap();
+    s.create("base.qcow2", "", 1 << 20);
+    s.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "../base.qcow2",
+        "-F",
+        "qcow2",
+        "vm/escape.qcow2",
+    ]);
+    std::os::unix::fs::symlink("../base.qcow2", s.path("vm/link.qcow2")).unwrap();
+    s.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "link.qcow2",
+        "-F",
+        "qcow2",
+        "vm/via-link.qcow2",
+    ]);
+    s.create("vm/inside-base.qcow2", "", 1 << 20);
+    s.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "inside-base.qcow2",
+        "-F",
+        "qcow2",
+        "vm/inside.qcow2",
+    ]);
+    s.qemu_img(&[
+        "create",
+        "-q",
+        "-u",
+        "-f",
+        "qcow2",
+        "-b",
+        "/dev/null",
+        "-F",
+        "raw",
+        "vm/device.qcow2",
+        "1M",
+    ]);
+    let confined = ChainOptions {
+        backing_policy: BackingPolicy {
+            confine_to: Some(s.path("vm")),
+            regular_files_only: true,
+        },
+        ..ChainOptions::default()
+    };
+    for name in ["vm/escape.qcow2", "vm/via-link.qcow2"] {
+        // qemu-img's behaviour by default: the backing file opens.
+        assert_eq!(
+            Chain::open(s.path(name)).unwrap().layers().len(),
+            2,
+            "{name}"
+        );
+        let err = Chain::open_with(s.path(name), &confined).unwrap_err();
+        assert!(
+            matches!(err.root(), Error::BackingRefused { .. }),
+            "{name}: {err}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains(name) && msg.contains("confined"), "{msg}");
+    }
+    assert_eq!(
+        Chain::open_with(s.path("vm/inside.qcow2"), &confined)
+            .unwrap()
+            .layers()
+            .len(),
+        2
+    );
+    assert_eq!(
+        Chain::open(s.path("vm/device.qcow2"))
+            .unwrap()
+            .layers()
+            .len(),
+        2
+    );
+    let err = Chain::open_with(s.path("vm/device.qcow2"), &confined).unwrap_err();
+    assert!(err.to_string().contains("not a regular file"), "{err}");
+}

@@ -272,6 +272,45 @@ pub struct ChainOptions {
     /// Open the top image for writing (backing files stay read-only). An image marked
     /// corrupt opens read-only instead, with a warning in [`Chain::warnings`].
     pub writable: bool,
+    /// Which backing files an image may name (by default: any, as qemu-img).
+    pub backing_policy: BackingPolicy,
+}
+
+/// Limits on the backing files that images name, for images that are not trusted (loops
+/// and the depth limit apply always).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackingPolicy {
+    /// Every backing file must lie inside this directory once symbolic links and `..`
+    /// are resolved.
+    pub confine_to: Option<PathBuf>,
+    /// Refuse backing files that are not regular files (block and character devices,
+    /// FIFOs, sockets).
+    pub regular_files_only: bool,
+}
+
+impl BackingPolicy {
+    /// Checks a backing file (already known to exist) against the policy.
+    fn check(&self, path: &Path, meta: &std::fs::Metadata) -> Result<()> {
+        let refuse = |reason| Error::BackingRefused {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if self.regular_files_only && !meta.is_file() {
+            return Err(refuse("not a regular file"));
+        }
+        if let Some(dir) = &self.confine_to {
+            let real = std::fs::canonicalize(path)
+                .map_err(|e| Error::io(format!("resolving {}", path.display()), e))?;
+            let dir = std::fs::canonicalize(dir)
+                .map_err(|e| Error::io(format!("resolving {}", dir.display()), e))?;
+            if !real.starts_with(&dir) {
+                return Err(refuse(
+                    "outside the directory backing files are confined to",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for ChainOptions {
@@ -285,6 +324,7 @@ impl Default for ChainOptions {
             },
             no_backing: false,
             writable: false,
+            backing_policy: BackingPolicy::default(),
         }
     }
 }
@@ -419,6 +459,12 @@ impl Chain {
             })?;
             if !seen.insert((meta.dev(), meta.ino())) {
                 return Err(Error::BackingLoop { path: layer_path }.in_file(path));
+            }
+            if let Some(overlay) = layers.last() {
+                options
+                    .backing_policy
+                    .check(&layer_path, &meta)
+                    .map_err(|e| e.in_file(overlay.name()))?;
             }
             let image_options = ImageOptions {
                 writable: options.writable && layers.is_empty(),
