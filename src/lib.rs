@@ -57,7 +57,8 @@ pub mod testing;
 pub use chain::{BackingPolicy, Chain, ChainOptions, ChainRun, Format, Layer, RawImage};
 pub use error::{Error, Result};
 pub use qcow2::{
-    Compat, CreateOptions, Image, ImageOptions, Mapping, Preallocation, Run, create, create_on,
+    CheckReport, Compat, CreateOptions, Finding, Image, ImageOptions, Mapping, Preallocation,
+    RepairMode, Run, Severity, create, create_on,
 };
 pub use reader::ChainReader;
 

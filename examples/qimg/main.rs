@@ -4,6 +4,7 @@
 //! library options, calls one operation and prints the result.
 
 mod amend;
+mod check;
 mod checksum;
 mod commit;
 mod common;
@@ -36,6 +37,8 @@ enum Command {
     Create(create::Args),
     /// Show facts about an image (and its backing chain).
     Info(info::Args),
+    /// Check an image for consistency and optionally repair it.
+    Check(check::Args),
     /// Show the allocation map of an image through its chain.
     Map(map::Args),
     /// Convert an image (through its chain) to another format.
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
     let (result, error_code) = match cli.command {
         Command::Create(args) => (create::run(args), 1),
         Command::Info(args) => (info::run(args), 1),
+        Command::Check(args) => (check::run(args), 1),
         Command::Map(args) => (map::run(args), 1),
         Command::Convert(args) => (convert::run(args), 1),
         Command::Compare(args) => (compare::run(args), 2),

@@ -145,6 +145,22 @@ impl Image {
         Ok(image)
     }
 
+    /// Opens the image at `path` for [`Image::repair`]: the file is opened for writing but
+    /// the image is not prepared for guest writes, so a dirty or corrupt image opens
+    /// as it is.
+    pub fn open_for_repair(path: impl AsRef<Path>) -> Result<Image> {
+        let path = path.as_ref();
+        let storage =
+            FileStorage::open(path, true).map_err(|e| Error::io("opening", e).in_file(path))?;
+        Image::from_storage_inner(
+            Box::new(storage),
+            path.to_path_buf(),
+            &ImageOptions::default(),
+            None,
+        )
+        .map_err(|e| e.in_file(path))
+    }
+
     /// Opens an image held in any [`Storage`]. `name` is used in error messages. An image
     /// with an external data file needs `data_file`.
     pub fn from_storage(

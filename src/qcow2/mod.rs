@@ -1,6 +1,7 @@
 //! The engine for one qcow2 image: open, map guest ranges, read.
 
 mod amend;
+mod check;
 mod compress;
 mod create;
 mod image;
@@ -9,14 +10,17 @@ mod mapping;
 mod prealloc;
 mod rebuild;
 mod refcount;
+mod references;
 mod resize;
 mod snapshot;
 mod write;
 
 pub use amend::AmendOptions;
+pub use check::{CheckReport, Finding, RepairMode, Severity};
 pub use compress::compress_cluster;
 pub use create::{
     Compat, CreateOptions, MAX_VIRTUAL_SIZE, Preallocation, create, create_on, data_file_path,
 };
 pub use image::{Image, ImageOptions};
 pub use mapping::{Mapping, Run, Runs};
+pub use references::{Owner, ReferenceKind};

@@ -7,32 +7,58 @@
 //! the header switches to them in one write. The old structures become free space; a
 //! crash before the switch leaves the old, still-valid ones in use.
 
-use std::sync::PoisonError;
-
 use crate::error::{Error, Result};
-use crate::format::{
-    self, ClusterDescriptor, IncompatibleFeatures, L1Entry, L2Entry, set_refcount,
-};
+use crate::format::{self, IncompatibleFeatures, set_refcount};
 
+use super::check::{RepairMode, Severity};
 use super::image::Image;
 use super::refcount::Refcounts;
+use super::references::{Event, ReferenceKind, Scope};
 use super::write::Writer;
 
 impl Image {
-    /// Rebuilds the refcounts of a dirty image (called when opening it for writing).
-    pub(crate) fn rebuild_refcounts(&self) -> Result<()> {
-        let _io = self.io_lock.write().unwrap_or_else(PoisonError::into_inner);
-        let mut w = self.writer()?;
-        let order = self.header().refcount_order;
-        self.rebuild_refcounts_locked(&mut w, order)
+    /// Repairs a dirty image (lazy refcounts left lagging) when it is opened for writing,
+    /// as `check -r all` does; refuses to go on if corruption remains.
+    pub(crate) fn recover_dirty(&self) -> Result<()> {
+        let report = self.repair(RepairMode::All)?;
+        if !report.is_clean() {
+            let what = report
+                .findings
+                .iter()
+                .find(|f| f.severity != Severity::Repaired)
+                .map_or("", |f| f.message.as_str());
+            return Err(Error::corrupt(
+                "image",
+                0,
+                format!("the dirty image could not be repaired: {what}"),
+            ));
+        }
+        Ok(())
     }
 
     /// Writes fresh refcount structures of width `1 << order` (exclusive access held).
     pub(crate) fn rebuild_refcounts_locked(&self, w: &mut Writer, order: u32) -> Result<()> {
         self.checkpoint(w)?;
+        let counts = self.count_references()?;
+        self.install_refcounts(&counts, order)?;
+        let header = self.header();
+        w.refcounts = Refcounts::load(
+            &*self.storage,
+            header.cluster_bits,
+            order,
+            header.refcount_table_offset,
+            header.refcount_table_clusters,
+            self.file_len(),
+        )?;
+        Ok(())
+    }
+
+    /// Writes a refcount table and blocks of width `1 << order` holding `counts` (by
+    /// cluster index) past the end of the file, then switches the header to them. The old
+    /// structures are not counted: they become free space.
+    pub(crate) fn install_refcounts(&self, counts: &[u32], order: u32) -> Result<()> {
         let cs = self.cluster_size();
         let cb = self.geometry.cluster_bits();
-        let counts = self.count_references()?;
         let max = format::max_refcount(order);
         if let Some((c, &n)) = counts
             .iter()
@@ -111,99 +137,36 @@ impl Image {
         self.sync()?;
         self.file_len
             .fetch_max(end << cb, std::sync::atomic::Ordering::Relaxed);
-        w.refcounts = Refcounts::load(
-            &*self.storage,
-            cb,
-            order,
-            table_at << cb,
-            table_clusters as u32,
-            self.file_len(),
-        )?;
         Ok(())
     }
 
-    /// How many references each host cluster of the image file has, by cluster index.
+    /// How many references each host cluster of the image file has, by cluster index,
+    /// leaving out the refcount structures (a rebuild replaces them). Damage is an error:
+    /// repairing it is `check -r all`'s job.
     fn count_references(&self) -> Result<Vec<u32>> {
-        if self.extensions().has_bitmaps() {
-            return Err(Error::Unsupported(
-                "rebuilding refcounts of an image with persistent bitmaps",
-            ));
-        }
-        let cs = self.cluster_size();
         let cb = self.geometry.cluster_bits();
-        let file_clusters = self.file_len().div_ceil(cs);
-        let mut counts = vec![0u32; file_clusters as usize];
-        let mut add = |what: &'static str, offset: u64, len: u64| -> Result<()> {
-            if len == 0 {
-                return Ok(());
+        let mut counts = vec![0u32; self.file_len().div_ceil(self.cluster_size()) as usize];
+        let mut problem = None;
+        self.walk_references(Scope::All, &mut |event| match event {
+            Event::Problem(p) => {
+                problem.get_or_insert(p.message);
             }
-            let first = offset >> cb;
-            let last = (offset + len - 1) >> cb;
-            if last >= file_clusters {
-                return Err(Error::corrupt(
-                    what,
-                    offset,
-                    "lies past the end of the file",
-                ));
-            }
-            for c in first..=last {
-                counts[c as usize] = counts[c as usize].saturating_add(1);
-            }
-            Ok(())
-        };
-        let header = self.header();
-        add("header", 0, cs)?;
-        let snapshots = self.snapshots();
-        if header.nb_snapshots > 0 {
-            let table_len: u64 = snapshots.iter().map(|s| s.encoded_len() as u64).sum();
-            add("snapshot table", header.snapshots_offset, table_len)?;
-        }
-        let mut l1_tables = vec![(header.l1_table_offset, self.meta().l1.clone())];
-        for s in &snapshots {
-            let bytes = self.read_metadata(
-                "snapshot L1 table",
-                s.l1_table_offset,
-                u64::from(s.l1_size) * 8,
-            )?;
-            l1_tables.push((s.l1_table_offset, format::decode_u64_table(&bytes)));
-        }
-        let external = self.has_external_data_file();
-        let step = if self.geometry.extended_l2() { 2 } else { 1 };
-        for (l1_offset, l1) in &l1_tables {
-            add("L1 table", *l1_offset, l1.len() as u64 * 8)?;
-            for &raw in l1 {
-                let l2_offset = L1Entry(raw).l2_offset();
-                if l2_offset == 0 {
-                    continue;
+            Event::Reference(r) => {
+                if matches!(
+                    r.kind,
+                    ReferenceKind::RefcountTable | ReferenceKind::RefcountBlock
+                ) {
+                    return;
                 }
-                add("L2 table", l2_offset, cs)?;
-                let table = self.l2_table(l2_offset)?;
-                for (i, &e) in table.iter().step_by(step).enumerate() {
-                    let entry = L2Entry(e);
-                    let d = entry.decode(self.geometry).map_err(|reason| {
-                        Error::corrupt("L2 table", l2_offset, format!("entry {i}: {reason}"))
-                    })?;
-                    match d {
-                        ClusterDescriptor::Data { host, .. }
-                        | ClusterDescriptor::Zero { host: Some(host) }
-                            if !external && host != 0 =>
-                        {
-                            add("data cluster", host, cs)?;
-                        }
-                        ClusterDescriptor::Compressed(c) => {
-                            // Count each host cluster the compressed bytes touch, clipped
-                            // to the file (qemu writes the last one unpadded).
-                            let len = c
-                                .len
-                                .min(self.file_len().saturating_sub(c.host_offset))
-                                .max(1);
-                            add("compressed cluster", c.host_offset, len)?;
-                        }
-                        _ => {}
-                    }
+                for c in r.offset >> cb..=(r.offset + r.len - 1) >> cb {
+                    let n = &mut counts[c as usize];
+                    *n = n.saturating_add(1);
                 }
             }
+        })?;
+        match problem {
+            Some(message) => Err(Error::corrupt("image", 0, message)),
+            None => Ok(counts),
         }
-        Ok(counts)
     }
 }

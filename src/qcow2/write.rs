@@ -106,7 +106,7 @@ impl Image {
             .incompatible_features
             .contains(IncompatibleFeatures::DIRTY)
         {
-            self.rebuild_refcounts()?;
+            self.recover_dirty()?;
         }
         // Autoclear bits this crate does not maintain must be cleared before writing.
         let keep = AutoclearFeatures::DATA_FILE_RAW;

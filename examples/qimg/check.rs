@@ -1,0 +1,180 @@
+//! `qimg check`: consistency check and repair of one qcow2 image, as `qemu-img check`.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use qcow2_engine::storage::FileStorage;
+use qcow2_engine::{CheckReport, Format, Image, RepairMode, Severity};
+use serde_json::{Map, Value, json};
+
+use crate::common::{Output, parse_format, print_json};
+
+/// `-r leaks|all`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Repair {
+    /// Fix leaked clusters only.
+    Leaks,
+    /// Fix leaks and corruptions.
+    All,
+}
+
+/// Arguments of `qimg check`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Output format.
+    #[arg(long, value_enum, default_value = "human")]
+    output: Output,
+    /// Repair what the check finds.
+    #[arg(short = 'r', value_enum)]
+    repair: Option<Repair>,
+    /// Format of FILE (probed when absent).
+    #[arg(short = 'f', value_parser = parse_format)]
+    format: Option<Format>,
+    /// Open without taking a lock (qimg never locks; accepted for compatibility).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// Suppress the summary (qemu-img's -q).
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// The image.
+    file: PathBuf,
+}
+
+/// qemu-img's exit code for a format without checks.
+const NOT_SUPPORTED: u8 = 63;
+
+/// Runs `qimg check`.
+pub fn run(args: Args) -> Result<u8> {
+    let _ = args.force_share;
+    let format = match args.format {
+        Some(f) => f,
+        None => {
+            let storage = FileStorage::open(&args.file, false)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
+            Format::probe(&storage)?
+        }
+    };
+    if format == Format::Raw {
+        eprintln!(
+            "qimg: {}: this image format does not support checks",
+            args.file.display()
+        );
+        return Ok(NOT_SUPPORTED);
+    }
+    let report = match args.repair {
+        None => Image::open(&args.file)?.check()?,
+        Some(mode) => {
+            if args.force_share {
+                bail!("{}: -U cannot be used with -r", args.file.display());
+            }
+            let mode = match mode {
+                Repair::Leaks => RepairMode::Leaks,
+                Repair::All => RepairMode::All,
+            };
+            Image::open_for_repair(&args.file)?.repair(mode)?
+        }
+    };
+    for finding in &report.findings {
+        let tag = match finding.severity {
+            Severity::Corruption => "ERROR",
+            Severity::Leak => "Leaked",
+            Severity::CheckError => "ERROR",
+            Severity::Repaired => "Repairing",
+        };
+        eprintln!("{tag} {}", finding.message);
+    }
+    if report.findings_omitted > 0 {
+        eprintln!("... and {} more findings", report.findings_omitted);
+    }
+    match args.output {
+        Output::Json => print_json(&json_report(&report, &args.file))?,
+        Output::Human if !args.quiet => print_human(&report),
+        Output::Human => {}
+    }
+    Ok(report.exit_code() as u8)
+}
+
+/// qemu-img's JSON: the counters of problems appear only when non-zero.
+fn json_report(report: &CheckReport, file: &std::path::Path) -> Value {
+    let mut map = Map::new();
+    map.insert("filename".into(), json!(file.display().to_string()));
+    map.insert("format".into(), json!("qcow2"));
+    map.insert("check-errors".into(), json!(report.check_errors));
+    for (key, value) in [
+        ("corruptions", report.corruptions),
+        ("leaks", report.leaks),
+        ("corruptions-fixed", report.corruptions_fixed),
+        ("leaks-fixed", report.leaks_fixed),
+    ] {
+        if value > 0 {
+            map.insert(key.into(), json!(value));
+        }
+    }
+    map.insert("image-end-offset".into(), json!(report.image_end_offset));
+    map.insert("total-clusters".into(), json!(report.total_clusters));
+    map.insert(
+        "allocated-clusters".into(),
+        json!(report.allocated_clusters),
+    );
+    map.insert(
+        "fragmented-clusters".into(),
+        json!(report.fragmented_clusters),
+    );
+    if report.compressed_clusters > 0 {
+        map.insert(
+            "compressed-clusters".into(),
+            json!(report.compressed_clusters),
+        );
+    }
+    Value::Object(map)
+}
+
+fn print_human(report: &CheckReport) {
+    if report.leaks_fixed > 0 || report.corruptions_fixed > 0 {
+        println!("The following inconsistencies were found and repaired:\n");
+        println!("    {} leaked clusters", report.leaks_fixed);
+        println!("    {} corruptions\n", report.corruptions_fixed);
+        println!("Double checking the fixed image now...");
+    }
+    if report.is_clean() {
+        println!("No errors were found on the image.");
+    }
+    if report.corruptions > 0 {
+        println!(
+            "\n{} errors were found on the image.\n\
+             Data may be corrupted, or further writes to the image may corrupt it.",
+            report.corruptions
+        );
+    }
+    if report.leaks > 0 {
+        println!(
+            "\n{} leaked clusters were found on the image.\n\
+             This means waste of disk space, but no harm to data.",
+            report.leaks
+        );
+    }
+    if report.check_errors > 0 {
+        println!(
+            "\n{} internal errors have occurred during the check.",
+            report.check_errors
+        );
+    }
+    if report.total_clusters > 0 {
+        let pct = |n: u64, of: u64| {
+            if of == 0 {
+                0.0
+            } else {
+                n as f64 * 100.0 / of as f64
+            }
+        };
+        println!(
+            "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters",
+            report.allocated_clusters,
+            report.total_clusters,
+            pct(report.allocated_clusters, report.total_clusters),
+            pct(report.fragmented_clusters, report.allocated_clusters),
+            pct(report.compressed_clusters, report.allocated_clusters),
+        );
+    }
+    println!("Image end offset: {}", report.image_end_offset);
+}

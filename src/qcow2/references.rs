@@ -1,0 +1,408 @@
+//! Every reference an image's metadata makes into its own file (spec: "Host cluster
+//! management"): the header, the snapshot table, the refcount table and blocks, persistent
+//! bitmaps, and the L1 tables of the active image and of each snapshot with the L2 tables
+//! and data clusters they reach.
+//!
+//! One walk serves `check` (counting references to compare with the refcounts, and the
+//! COPIED flags), its repair, the refcount rebuild of dirty images, and `du`'s space
+//! accounting. The walk tolerates damage: what it cannot follow (an unaligned offset, a
+//! table past the end of the file, an undecodable entry) is reported as a [`Problem`] and
+//! skipped, never followed.
+
+use crate::error::Result;
+use crate::format::{self, ClusterDescriptor, HeaderExtension, L1Entry, L2Entry};
+
+use super::image::Image;
+
+/// Who a reference belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Owner {
+    /// The image's own structures: header, snapshot table, refcounts, bitmaps.
+    Image,
+    /// The active (current) state: its L1 table and what it reaches.
+    Active,
+    /// The internal snapshot at this index of the snapshot table.
+    Snapshot(usize),
+}
+
+/// What a reference points at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReferenceKind {
+    /// The header cluster.
+    Header,
+    /// The snapshot table.
+    SnapshotTable,
+    /// The refcount table.
+    RefcountTable,
+    /// A refcount block.
+    RefcountBlock,
+    /// A bitmap directory, bitmap table or bitmap data cluster.
+    Bitmap,
+    /// An L1 table.
+    L1Table,
+    /// An L2 table.
+    L2Table,
+    /// A data cluster (also a preallocated zero cluster).
+    Data,
+    /// The bytes of a compressed cluster.
+    Compressed,
+}
+
+/// Where the entry that makes a reference lives (for rewriting its COPIED flag).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct EntryAt {
+    /// Offset of the table holding the entry (an L1 or L2 table).
+    pub table: u64,
+    /// Index of the 64-bit word in that table.
+    pub index: usize,
+    /// The entry as stored.
+    pub raw: u64,
+}
+
+/// One reference to a range of the image file.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Reference {
+    pub owner: Owner,
+    pub kind: ReferenceKind,
+    pub offset: u64,
+    pub len: u64,
+    /// The L1 or L2 entry making the reference, for L2 tables, data and compressed
+    /// clusters.
+    pub entry: Option<EntryAt>,
+}
+
+/// Something the walk could not follow.
+#[derive(Debug, Clone)]
+pub(crate) struct Problem {
+    pub message: String,
+    /// The refcount structures themselves are broken: only a rebuild repairs them.
+    pub refcount_structure: bool,
+    /// A table or data reference that was not followed (past the end of the file), with
+    /// the entry that makes it: its COPIED flag must be clear.
+    pub unfollowed: Option<(ReferenceKind, EntryAt)>,
+}
+
+/// What the walk reports, in order: the references of one L2 table come together, right
+/// after the reference to the table.
+#[derive(Debug)]
+pub(crate) enum Event {
+    Reference(Reference),
+    Problem(Problem),
+}
+
+/// Which references to walk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scope {
+    /// Everything.
+    All,
+    /// Only the active L1 table and what it reaches.
+    Active,
+}
+
+impl Image {
+    /// Walks the references of `scope`, calling `visit` for each reference and problem.
+    /// Errors are I/O errors; damage is reported as [`Event::Problem`].
+    pub(crate) fn walk_references(&self, scope: Scope, visit: &mut dyn FnMut(Event)) -> Result<()> {
+        let header = self.header();
+        let cs = self.cluster_size();
+        let file_len = self.file_len();
+        // A reference starting a cluster or more past the end of the file is damage (QEMU
+        // reads a compressed cluster's last bytes past the end as zeros, so a partial
+        // overhang is not).
+        let limit = file_len.div_ceil(cs) * cs;
+        let mut refer = |visit: &mut dyn FnMut(Event),
+                         owner: Owner,
+                         kind: ReferenceKind,
+                         offset: u64,
+                         len: u64,
+                         entry: Option<EntryAt>|
+         -> bool {
+            if len == 0 {
+                return false;
+            }
+            let end = offset.checked_add(len);
+            if end.is_none_or(|end| end > limit) {
+                visit(Event::Problem(Problem {
+                    message: format!(
+                        "{} at {offset:#x} (size {len:#x}) lies past the end of the file \
+                         ({file_len:#x} bytes)",
+                        kind_name(kind)
+                    ),
+                    refcount_structure: matches!(
+                        kind,
+                        ReferenceKind::RefcountBlock | ReferenceKind::RefcountTable
+                    ),
+                    unfollowed: entry.map(|e| (kind, e)),
+                }));
+                return false;
+            }
+            visit(Event::Reference(Reference {
+                owner,
+                kind,
+                offset,
+                len,
+                entry,
+            }));
+            true
+        };
+
+        refer(
+            visit,
+            Owner::Active,
+            ReferenceKind::L1Table,
+            header.l1_table_offset,
+            u64::from(header.l1_size) * 8,
+            None,
+        );
+        let mut l1_tables = vec![(
+            Owner::Active,
+            header.l1_table_offset,
+            self.meta().l1.clone(),
+        )];
+        if scope == Scope::All {
+            refer(visit, Owner::Image, ReferenceKind::Header, 0, cs, None);
+            let snapshots = self.snapshots();
+            if header.nb_snapshots > 0 {
+                let table_len: u64 = snapshots.iter().map(|s| s.encoded_len() as u64).sum();
+                refer(
+                    visit,
+                    Owner::Image,
+                    ReferenceKind::SnapshotTable,
+                    header.snapshots_offset,
+                    table_len,
+                    None,
+                );
+            }
+            self.walk_refcount_structures(visit, &mut refer)?;
+            self.walk_bitmaps(visit, &mut refer)?;
+            for (i, s) in snapshots.iter().enumerate() {
+                let len = u64::from(s.l1_size) * 8;
+                if s.l1_table_offset % cs != 0 {
+                    visit(Event::Problem(Problem {
+                        message: format!(
+                            "snapshot {:?}: L1 table offset {:#x} is not cluster aligned",
+                            s.id, s.l1_table_offset
+                        ),
+                        refcount_structure: false,
+                        unfollowed: None,
+                    }));
+                    continue;
+                }
+                if !refer(
+                    visit,
+                    Owner::Snapshot(i),
+                    ReferenceKind::L1Table,
+                    s.l1_table_offset,
+                    len,
+                    None,
+                ) {
+                    continue;
+                }
+                let bytes = self.read_metadata("snapshot L1 table", s.l1_table_offset, len)?;
+                l1_tables.push((
+                    Owner::Snapshot(i),
+                    s.l1_table_offset,
+                    format::decode_u64_table(&bytes),
+                ));
+            }
+        }
+        let external = self.has_external_data_file();
+        let step = if self.geometry.extended_l2() { 2 } else { 1 };
+        for (owner, l1_offset, l1) in &l1_tables {
+            for (l1_index, &raw) in l1.iter().enumerate() {
+                let l2_offset = L1Entry(raw).l2_offset();
+                if l2_offset == 0 {
+                    continue;
+                }
+                let at = EntryAt {
+                    table: *l1_offset,
+                    index: l1_index,
+                    raw,
+                };
+                if l2_offset % cs != 0 {
+                    visit(Event::Problem(Problem {
+                        message: format!(
+                            "L1 table at {l1_offset:#x}, entry {l1_index}: L2 table offset \
+                             {l2_offset:#x} is not cluster aligned"
+                        ),
+                        refcount_structure: false,
+                        unfollowed: None,
+                    }));
+                    continue;
+                }
+                if !refer(
+                    visit,
+                    *owner,
+                    ReferenceKind::L2Table,
+                    l2_offset,
+                    cs,
+                    Some(at),
+                ) {
+                    continue;
+                }
+                let table = self.l2_table(l2_offset)?;
+                for index in (0..table.len()).step_by(step) {
+                    let raw = table[index];
+                    let entry = L2Entry(raw);
+                    let at = Some(EntryAt {
+                        table: l2_offset,
+                        index,
+                        raw,
+                    });
+                    let problem = |message: String| {
+                        Event::Problem(Problem {
+                            message: format!(
+                                "L2 table at {l2_offset:#x}, entry {}: {message}",
+                                index / step
+                            ),
+                            refcount_structure: false,
+                            unfollowed: None,
+                        })
+                    };
+                    if entry.is_compressed() && entry.copied() && !self.geometry.extended_l2() {
+                        visit(problem(
+                            "the COPIED flag is set on a compressed cluster".into(),
+                        ));
+                    }
+                    match entry.decode(self.geometry) {
+                        Err(reason) => visit(problem(reason.into())),
+                        Ok(
+                            ClusterDescriptor::Data { host, .. }
+                            | ClusterDescriptor::Zero { host: Some(host) },
+                        ) if !external => {
+                            refer(visit, *owner, ReferenceKind::Data, host, cs, at);
+                        }
+                        Ok(ClusterDescriptor::Compressed(c)) => {
+                            refer(
+                                visit,
+                                *owner,
+                                ReferenceKind::Compressed,
+                                c.host_offset,
+                                c.len,
+                                at,
+                            );
+                        }
+                        Ok(_) => {}
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn walk_refcount_structures(
+        &self,
+        visit: &mut dyn FnMut(Event),
+        refer: &mut RefFn<'_>,
+    ) -> Result<()> {
+        let header = self.header();
+        let cs = self.cluster_size();
+        let len = u64::from(header.refcount_table_clusters) * cs;
+        if !refer(
+            visit,
+            Owner::Image,
+            ReferenceKind::RefcountTable,
+            header.refcount_table_offset,
+            len,
+            None,
+        ) {
+            return Ok(());
+        }
+        let table = self.read_refcount_table()?;
+        for (i, &offset) in table.iter().enumerate() {
+            if offset == 0 {
+                continue;
+            }
+            if offset % cs != 0 {
+                visit(Event::Problem(Problem {
+                    message: format!(
+                        "refcount table entry {i}: refcount block offset {offset:#x} is not \
+                         cluster aligned"
+                    ),
+                    refcount_structure: true,
+                    unfollowed: None,
+                }));
+                continue;
+            }
+            refer(
+                visit,
+                Owner::Image,
+                ReferenceKind::RefcountBlock,
+                offset,
+                cs,
+                None,
+            );
+        }
+        Ok(())
+    }
+
+    /// The refcount table as stored (bounded by the file; checked by the caller).
+    pub(crate) fn read_refcount_table(&self) -> Result<Vec<u64>> {
+        let header = self.header();
+        let len = u64::from(header.refcount_table_clusters) * self.cluster_size();
+        let bytes = self.read_metadata("refcount table", header.refcount_table_offset, len)?;
+        Ok(format::decode_u64_table(&bytes))
+    }
+
+    /// Bitmap directory, bitmap tables and their data clusters (spec: "Bitmaps").
+    fn walk_bitmaps(&self, visit: &mut dyn FnMut(Event), refer: &mut RefFn<'_>) -> Result<()> {
+        let Some(ext) = self.extensions().list.iter().find_map(|e| match e {
+            HeaderExtension::Bitmaps(b) => Some(*b),
+            _ => None,
+        }) else {
+            return Ok(());
+        };
+        let cs = self.cluster_size();
+        let image = Owner::Image;
+        let kind = ReferenceKind::Bitmap;
+        if !refer(
+            visit,
+            image,
+            kind,
+            ext.directory_offset,
+            ext.directory_size,
+            None,
+        ) {
+            return Ok(());
+        }
+        let dir =
+            self.read_metadata("bitmap directory", ext.directory_offset, ext.directory_size)?;
+        let mut at = 0usize;
+        while at + 24 <= dir.len() {
+            let be64 = |o: usize| u64::from_be_bytes(dir[o..o + 8].try_into().unwrap());
+            let be32 = |o: usize| u32::from_be_bytes(dir[o..o + 4].try_into().unwrap());
+            let table_offset = be64(at);
+            let table_size = u64::from(be32(at + 8));
+            let name_size = u16::from_be_bytes([dir[at + 18], dir[at + 19]]) as usize;
+            let extra_size = be32(at + 20) as usize;
+            if refer(visit, image, kind, table_offset, table_size * 8, None) {
+                let table = self.read_metadata("bitmap table", table_offset, table_size * 8)?;
+                for raw in format::decode_u64_table(&table) {
+                    let data = raw & 0x00ff_ffff_ffff_fe00;
+                    if data != 0 {
+                        refer(visit, image, kind, data, cs, None);
+                    }
+                }
+            }
+            at += (24 + extra_size + name_size).div_ceil(8) * 8;
+        }
+        Ok(())
+    }
+}
+
+type RefFn<'a> =
+    dyn FnMut(&mut dyn FnMut(Event), Owner, ReferenceKind, u64, u64, Option<EntryAt>) -> bool + 'a;
+
+fn kind_name(kind: ReferenceKind) -> &'static str {
+    match kind {
+        ReferenceKind::Header => "header",
+        ReferenceKind::SnapshotTable => "snapshot table",
+        ReferenceKind::RefcountTable => "refcount table",
+        ReferenceKind::RefcountBlock => "refcount block",
+        ReferenceKind::Bitmap => "bitmap structure",
+        ReferenceKind::L1Table => "L1 table",
+        ReferenceKind::L2Table => "L2 table",
+        ReferenceKind::Data => "data cluster",
+        ReferenceKind::Compressed => "compressed cluster",
+    }
+}
