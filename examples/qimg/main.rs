@@ -11,6 +11,7 @@ mod common;
 mod compare;
 mod convert;
 mod create;
+mod du;
 mod info;
 mod io;
 mod map;
@@ -49,6 +50,8 @@ enum Command {
     Snapshot(snapshot::Args),
     /// CRC-32 of an image's guest-visible content.
     Checksum(checksum::Args),
+    /// Space used by each layer and internal snapshot of a chain.
+    Du(du::Args),
     /// Run qemu-io-style commands against an image.
     Io(io::Args),
     /// How large a new image would be.
@@ -77,6 +80,7 @@ fn main() -> ExitCode {
         Command::Compare(args) => (compare::run(args), 2),
         Command::Checksum(args) => (checksum::run(args), 1),
         Command::Snapshot(args) => (snapshot::run(args), 1),
+        Command::Du(args) => (du::run(args), 1),
         Command::Io(args) => (io::run(args), 1),
         Command::Measure(args) => (measure::run(args), 1),
         Command::Commit(args) => (commit::run(args), 1),

@@ -1,4 +1,4 @@
-//! Operations over whole chains: map, checksum, compare, convert, info, measure, and the
+//! Operations over whole chains: map, checksum, compare, convert, info, measure, du, and the
 //! merges (commit, pull, rebase).
 
 mod checksum;
@@ -7,6 +7,7 @@ mod compare;
 mod compress_pool;
 mod convert;
 mod convert_qcow2;
+mod du;
 mod info;
 mod map;
 mod measure;
@@ -17,6 +18,7 @@ pub use checksum::checksum;
 pub use compare::{Comparison, compare};
 pub use convert::{ConvertOptions, convert, convert_to_raw};
 pub use convert_qcow2::convert_to_qcow2;
+pub use du::{LayerSpace, SnapshotSpace, SpaceReport, du};
 pub use info::{ImageInfo, Qcow2Info, SnapshotInfo, chain_info, info};
 pub use map::{MapEntries, MapEntry, map, map_range};
 pub use measure::{Measurement, measure_chain, measure_size};

@@ -13,6 +13,7 @@ mod refcount;
 mod references;
 mod resize;
 mod snapshot;
+mod space;
 mod write;
 
 pub use amend::AmendOptions;
@@ -24,3 +25,4 @@ pub use create::{
 pub use image::{Image, ImageOptions};
 pub use mapping::{Mapping, Run, Runs};
 pub use references::{Owner, ReferenceKind};
+pub use space::{ImageSpace, OwnerSpace};

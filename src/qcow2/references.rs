@@ -146,19 +146,9 @@ impl Image {
             true
         };
 
-        refer(
-            visit,
-            Owner::Active,
-            ReferenceKind::L1Table,
-            header.l1_table_offset,
-            u64::from(header.l1_size) * 8,
-            None,
-        );
-        let mut l1_tables = vec![(
-            Owner::Active,
-            header.l1_table_offset,
-            self.meta().l1.clone(),
-        )];
+        // The L1 tables to walk: (owner, offset, entries). Each owner's references come
+        // together, its L1 table first.
+        let mut owners = vec![(Owner::Active, header.l1_table_offset, header.l1_size)];
         if scope == Scope::All {
             refer(visit, Owner::Image, ReferenceKind::Header, 0, cs, None);
             let snapshots = self.snapshots();
@@ -175,40 +165,38 @@ impl Image {
             }
             self.walk_refcount_structures(visit, &mut refer)?;
             self.walk_bitmaps(visit, &mut refer)?;
-            for (i, s) in snapshots.iter().enumerate() {
-                let len = u64::from(s.l1_size) * 8;
-                if s.l1_table_offset % cs != 0 {
-                    visit(Event::Problem(Problem {
-                        message: format!(
-                            "snapshot {:?}: L1 table offset {:#x} is not cluster aligned",
-                            s.id, s.l1_table_offset
-                        ),
-                        refcount_structure: false,
-                        unfollowed: None,
-                    }));
-                    continue;
-                }
-                if !refer(
-                    visit,
-                    Owner::Snapshot(i),
-                    ReferenceKind::L1Table,
-                    s.l1_table_offset,
-                    len,
-                    None,
-                ) {
-                    continue;
-                }
-                let bytes = self.read_metadata("snapshot L1 table", s.l1_table_offset, len)?;
-                l1_tables.push((
-                    Owner::Snapshot(i),
-                    s.l1_table_offset,
-                    format::decode_u64_table(&bytes),
-                ));
-            }
+            owners.extend(
+                snapshots
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| (Owner::Snapshot(i), s.l1_table_offset, s.l1_size)),
+            );
         }
         let external = self.has_external_data_file();
         let step = if self.geometry.extended_l2() { 2 } else { 1 };
-        for (owner, l1_offset, l1) in &l1_tables {
+        for (owner, l1_offset, l1_size) in owners {
+            let owner = &owner;
+            let l1_offset = &l1_offset;
+            let len = u64::from(l1_size) * 8;
+            if *l1_offset % cs != 0 {
+                visit(Event::Problem(Problem {
+                    message: format!("L1 table offset {l1_offset:#x} is not cluster aligned"),
+                    refcount_structure: false,
+                    unfollowed: None,
+                }));
+                continue;
+            }
+            if !refer(visit, *owner, ReferenceKind::L1Table, *l1_offset, len, None) {
+                continue;
+            }
+            let l1 = match owner {
+                Owner::Active => self.meta().l1.clone(),
+                _ => format::decode_u64_table(&self.read_metadata(
+                    "snapshot L1 table",
+                    *l1_offset,
+                    len,
+                )?),
+            };
             for (l1_index, &raw) in l1.iter().enumerate() {
                 let l2_offset = L1Entry(raw).l2_offset();
                 if l2_offset == 0 {
