@@ -7,12 +7,22 @@
 //! gone, so a crash leaks at worst. COPIED flags are cleared before any refcount rises
 //! above one and set only after the refcount of one is on disk: a crash never leaves a
 //! COPIED flag on a shared cluster (a later write would overwrite snapshot data in place).
+//!
+//! A refcount and the COPIED flags of the entries pointing at its cluster live in
+//! different clusters, so no write changes both: between the two, a crash leaves either a
+//! COPIED flag on a shared cluster (dangerous) or a flag missing on a cluster with one
+//! reference (harmless: the next write copies it once). This module only ever leaves the
+//! second, which `qemu-img check` nevertheless counts as a corruption. So on version 3
+//! images the operation runs with the dirty bit set: a crash leaves the image dirty, and
+//! the next writer — QEMU or this crate — checks and repairs it before using it.
 
 use std::sync::PoisonError;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, Result};
-use crate::format::{self, ClusterDescriptor, L1Entry, L2Entry, SnapshotEntry, SnapshotExtra};
+use crate::format::{
+    self, ClusterDescriptor, IncompatibleFeatures, L1Entry, L2Entry, SnapshotEntry, SnapshotExtra,
+};
 
 use super::image::Image;
 use super::write::Writer;
@@ -46,10 +56,38 @@ impl Image {
         }
         let _io = self.io_lock.write().unwrap_or_else(PoisonError::into_inner);
         let mut w = self.writer().map_err(|e| self.name_error(e))?;
-        let result = self.checkpoint(&mut w).and_then(|()| op(&mut w));
+        let result = self.checkpoint(&mut w).and_then(|()| {
+            let marked = self.mark_dirty_during_snapshot_op()?;
+            let value = op(&mut w)?;
+            if marked {
+                self.meta_mut().header.incompatible_features -= IncompatibleFeatures::DIRTY;
+                self.write_header()?;
+                self.sync()?;
+            }
+            Ok(value)
+        });
         // Tables changed behind the cache's back: start it afresh.
         self.l2_cache.clear();
         result.map_err(|e| self.name_error(e))
+    }
+
+    /// Sets the dirty bit (version 3) for the duration of a snapshot operation, unless it
+    /// is set already; returns whether it was set here. See the module docs: a crash in
+    /// the middle may leave COPIED flags missing, and a dirty image is checked and repaired
+    /// by the next writer, QEMU or this crate.
+    fn mark_dirty_during_snapshot_op(&self) -> Result<bool> {
+        let header = self.header();
+        if header.version < 3
+            || header
+                .incompatible_features
+                .contains(IncompatibleFeatures::DIRTY)
+        {
+            return Ok(false);
+        }
+        self.meta_mut().header.incompatible_features |= IncompatibleFeatures::DIRTY;
+        self.write_header()?;
+        self.sync()?;
+        Ok(true)
     }
 
     /// The index of the snapshot with this ID, else the first with this name.
