@@ -156,3 +156,27 @@ fn qimg_snapshot_lists_creates_applies_and_deletes_like_qemu_img() {
         "{err}"
     );
 }
+
+#[test]
+fn names_past_qemus_limit_are_refused_before_anything_changes() {
+    let s = Scratch::new();
+    s.create("a.qcow2", "", 1 << 20);
+    s.qemu_io("a.qcow2", "qcow2", &["write -P 1 0 64k".to_string()]);
+    let before = std::fs::read(s.path("a.qcow2")).unwrap();
+    let chain = open_rw(&s, "a.qcow2");
+    let long = "n".repeat(256);
+    let err = image(&chain).snapshot_create(&long).unwrap_err().to_string();
+    assert!(err.contains("255"), "{err}");
+    assert!(image(&chain).snapshot_delete("missing").is_err());
+    assert!(image(&chain).snapshot_apply("missing").is_err());
+    chain.close().unwrap();
+    drop(chain);
+    assert_eq!(before, std::fs::read(s.path("a.qcow2")).unwrap());
+    // 255 bytes is QEMU's longest name: taken, and qemu-img lists it whole.
+    let chain = open_rw(&s, "a.qcow2");
+    image(&chain).snapshot_create(&long[..255]).unwrap();
+    chain.close().unwrap();
+    let list = s.qemu_img(&["snapshot", "-l", "a.qcow2"]);
+    assert!(list.contains(&long[..255]), "{list}");
+    assert_clean(&s, "a.qcow2", "long name");
+}

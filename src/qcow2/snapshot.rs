@@ -29,22 +29,35 @@ use super::write::Writer;
 
 const COPIED: u64 = 1 << 63;
 
+/// The longest snapshot name QEMU keeps.
+const MAX_SNAPSHOT_NAME: usize = 255;
+
+/// QEMU's limit on the size of the snapshot table.
+const MAX_SNAPSHOT_TABLE_BYTES: u64 = 64 << 20;
+
 impl Image {
     /// Takes an internal snapshot of the active image named `name`, with the next free
     /// numeric ID, as `qemu-img snapshot -c`. Returns its table entry.
     pub fn snapshot_create(&self, name: &str) -> Result<SnapshotEntry> {
+        // Refuse before the operation marks the image dirty.
+        self.new_snapshot_entry(name)
+            .map_err(|e| self.name_error(e))?;
         self.snapshot_op(|w| self.create_locked(w, name))
     }
 
     /// Reverts the active image to the snapshot whose ID or name is `id_or_name`, as
     /// `qemu-img snapshot -a`.
     pub fn snapshot_apply(&self, id_or_name: &str) -> Result<()> {
+        self.find_snapshot(id_or_name)
+            .map_err(|e| self.name_error(e))?;
         self.snapshot_op(|w| self.apply_locked(w, id_or_name))
     }
 
     /// Deletes the snapshot whose ID or name is `id_or_name`, as `qemu-img snapshot -d`;
     /// clusters only it used are freed.
     pub fn snapshot_delete(&self, id_or_name: &str) -> Result<()> {
+        self.find_snapshot(id_or_name)
+            .map_err(|e| self.name_error(e))?;
         self.snapshot_op(|w| self.delete_locked(w, id_or_name))
     }
 
@@ -100,41 +113,22 @@ impl Image {
             .ok_or_else(|| Error::InvalidArgument(format!("no snapshot {id_or_name:?}")))
     }
 
-    fn create_locked(&self, w: &mut Writer, name: &str) -> Result<SnapshotEntry> {
+    /// The table entry a new snapshot `name` gets (its L1 offset still 0), refused past
+    /// QEMU's limits.
+    fn new_snapshot_entry(&self, name: &str) -> Result<SnapshotEntry> {
         let count = self.meta().snapshots.len();
         if count >= format::MAX_SNAPSHOTS as usize {
             return Err(Error::InvalidArgument(
                 "the image has 65536 snapshots already".into(),
             ));
         }
-        if name.len() > 0xffff {
-            return Err(Error::InvalidArgument(
-                "snapshot name longer than 65535 bytes".into(),
-            ));
+        // QEMU keeps names in a 256-byte buffer (and silently cuts longer ones).
+        if name.len() > MAX_SNAPSHOT_NAME {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot name of {} bytes: QEMU's limit is {MAX_SNAPSHOT_NAME}",
+                name.len()
+            )));
         }
-        // 1. Clear COPIED in the active tables: every cluster is about to be shared.
-        let l1 = self.meta().l1.clone();
-        for &raw in &l1 {
-            let l2 = L1Entry(raw).l2_offset();
-            if l2 != 0 {
-                self.rewrite_l2(l2, |_, e| e & !COPIED)?;
-            }
-        }
-        let cleared: Vec<u64> = l1.iter().map(|e| e & !COPIED).collect();
-        self.write_active_l1(&cleared)?;
-        self.meta_mut().l1 = cleared.clone();
-        self.sync()?;
-        // 2. Count the snapshot's references; write its L1 copy and the new table.
-        self.add_references(w, &l1, 1)?;
-        let header = self.header();
-        let cs = self.cluster_size();
-        let l1_bytes = (l1.len() as u64 * 8).max(8);
-        let l1_copy_at = self.allocate(w, l1_bytes.div_ceil(cs))?;
-        let mut bytes = vec![0u8; l1_bytes as usize];
-        format::encode_u64_table(&cleared, &mut bytes);
-        self.storage
-            .write_at(&bytes, l1_copy_at)
-            .map_err(|e| Error::io("writing the snapshot's L1 table", e))?;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -149,8 +143,8 @@ impl Image {
             (max + 1).to_string()
         };
         let entry = SnapshotEntry {
-            l1_table_offset: l1_copy_at,
-            l1_size: l1.len() as u32,
+            l1_table_offset: 0,
+            l1_size: self.meta().l1.len() as u32,
             id,
             name: name.to_owned(),
             date_sec: now.as_secs() as u32,
@@ -159,12 +153,53 @@ impl Image {
             vm_state_size32: 0,
             extra: SnapshotExtra {
                 vm_state_size_large: Some(0),
-                disk_size: Some(header.size),
+                disk_size: Some(self.header().size),
                 icount: Some(0),
                 unknown: Vec::new(),
             },
         };
+        let table_len: u64 = self
+            .meta()
+            .snapshots
+            .iter()
+            .map(|s| s.encoded_len() as u64)
+            .sum::<u64>()
+            + entry.encoded_len() as u64;
+        if table_len > MAX_SNAPSHOT_TABLE_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "the snapshot table would grow to {table_len} bytes, past QEMU's limit of \
+                 {MAX_SNAPSHOT_TABLE_BYTES}"
+            )));
+        }
+        Ok(entry)
+    }
+
+    fn create_locked(&self, w: &mut Writer, name: &str) -> Result<SnapshotEntry> {
+        let mut entry = self.new_snapshot_entry(name)?;
         let mut snapshots = self.meta().snapshots.clone();
+        // 1. Clear COPIED in the active tables: every cluster is about to be shared.
+        let l1 = self.meta().l1.clone();
+        for &raw in &l1 {
+            let l2 = L1Entry(raw).l2_offset();
+            if l2 != 0 {
+                self.rewrite_l2(l2, |_, e| e & !COPIED)?;
+            }
+        }
+        let cleared: Vec<u64> = l1.iter().map(|e| e & !COPIED).collect();
+        self.write_active_l1(&cleared)?;
+        self.meta_mut().l1 = cleared.clone();
+        self.sync()?;
+        // 2. Count the snapshot's references; write its L1 copy and the new table.
+        self.add_references(w, &l1, 1)?;
+        let cs = self.cluster_size();
+        let l1_bytes = (l1.len() as u64 * 8).max(8);
+        let l1_copy_at = self.allocate(w, l1_bytes.div_ceil(cs))?;
+        let mut bytes = vec![0u8; l1_bytes as usize];
+        format::encode_u64_table(&cleared, &mut bytes);
+        self.storage
+            .write_at(&bytes, l1_copy_at)
+            .map_err(|e| Error::io("writing the snapshot's L1 table", e))?;
+        entry.l1_table_offset = l1_copy_at;
         snapshots.push(entry.clone());
         self.switch_snapshot_table(w, snapshots)?;
         Ok(entry)
