@@ -165,7 +165,10 @@ fn names_past_qemus_limit_are_refused_before_anything_changes() {
     let before = std::fs::read(s.path("a.qcow2")).unwrap();
     let chain = open_rw(&s, "a.qcow2");
     let long = "n".repeat(256);
-    let err = image(&chain).snapshot_create(&long).unwrap_err().to_string();
+    let err = image(&chain)
+        .snapshot_create(&long)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("255"), "{err}");
     assert!(image(&chain).snapshot_delete("missing").is_err());
     assert!(image(&chain).snapshot_apply("missing").is_err());
