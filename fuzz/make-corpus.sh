@@ -4,6 +4,7 @@
 #
 #   corpus/open_and_read/seed-*.qcow2    whole images (a few KiB each; 512 B clusters
 #                                        except extended L2, which needs 16 KiB clusters)
+#   corpus/check/seed-*.qcow2            the same images, for the check target
 #   corpus/header_decode/seed-*.qcow2    their first cluster (header and extensions)
 #   corpus/snapshot_table/seed-*.bin     the snapshot tables of the images that have one
 #
@@ -81,7 +82,7 @@ create datafile.qcow2 16k cluster_size=512,data_file=datafile.raw
 io datafile.qcow2 "write -P 0x63 0 1k"
 
 images=(plain v2 compressed zstd extl2 snapshot v2-snapshot overlay refcount1 refcount64 datafile)
-for target in open_and_read header_decode snapshot_table; do
+for target in open_and_read header_decode snapshot_table check; do
 	mkdir -p "$corpus/$target"
 	rm -f "$corpus/$target"/seed-*
 done
@@ -96,6 +97,7 @@ for name in "${images[@]}"; do
 	img=$name.qcow2
 	qemu-img check -q "$img"
 	cp "$img" "$corpus/open_and_read/seed-$name.qcow2"
+	cp "$img" "$corpus/check/seed-$name.qcow2"
 	cluster=$((1 << $(be "$img" 20 4)))
 	head -c "$cluster" "$img" >"$corpus/header_decode/seed-$name.qcow2"
 	if [ "$(be "$img" 60 4)" -gt 0 ]; then

@@ -16,7 +16,9 @@ use std::collections::HashMap;
 use std::sync::PoisonError;
 
 use crate::error::{Error, Result};
-use crate::format::{self, IncompatibleFeatures, get_refcount, max_refcount, set_refcount};
+use crate::format::{
+    self, IncompatibleFeatures, L2Entry, get_refcount, max_refcount, set_refcount,
+};
 
 use super::image::Image;
 use super::refcount::Refcounts;
@@ -137,6 +139,44 @@ struct Examination {
     refcount_clusters: Vec<u64>,
 }
 
+/// What each cluster of the file holds: a bit per [`ReferenceKind`]. A repair only
+/// rewrites a table whose clusters hold nothing else, so a corrupt image that places an L2
+/// table over its header, a refcount block or guest data never gets them overwritten.
+struct Occupancy {
+    kinds: Vec<u16>,
+    cluster_bits: u32,
+}
+
+impl Occupancy {
+    fn of(image: &Image) -> Result<Occupancy> {
+        let cb = image.geometry.cluster_bits();
+        let mut kinds = vec![0u16; image.file_len().div_ceil(image.cluster_size()) as usize];
+        image.walk_references(Scope::All, &mut |event| {
+            if let Event::Reference(r) = event {
+                for c in r.offset >> cb..=(r.offset + r.len - 1) >> cb {
+                    kinds[c as usize] |= 1 << r.kind as u16;
+                }
+            }
+        })?;
+        Ok(Occupancy {
+            kinds,
+            cluster_bits: cb,
+        })
+    }
+
+    /// Every cluster of `offset..offset + len` holds only `kind` (and is not the header).
+    fn holds_only(&self, offset: u64, len: u64, kind: ReferenceKind) -> bool {
+        let first = offset >> self.cluster_bits;
+        let last = (offset + len.max(1) - 1) >> self.cluster_bits;
+        first > 0
+            && (first..=last).all(|c| {
+                self.kinds
+                    .get(c as usize)
+                    .is_some_and(|&k| k == 1 << kind as u16)
+            })
+    }
+}
+
 /// Stored refcounts, read straight from the refcount table and blocks, tolerating damage:
 /// a refcount the structures cannot give (no block, a block offset that is unaligned or
 /// past the end of the file) reads as 0.
@@ -243,13 +283,20 @@ impl Image {
 
     /// [`Image::repair`] with exclusive access held and nothing pending in memory.
     pub(crate) fn repair_locked(&self, mode: RepairMode) -> Result<CheckReport> {
-        let before = self.examine()?;
+        let mut before = self.examine()?;
         let flags = IncompatibleFeatures::DIRTY | IncompatibleFeatures::CORRUPT;
         if before.report.is_clean() && !self.header().incompatible_features.intersects(flags) {
             return Ok(before.report);
         }
         let (leaks_before, corruptions_before) = (before.report.leaks, before.report.corruptions);
         let mut fixes = CheckReport::default();
+        // Dangling pointers first: once anything is allocated at the end of the file they
+        // would point into it.
+        if mode == RepairMode::All && self.clear_dangling_entries(&mut fixes)? {
+            self.sync()?;
+            self.l2_cache.clear();
+            before = self.examine()?;
+        }
         if before.rebuild && mode == RepairMode::Leaks {
             let mut report = before.report;
             report.note(
@@ -424,6 +471,80 @@ impl Image {
         })
     }
 
+    /// Entries pointing past the end of the file (L2 tables, data, compressed clusters) are
+    /// rewritten to read as they read now, zeros: a data or compressed entry becomes a zero
+    /// cluster (unallocated in version 2), an L1 entry unallocated. Each is one 8-byte (or
+    /// 16-byte) write, safe at any moment. Returns whether anything was rewritten.
+    fn clear_dangling_entries(&self, fixes: &mut CheckReport) -> Result<bool> {
+        let mut dangling = Vec::new();
+        self.walk_references(Scope::All, &mut |event| {
+            if let Event::Problem(p) = event {
+                if let Some((kind, at)) = p.unfollowed {
+                    dangling.push((kind, at));
+                }
+            }
+        })?;
+        let v3 = self.header().version >= 3;
+        let extended = self.geometry.extended_l2();
+        let l1_offset = self.header().l1_table_offset;
+        let occupancy = Occupancy::of(self)?;
+        let mut changed = false;
+        for &(kind, at) in &dangling {
+            let table_kind = if kind == ReferenceKind::L2Table {
+                ReferenceKind::L1Table
+            } else {
+                ReferenceKind::L2Table
+            };
+            if !occupancy.holds_only(at.table + at.index as u64 * 8, 16, table_kind) {
+                fixes.note(
+                    Severity::CheckError,
+                    format!(
+                        "entry {} of the table at {:#x} points past the end of the file, but \
+                         the table overlaps other structures: left as it is",
+                        at.index, at.table
+                    ),
+                );
+                continue;
+            }
+            changed = true;
+            let mut bytes = Vec::with_capacity(16);
+            let what = match kind {
+                ReferenceKind::L2Table => {
+                    bytes.extend_from_slice(&0u64.to_be_bytes());
+                    "L2 table"
+                }
+                _ if extended => {
+                    // All subclusters read as zeros.
+                    bytes.extend_from_slice(&0u64.to_be_bytes());
+                    bytes.extend_from_slice(&(u64::from(u32::MAX) << 32).to_be_bytes());
+                    "cluster"
+                }
+                _ => {
+                    let entry = if v3 { L2Entry::zero(None, false).0 } else { 0 };
+                    bytes.extend_from_slice(&entry.to_be_bytes());
+                    "cluster"
+                }
+            };
+            self.storage
+                .write_at(&bytes, at.table + at.index as u64 * 8)
+                .map_err(|e| Error::io("clearing an entry that points past the end", e))?;
+            if kind == ReferenceKind::L2Table && at.table == l1_offset {
+                if let Some(e) = self.meta_mut().l1.get_mut(at.index) {
+                    *e = 0;
+                }
+            }
+            fixes.note(
+                Severity::Repaired,
+                format!(
+                    "entry {} of the table at {:#x} pointed at a {what} past the end of the \
+                     file ({:#x}); it now reads as zeros",
+                    at.index, at.table, at.raw
+                ),
+            );
+        }
+        Ok(changed)
+    }
+
     /// Sets stored refcounts to the reference counts, block by block, where `mode` allows.
     fn fix_refcounts_in_place(
         &self,
@@ -518,6 +639,12 @@ impl Image {
             }
             Ok(())
         };
+        let occupancy = if fix {
+            Some(Occupancy::of(self)?)
+        } else {
+            None
+        };
+        let l1_len = self.meta().l1.len() as u64 * 8;
         for (at, refcount, kind) in wrong {
             let what = if kind == ReferenceKind::L2Table {
                 "L2 cluster"
@@ -539,7 +666,27 @@ impl Image {
                 );
                 continue;
             }
-            if at.table == l1_offset && kind == ReferenceKind::L2Table {
+            let active_l1 = at.table == l1_offset && kind == ReferenceKind::L2Table;
+            let (table_len, table_kind) = if active_l1 {
+                (l1_len, ReferenceKind::L1Table)
+            } else {
+                (self.cluster_size(), ReferenceKind::L2Table)
+            };
+            if !occupancy
+                .as_ref()
+                .is_some_and(|o| o.holds_only(at.table, table_len, table_kind))
+            {
+                report.note(
+                    Severity::Corruption,
+                    format!(
+                        "OFLAG_COPIED {what}: entry {:#x} refcount={refcount} not repaired: its \
+                         table at {:#x} overlaps other structures",
+                        at.raw, at.table
+                    ),
+                );
+                continue;
+            }
+            if active_l1 {
                 self.meta_mut().l1[at.index] = fixed;
                 l1_changed = true;
             } else {

@@ -108,7 +108,7 @@ impl Image {
         let file_len = self.file_len();
         // A reference starting a cluster or more past the end of the file is damage (QEMU
         // reads a compressed cluster's last bytes past the end as zeros, so a partial
-        // overhang is not).
+        // overhang of data is not).
         let limit = file_len.div_ceil(cs) * cs;
         let mut refer = |visit: &mut dyn FnMut(Event),
                          owner: Owner,
@@ -120,6 +120,11 @@ impl Image {
             if len == 0 {
                 return false;
             }
+            // Tables are read whole, so they must lie inside the file.
+            let limit = match kind {
+                ReferenceKind::Data | ReferenceKind::Compressed => limit,
+                _ => file_len,
+            };
             let end = offset.checked_add(len);
             if end.is_none_or(|end| end > limit) {
                 visit(Event::Problem(Problem {
