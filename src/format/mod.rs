@@ -17,7 +17,9 @@ pub use header::{
     MIN_CLUSTER_BITS, QCOW2_MAGIC, encode_header_cluster,
 };
 pub use refcount::{get_refcount, max_refcount, set_refcount};
-pub use snapshot::{MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOTS, SnapshotEntry, SnapshotExtra};
+pub use snapshot::{
+    MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOTS, SnapshotEntry, SnapshotExtra, snapshot_table_len,
+};
 
 use byteorder::{BigEndian, ByteOrder};
 

@@ -71,7 +71,12 @@ impl SnapshotEntry {
 
     /// Bytes this entry takes in the table (a multiple of 8).
     pub fn encoded_len(&self) -> usize {
-        (40 + self.extra.len() + self.id.len() + self.name.len()).div_ceil(8) * 8
+        self.unpadded_len().div_ceil(8) * 8
+    }
+
+    /// Bytes of the entry without the padding to 8 that separates it from the next.
+    pub fn unpadded_len(&self) -> usize {
+        40 + self.extra.len() + self.id.len() + self.name.len()
     }
 
     /// Decodes the entry at the start of `buf`; returns it and its encoded length.
@@ -169,6 +174,17 @@ impl SnapshotEntry {
         at += self.id.len();
         out[at..at + self.name.len()].copy_from_slice(self.name.as_bytes());
         out
+    }
+}
+
+/// Size of a snapshot table holding `entries`, as QEMU counts it (its `snapshots_size`):
+/// entries padded to 8 bytes, except the last. Refcounts cover exactly this many bytes.
+pub fn snapshot_table_len(entries: &[SnapshotEntry]) -> u64 {
+    match entries.split_last() {
+        None => 0,
+        Some((last, rest)) => {
+            rest.iter().map(|e| e.encoded_len() as u64).sum::<u64>() + last.unpadded_len() as u64
+        }
     }
 }
 

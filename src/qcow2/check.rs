@@ -277,6 +277,7 @@ impl Image {
                 header.refcount_table_clusters,
                 self.file_len(),
             )?;
+            self.refresh_overlap_map(w);
         }
         Ok(report)
     }

@@ -56,6 +56,8 @@ pub struct Image {
     pub(crate) io_lock: RwLock<()>,
     /// Write-side state; `None` for a read-only image.
     pub(crate) writer: Option<Mutex<Writer>>,
+    /// Where metadata lives, for the overlap checks before writes (`overlap.rs`).
+    pub(crate) overlap: RwLock<super::overlap::MetadataMap>,
 }
 
 /// The parts of an image that metadata changes rewrite.
@@ -283,6 +285,7 @@ impl Image {
             last_compressed: Mutex::new(None),
             io_lock: RwLock::new(()),
             writer: None,
+            overlap: RwLock::new(Default::default()),
         })
     }
 

@@ -7,6 +7,7 @@ mod create;
 mod image;
 mod l2cache;
 mod mapping;
+mod overlap;
 mod prealloc;
 mod rebuild;
 mod refcount;

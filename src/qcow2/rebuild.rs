@@ -50,6 +50,7 @@ impl Image {
             header.refcount_table_clusters,
             self.file_len(),
         )?;
+        self.refresh_overlap_map(w);
         Ok(())
     }
 

@@ -108,6 +108,12 @@ impl Refcounts {
         (self.cluster_size() * 8) >> self.order
     }
 
+    /// Offsets of the refcount blocks the table points at (in memory, so also blocks not
+    /// on disk yet).
+    pub(crate) fn block_offsets(&self) -> impl Iterator<Item = u64> + '_ {
+        self.table.iter().copied().filter(|&o| o != 0)
+    }
+
     /// Where the table lives now.
     pub(crate) fn table_location(&self) -> TableLocation {
         let bytes = (self.table.len() as u64 * 8).max(1);

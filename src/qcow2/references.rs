@@ -158,7 +158,7 @@ impl Image {
             refer(visit, Owner::Image, ReferenceKind::Header, 0, cs, None);
             let snapshots = self.snapshots();
             if header.nb_snapshots > 0 {
-                let table_len: u64 = snapshots.iter().map(|s| s.encoded_len() as u64).sum();
+                let table_len = format::snapshot_table_len(&snapshots);
                 refer(
                     visit,
                     Owner::Image,

@@ -81,6 +81,7 @@ impl Image {
         });
         // Tables changed behind the cache's back: start it afresh.
         self.l2_cache.clear();
+        self.refresh_overlap_map(&w);
         result.map_err(|e| self.name_error(e))
     }
 
@@ -420,7 +421,7 @@ impl Image {
         self.sync()?;
         let (old_at, old_len) = {
             let mut meta = self.meta_mut();
-            let old_len: u64 = meta.snapshots.iter().map(|s| s.encoded_len() as u64).sum();
+            let old_len = format::snapshot_table_len(&meta.snapshots);
             let old_at = meta.header.snapshots_offset;
             meta.header.snapshots_offset = at;
             meta.header.nb_snapshots = snapshots.len() as u32;

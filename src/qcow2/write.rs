@@ -32,6 +32,7 @@ use crate::format::{
 use super::image::Image;
 use super::mapping::Mapping;
 use super::refcount::Refcounts;
+use super::references::ReferenceKind;
 
 /// Reads guest content below this image (its backing chain, zeros past its end) for
 /// copy-on-write: fills the buffer with what the backing chain shows at the offset.
@@ -102,6 +103,7 @@ impl Image {
             lazy,
             compressed_tail: None,
         }));
+        self.refresh_overlap_map(&*self.writer()?);
         if header
             .incompatible_features
             .contains(IncompatibleFeatures::DIRTY)
@@ -121,6 +123,11 @@ impl Image {
     }
 
     fn ensure_writable(&self) -> Result<()> {
+        if self.writer.is_some() && self.is_corrupt() {
+            return Err(Error::ReadOnly {
+                reason: "the image is marked corrupt (run check -r all to repair it)",
+            });
+        }
         match self.writer {
             Some(_) => Ok(()),
             None => Err(Error::ReadOnly {
@@ -178,6 +185,7 @@ impl Image {
                     break;
                 };
                 let part = &buf[done as usize..(done + run.len) as usize];
+                self.check_overlap("data", host, run.len, None)?;
                 self.data_storage()
                     .write_at(part, host)
                     .map_err(|e| self.io_error("writing data", host, e))?;
@@ -475,6 +483,8 @@ impl Image {
     pub(crate) fn allocate(&self, w: &mut Writer, count: u64) -> Result<u64> {
         let at = w.refcounts.allocate(&*self.storage, count)?;
         let end = at + (count << self.geometry.cluster_bits());
+        // Refcounts that call metadata free would hand it out again.
+        self.check_overlap("newly allocated clusters", at, end - at, None)?;
         self.file_len.fetch_max(end, Ordering::Relaxed);
         self.publish_table_move(w)?;
         // Files only grow by what is written; make sure reads of metadata past the old end
@@ -506,6 +516,8 @@ impl Image {
             w.refcounts
                 .add(&*self.storage, old.offset >> cb, old.clusters.into(), -1)?;
         }
+        // The old table's clusters may be allocated again from now on.
+        self.refresh_overlap_map(w);
         let new_end =
             location.offset + (u64::from(location.clusters) << self.geometry.cluster_bits());
         self.file_len.fetch_max(new_end, Ordering::Relaxed);
@@ -541,6 +553,7 @@ impl Image {
         };
         table.truncate(words);
         let offset = self.allocate(w, 1)?;
+        self.note_new_l2_table(offset);
         let mut frees = Vec::new();
         if old_offset != 0 {
             frees.push((old_offset >> self.geometry.cluster_bits(), 1));
@@ -614,6 +627,12 @@ impl Image {
         let wrote_l2 = !w.dirty_l2.is_empty();
         while let Some(&offset) = w.dirty_l2.first() {
             if let Some(table) = self.l2_cache.pinned(offset) {
+                self.check_overlap(
+                    "an L2 table",
+                    offset,
+                    self.cluster_size(),
+                    Some(ReferenceKind::L2Table),
+                )?;
                 let mut bytes = vec![0u8; self.cluster_size() as usize];
                 format::encode_u64_table(&table, &mut bytes);
                 self.storage
@@ -641,6 +660,12 @@ impl Image {
                 }
                 let at = meta.header.l1_table_offset + lo as u64 * 8;
                 drop(meta);
+                self.check_overlap(
+                    "the L1 table",
+                    at,
+                    bytes.len() as u64,
+                    Some(ReferenceKind::L1Table),
+                )?;
                 self.storage
                     .write_at(&bytes, at)
                     .map_err(|e| self.io_error("writing the L1 table", at, e))?;
@@ -663,6 +688,7 @@ impl Image {
             w.refcounts.write_dirty(&*self.storage)?;
             self.sync()?;
         }
+        self.refresh_overlap_map(w);
         Ok(())
     }
 
@@ -1010,6 +1036,7 @@ impl Image {
         };
         let end = (host >> cb << cb) + cs;
         w.compressed_tail = Some((host + len, end));
+        self.check_overlap("a compressed cluster", host, len, None)?;
         self.storage
             .write_at(compressed, host)
             .map_err(|e| self.io_error("writing a compressed cluster", host, e))?;
@@ -1120,6 +1147,7 @@ impl<'b> PendingWrite<'b> {
 }
 
 fn write_data(image: &Image, host: u64, bytes: &[u8]) -> Result<()> {
+    image.check_overlap("data", host, bytes.len() as u64, None)?;
     image
         .data_storage()
         .write_at(bytes, host)
