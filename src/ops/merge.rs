@@ -35,6 +35,11 @@ pub struct MergeReport {
 pub struct MergeOptions {
     /// Only report what would be copied; change nothing.
     pub dry_run: bool,
+    /// How images are opened: their storage ([`crate::ImageOptions::opener`]), the
+    /// backing policy, the depth limit, the L2 cache. Each step of a merge sets
+    /// `writable`, `no_backing` and `format` itself (formats are probed, or come from the
+    /// backing format a chain stores).
+    pub chain: ChainOptions,
 }
 
 /// `qemu-img commit` and libvirt blockcommit.
@@ -179,13 +184,14 @@ fn copy_decided(
     Ok(report)
 }
 
-fn open(path: &Path, writable: bool, no_backing: bool) -> Result<Chain> {
+fn open(options: &ChainOptions, path: &Path, writable: bool, no_backing: bool) -> Result<Chain> {
     Chain::open_with(
         path,
         &ChainOptions {
             writable,
             no_backing,
-            ..ChainOptions::default()
+            format: None,
+            ..options.clone()
         },
     )
 }
@@ -205,7 +211,12 @@ fn backing_name(overlay: &Path, above_base: &Path, stored: &str, base: &Path) ->
 }
 
 /// Points the image at `overlay` at `base` (layer `base_index` of `chain`), or at nothing.
-fn repoint(chain: &Chain, overlay: &Path, base_index: Option<usize>) -> Result<()> {
+fn repoint(
+    open_options: &ChainOptions,
+    chain: &Chain,
+    overlay: &Path,
+    base_index: Option<usize>,
+) -> Result<()> {
     let options = match base_index {
         Some(b) => {
             let above = &chain.layers()[b - 1];
@@ -230,7 +241,7 @@ fn repoint(chain: &Chain, overlay: &Path, base_index: Option<usize>) -> Result<(
             ..AmendOptions::default()
         },
     };
-    let image = open(overlay, true, true)?;
+    let image = open(open_options, overlay, true, true)?;
     image.amend(&options)?;
     image.close()
 }
@@ -238,7 +249,8 @@ fn repoint(chain: &Chain, overlay: &Path, base_index: Option<usize>) -> Result<(
 /// Commits as `qemu-img commit` / libvirt blockcommit (see [`CommitOptions`]) starting
 /// from the image at `path`.
 pub fn commit(path: &Path, options: &CommitOptions, progress: Progress<'_>) -> Result<MergeReport> {
-    let chain = open(path, false, false)?;
+    let open_options = &options.merge.chain;
+    let chain = open(open_options, path, false, false)?;
     let n = chain.layers().len();
     let top = match &options.top {
         Some(p) => find_layer(&chain, p)?,
@@ -264,7 +276,7 @@ pub fn commit(path: &Path, options: &CommitOptions, progress: Progress<'_>) -> R
         return copy_decided(&chain, top, top..base, true, None, progress);
     }
     let base_path = chain.layers()[base].name().to_path_buf();
-    let base_chain = open(&base_path, true, false)?;
+    let base_chain = open(open_options, &base_path, true, false)?;
     let needed = chain.layers()[top].size();
     if base_chain.size() < needed {
         base_chain.resize(needed.div_ceil(512) * 512, false)?;
@@ -274,11 +286,11 @@ pub fn commit(path: &Path, options: &CommitOptions, progress: Progress<'_>) -> R
     drop(base_chain);
     if top > 0 {
         let above = chain.layers()[top - 1].name().to_path_buf();
-        repoint(&chain, &above, Some(base))?;
+        repoint(open_options, &chain, &above, Some(base))?;
     } else if !keep {
         let size = chain.size();
         drop(chain);
-        let file = open(path, true, true)?;
+        let file = open(open_options, path, true, true)?;
         file.make_empty(size)?;
         file.close()?;
     }
@@ -294,7 +306,7 @@ pub fn pull(
     options: &MergeOptions,
     progress: Progress<'_>,
 ) -> Result<MergeReport> {
-    let chain = open(path, !options.dry_run, false)?;
+    let chain = open(&options.chain, path, !options.dry_run, false)?;
     let n = chain.layers().len();
     let b = match base {
         Some(p) => {
@@ -315,7 +327,7 @@ pub fn pull(
         return Ok(report);
     }
     chain.flush()?;
-    repoint(&chain, path, b)?;
+    repoint(&options.chain, &chain, path, b)?;
     Ok(report)
 }
 
@@ -338,7 +350,11 @@ pub fn rebase(
         (None, _) => None,
         (Some(_), Some(f)) => Some(crate::chain::Format::from_name(f)?),
         (Some(p), None) => {
-            let layer = Layer::open(p, None, &Default::default())?;
+            let image = crate::ImageOptions {
+                writable: false,
+                ..options.chain.image.clone()
+            };
+            let layer = Layer::open(p, None, &image)?;
             Some(layer.format())
         }
     };
@@ -349,7 +365,7 @@ pub fn rebase(
     };
     let mut report = MergeReport::default();
     if !unsafe_ {
-        let chain = open(path, !options.dry_run, false)?;
+        let chain = open(&options.chain, path, !options.dry_run, false)?;
         let sink: Option<&dyn Sink> = if options.dry_run { None } else { Some(&chain) };
         let in_chain = match &resolved {
             None => Some(chain.layers().len()),
@@ -364,7 +380,9 @@ pub fn rebase(
                     p,
                     &ChainOptions {
                         format,
-                        ..ChainOptions::default()
+                        writable: false,
+                        no_backing: false,
+                        ..options.chain.clone()
                     },
                 )?;
                 copy_differences(&chain, &new_chain, sink, progress)?
@@ -377,7 +395,7 @@ pub fn rebase(
     } else if options.dry_run {
         return Ok(report);
     }
-    let image = open(path, true, true)?;
+    let image = open(&options.chain, path, true, true)?;
     image.amend(&set_backing)?;
     image.close()?;
     Ok(report)
