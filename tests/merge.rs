@@ -235,3 +235,34 @@ fn safe_rebase_onto_another_image_keeps_the_content_and_unsafe_only_renames() {
     );
     check(&s, "ours/top.qcow2");
 }
+
+#[test]
+fn pull_into_an_image_with_lazy_refcounts_leaves_it_clean_and_repointed() {
+    for base in [None, Some("base.qcow2")] {
+        let s = Scratch::new();
+        s.create("base.qcow2", "cluster_size=4k", 1 << 20);
+        s.qemu_io("base.qcow2", "qcow2", &["write -P 0x11 0 256k".into()]);
+        s.create_overlay("mid.qcow2", "base.qcow2", "qcow2", "cluster_size=4k", None);
+        s.qemu_io("mid.qcow2", "qcow2", &["write -P 0x22 64k 128k".into()]);
+        s.create_overlay(
+            "top.qcow2",
+            "mid.qcow2",
+            "qcow2",
+            "cluster_size=4k,lazy_refcounts=on",
+            None,
+        );
+        s.qemu_io("top.qcow2", "qcow2", &["write -P 0x33 128k 16k".into()]);
+        let before = s.reference("top.qcow2", "qcow2");
+        let base_path = base.map(|b| s.path(b));
+        ops::pull(
+            &s.path("top.qcow2"),
+            base_path.as_deref(),
+            &MergeOptions::default(),
+            &mut no_progress(),
+        )
+        .unwrap();
+        check(&s, "top.qcow2");
+        assert_eq!(backing_of(&s, "top.qcow2").as_deref(), base, "{base:?}");
+        assert_eq!(s.reference("top.qcow2", "qcow2"), before, "{base:?}");
+    }
+}

@@ -210,14 +210,14 @@ fn backing_name(overlay: &Path, above_base: &Path, stored: &str, base: &Path) ->
         .to_string()
 }
 
-/// Points the image at `overlay` at `base` (layer `base_index` of `chain`), or at nothing.
-fn repoint(
-    open_options: &ChainOptions,
+/// The amendment that points the image at `overlay` at `base` (layer `base_index` of
+/// `chain`), or at nothing.
+fn repoint_options(
     chain: &Chain,
     overlay: &Path,
     base_index: Option<usize>,
-) -> Result<()> {
-    let options = match base_index {
+) -> Result<AmendOptions> {
+    Ok(match base_index {
         Some(b) => {
             let above = &chain.layers()[b - 1];
             let (stored, _) = above
@@ -240,9 +240,14 @@ fn repoint(
             backing_format: Some(None),
             ..AmendOptions::default()
         },
-    };
+    })
+}
+
+/// Rewrites the backing pointer of the image at `overlay`. No other writable handle on it
+/// may be open: closing one later would write its stale header over the new one.
+fn set_backing(open_options: &ChainOptions, overlay: &Path, amend: &AmendOptions) -> Result<()> {
     let image = open(open_options, overlay, true, true)?;
-    image.amend(&options)?;
+    image.amend(amend)?;
     image.close()
 }
 
@@ -286,7 +291,8 @@ pub fn commit(path: &Path, options: &CommitOptions, progress: Progress<'_>) -> R
     drop(base_chain);
     if top > 0 {
         let above = chain.layers()[top - 1].name().to_path_buf();
-        repoint(open_options, &chain, &above, Some(base))?;
+        let amend = repoint_options(&chain, &above, Some(base))?;
+        set_backing(open_options, &above, &amend)?;
     } else if !keep {
         let size = chain.size();
         drop(chain);
@@ -326,8 +332,14 @@ pub fn pull(
     if options.dry_run {
         return Ok(report);
     }
-    chain.flush()?;
-    repoint(&options.chain, &chain, path, b)?;
+    // Close the pulled image before its pointer is rewritten through another handle:
+    // with lazy refcounts a merely flushed image is still dirty, and closing it
+    // afterwards would write its refcounts and its old header (old backing name offset and
+    // length, old refcount table) over the amended image.
+    let amend = repoint_options(&chain, path, b)?;
+    chain.close()?;
+    drop(chain);
+    set_backing(&options.chain, path, &amend)?;
     Ok(report)
 }
 
