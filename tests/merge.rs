@@ -266,3 +266,30 @@ fn pull_into_an_image_with_lazy_refcounts_leaves_it_clean_and_repointed() {
         assert_eq!(s.reference("top.qcow2", "qcow2"), before, "{base:?}");
     }
 }
+
+#[test]
+fn safe_rebase_of_an_image_without_a_backing_file_keeps_its_content() {
+    let s = Scratch::new();
+    s.create("img.qcow2", "cluster_size=64k", 1 << 20);
+    s.qemu_io("img.qcow2", "qcow2", &["write -P 0x11 0 64k".into()]);
+    s.create("other.qcow2", "cluster_size=64k", 1 << 20);
+    s.qemu_io("other.qcow2", "qcow2", &["write -P 0x22 0 1M".into()]);
+    let before = s.reference("img.qcow2", "qcow2");
+    let report = ops::rebase(
+        &s.path("img.qcow2"),
+        Some("other.qcow2"),
+        Some("qcow2"),
+        false,
+        &MergeOptions::default(),
+        &mut no_progress(),
+    )
+    .unwrap();
+    check(&s, "img.qcow2");
+    assert_eq!(backing_of(&s, "img.qcow2").as_deref(), Some("other.qcow2"));
+    assert!(
+        s.reference("img.qcow2", "qcow2") == before,
+        "the content changed"
+    );
+    // What the image did not allocate read as zeros and must keep doing so over other.
+    assert_eq!(report.zero_bytes, (1 << 20) - (64 << 10), "{report:?}");
+}

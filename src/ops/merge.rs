@@ -490,7 +490,7 @@ fn copy_decided(
     while pos < size {
         let run = chain.resolve_from(first, pos, size - pos)?;
         pos = run.end();
-        if dest.in_chain == Some(run.depth) {
+        if dest.in_chain == Some(run.depth) && run.mapping != Mapping::Unallocated {
             out.report.already_done_bytes += in_place(
                 chain,
                 &run,
@@ -836,7 +836,9 @@ fn copy_differences(
         if new_len > 0 {
             new_chain.read_at(&mut new[..new_len], run.offset)?;
         }
-        let own = run.depth == 0;
+        // Without a backing file a range nothing allocates resolves to the top too, but
+        // it is not the top's: it showed zeros, which the new backing file must not hide.
+        let own = run.depth == 0 && run.mapping != Mapping::Unallocated;
         if own && old[..len] != new[..len] {
             chain.read_run(&run, &mut top[..len])?;
         }
