@@ -220,18 +220,27 @@ fn compare_blocks(
 /// skip what is in place already.
 struct Present<'a> {
     layer: &'a Layer,
-    /// Comparisons go by blocks of the destination's clusters, so that a piece an
-    /// interrupted run wrote in part counts the part it wrote.
+    /// Comparisons go by the destination's unit of allocation (see [`allocation_unit`]).
     block: u64,
+}
+
+/// What a layer allocates at once: a cluster, or a subcluster with extended L2 entries
+/// (64 KiB for raw files). A merge compares and copies by these units: the layer's own
+/// data and what an interrupted merge copied into it never share one, while they can
+/// share a cluster of 32 subclusters.
+fn allocation_unit(layer: &Layer) -> u64 {
+    match layer {
+        Layer::Qcow2(i) => i.geometry().subcluster_size(),
+        Layer::Raw(_) => 65536,
+    }
 }
 
 impl<'a> Present<'a> {
     fn new(layer: &'a Layer) -> Present<'a> {
-        let block = match layer {
-            Layer::Qcow2(i) => i.cluster_size(),
-            Layer::Raw(_) => 65536,
-        };
-        Present { layer, block }
+        Present {
+            layer,
+            block: allocation_unit(layer),
+        }
     }
 
     /// Whether the destination allocates anything in `offset..offset + len`.
@@ -806,8 +815,8 @@ pub fn rebase(
 }
 
 /// Copies into the top of `chain` every range it does not allocate whose content differs
-/// between its backing chain and `new_chain` (zeros past the end of either), in pieces of
-/// the top's clusters. Where the top allocates a range that differs, it counts as done
+/// between its backing chain and `new_chain` (zeros past the end of either), in units of
+/// the top's allocation ([`allocation_unit`]). Where the top allocates a range that differs, it counts as done
 /// when the top holds what the old backing chain shows (an interrupted run copied it).
 fn copy_differences(
     chain: &Chain,
@@ -816,10 +825,7 @@ fn copy_differences(
     progress: Progress<'_>,
 ) -> Result<()> {
     let size = chain.size();
-    let unit = match chain.top() {
-        Layer::Qcow2(i) => i.cluster_size(),
-        Layer::Raw(_) => 65536,
-    };
+    let unit = allocation_unit(chain.top());
     let piece = PIECE.max(unit as usize);
     let mut old = vec![0u8; piece];
     let mut new = vec![0u8; piece];
