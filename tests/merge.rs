@@ -164,7 +164,10 @@ fn a_dry_run_reports_without_changing_anything() {
     let report = ops::commit(
         &s.path("ours/top.qcow2"),
         &CommitOptions {
-            merge: MergeOptions { dry_run: true },
+            merge: MergeOptions {
+                dry_run: true,
+                ..MergeOptions::default()
+            },
             ..CommitOptions::default()
         },
         &mut no_progress(),
@@ -231,4 +234,62 @@ fn safe_rebase_onto_another_image_keeps_the_content_and_unsafe_only_renames() {
         Some("base.qcow2")
     );
     check(&s, "ours/top.qcow2");
+}
+
+#[test]
+fn pull_into_an_image_with_lazy_refcounts_leaves_it_clean_and_repointed() {
+    for base in [None, Some("base.qcow2")] {
+        let s = Scratch::new();
+        s.create("base.qcow2", "cluster_size=4k", 1 << 20);
+        s.qemu_io("base.qcow2", "qcow2", &["write -P 0x11 0 256k".into()]);
+        s.create_overlay("mid.qcow2", "base.qcow2", "qcow2", "cluster_size=4k", None);
+        s.qemu_io("mid.qcow2", "qcow2", &["write -P 0x22 64k 128k".into()]);
+        s.create_overlay(
+            "top.qcow2",
+            "mid.qcow2",
+            "qcow2",
+            "cluster_size=4k,lazy_refcounts=on",
+            None,
+        );
+        s.qemu_io("top.qcow2", "qcow2", &["write -P 0x33 128k 16k".into()]);
+        let before = s.reference("top.qcow2", "qcow2");
+        let base_path = base.map(|b| s.path(b));
+        ops::pull(
+            &s.path("top.qcow2"),
+            base_path.as_deref(),
+            &MergeOptions::default(),
+            &mut no_progress(),
+        )
+        .unwrap();
+        check(&s, "top.qcow2");
+        assert_eq!(backing_of(&s, "top.qcow2").as_deref(), base, "{base:?}");
+        assert_eq!(s.reference("top.qcow2", "qcow2"), before, "{base:?}");
+    }
+}
+
+#[test]
+fn safe_rebase_of_an_image_without_a_backing_file_keeps_its_content() {
+    let s = Scratch::new();
+    s.create("img.qcow2", "cluster_size=64k", 1 << 20);
+    s.qemu_io("img.qcow2", "qcow2", &["write -P 0x11 0 64k".into()]);
+    s.create("other.qcow2", "cluster_size=64k", 1 << 20);
+    s.qemu_io("other.qcow2", "qcow2", &["write -P 0x22 0 1M".into()]);
+    let before = s.reference("img.qcow2", "qcow2");
+    let report = ops::rebase(
+        &s.path("img.qcow2"),
+        Some("other.qcow2"),
+        Some("qcow2"),
+        false,
+        &MergeOptions::default(),
+        &mut no_progress(),
+    )
+    .unwrap();
+    check(&s, "img.qcow2");
+    assert_eq!(backing_of(&s, "img.qcow2").as_deref(), Some("other.qcow2"));
+    assert!(
+        s.reference("img.qcow2", "qcow2") == before,
+        "the content changed"
+    );
+    // What the image did not allocate read as zeros and must keep doing so over other.
+    assert_eq!(report.zero_bytes, (1 << 20) - (64 << 10), "{report:?}");
 }

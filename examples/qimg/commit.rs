@@ -7,7 +7,8 @@ use anyhow::{Result, bail};
 use qcow2_engine::ops::{self, CommitOptions, MergeOptions};
 
 use crate::common::{
-    find_in_chain, merge_error, merge_progress, open_chain, print_dry_run, progress_bar,
+    find_in_chain, merge_error, merge_progress, open_chain, print_already_done, print_dry_run,
+    progress_bar,
 };
 
 /// Arguments of `qimg commit`.
@@ -70,6 +71,7 @@ pub fn run(args: Args) -> Result<u8> {
             keep: args.keep,
             merge: MergeOptions {
                 dry_run: args.dry_run,
+                ..MergeOptions::default()
             },
         }
     };
@@ -80,6 +82,7 @@ pub fn run(args: Args) -> Result<u8> {
     if args.dry_run {
         print_dry_run(&report);
     } else if !args.quiet {
+        print_already_done(&report);
         println!("Image committed.");
     }
     Ok(0)

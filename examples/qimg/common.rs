@@ -230,6 +230,25 @@ pub fn print_dry_run(report: &MergeReport) {
         report.zero_bytes,
         HumanBytes(report.zero_bytes)
     );
+    if report.already_done_bytes > 0 {
+        println!(
+            "  already in place: {} ({}), left alone",
+            report.already_done_bytes,
+            HumanBytes(report.already_done_bytes)
+        );
+    }
+}
+
+/// Says, on stdout, how much of a merge was in place already (what an earlier, interrupted
+/// run copied, or what the destination held equal); nothing when that is nothing.
+pub fn print_already_done(report: &MergeReport) {
+    if report.already_done_bytes > 0 {
+        println!(
+            "Already in place: {} bytes ({}), skipped",
+            report.already_done_bytes,
+            HumanBytes(report.already_done_bytes)
+        );
+    }
 }
 
 /// Writes `value` as pretty JSON on stdout with a final newline.

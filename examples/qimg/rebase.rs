@@ -7,7 +7,9 @@ use anyhow::{Result, bail};
 use qcow2_engine::Format;
 use qcow2_engine::ops::{self, MergeOptions};
 
-use crate::common::{merge_error, merge_progress, parse_format, print_dry_run, progress_bar};
+use crate::common::{
+    merge_error, merge_progress, parse_format, print_already_done, print_dry_run, progress_bar,
+};
 
 /// Arguments of `qimg rebase`.
 #[derive(clap::Args)]
@@ -25,7 +27,7 @@ pub struct Args {
     /// Show a progress bar.
     #[arg(short = 'p')]
     progress: bool,
-    /// Print nothing on success (rebase prints nothing anyway).
+    /// Print nothing on success (otherwise only an `Already in place:` line).
     #[arg(short = 'q')]
     quiet: bool,
     /// Change nothing; print how many bytes of data and of zeros would be copied.
@@ -48,6 +50,7 @@ pub fn run(args: Args) -> Result<u8> {
     }
     let options = MergeOptions {
         dry_run: args.dry_run,
+        ..MergeOptions::default()
     };
     let bar = progress_bar(args.progress && !args.quiet, 0);
     let result = ops::rebase(
@@ -62,6 +65,8 @@ pub fn run(args: Args) -> Result<u8> {
     let report = result.map_err(|e| merge_error(e, &args.file))?;
     if args.dry_run {
         print_dry_run(&report);
+    } else if !args.quiet {
+        print_already_done(&report);
     }
     Ok(0)
 }

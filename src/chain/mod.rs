@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::qcow2::{Image, ImageOptions, Mapping, Run};
-use crate::storage::{Extent, FileStorage, Storage};
+use crate::storage::{Extent, Storage};
 
 /// Image formats a layer can have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,18 +138,19 @@ pub enum Layer {
 impl Layer {
     /// Opens the file at `path` as `format`, or probes the format when `None`.
     pub fn open(path: &Path, format: Option<Format>, options: &ImageOptions) -> Result<Layer> {
-        let storage = FileStorage::open(path, options.writable)
+        let storage = options
+            .open_storage(path, options.writable)
             .map_err(|e| Error::io("opening", e).in_file(path))?;
         let format = match format {
             Some(f) => f,
-            None => Format::probe(&storage).map_err(|e| e.in_file(path))?,
+            None => Format::probe(&*storage).map_err(|e| e.in_file(path))?,
         };
         Ok(match format {
             Format::Qcow2 => {
                 drop(storage);
                 Layer::Qcow2(Image::open_with(path, options)?)
             }
-            Format::Raw => Layer::Raw(RawImage::from_storage(Box::new(storage), path)?),
+            Format::Raw => Layer::Raw(RawImage::from_storage(storage, path)?),
         })
     }
 
@@ -320,7 +321,7 @@ impl Default for ChainOptions {
             max_depth: 1024,
             image: ImageOptions {
                 l2_cache_bytes: 4 << 20,
-                writable: false,
+                ..ImageOptions::default()
             },
             no_backing: false,
             writable: false,

@@ -9,7 +9,7 @@ use super::{Chain, Layer};
 impl Chain {
     /// Fills `buf` with what the layers below the top show at `offset` (zeros past their
     /// end): the source of copy-on-write.
-    fn read_below(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    pub(crate) fn read_below(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
             let at = offset + done as u64;

@@ -209,6 +209,7 @@ fn open_output(dst: &Path, options: &CreateOptions) -> Result<(Chain, Vec<Output
         &ImageOptions {
             l2_cache_bytes: 16 << 20,
             writable: true,
+            ..ImageOptions::default()
         },
         data,
     )?;

@@ -9,32 +9,65 @@
 //!
 //! The destination only changes where layers above it shadow it (commit) or only gains
 //! what it already showed (pull), so what the active image shows never changes. Backing
-//! pointers are rewritten last, after the data they expose is flushed. Running the same
-//! command again after an interruption completes the merge.
+//! pointers are rewritten last, after the data they expose is flushed. The destination
+//! is flushed every [`MergeOptions::checkpoint_bytes`], so an interruption keeps what was
+//! copied. Running the same command again after an interruption completes the merge, and
+//! skips what is in place already ([`MergeReport::already_done_bytes`]).
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::chain::{Chain, ChainOptions, Layer};
+use crate::chain::{Chain, ChainOptions, ChainRun, Layer};
 use crate::error::{Error, Result};
-use crate::qcow2::{AmendOptions, Mapping};
+use crate::qcow2::{AmendOptions, Mapping, Run};
 
 /// What a merge copied (or, in a dry run, would copy).
+///
+/// `data_bytes + zero_bytes + already_done_bytes` is the merge's whole work: every byte
+/// the destination must show is counted once, as written or as found in place.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MergeReport {
     /// Bytes of data written to the destination.
     pub data_bytes: u64,
     /// Bytes made to read as zeros in the destination (zero flags).
     pub zero_bytes: u64,
+    /// Bytes the merge had to bring to the destination but found there already, equal,
+    /// and so did not write: what an interrupted run of the same merge had copied (and
+    /// flushed), or what the destination itself held equal before. Only what the
+    /// destination allocates counts, so a fresh commit into an area its base does not
+    /// allocate reports 0.
+    pub already_done_bytes: u64,
     /// Bytes of the guest range examined.
     pub examined_bytes: u64,
 }
 
+/// The default of [`MergeOptions::checkpoint_bytes`]: 64 MiB.
+pub const DEFAULT_CHECKPOINT_BYTES: u64 = 64 << 20;
+
 /// Options shared by the merges.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct MergeOptions {
     /// Only report what would be copied; change nothing.
     pub dry_run: bool,
+    /// How images are opened: their storage ([`crate::ImageOptions::opener`]), the
+    /// backing policy, the depth limit, the L2 cache. Each step of a merge sets
+    /// `writable`, `no_backing` and `format` itself (formats are probed, or come from the
+    /// backing format a chain stores).
+    pub chain: ChainOptions,
+    /// Flush the destination whenever this many bytes (data and zeros) went into it since
+    /// the last flush, so that an interruption keeps them and a rerun skips them; 0
+    /// flushes only at the end. Default [`DEFAULT_CHECKPOINT_BYTES`].
+    pub checkpoint_bytes: u64,
+}
+
+impl Default for MergeOptions {
+    fn default() -> MergeOptions {
+        MergeOptions {
+            dry_run: false,
+            chain: ChainOptions::default(),
+            checkpoint_bytes: DEFAULT_CHECKPOINT_BYTES,
+        }
+    }
 }
 
 /// `qemu-img commit` and libvirt blockcommit.
@@ -77,6 +110,7 @@ pub fn find_layer(chain: &Chain, path: &Path) -> Result<usize> {
 trait Sink {
     fn write(&self, buf: &[u8], offset: u64) -> Result<()>;
     fn zero(&self, offset: u64, len: u64) -> Result<()>;
+    fn flush(&self) -> Result<()>;
 }
 
 impl Sink for Chain {
@@ -86,106 +120,452 @@ impl Sink for Chain {
     fn zero(&self, offset: u64, len: u64) -> Result<()> {
         self.write_zeroes(offset, len, true)
     }
+    fn flush(&self) -> Result<()> {
+        Chain::flush(self)
+    }
 }
 
 /// The largest piece of data read and written at once (1 MiB stays in the CPU caches
 /// between the read and the write; 4 MiB measured twice the CPU time).
 const PIECE: usize = 1 << 20;
 
-/// Copies into `sink` every range of `chain`, seen from layer `first`, that one of the
-/// layers `copy` decides. Ranges that read as zeros there become zeros in the sink, except
-/// ranges nothing in the whole chain allocates when `bottom_zeros_needed` is false.
+/// The writing side of a merge: the sink (none in a dry run), the report, the periodic
+/// flushes.
+struct Out<'a> {
+    sink: Option<&'a dyn Sink>,
+    report: MergeReport,
+    checkpoint_bytes: u64,
+    unflushed: u64,
+}
+
+impl<'a> Out<'a> {
+    fn new(sink: Option<&'a dyn Sink>, checkpoint_bytes: u64) -> Out<'a> {
+        Out {
+            sink,
+            report: MergeReport::default(),
+            checkpoint_bytes,
+            unflushed: 0,
+        }
+    }
+
+    fn data(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+        self.report.data_bytes += buf.len() as u64;
+        if let Some(s) = self.sink {
+            s.write(buf, offset)?;
+        }
+        self.wrote(buf.len() as u64)
+    }
+
+    fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.report.zero_bytes += len;
+        if let Some(s) = self.sink {
+            s.zero(offset, len)?;
+        }
+        self.wrote(len)
+    }
+
+    /// Flushes the sink once `checkpoint_bytes` went into it since the last flush.
+    fn wrote(&mut self, n: u64) -> Result<()> {
+        self.unflushed += n;
+        if let Some(s) = self.sink {
+            if self.checkpoint_bytes > 0 && self.unflushed >= self.checkpoint_bytes {
+                s.flush()?;
+                self.unflushed = 0;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Appends `offset..offset + len` to `todo`, merged with the last stretch when adjacent.
+fn push(todo: &mut Vec<(u64, u64)>, offset: u64, len: u64) {
+    match todo.last_mut() {
+        Some(last) if last.0 + last.1 == offset => last.1 += len,
+        _ => todo.push((offset, len)),
+    }
+}
+
+/// Compares `a` with `b` (`None`: zeros), `len` bytes at guest `offset`, in blocks
+/// aligned to `block`: unequal blocks go to `todo`; returns the bytes of the equal ones.
+fn compare_blocks(
+    block: u64,
+    a: Option<&[u8]>,
+    b: Option<&[u8]>,
+    offset: u64,
+    len: u64,
+    todo: &mut Vec<(u64, u64)>,
+) -> u64 {
+    let zero = |x: &[u8]| x.iter().all(|&v| v == 0);
+    let mut equal = 0;
+    let mut pos = offset;
+    while pos < offset + len {
+        let next = ((pos / block + 1) * block).min(offset + len);
+        let r = (pos - offset) as usize..(next - offset) as usize;
+        let same = match (a, b) {
+            (None, None) => true,
+            (Some(x), None) | (None, Some(x)) => zero(&x[r]),
+            (Some(x), Some(y)) => x[r.clone()] == y[r],
+        };
+        if same {
+            equal += next - pos;
+        } else {
+            push(todo, pos, next - pos);
+        }
+        pos = next;
+    }
+    equal
+}
+
+/// What the destination of a merge holds itself (not through its backing files), to
+/// skip what is in place already.
+struct Present<'a> {
+    layer: &'a Layer,
+    /// Comparisons go by the destination's unit of allocation (see [`allocation_unit`]).
+    block: u64,
+}
+
+/// What a layer allocates at once: a cluster, or a subcluster with extended L2 entries
+/// (64 KiB for raw files). A merge compares and copies by these units: the layer's own
+/// data and what an interrupted merge copied into it never share one, while they can
+/// share a cluster of 32 subclusters.
+fn allocation_unit(layer: &Layer) -> u64 {
+    match layer {
+        Layer::Qcow2(i) => i.geometry().subcluster_size(),
+        Layer::Raw(_) => 65536,
+    }
+}
+
+impl<'a> Present<'a> {
+    fn new(layer: &'a Layer) -> Present<'a> {
+        Present {
+            layer,
+            block: allocation_unit(layer),
+        }
+    }
+
+    /// Whether the destination allocates anything in `offset..offset + len`.
+    fn any(&self, offset: u64, len: u64) -> Result<bool> {
+        let end = (offset + len).min(self.layer.size());
+        let mut pos = offset;
+        while pos < end {
+            let run = self.layer.lookup(pos, end - pos)?;
+            if run.mapping != Mapping::Unallocated {
+                return Ok(true);
+            }
+            pos = run.end();
+        }
+        Ok(false)
+    }
+
+    /// Compares `want`, what a merge brings to `offset..offset + len` (`None`: zeros),
+    /// with what the destination allocates there: appends to `todo` the stretches it
+    /// does not hold equal (or at all) and returns the bytes it does.
+    fn compare(
+        &self,
+        want: Option<&[u8]>,
+        offset: u64,
+        len: u64,
+        scratch: &mut Vec<u8>,
+        todo: &mut Vec<(u64, u64)>,
+    ) -> Result<u64> {
+        let end = offset + len;
+        let held = end.min(self.layer.size()).max(offset);
+        let want_at = |at: u64, n: u64| want.map(|w| &w[(at - offset) as usize..][..n as usize]);
+        let mut equal = 0;
+        let mut pos = offset;
+        while pos < held {
+            let run = self.layer.lookup(pos, held - pos)?;
+            match run.mapping {
+                Mapping::Unallocated => push(todo, pos, run.len),
+                Mapping::Zero { .. } if want.is_none() => equal += run.len,
+                Mapping::Zero { .. } => {
+                    equal +=
+                        compare_blocks(self.block, want_at(pos, run.len), None, pos, run.len, todo);
+                }
+                _ => {
+                    let mut done = 0;
+                    while done < run.len {
+                        let n = (run.len - done).min(PIECE as u64);
+                        if scratch.len() < n as usize {
+                            scratch.resize(n as usize, 0);
+                        }
+                        let part = Run {
+                            offset: pos + done,
+                            len: n,
+                            mapping: run.mapping.advanced(done),
+                        };
+                        let have = &mut scratch[..n as usize];
+                        self.layer.read_run(&part, have)?;
+                        equal += compare_blocks(
+                            self.block,
+                            want_at(pos + done, n),
+                            Some(have),
+                            pos + done,
+                            n,
+                            todo,
+                        );
+                        done += n;
+                    }
+                }
+            }
+            pos = run.end();
+        }
+        if held < end {
+            push(todo, held, end - held);
+        }
+        Ok(equal)
+    }
+}
+
+/// What a range decided by a merged layer asks of the destination.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Work {
+    /// Nothing: nothing in the whole chain allocates it and no zeros are needed.
+    None,
+    /// To read as zeros.
+    Zeros,
+    /// To hold the layer's data.
+    Data,
+}
+
+/// What `run` (decided by a merged layer) asks of the destination. Ranges that read as
+/// zeros need zeros there, except ranges nothing in the whole chain allocates when
+/// `bottom_zeros_needed` is false (the destination will have no backing file); past the
+/// end of a shorter layer they always do.
+fn work(chain: &Chain, run: &ChainRun, bottom_zeros_needed: bool) -> Work {
+    match run.mapping {
+        Mapping::Zero { .. } => Work::Zeros,
+        Mapping::Unallocated => {
+            let last = chain.layers().len() - 1;
+            let nothing_below = run.depth == last && run.offset < chain.layers()[run.depth].size();
+            if nothing_below && !bottom_zeros_needed {
+                Work::None
+            } else {
+                Work::Zeros
+            }
+        }
+        _ => Work::Data,
+    }
+}
+
+/// The destination of [`copy_decided`].
+struct Dest<'a> {
+    /// What it holds.
+    present: Present<'a>,
+    /// It is this layer of the chain read (the top, for pull and rebase); `None` when it
+    /// lies below the merged layers (commit).
+    in_chain: Option<usize>,
+}
+
+/// Reads the data runs `parts` (contiguous) into `buf`.
+fn read_parts(chain: &Chain, parts: &[ChainRun], buf: &mut Vec<u8>) -> Result<usize> {
+    let len: u64 = parts.iter().map(|r| r.len).sum();
+    if buf.len() < len as usize {
+        buf.resize(len as usize, 0);
+    }
+    let mut at = 0usize;
+    for part in parts {
+        let n = part.len as usize;
+        chain.read_run(part, &mut buf[at..at + n])?;
+        at += n;
+    }
+    Ok(at)
+}
+
+/// Buffers of one merge pass.
+#[derive(Default)]
+struct Buffers {
+    data: Vec<u8>,
+    scratch: Vec<u8>,
+    todo: Vec<(u64, u64)>,
+}
+
+/// Writes the pending data runs (contiguous, at most [`PIECE`] in all) where the
+/// destination does not hold them already.
+fn write_pending(
+    chain: &Chain,
+    pending: &mut Vec<ChainRun>,
+    dest: &Dest<'_>,
+    out: &mut Out<'_>,
+    bufs: &mut Buffers,
+) -> Result<()> {
+    let Some(at) = pending.first().map(|r| r.offset) else {
+        return Ok(());
+    };
+    let len: u64 = pending.iter().map(|r| r.len).sum();
+    let present = dest.present.any(at, len)?;
+    if out.sink.is_none() && !present {
+        // A dry run need not read what it would only count.
+        out.report.data_bytes += len;
+        pending.clear();
+        return Ok(());
+    }
+    read_parts(chain, pending, &mut bufs.data)?;
+    pending.clear();
+    bufs.todo.clear();
+    if present {
+        out.report.already_done_bytes += dest.present.compare(
+            Some(&bufs.data[..len as usize]),
+            at,
+            len,
+            &mut bufs.scratch,
+            &mut bufs.todo,
+        )?;
+    } else {
+        bufs.todo.push((at, len));
+    }
+    for &(o, l) in &bufs.todo {
+        out.data(&bufs.data[(o - at) as usize..][..l as usize], o)?;
+    }
+    Ok(())
+}
+
+/// How much of `run`, which the destination (layer `run.depth` of `chain`) decides
+/// itself, the layers `copy` below it would bring as the destination holds it: what an
+/// interrupted run of the merge copied already (or what happened to be equal). Where it
+/// differs the destination's own data decides, and there is nothing to do.
+fn in_place(
+    chain: &Chain,
+    run: &ChainRun,
+    copy: &std::ops::Range<usize>,
+    bottom_zeros_needed: bool,
+    present: &Present<'_>,
+    bufs: &mut Buffers,
+) -> Result<u64> {
+    let mut equal = 0;
+    let mut pos = run.offset;
+    while pos < run.end() {
+        let sub = chain.resolve_from(run.depth + 1, pos, run.end() - pos)?;
+        pos = sub.end();
+        if !copy.contains(&sub.depth) {
+            continue;
+        }
+        bufs.todo.clear();
+        match work(chain, &sub, bottom_zeros_needed) {
+            Work::None => {}
+            Work::Zeros => {
+                equal += present.compare(
+                    None,
+                    sub.offset,
+                    sub.len,
+                    &mut bufs.scratch,
+                    &mut bufs.todo,
+                )?;
+            }
+            Work::Data => {
+                let mut done = 0;
+                while done < sub.len {
+                    let n = (sub.len - done).min(PIECE as u64);
+                    let part = ChainRun {
+                        offset: sub.offset + done,
+                        len: n,
+                        mapping: sub.mapping.advanced(done),
+                        depth: sub.depth,
+                    };
+                    read_parts(chain, &[part], &mut bufs.data)?;
+                    equal += present.compare(
+                        Some(&bufs.data[..n as usize]),
+                        part.offset,
+                        n,
+                        &mut bufs.scratch,
+                        &mut bufs.todo,
+                    )?;
+                    done += n;
+                }
+            }
+        }
+    }
+    Ok(equal)
+}
+
+/// Copies into `out` every range of `chain`, seen from layer `first`, that one of the
+/// layers `copy` decides (see [`work`]) and that `dest` does not hold already. Where the
+/// destination is a layer of the chain, the ranges it decides itself are checked for
+/// what an interrupted run left there.
 fn copy_decided(
     chain: &Chain,
     first: usize,
     copy: std::ops::Range<usize>,
     bottom_zeros_needed: bool,
-    sink: Option<&dyn Sink>,
+    dest: &Dest<'_>,
+    out: &mut Out<'_>,
     progress: Progress<'_>,
-) -> Result<MergeReport> {
+) -> Result<()> {
     let size = chain.size();
-    let last = chain.layers().len() - 1;
-    let mut report = MergeReport::default();
-    let mut buf = vec![0u8; if sink.is_some() { PIECE } else { 0 }];
-    let (mut buf_at, mut buf_len) = (0u64, 0usize);
-    let flush = |buf: &[u8], at: u64| -> Result<()> {
-        match sink {
-            Some(s) if !buf.is_empty() => s.write(buf, at),
-            _ => Ok(()),
-        }
-    };
+    let mut bufs = Buffers::default();
+    let mut pending: Vec<ChainRun> = Vec::new();
+    let mut pending_len = 0u64;
     let mut pos = 0u64;
     while pos < size {
         let run = chain.resolve_from(first, pos, size - pos)?;
         pos = run.end();
-        if !copy.contains(&run.depth) {
-            continue;
-        }
-        let zeros = match run.mapping {
-            Mapping::Zero { .. } => true,
-            Mapping::Unallocated => {
-                // Nothing allocated anywhere reads as zeros anyway, unless the sink will
-                // have a backing file below; past the end of a shorter layer it must.
-                let nothing_below =
-                    run.depth == last && run.offset < chain.layers()[run.depth].size();
-                if nothing_below && !bottom_zeros_needed {
-                    continue;
+        if dest.in_chain == Some(run.depth) && run.mapping != Mapping::Unallocated {
+            out.report.already_done_bytes += in_place(
+                chain,
+                &run,
+                &copy,
+                bottom_zeros_needed,
+                &dest.present,
+                &mut bufs,
+            )?;
+        } else if copy.contains(&run.depth) {
+            match work(chain, &run, bottom_zeros_needed) {
+                Work::None => {}
+                Work::Zeros => {
+                    write_pending(chain, &mut pending, dest, out, &mut bufs)?;
+                    pending_len = 0;
+                    bufs.todo.clear();
+                    out.report.already_done_bytes += dest.present.compare(
+                        None,
+                        run.offset,
+                        run.len,
+                        &mut bufs.scratch,
+                        &mut bufs.todo,
+                    )?;
+                    for &(o, l) in &bufs.todo {
+                        out.zero(o, l)?;
+                    }
                 }
-                true
-            }
-            _ => false,
-        };
-        if zeros {
-            flush(&buf[..buf_len], buf_at)?;
-            buf_len = 0;
-            if let Some(s) = sink {
-                s.zero(run.offset, run.len)?;
-            }
-            report.zero_bytes += run.len;
-        } else {
-            report.data_bytes += run.len;
-            if sink.is_some() {
-                let mut done = 0u64;
-                while done < run.len {
-                    if buf_len == PIECE
-                        || (buf_len > 0 && buf_at + buf_len as u64 != run.offset + done)
-                    {
-                        flush(&buf[..buf_len], buf_at)?;
-                        buf_len = 0;
+                Work::Data => {
+                    let mut done = 0u64;
+                    while done < run.len {
+                        let contiguous =
+                            pending.last().is_none_or(|r| r.end() == run.offset + done);
+                        if pending_len == PIECE as u64 || !contiguous {
+                            write_pending(chain, &mut pending, dest, out, &mut bufs)?;
+                            pending_len = 0;
+                        }
+                        let n = (run.len - done).min(PIECE as u64 - pending_len);
+                        pending.push(ChainRun {
+                            offset: run.offset + done,
+                            len: n,
+                            mapping: run.mapping.advanced(done),
+                            depth: run.depth,
+                        });
+                        pending_len += n;
+                        done += n;
                     }
-                    if buf_len == 0 {
-                        buf_at = run.offset + done;
-                    }
-                    let n = ((run.len - done) as usize).min(PIECE - buf_len);
-                    let part = crate::chain::ChainRun {
-                        offset: run.offset + done,
-                        len: n as u64,
-                        mapping: run.mapping.advanced(done),
-                        depth: run.depth,
-                    };
-                    chain.read_run(&part, &mut buf[buf_len..buf_len + n])?;
-                    buf_len += n;
-                    done += n as u64;
                 }
             }
         }
-        report.examined_bytes = pos;
+        out.report.examined_bytes = pos;
         if !progress(pos, size) {
             return Err(Error::Cancelled);
         }
     }
-    flush(&buf[..buf_len], buf_at)?;
-    report.examined_bytes = size;
-    Ok(report)
+    write_pending(chain, &mut pending, dest, out, &mut bufs)?;
+    out.report.examined_bytes = size;
+    Ok(())
 }
 
-fn open(path: &Path, writable: bool, no_backing: bool) -> Result<Chain> {
+fn open(options: &ChainOptions, path: &Path, writable: bool, no_backing: bool) -> Result<Chain> {
     Chain::open_with(
         path,
         &ChainOptions {
             writable,
             no_backing,
-            ..ChainOptions::default()
+            format: None,
+            ..options.clone()
         },
     )
 }
@@ -204,9 +584,14 @@ fn backing_name(overlay: &Path, above_base: &Path, stored: &str, base: &Path) ->
         .to_string()
 }
 
-/// Points the image at `overlay` at `base` (layer `base_index` of `chain`), or at nothing.
-fn repoint(chain: &Chain, overlay: &Path, base_index: Option<usize>) -> Result<()> {
-    let options = match base_index {
+/// The amendment that points the image at `overlay` at `base` (layer `base_index` of
+/// `chain`), or at nothing.
+fn repoint_options(
+    chain: &Chain,
+    overlay: &Path,
+    base_index: Option<usize>,
+) -> Result<AmendOptions> {
+    Ok(match base_index {
         Some(b) => {
             let above = &chain.layers()[b - 1];
             let (stored, _) = above
@@ -229,16 +614,22 @@ fn repoint(chain: &Chain, overlay: &Path, base_index: Option<usize>) -> Result<(
             backing_format: Some(None),
             ..AmendOptions::default()
         },
-    };
-    let image = open(overlay, true, true)?;
-    image.amend(&options)?;
+    })
+}
+
+/// Rewrites the backing pointer of the image at `overlay`. No other writable handle on it
+/// may be open: closing one later would write its stale header over the new one.
+fn set_backing(open_options: &ChainOptions, overlay: &Path, amend: &AmendOptions) -> Result<()> {
+    let image = open(open_options, overlay, true, true)?;
+    image.amend(amend)?;
     image.close()
 }
 
 /// Commits as `qemu-img commit` / libvirt blockcommit (see [`CommitOptions`]) starting
 /// from the image at `path`.
 pub fn commit(path: &Path, options: &CommitOptions, progress: Progress<'_>) -> Result<MergeReport> {
-    let chain = open(path, false, false)?;
+    let open_options = &options.merge.chain;
+    let chain = open(open_options, path, false, false)?;
     let n = chain.layers().len();
     let top = match &options.top {
         Some(p) => find_layer(&chain, p)?,
@@ -261,24 +652,37 @@ pub fn commit(path: &Path, options: &CommitOptions, progress: Progress<'_>) -> R
     }
     let keep = options.keep || options.base.is_some() || top > 0;
     if options.merge.dry_run {
-        return copy_decided(&chain, top, top..base, true, None, progress);
+        let dest = Dest {
+            present: Present::new(&chain.layers()[base]),
+            in_chain: None,
+        };
+        let mut out = Out::new(None, 0);
+        copy_decided(&chain, top, top..base, true, &dest, &mut out, progress)?;
+        return Ok(out.report);
     }
     let base_path = chain.layers()[base].name().to_path_buf();
-    let base_chain = open(&base_path, true, false)?;
+    let base_chain = open(open_options, &base_path, true, false)?;
     let needed = chain.layers()[top].size();
     if base_chain.size() < needed {
         base_chain.resize(needed.div_ceil(512) * 512, false)?;
     }
-    let report = copy_decided(&chain, top, top..base, true, Some(&base_chain), progress)?;
+    let dest = Dest {
+        present: Present::new(base_chain.top()),
+        in_chain: None,
+    };
+    let mut out = Out::new(Some(&base_chain), options.merge.checkpoint_bytes);
+    copy_decided(&chain, top, top..base, true, &dest, &mut out, progress)?;
+    let report = out.report;
     base_chain.close()?;
     drop(base_chain);
     if top > 0 {
         let above = chain.layers()[top - 1].name().to_path_buf();
-        repoint(&chain, &above, Some(base))?;
+        let amend = repoint_options(&chain, &above, Some(base))?;
+        set_backing(open_options, &above, &amend)?;
     } else if !keep {
         let size = chain.size();
         drop(chain);
-        let file = open(path, true, true)?;
+        let file = open(open_options, path, true, true)?;
         file.make_empty(size)?;
         file.close()?;
     }
@@ -294,7 +698,7 @@ pub fn pull(
     options: &MergeOptions,
     progress: Progress<'_>,
 ) -> Result<MergeReport> {
-    let chain = open(path, !options.dry_run, false)?;
+    let chain = open(&options.chain, path, !options.dry_run, false)?;
     let n = chain.layers().len();
     let b = match base {
         Some(p) => {
@@ -310,12 +714,24 @@ pub fn pull(
     };
     let stop = b.unwrap_or(n);
     let sink: Option<&dyn Sink> = if options.dry_run { None } else { Some(&chain) };
-    let report = copy_decided(&chain, 0, 1..stop, b.is_some(), sink, progress)?;
+    let dest = Dest {
+        present: Present::new(chain.top()),
+        in_chain: Some(0),
+    };
+    let mut out = Out::new(sink, options.checkpoint_bytes);
+    copy_decided(&chain, 0, 1..stop, b.is_some(), &dest, &mut out, progress)?;
+    let report = out.report;
     if options.dry_run {
         return Ok(report);
     }
-    chain.flush()?;
-    repoint(&chain, path, b)?;
+    // Close the pulled image before its pointer is rewritten through another handle:
+    // with lazy refcounts a merely flushed image is still dirty, and closing it
+    // afterwards would write its refcounts and its old header (old backing name offset and
+    // length, old refcount table) over the amended image.
+    let amend = repoint_options(&chain, path, b)?;
+    chain.close()?;
+    drop(chain);
+    set_backing(&options.chain, path, &amend)?;
     Ok(report)
 }
 
@@ -338,7 +754,11 @@ pub fn rebase(
         (None, _) => None,
         (Some(_), Some(f)) => Some(crate::chain::Format::from_name(f)?),
         (Some(p), None) => {
-            let layer = Layer::open(p, None, &Default::default())?;
+            let image = crate::ImageOptions {
+                writable: false,
+                ..options.chain.image.clone()
+            };
+            let layer = Layer::open(p, None, &image)?;
             Some(layer.format())
         }
     };
@@ -349,27 +769,38 @@ pub fn rebase(
     };
     let mut report = MergeReport::default();
     if !unsafe_ {
-        let chain = open(path, !options.dry_run, false)?;
+        let chain = open(&options.chain, path, !options.dry_run, false)?;
         let sink: Option<&dyn Sink> = if options.dry_run { None } else { Some(&chain) };
         let in_chain = match &resolved {
             None => Some(chain.layers().len()),
             Some(p) => find_layer(&chain, p).ok().filter(|&b| b > 0),
         };
-        report = match in_chain {
+        let mut out = Out::new(sink, options.checkpoint_bytes);
+        match in_chain {
             // The new backing file is in the chain: copy what the layers above it decide.
-            Some(b) => copy_decided(&chain, 0, 1..b, b < chain.layers().len(), sink, progress)?,
+            Some(b) => {
+                let dest = Dest {
+                    present: Present::new(chain.top()),
+                    in_chain: Some(0),
+                };
+                let needs_zeros = b < chain.layers().len();
+                copy_decided(&chain, 0, 1..b, needs_zeros, &dest, &mut out, progress)?;
+            }
             None => {
                 let p = resolved.as_deref().unwrap_or(path);
                 let new_chain = Chain::open_with(
                     p,
                     &ChainOptions {
                         format,
-                        ..ChainOptions::default()
+                        writable: false,
+                        no_backing: false,
+                        ..options.chain.clone()
                     },
                 )?;
-                copy_differences(&chain, &new_chain, sink, progress)?
+                copy_differences(&chain, &new_chain, &mut out, progress)?;
             }
-        };
+        }
+        report = out.report;
         if options.dry_run {
             return Ok(report);
         }
@@ -377,78 +808,95 @@ pub fn rebase(
     } else if options.dry_run {
         return Ok(report);
     }
-    let image = open(path, true, true)?;
+    let image = open(&options.chain, path, true, true)?;
     image.amend(&set_backing)?;
     image.close()?;
     Ok(report)
 }
 
-/// Copies into the top of `chain` every cluster it does not allocate whose content differs
-/// between its backing chain and `new_chain` (zeros past the end of either).
+/// Copies into the top of `chain` every range it does not allocate whose content differs
+/// between its backing chain and `new_chain` (zeros past the end of either), in units of
+/// the top's allocation ([`allocation_unit`]). Where the top allocates a range that differs, it counts as done
+/// when the top holds what the old backing chain shows (an interrupted run copied it).
 fn copy_differences(
     chain: &Chain,
     new_chain: &Chain,
-    sink: Option<&dyn Sink>,
+    out: &mut Out<'_>,
     progress: Progress<'_>,
-) -> Result<MergeReport> {
+) -> Result<()> {
     let size = chain.size();
-    let unit = match chain.top() {
-        Layer::Qcow2(i) => i.cluster_size(),
-        Layer::Raw(_) => 65536,
-    } as usize;
-    let piece = PIECE.max(unit);
+    let unit = allocation_unit(chain.top());
+    let piece = PIECE.max(unit as usize);
     let mut old = vec![0u8; piece];
     let mut new = vec![0u8; piece];
-    let mut report = MergeReport::default();
+    let mut top = vec![0u8; piece];
     let mut pos = 0u64;
     while pos < size {
         let run = chain.resolve(pos, (size - pos).min(piece as u64))?;
         pos = run.end();
-        if run.depth == 0 {
-            continue;
-        }
-        // Whole units around the run, so that a differing unit is written whole.
-        let lo = run.offset / unit as u64 * unit as u64;
-        let hi = (run.end().div_ceil(unit as u64) * unit as u64).min(size);
-        let len = (hi - lo) as usize;
-        chain.read_at(&mut old[..len], lo)?;
-        let new_size = new_chain.size();
-        let new_len = (new_size.saturating_sub(lo) as usize).min(len);
+        let len = run.len as usize;
+        // What the old backing chain shows, and the new one.
+        chain.read_below(&mut old[..len], run.offset)?;
+        let new_len = (new_chain.size().saturating_sub(run.offset) as usize).min(len);
         new[new_len..len].fill(0);
         if new_len > 0 {
-            new_chain.read_at(&mut new[..new_len], lo)?;
+            new_chain.read_at(&mut new[..new_len], run.offset)?;
         }
-        for start in (0..len).step_by(unit) {
-            let end = (start + unit).min(len);
-            let at = lo + start as u64;
-            // Only the part of the unit that this run covers is this run's business.
-            if at + (end - start) as u64 <= run.offset || at >= run.end() {
-                continue;
-            }
-            if old[start..end] == new[start..end] {
-                continue;
-            }
-            let from = at.max(run.offset);
-            let to = (at + (end - start) as u64).min(run.end());
-            let slice = &old[(from - lo) as usize..(to - lo) as usize];
-            if slice.iter().all(|&b| b == 0) {
-                report.zero_bytes += to - from;
-                if let Some(s) = sink {
-                    s.zero(from, to - from)?;
-                }
-            } else {
-                report.data_bytes += to - from;
-                if let Some(s) = sink {
-                    s.write(slice, from)?;
-                }
-            }
+        // Without a backing file a range nothing allocates resolves to the top too, but
+        // it is not the top's: it showed zeros, which the new backing file must not hide.
+        let own = run.depth == 0 && run.mapping != Mapping::Unallocated;
+        if own && old[..len] != new[..len] {
+            chain.read_run(&run, &mut top[..len])?;
         }
-        report.examined_bytes = pos;
+        // Differing stretches to write: (offset, length, all zeros).
+        let mut stretch: Option<(u64, u64, bool)> = None;
+        let mut at = run.offset;
+        while at < run.end() {
+            let next = ((at / unit + 1) * unit).min(run.end());
+            let r = (at - run.offset) as usize..(next - run.offset) as usize;
+            if old[r.clone()] != new[r.clone()] {
+                if own {
+                    if top[r.clone()] == old[r] {
+                        out.report.already_done_bytes += next - at;
+                    }
+                } else {
+                    let zeros = old[r].iter().all(|&b| b == 0);
+                    match &mut stretch {
+                        Some((o, l, z)) if *o + *l == at && *z == zeros => *l += next - at,
+                        _ => {
+                            if let Some(s) = stretch.take() {
+                                emit(out, &old, run.offset, s)?;
+                            }
+                            stretch = Some((at, next - at, zeros));
+                        }
+                    }
+                }
+            }
+            at = next;
+        }
+        if let Some(s) = stretch {
+            emit(out, &old, run.offset, s)?;
+        }
+        out.report.examined_bytes = pos;
         if !progress(pos, size) {
             return Err(Error::Cancelled);
         }
     }
-    Ok(report)
+    Ok(())
+}
+
+/// Writes one stretch `(offset, length, zeros)` of `buf` (which starts at guest `base`).
+fn emit(
+    out: &mut Out<'_>,
+    buf: &[u8],
+    base: u64,
+    (offset, len, zeros): (u64, u64, bool),
+) -> Result<()> {
+    if zeros {
+        out.zero(offset, len)
+    } else {
+        out.data(&buf[(offset - base) as usize..][..len as usize], offset)
+    }
 }
 
 impl Chain {

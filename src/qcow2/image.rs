@@ -9,7 +9,7 @@ use crate::format::{
     self, AutoclearFeatures, CompatibleFeatures, CompressionType, FeatureKind, Geometry, Header,
     HeaderExtensions, IncompatibleFeatures, L1Entry, SnapshotEntry,
 };
-use crate::storage::{Extent, FileStorage, Storage};
+use crate::storage::{Extent, Opener, Storage};
 
 use super::compress::decompress;
 use super::l2cache::{L2Cache, L2Table};
@@ -17,13 +17,16 @@ use super::mapping::{Mapping, Run};
 use super::write::Writer;
 
 /// How to open an image.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ImageOptions {
     /// Bytes of decoded L2 tables to keep cached (default 8 MiB: 64 GiB of guest data
     /// with 64 KiB clusters).
     pub l2_cache_bytes: u64,
     /// Open for writing (default: read-only).
     pub writable: bool,
+    /// Opens the image's file and its external data file (default `None`: host files,
+    /// [`crate::storage::FileStorage`]). Chains pass it on to every layer.
+    pub opener: Option<Arc<dyn Opener>>,
 }
 
 impl Default for ImageOptions {
@@ -31,7 +34,29 @@ impl Default for ImageOptions {
         ImageOptions {
             l2_cache_bytes: 8 << 20,
             writable: false,
+            opener: None,
         }
+    }
+}
+
+impl std::fmt::Debug for ImageOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageOptions")
+            .field("l2_cache_bytes", &self.l2_cache_bytes)
+            .field("writable", &self.writable)
+            .field("opener", &self.opener.as_ref().map(|_| "custom"))
+            .finish()
+    }
+}
+
+impl ImageOptions {
+    /// Opens the file at `path` through [`ImageOptions::opener`].
+    pub(crate) fn open_storage(
+        &self,
+        path: &Path,
+        writable: bool,
+    ) -> std::io::Result<Box<dyn Storage>> {
+        crate::storage::open_with(self.opener.as_deref(), path, writable)
     }
 }
 
@@ -112,15 +137,15 @@ impl Image {
     /// Opens the qcow2 image at `path` read-only.
     pub fn open_with(path: impl AsRef<Path>, options: &ImageOptions) -> Result<Image> {
         let path = path.as_ref();
-        let storage = FileStorage::open(path, options.writable)
+        let storage = options
+            .open_storage(path, options.writable)
             .map_err(|e| Error::io("opening", e).in_file(path))?;
         let read_only = ImageOptions {
             writable: false,
             ..options.clone()
         };
-        let mut image =
-            Image::from_storage_inner(Box::new(storage), path.to_path_buf(), &read_only, None)
-                .map_err(|e| e.in_file(path))?;
+        let mut image = Image::from_storage_inner(storage, path.to_path_buf(), &read_only, None)
+            .map_err(|e| e.in_file(path))?;
         if image.has_external_data_file() {
             let meta = image.meta();
             let name = meta
@@ -137,9 +162,10 @@ impl Image {
                 })?;
             drop(meta);
             let data_path = crate::chain::resolve_relative(path, &name);
-            let data = FileStorage::open(&data_path, options.writable)
+            let data = options
+                .open_storage(&data_path, options.writable)
                 .map_err(|e| Error::io("opening external data file", e).in_file(&data_path))?;
-            image.data_file = Some(Box::new(data));
+            image.data_file = Some(data);
         }
         if options.writable {
             image.make_writable().map_err(|e| e.in_file(path))?;
@@ -152,12 +178,14 @@ impl Image {
     /// as it is.
     pub fn open_for_repair(path: impl AsRef<Path>) -> Result<Image> {
         let path = path.as_ref();
-        let storage =
-            FileStorage::open(path, true).map_err(|e| Error::io("opening", e).in_file(path))?;
+        let options = ImageOptions::default();
+        let storage = options
+            .open_storage(path, true)
+            .map_err(|e| Error::io("opening", e).in_file(path))?;
         Image::from_storage_inner(
-            Box::new(storage),
+            storage,
             path.to_path_buf(),
-            &ImageOptions::default(),
+            &options,
             None,
         )
         .map_err(|e| e.in_file(path))

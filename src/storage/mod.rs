@@ -13,6 +13,7 @@ pub use file::FileStorage;
 pub use memory::MemStorage;
 
 use std::io;
+use std::path::Path;
 
 /// What a stretch of storage is: stored bytes or a hole (see [`Storage::extent`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +68,29 @@ pub trait Storage: Send + Sync {
     fn extent(&self, offset: u64, max_len: u64) -> io::Result<Extent> {
         let _ = offset;
         Ok(Extent::Data(max_len))
+    }
+}
+
+/// Opens the storage behind a file name. Images and chains open their files (and external
+/// data files) through one when [`crate::ImageOptions::opener`] names it, and as
+/// [`FileStorage`]s otherwise: tests put every image of an operation in a
+/// [`FaultStorage`] this way. Chains still look each file up in the file system (to
+/// refuse loops and apply the backing policy), so the files must exist; the opener only
+/// decides what is read and written.
+pub trait Opener: Send + Sync {
+    /// Opens the existing file at `path`, for writing when `writable`.
+    fn open(&self, path: &Path, writable: bool) -> io::Result<Box<dyn Storage>>;
+}
+
+/// Opens `path` with `opener`, or as a [`FileStorage`] without one.
+pub(crate) fn open_with(
+    opener: Option<&dyn Opener>,
+    path: &Path,
+    writable: bool,
+) -> io::Result<Box<dyn Storage>> {
+    match opener {
+        Some(o) => o.open(path, writable),
+        None => Ok(Box::new(FileStorage::open(path, writable)?)),
     }
 }
 
