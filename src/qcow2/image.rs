@@ -182,13 +182,8 @@ impl Image {
         let storage = options
             .open_storage(path, true)
             .map_err(|e| Error::io("opening", e).in_file(path))?;
-        Image::from_storage_inner(
-            storage,
-            path.to_path_buf(),
-            &options,
-            None,
-        )
-        .map_err(|e| e.in_file(path))
+        Image::from_storage_inner(storage, path.to_path_buf(), &options, None)
+            .map_err(|e| e.in_file(path))
     }
 
     /// Opens an image held in any [`Storage`]. `name` is used in error messages. An image
