@@ -40,6 +40,8 @@ pub(crate) struct Refcounts {
     /// The old table after a move: its clusters are freed once the header points at the
     /// new one.
     pub(crate) pending_table_free: Option<TableLocation>,
+    /// A table growth wrote blocks or a table, possibly past the end of the file.
+    pub(crate) grew: bool,
 }
 
 /// Where the refcount table lives after [`Refcounts::grow_table`].
@@ -96,6 +98,7 @@ impl Refcounts {
             free_hint: 0,
             header_changed: false,
             pending_table_free: None,
+            grew: false,
         })
     }
 
@@ -295,6 +298,7 @@ impl Refcounts {
     /// past everything in use together with the blocks that describe it. Writes the new
     /// blocks and table, then flushes, so that the caller can switch the header to it.
     fn grow_table(&mut self, storage: &dyn Storage, cover: u64) -> Result<()> {
+        self.grew = true;
         let per_block = self.per_block();
         let per_cluster = self.cluster_size() / 8;
         let old_entries = self.table.len() as u64;

@@ -487,10 +487,13 @@ impl Image {
         self.check_overlap("newly allocated clusters", at, end - at, None)?;
         self.file_len.fetch_max(end, Ordering::Relaxed);
         self.publish_table_move(w)?;
-        // Files only grow by what is written; make sure reads of metadata past the old end
-        // see the new length (blocks written by a table growth already extended it).
-        if let Ok(len) = self.storage.len() {
-            self.file_len.fetch_max(len, Ordering::Relaxed);
+        // Blocks and a table written by a table growth may have extended the file; reads
+        // of metadata past the old end must see the new length. (Asked only then: it is a
+        // system call, and this runs for every allocation.)
+        if std::mem::take(&mut w.refcounts.grew) {
+            if let Ok(len) = self.storage.len() {
+                self.file_len.fetch_max(len, Ordering::Relaxed);
+            }
         }
         Ok(at)
     }
