@@ -164,7 +164,10 @@ fn a_dry_run_reports_without_changing_anything() {
     let report = ops::commit(
         &s.path("ours/top.qcow2"),
         &CommitOptions {
-            merge: MergeOptions { dry_run: true },
+            merge: MergeOptions {
+                dry_run: true,
+                ..MergeOptions::default()
+            },
             ..CommitOptions::default()
         },
         &mut no_progress(),

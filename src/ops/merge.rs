@@ -15,7 +15,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::chain::{Chain, ChainOptions, Layer};
+use crate::chain::{BackingPolicy, Chain, ChainOptions, Layer};
 use crate::error::{Error, Result};
 use crate::qcow2::{AmendOptions, Mapping};
 
@@ -35,6 +35,8 @@ pub struct MergeReport {
 pub struct MergeOptions {
     /// Only report what would be copied; change nothing.
     pub dry_run: bool,
+    /// Which backing files the images of the chain may name (see [`BackingPolicy`]).
+    pub backing_policy: BackingPolicy,
 }
 
 /// `qemu-img commit` and libvirt blockcommit.
@@ -179,12 +181,13 @@ fn copy_decided(
     Ok(report)
 }
 
-fn open(path: &Path, writable: bool, no_backing: bool) -> Result<Chain> {
+fn open(path: &Path, writable: bool, no_backing: bool, policy: &BackingPolicy) -> Result<Chain> {
     Chain::open_with(
         path,
         &ChainOptions {
             writable,
             no_backing,
+            backing_policy: policy.clone(),
             ..ChainOptions::default()
         },
     )
@@ -230,7 +233,7 @@ fn repoint(chain: &Chain, overlay: &Path, base_index: Option<usize>) -> Result<(
             ..AmendOptions::default()
         },
     };
-    let image = open(overlay, true, true)?;
+    let image = open(overlay, true, true, &BackingPolicy::default())?;
     image.amend(&options)?;
     image.close()
 }
@@ -238,7 +241,7 @@ fn repoint(chain: &Chain, overlay: &Path, base_index: Option<usize>) -> Result<(
 /// Commits as `qemu-img commit` / libvirt blockcommit (see [`CommitOptions`]) starting
 /// from the image at `path`.
 pub fn commit(path: &Path, options: &CommitOptions, progress: Progress<'_>) -> Result<MergeReport> {
-    let chain = open(path, false, false)?;
+    let chain = open(path, false, false, &options.merge.backing_policy)?;
     let n = chain.layers().len();
     let top = match &options.top {
         Some(p) => find_layer(&chain, p)?,
@@ -264,7 +267,7 @@ pub fn commit(path: &Path, options: &CommitOptions, progress: Progress<'_>) -> R
         return copy_decided(&chain, top, top..base, true, None, progress);
     }
     let base_path = chain.layers()[base].name().to_path_buf();
-    let base_chain = open(&base_path, true, false)?;
+    let base_chain = open(&base_path, true, false, &options.merge.backing_policy)?;
     let needed = chain.layers()[top].size();
     if base_chain.size() < needed {
         base_chain.resize(needed.div_ceil(512) * 512, false)?;
@@ -278,7 +281,7 @@ pub fn commit(path: &Path, options: &CommitOptions, progress: Progress<'_>) -> R
     } else if !keep {
         let size = chain.size();
         drop(chain);
-        let file = open(path, true, true)?;
+        let file = open(path, true, true, &BackingPolicy::default())?;
         file.make_empty(size)?;
         file.close()?;
     }
@@ -294,7 +297,7 @@ pub fn pull(
     options: &MergeOptions,
     progress: Progress<'_>,
 ) -> Result<MergeReport> {
-    let chain = open(path, !options.dry_run, false)?;
+    let chain = open(path, !options.dry_run, false, &options.backing_policy)?;
     let n = chain.layers().len();
     let b = match base {
         Some(p) => {
@@ -349,7 +352,7 @@ pub fn rebase(
     };
     let mut report = MergeReport::default();
     if !unsafe_ {
-        let chain = open(path, !options.dry_run, false)?;
+        let chain = open(path, !options.dry_run, false, &options.backing_policy)?;
         let sink: Option<&dyn Sink> = if options.dry_run { None } else { Some(&chain) };
         let in_chain = match &resolved {
             None => Some(chain.layers().len()),
@@ -364,6 +367,7 @@ pub fn rebase(
                     p,
                     &ChainOptions {
                         format,
+                        backing_policy: options.backing_policy.clone(),
                         ..ChainOptions::default()
                     },
                 )?;
@@ -377,7 +381,7 @@ pub fn rebase(
     } else if options.dry_run {
         return Ok(report);
     }
-    let image = open(path, true, true)?;
+    let image = open(path, true, true, &BackingPolicy::default())?;
     image.amend(&set_backing)?;
     image.close()?;
     Ok(report)
