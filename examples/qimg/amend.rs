@@ -105,7 +105,7 @@ pub fn run(args: Args) -> Result<u8> {
         &ChainOptions {
             format: args.format,
             writable: true,
-            ..ChainOptions::default()
+            ..crate::common::chain_defaults()
         },
     )?;
     for warning in chain.warnings() {

@@ -70,6 +70,7 @@ pub fn run(args: Args) -> Result<u8> {
             keep: args.keep,
             merge: MergeOptions {
                 dry_run: args.dry_run,
+                backing_policy: crate::common::backing_policy(),
             },
         }
     };

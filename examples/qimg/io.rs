@@ -89,7 +89,7 @@ pub fn run(args: Args) -> Result<u8> {
     let options = ChainOptions {
         format: args.format,
         writable: commands.iter().any(Command::writes),
-        ..ChainOptions::default()
+        ..crate::common::chain_defaults()
     };
     let chain = Chain::open_with(&args.file, &options)?;
     for warning in chain.warnings() {

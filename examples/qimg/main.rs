@@ -26,6 +26,13 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "qimg", version, about = "qemu-img-style tool for qcow2 images")]
 struct Cli {
+    /// Refuse backing files outside DIR (after resolving symbolic links and `..`), for
+    /// images that are not trusted. Applies to every command that opens a backing chain.
+    #[arg(long, global = true, value_name = "DIR")]
+    confine_backing: Option<std::path::PathBuf>,
+    /// Refuse backing files that are not regular files (devices, FIFOs, sockets).
+    #[arg(long, global = true)]
+    regular_backing_only: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -64,6 +71,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    common::set_backing_policy(qcow2_engine::BackingPolicy {
+        confine_to: cli.confine_backing,
+        regular_files_only: cli.regular_backing_only,
+    });
     // Exit code for errors: compare reserves 1 for "different".
     let (result, error_code) = match cli.command {
         Command::Create(args) => (create::run(args), 1),

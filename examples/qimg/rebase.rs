@@ -48,6 +48,7 @@ pub fn run(args: Args) -> Result<u8> {
     }
     let options = MergeOptions {
         dry_run: args.dry_run,
+        backing_policy: crate::common::backing_policy(),
     };
     let bar = progress_bar(args.progress && !args.quiet, 0);
     let result = ops::rebase(

@@ -42,7 +42,7 @@ pub fn run(args: Args) -> Result<u8> {
         &ChainOptions {
             writable: !args.list,
             no_backing: true,
-            ..ChainOptions::default()
+            ..crate::common::chain_defaults()
         },
     )?;
     for warning in chain.warnings() {
