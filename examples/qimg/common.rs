@@ -61,6 +61,25 @@ pub fn open_chain(path: &Path, format: Option<Format>) -> Result<Chain> {
     Ok(Chain::open_with(path, &options)?)
 }
 
+/// Makes a failed write to stdout (a closed pipe, as in `qimg map | head`) end qimg with
+/// one line on stderr and exit code 1, instead of the panic that `println!` raises.
+pub fn report_broken_pipe_as_an_error() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if let Some(cause) = message.strip_prefix("failed printing to stdout: ") {
+            eprintln!("qimg: stdout: {cause}");
+            std::process::exit(1);
+        }
+        default(info);
+    }));
+}
+
 /// Parses a size with qemu-img's suffixes (`k`=1024, `M`, `G`, `T`, `P`, `E`; `b` = bytes).
 pub fn parse_size(text: &str) -> Result<u64, String> {
     parse_number(text).map_err(|e| format!("invalid size {text:?}: {e}"))

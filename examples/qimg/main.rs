@@ -70,6 +70,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    common::report_broken_pipe_as_an_error();
     let cli = Cli::parse();
     common::set_backing_policy(qcow2_engine::BackingPolicy {
         confine_to: cli.confine_backing,
