@@ -374,30 +374,6 @@ impl Header {
                 ));
             }
         }
-        for (field, value, used) in [
-            ("l1_table_offset", self.l1_table_offset, self.l1_size != 0),
-            (
-                "refcount_table_offset",
-                self.refcount_table_offset,
-                self.refcount_table_clusters != 0,
-            ),
-            (
-                "snapshots_offset",
-                self.snapshots_offset,
-                self.nb_snapshots != 0,
-            ),
-        ] {
-            if value % cluster_size != 0 {
-                return Err(invalid(field, value, "not aligned to a cluster"));
-            }
-            if value >= 1 << 56 {
-                return Err(invalid(field, value, "beyond the 56-bit host offset limit"));
-            }
-            // The first cluster holds the header: no table can start there.
-            if used && value == 0 {
-                return Err(invalid(field, value, "table overlaps the header cluster"));
-            }
-        }
         if u64::from(self.l1_size) * 8 > MAX_L1_BYTES {
             return Err(invalid(
                 "l1_size",
@@ -438,6 +414,30 @@ impl Header {
                 self.nb_snapshots.into(),
                 "more than 65536 snapshots",
             ));
+        }
+        for (field, value, used) in [
+            ("l1_table_offset", self.l1_table_offset, self.l1_size != 0),
+            (
+                "refcount_table_offset",
+                self.refcount_table_offset,
+                self.refcount_table_clusters != 0,
+            ),
+            (
+                "snapshots_offset",
+                self.snapshots_offset,
+                self.nb_snapshots != 0,
+            ),
+        ] {
+            if value % cluster_size != 0 {
+                return Err(invalid(field, value, "not aligned to a cluster"));
+            }
+            if value >= 1 << 56 {
+                return Err(invalid(field, value, "beyond the 56-bit host offset limit"));
+            }
+            // The first cluster holds the header: no table can start there.
+            if used && value == 0 {
+                return Err(invalid(field, value, "table overlaps the header cluster"));
+            }
         }
         if self.version == 2 && self.compression_type != CompressionType::Zlib {
             return Err(invalid("compression_type", 1, "version 2 images use zlib"));
