@@ -135,8 +135,13 @@ impl Image {
                 })?;
             drop(meta);
             let data_path = crate::chain::resolve_relative(path, &name);
-            let data = FileStorage::open(&data_path, options.writable)
-                .map_err(|e| Error::io("opening external data file", e).in_file(&data_path))?;
+            let data = FileStorage::open(&data_path, options.writable).map_err(|e| {
+                Error::io(
+                    format!("opening external data file {}", data_path.display()),
+                    e,
+                )
+                .in_file(path)
+            })?;
             image.data_file = Some(Box::new(data));
         }
         if options.writable {
@@ -302,9 +307,11 @@ impl Image {
     pub fn geometry(&self) -> Geometry {
         self.geometry
     }
-    /// Virtual size in bytes.
+    /// Virtual size in bytes: the header's size in whole 512-byte sectors, as QEMU reads
+    /// it (QEMU only ever writes multiples of 512; a hostile header's odd tail is not part
+    /// of the disk).
     pub fn size(&self) -> u64 {
-        self.meta().header.size
+        self.meta().header.size & !511
     }
     /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
