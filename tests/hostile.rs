@@ -1601,6 +1601,55 @@ fn data_file_cases(f: &Arc<Fixture>) -> Vec<Case> {
     cases
 }
 
+/// `--confine-backing` and `--regular-backing-only` on the external data file of the
+/// `ext` fixture, which names `ext.data`: a link out of the directory, a real file
+/// inside, a link to a device.
+fn data_file_policy_cases(f: &Arc<Fixture>) -> Vec<Case> {
+    let mut cases = Vec::new();
+    for (what, global, expect) in [
+        (
+            "a link out of the directory",
+            &["--confine-backing", "{dir}/jail"][..],
+            Expect::Fails("external data file"),
+        ),
+        (
+            "inside the directory",
+            &["--confine-backing", "{dir}/jail"],
+            Expect::Success,
+        ),
+        (
+            "a link to /dev/zero",
+            &["--regular-backing-only"],
+            Expect::Fails("not a regular file"),
+        ),
+    ] {
+        let fx = f.clone();
+        let case = Case::new(
+            format!("confine: data file is {what}"),
+            Box::new(move |dir| {
+                let jail = dir.join("jail");
+                std::fs::create_dir(&jail).unwrap();
+                std::fs::write(jail.join(IMG), &fx.bytes).unwrap();
+                let data = &fx.others[0].1;
+                if what.contains("out of") {
+                    std::fs::write(dir.join("ext.data"), data).unwrap();
+                    symlink("../ext.data", jail.join("ext.data")).unwrap();
+                } else if what.contains("zero") {
+                    symlink("/dev/zero", jail.join("ext.data")).unwrap();
+                } else {
+                    std::fs::write(jail.join("ext.data"), data).unwrap();
+                }
+                format!("jail/{IMG}")
+            }),
+        )
+        .global(global)
+        .expect(expect)
+        .without_qemu();
+        cases.push(case);
+    }
+    cases
+}
+
 /// Every case, in a fixed order.
 fn all_cases(s: &Scratch) -> Vec<Case> {
     let fixtures = make_fixtures(s);
@@ -1639,6 +1688,7 @@ fn all_cases(s: &Scratch) -> Vec<Case> {
     }
     cases.extend(backing_name_cases(f("top")));
     cases.extend(data_file_cases(f("ext")));
+    cases.extend(data_file_policy_cases(f("ext")));
     for (name, seeds) in [
         ("c64k", 0..50),
         ("snap", 0..40),

@@ -26,11 +26,13 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "qimg", version, about = "qemu-img-style tool for qcow2 images")]
 struct Cli {
-    /// Refuse backing files outside DIR (after resolving symbolic links and `..`), for
-    /// images that are not trusted. Applies to every command that opens a backing chain.
+    /// Refuse backing files and external data files outside DIR (after resolving
+    /// symbolic links and `..`), for images that are not trusted. Applies to every
+    /// command that opens a backing chain.
     #[arg(long, global = true, value_name = "DIR")]
     confine_backing: Option<std::path::PathBuf>,
-    /// Refuse backing files that are not regular files (devices, FIFOs, sockets).
+    /// Refuse backing files and external data files that are not regular files
+    /// (devices, FIFOs, sockets).
     #[arg(long, global = true)]
     regular_backing_only: bool,
     #[command(subcommand)]
