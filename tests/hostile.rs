@@ -2014,3 +2014,26 @@ fn usage_errors_exit_2_with_clap_text_and_help_exits_0() {
     assert_eq!(help.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&help.stdout).contains("--confine-backing"));
 }
+
+#[test]
+fn write_commands_refuse_an_image_marked_corrupt_in_one_line() {
+    let s = Scratch::new();
+    s.create("img.qcow2", "cluster_size=64k", 1 << 20);
+    common::write_header_field(&s.path("img.qcow2"), HeaderField::IncompatibleFeatures, 2);
+    let before = std::fs::read(s.path("img.qcow2")).unwrap();
+    for args in [
+        &["io", "-c", "write 0 4k", "img.qcow2"][..],
+        &["snapshot", "-c", "x", "img.qcow2"],
+        &["resize", "img.qcow2", "+1M"],
+        &["amend", "-o", "lazy_refcounts=on", "img.qcow2"],
+    ] {
+        let out = s.qimg_output(args);
+        common::assert_one_line_failure(&out, &format!("{args:?}"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("marked corrupt"), "{args:?}: {stderr}");
+    }
+    assert_eq!(std::fs::read(s.path("img.qcow2")).unwrap(), before);
+    // Reading it is fine.
+    let out = s.qimg_output(&["io", "-c", "read 0 4k", "img.qcow2"]);
+    assert!(out.status.success());
+}

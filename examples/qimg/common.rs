@@ -52,6 +52,24 @@ pub fn chain_defaults() -> ChainOptions {
     }
 }
 
+/// Fails, as qemu-img does, when a chain opened for writing holds a top image marked
+/// corrupt: the library then opens it read-only with a warning, and the first write
+/// would fail with a less telling message on a second line.
+pub fn refuse_corrupt_for_writing(chain: &Chain, file: &Path) -> Result<()> {
+    if chain
+        .top()
+        .as_qcow2()
+        .is_some_and(|image| image.is_corrupt() && !image.is_writable())
+    {
+        bail!(
+            "{}: image is marked corrupt and cannot be opened for writing \
+             (check -r all repairs it)",
+            file.display()
+        );
+    }
+    Ok(())
+}
+
 /// Opens `path` and its backing chain; `format` names the top image's format.
 pub fn open_chain(path: &Path, format: Option<Format>) -> Result<Chain> {
     let options = ChainOptions {

@@ -92,6 +92,9 @@ pub fn run(args: Args) -> Result<u8> {
         ..crate::common::chain_defaults()
     };
     let chain = Chain::open_with(&args.file, &options)?;
+    if options.writable {
+        crate::common::refuse_corrupt_for_writing(&chain, &args.file)?;
+    }
     for warning in chain.warnings() {
         eprintln!("qimg: warning: {warning}");
     }

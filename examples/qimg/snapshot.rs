@@ -45,6 +45,9 @@ pub fn run(args: Args) -> Result<u8> {
             ..crate::common::chain_defaults()
         },
     )?;
+    if !args.list {
+        crate::common::refuse_corrupt_for_writing(&chain, &args.file)?;
+    }
     for warning in chain.warnings() {
         eprintln!("qimg: warning: {warning}");
     }
