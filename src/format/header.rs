@@ -21,6 +21,9 @@ pub const MAX_BACKING_FILE_NAME: u32 = 1023;
 /// Longest backing format name QEMU reads from the backing format extension (it keeps the
 /// name in a 16-byte buffer with its terminating NUL).
 pub const MAX_BACKING_FORMAT_NAME: usize = 15;
+/// Longest external data file name accepted: Linux's PATH_MAX (QEMU sets no limit; a
+/// longer name could not be opened anyway).
+pub const MAX_DATA_FILE_NAME: usize = 4096;
 /// Most header extensions an image may have. QEMU sets no limit (the first cluster bounds
 /// them at 262144); real images have a handful, and a bound keeps decoding cheap.
 pub const MAX_HEADER_EXTENSIONS: usize = 1024;
@@ -684,6 +687,13 @@ impl HeaderExtensions {
             EXT_BACKING_FORMAT => {
                 HeaderExtension::BackingFormat(ext_string("backing format", data)?)
             }
+            EXT_DATA_FILE if data.len() > MAX_DATA_FILE_NAME || data.contains(&0) => {
+                return Err(invalid(
+                    "data file name length",
+                    data.len() as u64,
+                    "data file name longer than 4096 bytes or holding a NUL byte",
+                ));
+            }
             EXT_DATA_FILE => HeaderExtension::DataFile(ext_string("data file name", data)?),
             EXT_FEATURE_TABLE => {
                 let mut names = Vec::new();
@@ -1111,6 +1121,20 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn data_file_names_over_4096_bytes_or_with_a_nul_are_refused() {
+        assert!(HeaderExtensions::decode(&ext(EXT_DATA_FILE, &[b'd'; 4096]), 112).is_ok());
+        for bad in [&[b'd'; 4097][..], b"data\0file"] {
+            assert!(matches!(
+                HeaderExtensions::decode(&ext(EXT_DATA_FILE, bad), 112),
+                Err(Error::InvalidField {
+                    field: "data file name length",
+                    ..
+                })
+            ));
+        }
     }
 
     #[test]
