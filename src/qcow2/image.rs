@@ -465,10 +465,20 @@ impl Image {
                 Ok(())
             }
             Mapping::Data { host, .. } => self.data_storage().read_at(buf, host).map_err(|e| {
-                self.name_error(Error::io(
-                    format!("reading data at host offset {host:#x}"),
-                    e,
-                ))
+                let len = buf.len() as u64;
+                let file_len = self.data_storage().len().unwrap_or(0);
+                // An L2 entry pointing past the end of the file: say so, not "failed to
+                // fill whole buffer".
+                self.name_error(if host.saturating_add(len) > file_len {
+                    Error::Truncated {
+                        structure: "data cluster",
+                        offset: host,
+                        len,
+                        file_len,
+                    }
+                } else {
+                    Error::io(format!("reading data at host offset {host:#x}"), e)
+                })
             }),
             Mapping::Compressed(d) => {
                 let cluster = self.compressed_cluster(d.host_offset, d.len)?;
@@ -658,8 +668,9 @@ fn read_snapshot_table(
                 "snapshot table",
                 offset + pos,
                 format!(
-                    "snapshot {:?} has unaligned L1 table offset {:#x}",
-                    entry.id, entry.l1_table_offset
+                    "snapshot {} has unaligned L1 table offset {:#x}",
+                    short_id(&entry.id),
+                    entry.l1_table_offset
                 ),
             ));
         }
@@ -667,11 +678,23 @@ fn read_snapshot_table(
             return Err(Error::corrupt(
                 "snapshot table",
                 offset + pos,
-                format!("snapshot {:?} has an L1 table larger than 32 MiB", entry.id),
+                format!(
+                    "snapshot {} has an L1 table larger than 32 MiB",
+                    short_id(&entry.id)
+                ),
             ));
         }
         pos += used as u64;
         snapshots.push(entry);
     }
     Ok(snapshots)
+}
+
+/// A snapshot ID for a message: quoted, and cut after 32 characters (a hostile table may
+/// hold 64 KiB IDs).
+fn short_id(id: &str) -> String {
+    match id.char_indices().nth(32) {
+        Some((cut, _)) => format!("{:?}...", &id[..cut]),
+        None => format!("{id:?}"),
+    }
 }
