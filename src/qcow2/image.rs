@@ -471,7 +471,7 @@ impl Image {
                 // fill whole buffer".
                 self.name_error(if host.saturating_add(len) > file_len {
                     Error::Truncated {
-                        structure: "data cluster",
+                        structure: "guest data",
                         offset: host,
                         len,
                         file_len,
