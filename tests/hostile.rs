@@ -18,6 +18,11 @@
 //! snapshot table field) from a layout parsed here independently of the library, so each
 //! case says what it broke. The library-level tests at the end check the limits that keep
 //! memory bounded by the file's real size, with a counting allocator.
+//!
+//! `cargo test --test hostile -- --nocapture` prints the report: cases per category, the
+//! cases qemu-img reads and qimg refuses (with qimg's error; `HOSTILE_ALL=1` lists them
+//! all), the slowest cases. `HOSTILE_FILTER=text` runs only the cases whose label holds
+//! `text`. Needs qemu-img, qemu-io, timeout, prlimit and mkfifo.
 
 mod common;
 
