@@ -148,6 +148,16 @@ pub enum Error {
         reason: &'static str,
     },
 
+    /// An external data file that the caller's [`crate::chain::BackingPolicy`] does not
+    /// allow.
+    #[error("external data file {} refused: {reason}", path.display())]
+    DataFileRefused {
+        /// The data file.
+        path: PathBuf,
+        /// Why.
+        reason: &'static str,
+    },
+
     /// A format name that is neither `qcow2` nor `raw`.
     #[error("unsupported image format {0:?}")]
     UnsupportedFormat(String),

@@ -285,7 +285,8 @@ fn header_strategy() -> impl Strategy<Value = Header> {
         } else {
             Just(false).boxed()
         };
-        let aligned = move || (0..(1u64 << 56) >> cluster_bits).prop_map(move |k| k * cs);
+        // Tables never start in the header cluster.
+        let aligned = move || (1..(1u64 << 56) >> cluster_bits).prop_map(move |k| k * cs);
         let backing = prop_oneof![
             any::<u32>().prop_map(|len| (0u64, len)),
             (1..cs).prop_flat_map(move |off| (Just(off), 0..=(cs - off).min(1023) as u32)),
@@ -370,6 +371,14 @@ fn header_strategy() -> impl Strategy<Value = Header> {
                         h.unknown_tail =
                             tail[..(header_length as usize).saturating_sub(105)].to_vec();
                     }
+                    // A backing file name starts past the header (and its extensions).
+                    if h.backing_file_offset != 0
+                        && h.backing_file_offset < u64::from(h.header_length)
+                    {
+                        h.backing_file_offset = u64::from(h.header_length);
+                        let room = cs.saturating_sub(h.backing_file_offset).min(1023) as u32;
+                        h.backing_file_size = h.backing_file_size.min(room);
+                    }
                     h
                 },
             )
@@ -398,7 +407,12 @@ fn extension_strategy() -> impl Strategy<Value = HeaderExtensions> {
             name,
         });
     (
-        proptest::option::of("\\PC{0,20}".prop_map(HeaderExtension::BackingFormat)),
+        // QEMU keeps a backing format name in 16 bytes.
+        proptest::option::of(
+            "\\PC{0,15}"
+                .prop_filter("at most 15 bytes", |f| f.len() <= 15)
+                .prop_map(HeaderExtension::BackingFormat),
+        ),
         proptest::option::of("\\PC{0,40}".prop_map(HeaderExtension::DataFile)),
         proptest::option::of((any::<u32>(), any::<u64>(), any::<u64>()).prop_map(
             |(nb_bitmaps, directory_size, directory_offset)| {

@@ -105,9 +105,10 @@ pub fn run(args: Args) -> Result<u8> {
         &ChainOptions {
             format: args.format,
             writable: true,
-            ..ChainOptions::default()
+            ..crate::common::chain_defaults()
         },
     )?;
+    crate::common::refuse_corrupt_for_writing(&chain, &args.file)?;
     for warning in chain.warnings() {
         eprintln!("qimg: warning: {warning}");
     }

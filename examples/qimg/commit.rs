@@ -71,6 +71,7 @@ pub fn run(args: Args) -> Result<u8> {
             keep: args.keep,
             merge: MergeOptions {
                 dry_run: args.dry_run,
+                chain: crate::common::chain_defaults(),
                 ..MergeOptions::default()
             },
         }

@@ -1,6 +1,7 @@
 //! Helpers shared by the subcommands: opening chains, parsing sizes, progress bars.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
@@ -8,7 +9,9 @@ use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use qcow2_engine::chain::resolve_relative;
 use qcow2_engine::format::CompressionType;
 use qcow2_engine::ops::{self, MergeReport};
-use qcow2_engine::{Chain, ChainOptions, Compat, CreateOptions, Format, Preallocation};
+use qcow2_engine::{
+    BackingPolicy, Chain, ChainOptions, Compat, CreateOptions, Format, Preallocation,
+};
 
 /// `--output=human|json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -24,13 +27,75 @@ pub fn parse_format(name: &str) -> Result<Format, String> {
     Format::from_name(name).map_err(|e| e.to_string())
 }
 
+/// The backing policy of `--confine-backing` and `--regular-backing-only`, set once
+/// before any command runs (global options, so a static rather than an argument threaded
+/// through every command).
+static BACKING_POLICY: OnceLock<BackingPolicy> = OnceLock::new();
+
+/// Records the backing policy the command line asked for.
+pub fn set_backing_policy(policy: BackingPolicy) {
+    let _ = BACKING_POLICY.set(policy);
+}
+
+/// The backing policy in force (by default none: every backing file opens, as in
+/// qemu-img).
+pub fn backing_policy() -> BackingPolicy {
+    BACKING_POLICY.get().cloned().unwrap_or_default()
+}
+
+/// The library's default chain options with the command line's backing policy; commands
+/// that open chains start from these.
+pub fn chain_defaults() -> ChainOptions {
+    ChainOptions {
+        backing_policy: backing_policy(),
+        ..ChainOptions::default()
+    }
+}
+
+/// Fails, as qemu-img does, when a chain opened for writing holds a top image marked
+/// corrupt: the library then opens it read-only with a warning, and the first write
+/// would fail with a less telling message on a second line.
+pub fn refuse_corrupt_for_writing(chain: &Chain, file: &Path) -> Result<()> {
+    if chain
+        .top()
+        .as_qcow2()
+        .is_some_and(|image| image.is_corrupt() && !image.is_writable())
+    {
+        bail!(
+            "{}: image is marked corrupt and cannot be opened for writing \
+             (check -r all repairs it)",
+            file.display()
+        );
+    }
+    Ok(())
+}
+
 /// Opens `path` and its backing chain; `format` names the top image's format.
 pub fn open_chain(path: &Path, format: Option<Format>) -> Result<Chain> {
     let options = ChainOptions {
         format,
-        ..ChainOptions::default()
+        ..chain_defaults()
     };
     Ok(Chain::open_with(path, &options)?)
+}
+
+/// Makes a failed write to stdout (a closed pipe, as in `qimg map | head`) end qimg with
+/// one line on stderr and exit code 1, instead of the panic that `println!` raises.
+pub fn report_broken_pipe_as_an_error() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if let Some(cause) = message.strip_prefix("failed printing to stdout: ") {
+            eprintln!("qimg: stdout: {cause}");
+            std::process::exit(1);
+        }
+        default(info);
+    }));
 }
 
 /// Parses a size with qemu-img's suffixes (`k`=1024, `M`, `G`, `T`, `P`, `E`; `b` = bytes).

@@ -35,7 +35,7 @@ pub fn run(args: Args) -> Result<u8> {
         format: args.format,
         // Like qemu-img, a single image's facts do not need its backing file to exist.
         no_backing: !args.backing_chain,
-        ..ChainOptions::default()
+        ..crate::common::chain_defaults()
     };
     let chain = Chain::open_with(&args.file, &options)?;
     let infos = if args.backing_chain {

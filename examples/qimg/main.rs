@@ -28,6 +28,15 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "qimg", version, about = "qemu-img-style tool for qcow2 images")]
 struct Cli {
+    /// Refuse backing files and external data files outside DIR (after resolving
+    /// symbolic links and `..`), for images that are not trusted. Applies to every
+    /// command that opens a backing chain.
+    #[arg(long, global = true, value_name = "DIR")]
+    confine_backing: Option<std::path::PathBuf>,
+    /// Refuse backing files and external data files that are not regular files
+    /// (devices, FIFOs, sockets).
+    #[arg(long, global = true)]
+    regular_backing_only: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -69,7 +78,13 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    common::report_broken_pipe_as_an_error();
+    raise_open_file_limit();
     let cli = Cli::parse();
+    common::set_backing_policy(qcow2_engine::BackingPolicy {
+        confine_to: cli.confine_backing,
+        regular_files_only: cli.regular_backing_only,
+    });
     // Exit code for errors: compare reserves 1 for "different".
     let (result, error_code) = match cli.command {
         Command::Create(args) => (create::run(args), 1),
@@ -94,11 +109,58 @@ fn main() -> ExitCode {
         Err(e) => {
             // Library errors already say everything (file, context, cause) in their
             // Display; CLI errors carry their context in anyhow's chain.
-            match e.downcast_ref::<qcow2_engine::Error>() {
-                Some(lib) => eprintln!("qimg: {lib}"),
-                None => eprintln!("qimg: {e:#}"),
-            }
+            let message = match e.downcast_ref::<qcow2_engine::Error>() {
+                Some(lib) => lib.to_string(),
+                None => format!("{e:#}"),
+            };
+            eprintln!("qimg: {}", one_line(&message));
             ExitCode::from(error_code)
         }
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit, as many tools do: every layer
+/// of a chain keeps its file open and `compare` opens two chains, so a chain deep as the
+/// library allows (1024 layers) needs more than the usual soft limit of 1024.
+fn raise_open_file_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // No hard limit: ask for as many as a chain could use; the kernel caps it.
+    let wanted = limit.maximum.unwrap_or(1 << 16);
+    if limit.current.is_some_and(|current| current < wanted) {
+        // Failing leaves the limit as it was; deep chains then fail with EMFILE.
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(wanted),
+                maximum: limit.maximum,
+            },
+        );
+    }
+}
+
+/// The message with control characters escaped: names in it come from images (a backing
+/// file name may hold a newline) and the error must stay one line.
+fn one_line(message: &str) -> String {
+    let mut line = String::with_capacity(message.len());
+    for c in message.chars() {
+        if c.is_control() {
+            line.extend(c.escape_default());
+        } else {
+            line.push(c);
+        }
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn control_characters_in_errors_are_escaped() {
+        assert_eq!(one_line("a\nb: x"), "a\\nb: x");
+        assert_eq!(one_line("back\ning\tfile\r"), "back\\ning\\tfile\\r");
+        assert_eq!(one_line("plain: é"), "plain: é");
     }
 }

@@ -50,6 +50,7 @@ pub fn run(args: Args) -> Result<u8> {
     }
     let options = MergeOptions {
         dry_run: args.dry_run,
+        chain: crate::common::chain_defaults(),
         ..MergeOptions::default()
     };
     let bar = progress_bar(args.progress && !args.quiet, 0);

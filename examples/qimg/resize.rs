@@ -72,9 +72,10 @@ pub fn run(args: Args) -> Result<u8> {
     let options = ChainOptions {
         format: args.format,
         writable: true,
-        ..ChainOptions::default()
+        ..crate::common::chain_defaults()
     };
     let chain = Chain::open_with(&args.file, &options)?;
+    crate::common::refuse_corrupt_for_writing(&chain, &args.file)?;
     for warning in chain.warnings() {
         eprintln!("qimg: warning: {warning}");
     }

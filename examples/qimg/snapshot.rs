@@ -42,9 +42,12 @@ pub fn run(args: Args) -> Result<u8> {
         &ChainOptions {
             writable: !args.list,
             no_backing: true,
-            ..ChainOptions::default()
+            ..crate::common::chain_defaults()
         },
     )?;
+    if !args.list {
+        crate::common::refuse_corrupt_for_writing(&chain, &args.file)?;
+    }
     for warning in chain.warnings() {
         eprintln!("qimg: warning: {warning}");
     }

@@ -273,31 +273,28 @@ pub struct ChainOptions {
     /// Open the top image for writing (backing files stay read-only). An image marked
     /// corrupt opens read-only instead, with a warning in [`Chain::warnings`].
     pub writable: bool,
-    /// Which backing files an image may name (by default: any, as qemu-img).
+    /// Which backing files and external data files an image may name (by default: any,
+    /// as qemu-img).
     pub backing_policy: BackingPolicy,
 }
 
-/// Limits on the backing files that images name, for images that are not trusted (loops
-/// and the depth limit apply always).
+/// Limits on the files that images name — backing files and external data files — for
+/// images that are not trusted (loops and the depth limit apply always).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BackingPolicy {
-    /// Every backing file must lie inside this directory once symbolic links and `..`
-    /// are resolved.
+    /// Every backing file and external data file must lie inside this directory once
+    /// symbolic links and `..` are resolved.
     pub confine_to: Option<PathBuf>,
-    /// Refuse backing files that are not regular files (block and character devices,
-    /// FIFOs, sockets).
+    /// Refuse backing files and external data files that are not regular files (block
+    /// and character devices, FIFOs, sockets).
     pub regular_files_only: bool,
 }
 
 impl BackingPolicy {
-    /// Checks a backing file (already known to exist) against the policy.
-    fn check(&self, path: &Path, meta: &std::fs::Metadata) -> Result<()> {
-        let refuse = |reason| Error::BackingRefused {
-            path: path.to_path_buf(),
-            reason,
-        };
+    /// Why the policy refuses the file at `path` (already known to exist), if it does.
+    fn refusal(&self, path: &Path, meta: &std::fs::Metadata) -> Result<Option<&'static str>> {
         if self.regular_files_only && !meta.is_file() {
-            return Err(refuse("not a regular file"));
+            return Ok(Some("not a regular file"));
         }
         if let Some(dir) = &self.confine_to {
             let real = std::fs::canonicalize(path)
@@ -305,12 +302,38 @@ impl BackingPolicy {
             let dir = std::fs::canonicalize(dir)
                 .map_err(|e| Error::io(format!("resolving {}", dir.display()), e))?;
             if !real.starts_with(&dir) {
-                return Err(refuse(
-                    "outside the directory backing files are confined to",
-                ));
+                return Ok(Some("outside the directory backing files are confined to"));
             }
         }
-        Ok(())
+        Ok(None)
+    }
+
+    /// Checks a backing file (already known to exist) against the policy.
+    fn check(&self, path: &Path, meta: &std::fs::Metadata) -> Result<()> {
+        match self.refusal(path, meta)? {
+            Some(reason) => Err(Error::BackingRefused {
+                path: path.to_path_buf(),
+                reason,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks the external data file of `layer`, if it has one (it is open, but nothing
+    /// has been read from it yet).
+    fn check_data_file(&self, layer: &Layer) -> Result<()> {
+        if *self == BackingPolicy::default()
+            || !layer.as_qcow2().is_some_and(Image::has_external_data_file)
+        {
+            return Ok(());
+        }
+        let path = layer.data_path();
+        let meta = std::fs::metadata(&path)
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        match self.refusal(&path, &meta)? {
+            Some(reason) => Err(Error::DataFileRefused { path, reason }),
+            None => Ok(()),
+        }
     }
 }
 
@@ -485,6 +508,10 @@ impl Chain {
                 }
                 other => other?,
             };
+            options
+                .backing_policy
+                .check_data_file(&layer)
+                .map_err(|e| e.in_file(layer.name()))?;
             if !options.no_backing {
                 if let Some((name, fmt)) = layer.backing() {
                     let overlay = layer.name();

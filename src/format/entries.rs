@@ -129,11 +129,16 @@ impl L2Entry {
             }
             let shift = geometry.compressed_size_shift();
             let host_offset = self.0 & ((1u64 << shift) - 1);
-            if host_offset > OFFSET_MASK | 0x1ff {
-                return Err("compressed cluster offset beyond 56 bits");
-            }
             let sectors = ((self.0 & !(COPIED | COMPRESSED)) >> shift) + 1;
             let len = sectors * 512 - (host_offset & 511);
+            // Bounds: the data lies past the header cluster and below the 56-bit limit of
+            // host offsets (the offset field alone is wider for small clusters).
+            if host_offset < geometry.cluster_size() {
+                return Err("compressed cluster data inside the header cluster");
+            }
+            if host_offset + len > 1 << 56 {
+                return Err("compressed cluster runs past the 56-bit host offset limit");
+            }
             return Ok(ClusterDescriptor::Compressed(CompressedDescriptor {
                 host_offset,
                 len,
@@ -229,5 +234,23 @@ mod tests {
         assert!(b.zero(4) && !b.allocated(4));
         assert_eq!(b.conflicting(), 0);
         assert_eq!(SubclusterBitmap(1 | 1 << 32).conflicting(), 1);
+    }
+
+    #[test]
+    fn compressed_descriptor_must_lie_past_the_header_and_below_2_pow_56() {
+        let g = Geometry::new(9, false);
+        let d = |host_offset: u64, len: u64| {
+            L2Entry::compressed(g, CompressedDescriptor { host_offset, len }).decode(g)
+        };
+        assert!(d(512, 512).is_ok());
+        assert_eq!(
+            d(100, 412),
+            Err("compressed cluster data inside the header cluster")
+        );
+        assert_eq!(
+            d((1 << 56) - 512, 1024),
+            Err("compressed cluster runs past the 56-bit host offset limit")
+        );
+        assert!(d((1 << 56) - 512, 512).is_ok());
     }
 }

@@ -18,6 +18,19 @@ pub const MAX_L1_BYTES: u64 = 32 << 20;
 pub const MAX_REFCOUNT_TABLE_BYTES: u64 = 8 << 20;
 /// Longest backing file name the spec allows.
 pub const MAX_BACKING_FILE_NAME: u32 = 1023;
+/// Longest backing format name QEMU reads from the backing format extension (it keeps the
+/// name in a 16-byte buffer with its terminating NUL).
+pub const MAX_BACKING_FORMAT_NAME: usize = 15;
+/// Longest external data file name accepted: Linux's PATH_MAX (QEMU sets no limit; a
+/// longer name could not be opened anyway).
+pub const MAX_DATA_FILE_NAME: usize = 4096;
+/// Most header extensions an image may have. QEMU sets no limit (the first cluster bounds
+/// them at 262144); real images have a handful, and a bound keeps decoding cheap.
+pub const MAX_HEADER_EXTENSIONS: usize = 1024;
+/// QEMU's limit on the number of persistent bitmaps.
+pub const MAX_BITMAPS: u32 = 65535;
+/// QEMU's limit on the bitmap directory: 1 KiB per bitmap.
+pub const MAX_BITMAP_DIRECTORY_BYTES: u64 = 1024 * MAX_BITMAPS as u64;
 
 /// Extension type: end of the extension area.
 pub const EXT_END: u32 = 0;
@@ -356,17 +369,12 @@ impl Header {
                     "backing file name lies outside the first cluster",
                 ));
             }
-        }
-        for (field, value) in [
-            ("l1_table_offset", self.l1_table_offset),
-            ("refcount_table_offset", self.refcount_table_offset),
-            ("snapshots_offset", self.snapshots_offset),
-        ] {
-            if value % cluster_size != 0 {
-                return Err(invalid(field, value, "not aligned to a cluster"));
-            }
-            if value >= 1 << 56 {
-                return Err(invalid(field, value, "beyond the 56-bit host offset limit"));
+            if self.backing_file_offset < u64::from(self.header_length) {
+                return Err(invalid(
+                    "backing_file_offset",
+                    self.backing_file_offset,
+                    "backing file name overlaps the header",
+                ));
             }
         }
         if u64::from(self.l1_size) * 8 > MAX_L1_BYTES {
@@ -374,6 +382,15 @@ impl Header {
                 "l1_size",
                 self.l1_size.into(),
                 "L1 table larger than QEMU's 32 MiB limit",
+            ));
+        }
+        // QEMU's block layer keeps sizes in a signed 64-bit integer; in practice the L1
+        // limit below bounds the size far lower (2 PiB with 64 KiB clusters).
+        if self.size > i64::MAX as u64 {
+            return Err(invalid(
+                "size",
+                self.size,
+                "virtual size larger than QEMU's 2^63 - 1 bytes",
             ));
         }
         let geometry = super::Geometry::new(self.cluster_bits, self.extended_l2());
@@ -386,9 +403,6 @@ impl Header {
                 self.l1_size.into(),
                 "L1 table too small for the virtual size",
             ));
-        }
-        if self.size > i64::MAX as u64 {
-            return Err(invalid("size", self.size, "virtual size too large"));
         }
         if u64::from(self.refcount_table_clusters) * cluster_size > MAX_REFCOUNT_TABLE_BYTES {
             return Err(invalid(
@@ -403,6 +417,30 @@ impl Header {
                 self.nb_snapshots.into(),
                 "more than 65536 snapshots",
             ));
+        }
+        for (field, value, used) in [
+            ("l1_table_offset", self.l1_table_offset, self.l1_size != 0),
+            (
+                "refcount_table_offset",
+                self.refcount_table_offset,
+                self.refcount_table_clusters != 0,
+            ),
+            (
+                "snapshots_offset",
+                self.snapshots_offset,
+                self.nb_snapshots != 0,
+            ),
+        ] {
+            if value % cluster_size != 0 {
+                return Err(invalid(field, value, "not aligned to a cluster"));
+            }
+            if value >= 1 << 56 {
+                return Err(invalid(field, value, "beyond the 56-bit host offset limit"));
+            }
+            // The first cluster holds the header: no table can start there.
+            if used && value == 0 {
+                return Err(invalid(field, value, "table overlaps the header cluster"));
+            }
         }
         if self.version == 2 && self.compression_type != CompressionType::Zlib {
             return Err(invalid("compression_type", 1, "version 2 images use zlib"));
@@ -543,15 +581,38 @@ fn ext_string(kind: &'static str, data: &[u8]) -> Result<String> {
 impl HeaderExtensions {
     /// Decodes the extension area `area`, which starts at file offset `start`
     /// (the header length) and ends where the backing file name or the first cluster does.
+    ///
+    /// The list ends at an end marker or at the end of the area (as QEMU reads it); an
+    /// extension whose 8-byte header or data runs past the area is refused, and so is a
+    /// list of more than [`MAX_HEADER_EXTENSIONS`].
     pub fn decode(area: &[u8], start: u64) -> Result<HeaderExtensions> {
         let mut list = Vec::new();
         let mut pos = 0usize;
         let mut seen = Vec::new();
-        while pos + 8 <= area.len() {
-            let kind = be32(area, pos);
-            let len = be32(area, pos + 4) as usize;
+        while pos < area.len() {
+            let Some(head) = area.get(pos..pos + 8) else {
+                // Fewer than 8 bytes left: zeros are a cut-off end marker (the area ends
+                // where the file does), anything else an extension header cut in two.
+                if area[pos..].iter().all(|&b| b == 0) {
+                    break;
+                }
+                return Err(invalid(
+                    "header extension",
+                    start + pos as u64,
+                    "extension header runs past the end of the extension area",
+                ));
+            };
+            let kind = be32(head, 0);
+            let len = be32(head, 4) as usize;
             if kind == EXT_END {
                 break;
+            }
+            if list.len() >= MAX_HEADER_EXTENSIONS {
+                return Err(invalid(
+                    "header extension count",
+                    list.len() as u64 + 1,
+                    "more than 1024 header extensions",
+                ));
             }
             let data_start = pos + 8;
             let data = area.get(data_start..data_start.saturating_add(len)).ok_or(
@@ -575,10 +636,63 @@ impl HeaderExtensions {
         Ok(HeaderExtensions { list })
     }
 
+    /// Checks the extensions against the header they belong to, with QEMU's limits: the
+    /// bitmaps extension (which QEMU reads only while the autoclear bitmaps bit is set)
+    /// must name 1 to 65535 bitmaps and a cluster-aligned directory of at most 64 MiB.
+    pub fn validate(&self, header: &Header) -> Result<()> {
+        let bitmaps_in_use = header
+            .autoclear_features
+            .contains(AutoclearFeatures::BITMAPS);
+        for ext in &self.list {
+            if let HeaderExtension::Bitmaps(b) = ext {
+                if !bitmaps_in_use {
+                    continue;
+                }
+                if b.nb_bitmaps == 0 || b.nb_bitmaps > MAX_BITMAPS {
+                    return Err(invalid(
+                        "bitmaps extension nb_bitmaps",
+                        b.nb_bitmaps.into(),
+                        "must be 1 to 65535",
+                    ));
+                }
+                if b.directory_size > MAX_BITMAP_DIRECTORY_BYTES {
+                    return Err(invalid(
+                        "bitmap_directory_size",
+                        b.directory_size,
+                        "bitmap directory larger than QEMU's 64 MiB limit",
+                    ));
+                }
+                if b.directory_offset % header.cluster_size() != 0 || b.directory_offset >= 1 << 56
+                {
+                    return Err(invalid(
+                        "bitmap_directory_offset",
+                        b.directory_offset,
+                        "not a cluster-aligned host offset",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn decode_one(kind: u32, data: &[u8], _at: u64) -> Result<HeaderExtension> {
         Ok(match kind {
+            EXT_BACKING_FORMAT if data.len() > MAX_BACKING_FORMAT_NAME => {
+                return Err(invalid(
+                    "backing format extension length",
+                    data.len() as u64,
+                    "backing format name longer than 15 bytes",
+                ));
+            }
             EXT_BACKING_FORMAT => {
                 HeaderExtension::BackingFormat(ext_string("backing format", data)?)
+            }
+            EXT_DATA_FILE if data.len() > MAX_DATA_FILE_NAME || data.contains(&0) => {
+                return Err(invalid(
+                    "data file name length",
+                    data.len() as u64,
+                    "data file name longer than 4096 bytes or holding a NUL byte",
+                ));
             }
             EXT_DATA_FILE => HeaderExtension::DataFile(ext_string("data file name", data)?),
             EXT_FEATURE_TABLE => {
@@ -600,12 +714,12 @@ impl HeaderExtensions {
                 }
                 HeaderExtension::FeatureNames(names)
             }
-            EXT_BITMAPS if data.len() >= 24 => HeaderExtension::Bitmaps(BitmapsExtension {
+            EXT_BITMAPS if data.len() == 24 => HeaderExtension::Bitmaps(BitmapsExtension {
                 nb_bitmaps: be32(data, 0),
                 directory_size: be64(data, 8),
                 directory_offset: be64(data, 16),
             }),
-            EXT_ENCRYPTION if data.len() >= 16 => HeaderExtension::Encryption {
+            EXT_ENCRYPTION if data.len() == 16 => HeaderExtension::Encryption {
                 offset: be64(data, 0),
                 length: be64(data, 8),
             },
@@ -613,7 +727,7 @@ impl HeaderExtensions {
                 return Err(invalid(
                     "header extension length",
                     data.len() as u64,
-                    "bitmaps or encryption extension too short",
+                    "bitmaps extension must be 24 bytes, encryption extension 16",
                 ));
             }
             other => HeaderExtension::Unknown {
@@ -780,5 +894,286 @@ mod tests {
         .encode();
         BigEndian::write_u32(&mut bytes[4..], 1000);
         assert!(HeaderExtensions::decode(&bytes, 112).is_err());
+    }
+
+    /// Encodes `h`, lets `patch` damage the bytes, and returns the field decoding blames.
+    fn refused_field(h: &Header, patch: impl FnOnce(&mut [u8])) -> &'static str {
+        let mut buf = vec![0u8; 4096];
+        h.encode(&mut buf);
+        patch(&mut buf);
+        match Header::decode(&buf) {
+            Err(Error::InvalidField { field, .. }) => field,
+            other => panic!("expected an invalid field, got {other:?}"),
+        }
+    }
+
+    fn with(f: impl FnOnce(&mut Header)) -> Header {
+        let mut h = sample();
+        f(&mut h);
+        h
+    }
+
+    #[test]
+    fn header_length_must_be_at_least_104_a_multiple_of_8_and_inside_the_first_cluster() {
+        for bad in [0, 72, 96, 100, 108, 113] {
+            let h = with(|h| h.header_length = bad);
+            assert_eq!(refused_field(&h, |_| ()), "header_length", "{bad}");
+        }
+        // 512-byte clusters: a 520-byte header does not fit.
+        let h = with(|h| {
+            h.cluster_bits = 9;
+            h.l1_size = 1 << 15;
+            h.l1_table_offset = 0x600;
+            h.refcount_table_offset = 0x200;
+            h.header_length = 520;
+        });
+        assert_eq!(refused_field(&h, |_| ()), "header_length");
+        assert!(
+            Header::decode(&{
+                let mut b = vec![0u8; 4096];
+                with(|h| h.header_length = 104).encode(&mut b);
+                b
+            })
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn refcount_order_above_6_is_refused() {
+        let h = with(|h| h.refcount_order = 7);
+        assert_eq!(refused_field(&h, |_| ()), "refcount_order");
+    }
+
+    #[test]
+    fn backing_file_name_limits() {
+        // Longer than 1023 bytes.
+        let h = with(|h| {
+            h.backing_file_offset = 512;
+            h.backing_file_size = 1024;
+        });
+        assert_eq!(refused_field(&h, |_| ()), "backing_file_size");
+        // Past the first cluster.
+        let h = with(|h| {
+            h.backing_file_offset = 65536 - 10;
+            h.backing_file_size = 11;
+        });
+        assert_eq!(refused_field(&h, |_| ()), "backing_file_offset");
+        let h = with(|h| {
+            h.backing_file_offset = u64::MAX - 2;
+            h.backing_file_size = 10;
+        });
+        assert_eq!(refused_field(&h, |_| ()), "backing_file_offset");
+        // Inside the header.
+        let h = with(|h| {
+            h.backing_file_offset = 64;
+            h.backing_file_size = 10;
+        });
+        assert_eq!(refused_field(&h, |_| ()), "backing_file_offset");
+        // At most 1023 bytes, right after the header: fine.
+        let mut buf = vec![0u8; 4096];
+        with(|h| {
+            h.backing_file_offset = 112;
+            h.backing_file_size = 1023;
+        })
+        .encode(&mut buf);
+        assert!(Header::decode(&buf).is_ok());
+    }
+
+    #[test]
+    fn l1_table_larger_than_32_mib_is_refused() {
+        let h = with(|h| h.l1_size = (MAX_L1_BYTES / 8 + 1) as u32);
+        assert_eq!(refused_field(&h, |_| ()), "l1_size");
+        let mut buf = vec![0u8; 4096];
+        with(|h| h.l1_size = (MAX_L1_BYTES / 8) as u32).encode(&mut buf);
+        assert!(Header::decode(&buf).is_ok());
+    }
+
+    #[test]
+    fn virtual_size_must_fit_the_l1_table_and_qemu_limits() {
+        // The largest size a full L1 table maps with 64 KiB clusters: 2 PiB.
+        let full = (MAX_L1_BYTES / 8) as u32;
+        let mut buf = vec![0u8; 4096];
+        let h = with(|h| {
+            h.l1_size = full;
+            h.size = u64::from(full) << 29;
+        });
+        h.encode(&mut buf);
+        assert!(Header::decode(&buf).is_ok());
+        // One byte more needs a 4M+1st entry.
+        let h = with(|h| {
+            h.l1_size = full;
+            h.size = (u64::from(full) << 29) + 1;
+        });
+        assert_eq!(refused_field(&h, |_| ()), "l1_size");
+        for size in [i64::MAX as u64 + 1, u64::MAX] {
+            let h = with(|h| {
+                h.l1_size = full;
+                h.size = size;
+            });
+            assert_eq!(refused_field(&h, |_| ()), "size", "{size:#x}");
+        }
+    }
+
+    #[test]
+    fn refcount_table_larger_than_8_mib_is_refused() {
+        let h = with(|h| h.refcount_table_clusters = 129);
+        assert_eq!(refused_field(&h, |_| ()), "refcount_table_clusters");
+        let mut buf = vec![0u8; 4096];
+        with(|h| h.refcount_table_clusters = 128).encode(&mut buf);
+        assert!(Header::decode(&buf).is_ok());
+    }
+
+    #[test]
+    fn table_offsets_must_be_aligned_below_2_pow_56_and_past_the_header() {
+        for (field, set) in [
+            (
+                "l1_table_offset",
+                (|h, v| h.l1_table_offset = v) as fn(&mut Header, u64),
+            ),
+            ("refcount_table_offset", |h, v| h.refcount_table_offset = v),
+            ("snapshots_offset", |h, v| {
+                h.nb_snapshots = 1;
+                h.snapshots_offset = v
+            }),
+        ] {
+            for bad in [0x10200, 1 << 56, 0] {
+                let h = with(|h| set(h, bad));
+                assert_eq!(refused_field(&h, |_| ()), field, "{field} {bad:#x}");
+            }
+        }
+        // Offset 0 is fine for a table that is not there.
+        let mut buf = vec![0u8; 4096];
+        with(|h| {
+            h.l1_size = 0;
+            h.l1_table_offset = 0;
+            h.size = 0;
+        })
+        .encode(&mut buf);
+        assert!(Header::decode(&buf).is_ok());
+    }
+
+    #[test]
+    fn more_than_65536_snapshots_are_refused() {
+        let h = with(|h| {
+            h.nb_snapshots = 65537;
+            h.snapshots_offset = 0x40000;
+        });
+        assert_eq!(refused_field(&h, |_| ()), "nb_snapshots");
+    }
+
+    fn ext(kind: u32, data: &[u8]) -> Vec<u8> {
+        let mut out = vec![0u8; 8];
+        BigEndian::write_u32(&mut out[0..], kind);
+        BigEndian::write_u32(&mut out[4..], data.len() as u32);
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(8) * 8, 0);
+        out
+    }
+
+    #[test]
+    fn extension_list_may_end_with_its_area_but_not_inside_an_extension_header() {
+        // No end marker: the area ends right after the last extension (QEMU reads this).
+        let area = ext(0x1234, b"abc");
+        assert_eq!(HeaderExtensions::decode(&area, 112).unwrap().list.len(), 1);
+        // A cut-off end marker (zeros) is an end too.
+        let mut area = ext(0x1234, b"abc");
+        area.extend_from_slice(&[0; 4]);
+        assert!(HeaderExtensions::decode(&area, 112).is_ok());
+        // Half an extension header is not.
+        let mut area = ext(0x1234, b"abc");
+        area.extend_from_slice(&[0x12, 0x34, 0, 0]);
+        assert!(matches!(
+            HeaderExtensions::decode(&area, 112),
+            Err(Error::InvalidField {
+                field: "header extension",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn more_than_1024_extensions_are_refused() {
+        let many =
+            |n: usize| -> Vec<u8> { (0..n as u32).flat_map(|k| ext(0x1000 + k, &[])).collect() };
+        assert_eq!(
+            HeaderExtensions::decode(&many(MAX_HEADER_EXTENSIONS), 112)
+                .unwrap()
+                .list
+                .len(),
+            MAX_HEADER_EXTENSIONS
+        );
+        assert!(matches!(
+            HeaderExtensions::decode(&many(MAX_HEADER_EXTENSIONS + 1), 112),
+            Err(Error::InvalidField {
+                field: "header extension count",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn backing_format_longer_than_15_bytes_is_refused() {
+        assert!(HeaderExtensions::decode(&ext(EXT_BACKING_FORMAT, &[b'q'; 15]), 112).is_ok());
+        assert!(matches!(
+            HeaderExtensions::decode(&ext(EXT_BACKING_FORMAT, &[b'q'; 16]), 112),
+            Err(Error::InvalidField {
+                field: "backing format extension length",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn data_file_names_over_4096_bytes_or_with_a_nul_are_refused() {
+        assert!(HeaderExtensions::decode(&ext(EXT_DATA_FILE, &[b'd'; 4096]), 112).is_ok());
+        for bad in [&[b'd'; 4097][..], b"data\0file"] {
+            assert!(matches!(
+                HeaderExtensions::decode(&ext(EXT_DATA_FILE, bad), 112),
+                Err(Error::InvalidField {
+                    field: "data file name length",
+                    ..
+                })
+            ));
+        }
+    }
+
+    #[test]
+    fn an_extension_type_appearing_twice_is_refused() {
+        let mut area = ext(EXT_BACKING_FORMAT, b"raw");
+        area.extend(ext(EXT_BACKING_FORMAT, b"qcow2"));
+        assert!(HeaderExtensions::decode(&area, 112).is_err());
+    }
+
+    #[test]
+    fn bitmaps_extension_is_checked_against_qemu_limits_when_in_use() {
+        let bitmaps = |nb: u32, size: u64, offset: u64| {
+            let mut d = [0u8; 24];
+            BigEndian::write_u32(&mut d[0..], nb);
+            BigEndian::write_u64(&mut d[8..], size);
+            BigEndian::write_u64(&mut d[16..], offset);
+            HeaderExtensions::decode(&ext(EXT_BITMAPS, &d), 112).unwrap()
+        };
+        let in_use = with(|h| h.autoclear_features = AutoclearFeatures::BITMAPS);
+        assert!(bitmaps(1, 4096, 0x50000).validate(&in_use).is_ok());
+        for (nb, size, offset, field) in [
+            (0, 4096, 0x50000, "bitmaps extension nb_bitmaps"),
+            (65536, 4096, 0x50000, "bitmaps extension nb_bitmaps"),
+            (
+                1,
+                MAX_BITMAP_DIRECTORY_BYTES + 1,
+                0x50000,
+                "bitmap_directory_size",
+            ),
+            (1, 4096, 0x50200, "bitmap_directory_offset"),
+        ] {
+            match bitmaps(nb, size, offset).validate(&in_use) {
+                Err(Error::InvalidField { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+            // Without the autoclear bit QEMU ignores the extension.
+            assert!(bitmaps(nb, size, offset).validate(&sample()).is_ok());
+        }
+        // Not 24 bytes long.
+        assert!(HeaderExtensions::decode(&ext(EXT_BITMAPS, &[0; 32]), 112).is_err());
     }
 }

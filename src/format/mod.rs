@@ -13,12 +13,14 @@ pub use header::{
     AutoclearFeatures, BitmapsExtension, CompatibleFeatures, CompressionType, EXT_BACKING_FORMAT,
     EXT_BITMAPS, EXT_DATA_FILE, EXT_ENCRYPTION, EXT_END, EXT_FEATURE_TABLE, FeatureKind,
     FeatureName, Header, HeaderExtension, HeaderExtensions, IncompatibleFeatures,
-    MAX_BACKING_FILE_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFCOUNT_TABLE_BYTES,
-    MIN_CLUSTER_BITS, QCOW2_MAGIC, encode_header_cluster,
+    MAX_BACKING_FILE_NAME, MAX_BACKING_FORMAT_NAME, MAX_BITMAP_DIRECTORY_BYTES, MAX_BITMAPS,
+    MAX_CLUSTER_BITS, MAX_DATA_FILE_NAME, MAX_HEADER_EXTENSIONS, MAX_L1_BYTES,
+    MAX_REFCOUNT_TABLE_BYTES, MIN_CLUSTER_BITS, QCOW2_MAGIC, encode_header_cluster,
 };
 pub use refcount::{get_refcount, max_refcount, set_refcount};
 pub use snapshot::{
-    MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOTS, SnapshotEntry, SnapshotExtra, snapshot_table_len,
+    MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOT_TABLE_BYTES, MAX_SNAPSHOTS, SnapshotEntry, SnapshotExtra,
+    snapshot_table_len,
 };
 
 use byteorder::{BigEndian, ByteOrder};

@@ -9,6 +9,8 @@ use crate::error::{Error, Result};
 pub const MAX_SNAPSHOTS: u32 = 65536;
 /// QEMU's limit on a snapshot entry's extra data.
 pub const MAX_SNAPSHOT_EXTRA_DATA: u32 = 1024;
+/// QEMU's limit on the snapshot table: 1 KiB per snapshot on average, 64 MiB.
+pub const MAX_SNAPSHOT_TABLE_BYTES: u64 = 1024 * MAX_SNAPSHOTS as u64;
 
 /// The extra data fields QEMU knows, plus whatever follows them.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -220,5 +222,22 @@ mod tests {
     #[test]
     fn truncated_entry_is_an_error() {
         assert!(SnapshotEntry::decode(&[0u8; 39], 0).is_err());
+    }
+
+    #[test]
+    fn extra_data_larger_than_1_kib_is_refused() {
+        let mut e = SnapshotEntry::decode(&[0u8; 48], 0).unwrap().0;
+        e.extra.unknown = vec![0; MAX_SNAPSHOT_EXTRA_DATA as usize];
+        assert!(SnapshotEntry::decode(&e.encode(), 0).is_ok());
+        let mut bytes = e.encode();
+        BigEndian::write_u32(&mut bytes[36..], MAX_SNAPSHOT_EXTRA_DATA + 1);
+        bytes.resize(bytes.len() + 8, 0);
+        assert!(matches!(
+            SnapshotEntry::decode(&bytes, 0),
+            Err(Error::InvalidField {
+                field: "snapshot extra_data_size",
+                ..
+            })
+        ));
     }
 }

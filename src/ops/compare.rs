@@ -83,7 +83,10 @@ pub fn compare(
             buf_b.resize(n, 0);
             a.read_at(&mut buf_a, pos)?;
             b.read_at(&mut buf_b, pos)?;
-            if let Some(i) = buf_a.iter().zip(&buf_b).position(|(x, y)| x != y) {
+            // Slice equality is one memcmp; look for the offset only when they differ.
+            if buf_a != buf_b {
+                let i = buf_a.iter().zip(&buf_b).position(|(x, y)| x != y);
+                let i = i.unwrap_or(0);
                 return Ok(Comparison::ContentMismatch {
                     offset: sector(pos + i as u64),
                     sizes_differ,

@@ -138,7 +138,9 @@ impl MapEntries<'_> {
             return Ok(known);
         }
         let known = match &self.chain.layers()[depth] {
-            Layer::Qcow2(image) => image.looks_metadata_preallocated()?,
+            // As QEMU: a refcount structure that cannot be read only means the image
+            // does not look preallocated; mapping does not need it.
+            Layer::Qcow2(image) => image.looks_metadata_preallocated().unwrap_or(false),
             Layer::Raw(_) => true,
         };
         self.preallocated[depth] = Some(known);

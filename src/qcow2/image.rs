@@ -164,7 +164,13 @@ impl Image {
             let data_path = crate::chain::resolve_relative(path, &name);
             let data = options
                 .open_storage(&data_path, options.writable)
-                .map_err(|e| Error::io("opening external data file", e).in_file(&data_path))?;
+                .map_err(|e| {
+                    Error::io(
+                        format!("opening external data file {}", data_path.display()),
+                        e,
+                    )
+                    .in_file(path)
+                })?;
             image.data_file = Some(data);
         }
         if options.writable {
@@ -258,8 +264,10 @@ impl Image {
         } else {
             HeaderExtensions::default()
         };
+        extensions.validate(&header)?;
         check_features(&header, &extensions)?;
-        let backing_file = if header.backing_file_offset != 0 {
+        // An empty name is no backing file, as QEMU reads it.
+        let backing_file = if header.backing_file_offset != 0 && header.backing_file_size != 0 {
             let raw = read_exact(
                 &*storage,
                 "backing file name",
@@ -267,6 +275,14 @@ impl Image {
                 header.backing_file_size.into(),
                 file_len,
             )?;
+            if raw.contains(&0) {
+                // QEMU would cut the name at the NUL; a name holding one is not a path.
+                return Err(Error::invalid(
+                    "backing file name",
+                    header.backing_file_offset,
+                    "contains a NUL byte",
+                ));
+            }
             Some(String::from_utf8(raw).map_err(|_| {
                 Error::invalid(
                     "backing file name",
@@ -334,9 +350,11 @@ impl Image {
     pub fn geometry(&self) -> Geometry {
         self.geometry
     }
-    /// Virtual size in bytes.
+    /// Virtual size in bytes: the header's size in whole 512-byte sectors, as QEMU reads
+    /// it (QEMU only ever writes multiples of 512; a hostile header's odd tail is not part
+    /// of the disk).
     pub fn size(&self) -> u64 {
-        self.meta().header.size
+        self.meta().header.size & !511
     }
     /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
@@ -490,10 +508,20 @@ impl Image {
                 Ok(())
             }
             Mapping::Data { host, .. } => self.data_storage().read_at(buf, host).map_err(|e| {
-                self.name_error(Error::io(
-                    format!("reading data at host offset {host:#x}"),
-                    e,
-                ))
+                let len = buf.len() as u64;
+                let file_len = self.data_storage().len().unwrap_or(0);
+                // An L2 entry pointing past the end of the file: say so, not "failed to
+                // fill whole buffer".
+                self.name_error(if host.saturating_add(len) > file_len {
+                    Error::Truncated {
+                        structure: "guest data",
+                        offset: host,
+                        len,
+                        file_len,
+                    }
+                } else {
+                    Error::io(format!("reading data at host offset {host:#x}"), e)
+                })
             }),
             Mapping::Compressed(d) => {
                 let cluster = self.compressed_cluster(d.host_offset, d.len)?;
@@ -627,11 +655,11 @@ fn read_snapshot_table(
     if count == 0 {
         return Ok(Vec::new());
     }
-    // Each entry takes at least 40 bytes; check the minimum fits before reading more.
+    // Each entry takes at least 40 bytes; check the minimum fits before reading anything,
+    // so a huge count in a small file fails at once.
     let min_len = count as u64 * 40;
     let offset = header.snapshots_offset;
-    let available = file_len.saturating_sub(offset);
-    if offset == 0 || available < min_len {
+    if offset.checked_add(min_len).is_none_or(|end| end > file_len) {
         return Err(Error::Truncated {
             structure: "snapshot table",
             offset,
@@ -639,39 +667,53 @@ fn read_snapshot_table(
             file_len,
         });
     }
-    // QEMU caps the table at 64 MiB.
-    let max_len = available.min(64 << 20);
-    let mut snapshots = Vec::with_capacity(count.min(1024));
+    // Nothing past QEMU's 64 MiB limit is ever needed.
+    let readable = (file_len - offset).min(format::MAX_SNAPSHOT_TABLE_BYTES);
     // The largest entry: fixed part, maximal extra data, ID and name, padding.
-    const MAX_ENTRY: u64 = 40 + 1024 + 2 * 0xffff + 8;
+    const MAX_ENTRY: u64 = 40 + format::MAX_SNAPSHOT_EXTRA_DATA as u64 + 2 * 0xffff + 8;
+    // Read in pieces, so memory follows what the entries really use.
+    const PIECE: u64 = 1 << 20;
+    let mut snapshots = Vec::with_capacity(count.min(1024));
     let (mut pos, mut buf_start) = (0u64, 0u64);
     let mut buf = Vec::new();
     for _ in 0..count {
-        // Read in pieces so a huge count in a small file costs little.
-        let have = (buf_start + buf.len() as u64).saturating_sub(pos);
-        if have < MAX_ENTRY && buf_start + (buf.len() as u64) < max_len {
-            if pos >= max_len {
-                return Err(Error::Truncated {
-                    structure: "snapshot table",
-                    offset,
-                    len: pos + 40,
-                    file_len,
-                });
-            }
+        let buf_end = buf_start + buf.len() as u64;
+        if buf_end < readable && buf_end - pos < MAX_ENTRY {
             buf_start = pos;
-            let want = (max_len - pos).min(MAX_ENTRY.max(1 << 20));
+            let want = (readable - pos).min(PIECE);
             buf = read_exact(storage, "snapshot table", offset + pos, want, file_len)?;
         }
-        let local = (pos - buf_start) as usize;
-        let chunk = buf.get(local..).unwrap_or(&[]);
-        let (entry, used) = SnapshotEntry::decode(chunk, offset + pos)?;
+        let chunk = &buf[(pos - buf_start) as usize..];
+        let (entry, used) = match SnapshotEntry::decode(chunk, offset + pos) {
+            Ok(decoded) => decoded,
+            // The entry needs bytes past what may be read: past the end of the file, or
+            // past QEMU's limit on the table.
+            Err(Error::Truncated { len, .. }) => {
+                return Err(if offset + pos + len > file_len {
+                    Error::Truncated {
+                        structure: "snapshot table entry",
+                        offset: offset + pos,
+                        len,
+                        file_len,
+                    }
+                } else {
+                    Error::invalid(
+                        "snapshot table size",
+                        pos + len,
+                        "snapshot table larger than QEMU's 64 MiB limit",
+                    )
+                });
+            }
+            Err(e) => return Err(e),
+        };
         if entry.l1_table_offset % header.cluster_size() != 0 {
             return Err(Error::corrupt(
                 "snapshot table",
                 offset + pos,
                 format!(
-                    "snapshot {:?} has unaligned L1 table offset {:#x}",
-                    entry.id, entry.l1_table_offset
+                    "snapshot {} has unaligned L1 table offset {:#x}",
+                    short_id(&entry.id),
+                    entry.l1_table_offset
                 ),
             ));
         }
@@ -679,11 +721,23 @@ fn read_snapshot_table(
             return Err(Error::corrupt(
                 "snapshot table",
                 offset + pos,
-                format!("snapshot {:?} has an L1 table larger than 32 MiB", entry.id),
+                format!(
+                    "snapshot {} has an L1 table larger than 32 MiB",
+                    short_id(&entry.id)
+                ),
             ));
         }
         pos += used as u64;
         snapshots.push(entry);
     }
     Ok(snapshots)
+}
+
+/// A snapshot ID for a message: quoted, and cut after 32 characters (a hostile table may
+/// hold 64 KiB IDs).
+fn short_id(id: &str) -> String {
+    match id.char_indices().nth(32) {
+        Some((cut, _)) => format!("{:?}...", &id[..cut]),
+        None => format!("{id:?}"),
+    }
 }

@@ -32,9 +32,6 @@ const COPIED: u64 = 1 << 63;
 /// The longest snapshot name QEMU keeps.
 const MAX_SNAPSHOT_NAME: usize = 255;
 
-/// QEMU's limit on the size of the snapshot table.
-const MAX_SNAPSHOT_TABLE_BYTES: u64 = 64 << 20;
-
 impl Image {
     /// Takes an internal snapshot of the active image named `name`, with the next free
     /// numeric ID, as `qemu-img snapshot -c`. Returns its table entry.
@@ -166,10 +163,11 @@ impl Image {
             .map(|s| s.encoded_len() as u64)
             .sum::<u64>()
             + entry.encoded_len() as u64;
-        if table_len > MAX_SNAPSHOT_TABLE_BYTES {
+        if table_len > format::MAX_SNAPSHOT_TABLE_BYTES {
             return Err(Error::InvalidArgument(format!(
                 "the snapshot table would grow to {table_len} bytes, past QEMU's limit of \
-                 {MAX_SNAPSHOT_TABLE_BYTES}"
+                 {}",
+                format::MAX_SNAPSHOT_TABLE_BYTES
             )));
         }
         Ok(entry)

@@ -1,6 +1,6 @@
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::Path;
 
 use super::{Extent, Storage};
@@ -13,8 +13,21 @@ pub struct FileStorage {
 }
 
 impl FileStorage {
-    /// Opens an existing file, read-only or read-write.
+    /// Opens an existing file, read-only or read-write. FIFOs and sockets are refused
+    /// before opening (opening a FIFO would wait for a writer; neither holds a disk), and
+    /// so are directories.
     pub fn open(path: &Path, writable: bool) -> io::Result<FileStorage> {
+        let kind = std::fs::metadata(path)?.file_type();
+        if kind.is_fifo() || kind.is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                if kind.is_fifo() {
+                    "is a FIFO, not a disk image"
+                } else {
+                    "is a socket, not a disk image"
+                },
+            ));
+        }
         let file = OpenOptions::new().read(true).write(writable).open(path)?;
         if file.metadata()?.is_dir() {
             return Err(io::Error::new(
