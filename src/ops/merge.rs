@@ -41,8 +41,10 @@ pub struct MergeReport {
     pub examined_bytes: u64,
 }
 
-/// The default of [`MergeOptions::checkpoint_bytes`]: 64 MiB.
-pub const DEFAULT_CHECKPOINT_BYTES: u64 = 64 << 20;
+/// The default of [`MergeOptions::checkpoint_bytes`]: 1 GiB. Each checkpoint waits for
+/// the disk (several flushes) and stalls the copy; at 1 GiB they stay rare while an
+/// interrupted long merge still keeps most of its work.
+pub const DEFAULT_CHECKPOINT_BYTES: u64 = 1 << 30;
 
 /// Options shared by the merges.
 #[derive(Debug, Clone)]
@@ -257,6 +259,45 @@ impl<'a> Present<'a> {
         Ok(false)
     }
 
+    /// [`Present::compare`], reading the rest only when the first block matches: where a
+    /// merge has not been (what a fresh merge finds) the destination holds other data,
+    /// and one block's read tells, instead of the whole piece's. A piece whose first
+    /// block differs goes to `todo` whole and counts as different.
+    fn compare_probed(
+        &self,
+        want: Option<&[u8]>,
+        offset: u64,
+        len: u64,
+        scratch: &mut Vec<u8>,
+        todo: &mut Vec<(u64, u64)>,
+    ) -> Result<u64> {
+        let probe = len.min(self.block - offset % self.block);
+        if probe == len {
+            return self.compare(want, offset, len, scratch, todo);
+        }
+        let before = todo.len();
+        let head = self.compare(
+            want.map(|w| &w[..probe as usize]),
+            offset,
+            probe,
+            scratch,
+            todo,
+        )?;
+        if head < probe {
+            todo.truncate(before);
+            push(todo, offset, len);
+            return Ok(0);
+        }
+        let rest = self.compare(
+            want.map(|w| &w[probe as usize..]),
+            offset + probe,
+            len - probe,
+            scratch,
+            todo,
+        )?;
+        Ok(head + rest)
+    }
+
     /// Compares `want`, what a merge brings to `offset..offset + len` (`None`: zeros),
     /// with what the destination allocates there: appends to `todo` the stretches it
     /// does not hold equal (or at all) and returns the bytes it does.
@@ -404,7 +445,7 @@ fn write_pending(
     pending.clear();
     bufs.todo.clear();
     if present {
-        out.report.already_done_bytes += dest.present.compare(
+        out.report.already_done_bytes += dest.present.compare_probed(
             Some(&bufs.data[..len as usize]),
             at,
             len,
@@ -444,13 +485,19 @@ fn in_place(
         match work(chain, &sub, bottom_zeros_needed) {
             Work::None => {}
             Work::Zeros => {
-                equal += present.compare(
-                    None,
-                    sub.offset,
-                    sub.len,
-                    &mut bufs.scratch,
-                    &mut bufs.todo,
-                )?;
+                let mut done = 0;
+                while done < sub.len {
+                    let n = (sub.len - done).min(PIECE as u64);
+                    bufs.todo.clear();
+                    equal += present.compare_probed(
+                        None,
+                        sub.offset + done,
+                        n,
+                        &mut bufs.scratch,
+                        &mut bufs.todo,
+                    )?;
+                    done += n;
+                }
             }
             Work::Data => {
                 let mut done = 0;
@@ -462,7 +509,27 @@ fn in_place(
                         mapping: sub.mapping.advanced(done),
                         depth: sub.depth,
                     };
+                    done += n;
+                    // The first block of both sides first (see `compare_probed`): most
+                    // often they differ and neither piece needs reading.
+                    let probe = n.min(present.block - part.offset % present.block);
+                    if probe < n {
+                        let head = ChainRun { len: probe, ..part };
+                        read_parts(chain, &[head], &mut bufs.data)?;
+                        bufs.todo.clear();
+                        let same = present.compare(
+                            Some(&bufs.data[..probe as usize]),
+                            part.offset,
+                            probe,
+                            &mut bufs.scratch,
+                            &mut bufs.todo,
+                        )?;
+                        if same < probe {
+                            continue;
+                        }
+                    }
                     read_parts(chain, &[part], &mut bufs.data)?;
+                    bufs.todo.clear();
                     equal += present.compare(
                         Some(&bufs.data[..n as usize]),
                         part.offset,
@@ -470,7 +537,6 @@ fn in_place(
                         &mut bufs.scratch,
                         &mut bufs.todo,
                     )?;
-                    done += n;
                 }
             }
         }
