@@ -396,6 +396,31 @@ struct Dest<'a> {
     /// It is this layer of the chain read (the top, for pull and rebase); `None` when it
     /// lies below the merged layers (commit).
     in_chain: Option<usize>,
+    /// Probes in a row that found the destination holding something else (see
+    /// [`Dest::probing`]).
+    misses: std::cell::Cell<u32>,
+}
+
+/// After this many pieces in a row whose first block differs, a merge stops looking for
+/// what an interrupted run left: that run went through the guest range in order, so past
+/// the point where it stopped nothing matches, and each probe is a read (a seek, cold).
+const PROBE_MISSES: u32 = 16;
+
+impl Dest<'_> {
+    /// Whether pieces the destination already allocates are still compared before being
+    /// written (else they are written as a merge that never ran would write them).
+    fn probing(&self) -> bool {
+        self.misses.get() < PROBE_MISSES
+    }
+
+    /// Notes what comparing one piece found.
+    fn probed(&self, found_in_place: bool) {
+        self.misses.set(if found_in_place {
+            0
+        } else {
+            self.misses.get() + 1
+        });
+    }
 }
 
 /// Reads the data runs `parts` (contiguous) into `buf`.
@@ -444,14 +469,16 @@ fn write_pending(
     read_parts(chain, pending, &mut bufs.data)?;
     pending.clear();
     bufs.todo.clear();
-    if present {
-        out.report.already_done_bytes += dest.present.compare_probed(
+    if present && dest.probing() {
+        let same = dest.present.compare_probed(
             Some(&bufs.data[..len as usize]),
             at,
             len,
             &mut bufs.scratch,
             &mut bufs.todo,
         )?;
+        dest.probed(same > 0);
+        out.report.already_done_bytes += same;
     } else {
         bufs.todo.push((at, len));
     }
@@ -470,9 +497,10 @@ fn in_place(
     run: &ChainRun,
     copy: &std::ops::Range<usize>,
     bottom_zeros_needed: bool,
-    present: &Present<'_>,
+    dest: &Dest<'_>,
     bufs: &mut Buffers,
 ) -> Result<u64> {
+    let present = &dest.present;
     let mut equal = 0;
     let mut pos = run.offset;
     while pos < run.end() {
@@ -486,22 +514,24 @@ fn in_place(
             Work::None => {}
             Work::Zeros => {
                 let mut done = 0;
-                while done < sub.len {
+                while done < sub.len && dest.probing() {
                     let n = (sub.len - done).min(PIECE as u64);
                     bufs.todo.clear();
-                    equal += present.compare_probed(
+                    let same = present.compare_probed(
                         None,
                         sub.offset + done,
                         n,
                         &mut bufs.scratch,
                         &mut bufs.todo,
                     )?;
+                    dest.probed(same > 0);
+                    equal += same;
                     done += n;
                 }
             }
             Work::Data => {
                 let mut done = 0;
-                while done < sub.len {
+                while done < sub.len && dest.probing() {
                     let n = (sub.len - done).min(PIECE as u64);
                     let part = ChainRun {
                         offset: sub.offset + done,
@@ -525,18 +555,21 @@ fn in_place(
                             &mut bufs.todo,
                         )?;
                         if same < probe {
+                            dest.probed(false);
                             continue;
                         }
                     }
                     read_parts(chain, &[part], &mut bufs.data)?;
                     bufs.todo.clear();
-                    equal += present.compare(
+                    let same = present.compare(
                         Some(&bufs.data[..n as usize]),
                         part.offset,
                         n,
                         &mut bufs.scratch,
                         &mut bufs.todo,
                     )?;
+                    dest.probed(same > 0);
+                    equal += same;
                 }
             }
         }
@@ -566,14 +599,8 @@ fn copy_decided(
         let run = chain.resolve_from(first, pos, size - pos)?;
         pos = run.end();
         if dest.in_chain == Some(run.depth) && run.mapping != Mapping::Unallocated {
-            out.report.already_done_bytes += in_place(
-                chain,
-                &run,
-                &copy,
-                bottom_zeros_needed,
-                &dest.present,
-                &mut bufs,
-            )?;
+            out.report.already_done_bytes +=
+                in_place(chain, &run, &copy, bottom_zeros_needed, dest, &mut bufs)?;
         } else if copy.contains(&run.depth) {
             match work(chain, &run, bottom_zeros_needed) {
                 Work::None => {}
@@ -581,13 +608,21 @@ fn copy_decided(
                     write_pending(chain, &mut pending, dest, out, &mut bufs)?;
                     pending_len = 0;
                     bufs.todo.clear();
-                    out.report.already_done_bytes += dest.present.compare(
-                        None,
-                        run.offset,
-                        run.len,
-                        &mut bufs.scratch,
-                        &mut bufs.todo,
-                    )?;
+                    if dest.probing() {
+                        let same = dest.present.compare_probed(
+                            None,
+                            run.offset,
+                            run.len,
+                            &mut bufs.scratch,
+                            &mut bufs.todo,
+                        )?;
+                        if dest.present.any(run.offset, run.len)? {
+                            dest.probed(same > 0);
+                        }
+                        out.report.already_done_bytes += same;
+                    } else {
+                        bufs.todo.push((run.offset, run.len));
+                    }
                     for &(o, l) in &bufs.todo {
                         out.zero(o, l)?;
                     }
@@ -721,6 +756,7 @@ pub fn commit(path: &Path, options: &CommitOptions, progress: Progress<'_>) -> R
         let dest = Dest {
             present: Present::new(&chain.layers()[base]),
             in_chain: None,
+            misses: std::cell::Cell::new(0),
         };
         let mut out = Out::new(None, 0);
         copy_decided(&chain, top, top..base, true, &dest, &mut out, progress)?;
@@ -735,6 +771,7 @@ pub fn commit(path: &Path, options: &CommitOptions, progress: Progress<'_>) -> R
     let dest = Dest {
         present: Present::new(base_chain.top()),
         in_chain: None,
+        misses: std::cell::Cell::new(0),
     };
     let mut out = Out::new(Some(&base_chain), options.merge.checkpoint_bytes);
     copy_decided(&chain, top, top..base, true, &dest, &mut out, progress)?;
@@ -783,6 +820,7 @@ pub fn pull(
     let dest = Dest {
         present: Present::new(chain.top()),
         in_chain: Some(0),
+        misses: std::cell::Cell::new(0),
     };
     let mut out = Out::new(sink, options.checkpoint_bytes);
     copy_decided(&chain, 0, 1..stop, b.is_some(), &dest, &mut out, progress)?;
@@ -848,6 +886,7 @@ pub fn rebase(
                 let dest = Dest {
                     present: Present::new(chain.top()),
                     in_chain: Some(0),
+                    misses: std::cell::Cell::new(0),
                 };
                 let needs_zeros = b < chain.layers().len();
                 copy_decided(&chain, 0, 1..b, needs_zeros, &dest, &mut out, progress)?;
