@@ -293,3 +293,89 @@ fn safe_rebase_of_an_image_without_a_backing_file_keeps_its_content() {
     // What the image did not allocate read as zeros and must keep doing so over other.
     assert_eq!(report.zero_bytes, (1 << 20) - (64 << 10), "{report:?}");
 }
+
+/// A whole chain in memory: `MemOpener` serves every open, says which file a name is
+/// (loops, `find_layer`) and resolves names, so chains open and merges run without one
+/// file on the host.
+#[test]
+fn chains_and_merges_run_in_memory_through_a_mem_opener() {
+    use std::sync::Arc;
+
+    use qcow2_engine::chain::Format;
+    use qcow2_engine::storage::MemOpener;
+    use qcow2_engine::{Chain, ChainOptions, CreateOptions, Error, ImageOptions, create_on};
+
+    let fs = Arc::new(MemOpener::new());
+    let options = |writable| ChainOptions {
+        writable,
+        image: ImageOptions {
+            opener: Some(fs.clone()),
+            ..ChainOptions::default().image
+        },
+        ..ChainOptions::default()
+    };
+    let size = 1 << 20;
+    create_on(&*fs.create("vm/base.qcow2"), &CreateOptions::qcow2(size)).unwrap();
+    for (name, backing) in [
+        ("vm/mid.qcow2", "base.qcow2"),
+        ("vm/top.qcow2", "mid.qcow2"),
+    ] {
+        let mut o = CreateOptions::overlay(backing, Format::Qcow2);
+        o.size = Some(size);
+        o.open_backing = false;
+        create_on(&*fs.create(name), &o).unwrap();
+    }
+    assert!(!Path::new("vm/top.qcow2").exists());
+    for (name, byte, at) in [
+        ("vm/base.qcow2", 0x11, 0),
+        ("vm/mid.qcow2", 0x22, 4096),
+        ("vm/top.qcow2", 0x33, 8192),
+    ] {
+        let chain = Chain::open_with(name, &options(true)).unwrap();
+        chain.write_at(&[byte; 4096], at).unwrap();
+        chain.close().unwrap();
+    }
+    let content = || {
+        let chain = Chain::open_with("vm/top.qcow2", &options(false)).unwrap();
+        let mut buf = vec![0u8; 3 * 4096];
+        chain.read_at(&mut buf, 0).unwrap();
+        (chain.layers().len(), buf)
+    };
+    let (depth, before) = content();
+    assert_eq!(depth, 3);
+    assert_eq!(&before[4096..4100], &[0x22; 4]);
+
+    // Commit through mid into base (found by name through the opener), then pull it all.
+    let merge = MergeOptions {
+        chain: options(false),
+        ..MergeOptions::default()
+    };
+    ops::commit(
+        Path::new("vm/top.qcow2"),
+        &CommitOptions {
+            base: Some("vm/x/../base.qcow2".into()),
+            merge: merge.clone(),
+            ..CommitOptions::default()
+        },
+        &mut no_progress(),
+    )
+    .unwrap();
+    assert_eq!(content(), (3, before.clone()));
+    ops::pull(Path::new("vm/top.qcow2"), None, &merge, &mut no_progress()).unwrap();
+    assert_eq!(content(), (1, before));
+
+    // The same storage under two names is one file: a chain through both loops.
+    fs.insert("vm/alias.qcow2", fs.get("vm/base.qcow2").unwrap());
+    let chain = Chain::open_with("vm/base.qcow2", &options(true)).unwrap();
+    chain
+        .amend(&qcow2_engine::qcow2::AmendOptions {
+            backing_file: Some(Some("alias.qcow2".into())),
+            backing_format: Some(Some("qcow2".into())),
+            ..Default::default()
+        })
+        .unwrap();
+    chain.close().unwrap();
+    drop(chain);
+    let err = Chain::open_with("vm/base.qcow2", &options(false)).unwrap_err();
+    assert!(matches!(err.root(), Error::BackingLoop { .. }), "{err}");
+}

@@ -14,7 +14,6 @@
 //! copied. Running the same command again after an interruption completes the merge, and
 //! skips what is in place already ([`MergeReport::already_done_bytes`]).
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::chain::{Chain, ChainOptions, ChainRun, Layer};
@@ -89,14 +88,15 @@ pub struct CommitOptions {
 /// A progress callback: `(done, total)` bytes; returning `false` cancels.
 pub type Progress<'a> = &'a mut dyn FnMut(u64, u64) -> bool;
 
-/// Which layer of `chain` is the file at `path` (same device and inode).
+/// Which layer of `chain` is the file at `path` (the same file, as the opener the chain
+/// was opened through sees it: same device and inode for host files).
 pub fn find_layer(chain: &Chain, path: &Path) -> Result<usize> {
-    let want = std::fs::metadata(path).map_err(|e| Error::io("opening", e).in_file(path))?;
+    let want = chain
+        .stat(path)
+        .map_err(|e| Error::io("opening", e).in_file(path))?;
     for (i, layer) in chain.layers().iter().enumerate() {
-        if let Ok(m) = std::fs::metadata(layer.name()) {
-            if m.dev() == want.dev() && m.ino() == want.ino() {
-                return Ok(i);
-            }
+        if chain.stat(layer.name()).is_ok_and(|m| m.id == want.id) {
+            return Ok(i);
         }
     }
     Err(Error::InvalidArgument(format!(
@@ -573,12 +573,19 @@ fn open(options: &ChainOptions, path: &Path, writable: bool, no_backing: bool) -
 /// The name `overlay` should store to reach the backing file that `above_base` (the
 /// image directly above it in the chain) names `stored`: the same name when it resolves
 /// the same from both directories, else an absolute path.
-fn backing_name(overlay: &Path, above_base: &Path, stored: &str, base: &Path) -> String {
+fn backing_name(
+    chain: &Chain,
+    overlay: &Path,
+    above_base: &Path,
+    stored: &str,
+    base: &Path,
+) -> String {
     let dir = |p: &Path| p.parent().map(Path::to_path_buf).unwrap_or_default();
     if Path::new(stored).is_absolute() || dir(overlay) == dir(above_base) {
         return stored.to_owned();
     }
-    std::fs::canonicalize(base)
+    chain
+        .canonicalize(base)
         .unwrap_or_else(|_| base.to_path_buf())
         .display()
         .to_string()
@@ -600,6 +607,7 @@ fn repoint_options(
             let base = &chain.layers()[b];
             AmendOptions {
                 backing_file: Some(Some(backing_name(
+                    chain,
                     overlay,
                     above.name(),
                     &stored,
