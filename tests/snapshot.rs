@@ -183,3 +183,56 @@ fn names_past_qemus_limit_are_refused_before_anything_changes() {
     assert!(list.contains(&long[..255]), "{list}");
     assert_clean(&s, "a.qcow2", "long name");
 }
+
+/// Narrow refcounts cannot count a snapshot's references (1 bit: none; 2 bits: at most
+/// three users of a cluster): creating or applying such a snapshot is refused before
+/// anything changes, so the image stays byte for byte what it was, and writes after the
+/// refusal leave it clean (QEMU refuses too, but leaks a cluster). Found by the `ops` fuzz
+/// target: the refusal came after the COPIED flags were cleared and refcounts raised.
+#[test]
+fn snapshots_narrow_refcounts_cannot_count_are_refused_before_anything_changes() {
+    let s = Scratch::new();
+    for (options, taken) in [
+        ("cluster_size=4k,refcount_bits=1", 0),
+        ("cluster_size=4k,refcount_bits=1,lazy_refcounts=on", 0),
+        ("cluster_size=4k,refcount_bits=2", 2),
+    ] {
+        s.create("a.qcow2", options, 1 << 20);
+        s.qemu_io("a.qcow2", "qcow2", &["write -P 1 0 64k".to_string()]);
+        let chain = open_rw(&s, "a.qcow2");
+        for i in 0..taken {
+            image(&chain).snapshot_create(&format!("s{i}")).unwrap();
+        }
+        chain.close().unwrap();
+        drop(chain);
+        let before = std::fs::read(s.path("a.qcow2")).unwrap();
+        let refuse = |chain: &Chain| {
+            let err = image(chain).snapshot_create("more").unwrap_err();
+            assert!(
+                matches!(err.root(), qcow2_engine::Error::InvalidArgument(_)),
+                "[{options}] {err}"
+            );
+            if taken > 0 {
+                // Applying adds the snapshot's references before the old ones go.
+                let err = image(chain).snapshot_apply("s0").unwrap_err();
+                assert!(err.to_string().contains("refcounts"), "[{options}] {err}");
+            }
+        };
+        let chain = open_rw(&s, "a.qcow2");
+        refuse(&chain);
+        chain.close().unwrap();
+        drop(chain);
+        assert!(
+            before == std::fs::read(s.path("a.qcow2")).unwrap(),
+            "[{options}] a refusal changed the file"
+        );
+        let chain = open_rw(&s, "a.qcow2");
+        refuse(&chain);
+        chain.write_at(&[2; 512], 4096).unwrap();
+        chain.close().unwrap();
+        drop(chain);
+        assert_clean(&s, "a.qcow2", options);
+        let list = s.qemu_img(&["snapshot", "-l", "a.qcow2"]);
+        assert!(!list.contains("more"), "[{options}] {list}");
+    }
+}
