@@ -71,6 +71,9 @@ const RESIZE_LAYOUTS: &[&str] = &[
     "cluster_size=64k,extended_l2=on",
     "cluster_size=4k,refcount_bits=1",
     "cluster_size=64k,refcount_bits=64",
+    // A new L1 table with lazy refcounts: its refcount (and the old table's free) must
+    // reach the disk though nothing else changes (found by the ops fuzz target).
+    "cluster_size=512,lazy_refcounts=on",
 ];
 
 #[test]

@@ -605,7 +605,11 @@ impl Image {
     pub(crate) fn checkpoint(&self, w: &mut Writer) -> Result<()> {
         self.publish_table_move(w)?;
         let metadata_changes = !w.dirty_l2.is_empty() || !w.dirty_l1.is_empty() || w.header_dirty;
-        if metadata_changes && w.lazy && !self.is_dirty() {
+        // Refcounts also lag when only they changed (an allocation or a free by an
+        // operation that writes its tables itself, such as a new L1 table) or frees are
+        // about to apply (step 4).
+        let refcounts_lag = w.refcounts.has_changes() || !w.pending_free.is_empty();
+        if (metadata_changes || refcounts_lag) && w.lazy && !self.is_dirty() {
             // Lazy refcounts: mark the image dirty before refcounts start to lag.
             self.meta_mut().header.incompatible_features |= IncompatibleFeatures::DIRTY;
             self.write_header()?;
