@@ -778,20 +778,54 @@ impl Image {
         } else {
             self.write_zero_bytes(aligned_hi, end - aligned_hi, backing)?;
         }
-        self.change_entries(
-            aligned_lo,
-            aligned_hi.min(end.div_ceil(unit) * unit),
-            |old, _| {
-                if v2 {
-                    ZeroAction::Unallocate
-                } else {
-                    ZeroAction::Zero {
-                        unmap,
-                        keep_old: old,
-                    }
+        let cs = g.cluster_size();
+        // A range reaching the end of the image covers its partial last cluster whole, as
+        // in QEMU.
+        let mut lo = aligned_lo;
+        let mut hi = if end == size {
+            end.div_ceil(cs) * cs
+        } else {
+            aligned_hi
+        };
+        if g.extended_l2() {
+            // Subclusters of a compressed cluster cannot be zeroed apart from the rest:
+            // QEMU answers ENOTSUP and writes zeros instead, which turns the cluster into
+            // an ordinary one. Only the first and the last cluster can be partial.
+            if lo % cs != 0 {
+                let head_end = (lo.div_ceil(cs) * cs).min(hi);
+                if self.is_compressed_at(lo)? {
+                    self.write_zero_bytes(lo, head_end.min(size) - lo, backing)?;
+                    lo = head_end;
                 }
-            },
-        )
+            }
+            if hi % cs != 0 && lo < hi {
+                let tail_start = (hi / cs * cs).max(lo);
+                if self.is_compressed_at(tail_start)? {
+                    self.write_zero_bytes(tail_start, hi - tail_start, backing)?;
+                    hi = tail_start;
+                }
+            }
+            if lo >= hi {
+                return Ok(());
+            }
+        }
+        self.change_entries(lo, hi, |old, _| {
+            if v2 {
+                ZeroAction::Unallocate
+            } else {
+                ZeroAction::Zero {
+                    unmap,
+                    keep_old: old,
+                }
+            }
+        })
+    }
+
+    fn is_compressed_at(&self, offset: u64) -> Result<bool> {
+        Ok(matches!(
+            self.lookup(offset, 1)?.mapping,
+            Mapping::Compressed(_)
+        ))
     }
 
     fn write_zero_bytes(&self, offset: u64, len: u64, backing: BackingRead<'_>) -> Result<()> {
