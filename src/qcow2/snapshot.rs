@@ -101,8 +101,10 @@ impl Image {
             }
             Ok(value)
         });
-        // Tables changed behind the cache's back: start it afresh.
+        // Tables changed behind the cache's back, and clusters it read may be free: start
+        // the caches afresh.
         self.l2_cache.clear();
+        self.forget_compressed();
         self.refresh_overlap_map(&w);
         result.map_err(|e| self.name_error(e))
     }

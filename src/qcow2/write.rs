@@ -1075,6 +1075,9 @@ impl Image {
         let end = (host >> cb << cb) + cs;
         w.compressed_tail = Some((host + len, end));
         self.check_overlap("a compressed cluster", host, len, None)?;
+        // The last decompressed cluster may have lived here before it was freed (by a
+        // snapshot operation, which does not go through this module's frees).
+        self.forget_compressed();
         self.storage
             .write_at(compressed, host)
             .map_err(|e| self.io_error("writing a compressed cluster", host, e))?;
