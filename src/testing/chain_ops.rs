@@ -32,10 +32,15 @@
 //! chain of the moment it is applied). After every operation the whole guest range is
 //! read through the chain and compared; after merges, reopening and new overlays every
 //! layer's view is compared too, and the chain must consist of the expected images. An
-//! operation that fails must be one the library refuses (a merge with impossible
-//! arguments, snapshots that 1-bit refcounts cannot count) and must change nothing. At
-//! the end every image is closed and must pass [`Image::check`] without a finding, and
-//! every snapshot still reachable must read as the model says.
+//! operation that fails must be one the library refuses (`InvalidArgument` or
+//! `Unsupported`: a merge with impossible arguments, snapshots that narrow refcounts
+//! cannot count) and must change nothing. Whenever the chain is closed (reopening,
+//! merges, new overlays, the end) every image must pass [`Image::check`] without a
+//! finding and without the dirty bit; at the end every snapshot still reachable must
+//! read as the model says (applied to a copy of its image).
+//!
+//! Costs are bounded: at most 6 images of at most 2 MiB, 4 snapshots each, 32
+//! operations of at most 384 KiB.
 
 use std::collections::HashMap;
 use std::sync::Arc;
