@@ -119,6 +119,63 @@ fn commit_of_a_middle_range_repoints_the_image_above_and_keeps_the_content() {
     }
 }
 
+/// A middle range goes down as its own top layer shows it, whatever the active image's
+/// size: all of a layer longer than the active image, and nothing past the end of a
+/// shorter one, where the images above saw zeros and still do after they are re-pointed
+/// at a longer base. Found by the `ops` fuzz target: the pass went by the active image's
+/// size, writing zeros past the end of the base or leaving data behind.
+#[test]
+fn commit_of_a_middle_range_goes_by_the_size_of_its_top_layer() {
+    let s = Scratch::new();
+    // A shorter layer between longer ones: zeros at 64k..1M show through it.
+    s.create("base.qcow2", "", 1 << 20);
+    s.qemu_io("base.qcow2", "qcow2", &["write -P 0x11 0 1M".into()]);
+    s.create_overlay("short.qcow2", "base.qcow2", "qcow2", "", Some(64 << 10));
+    s.qemu_io("short.qcow2", "qcow2", &["write -P 0x22 0 4k".into()]);
+    s.create_overlay("top.qcow2", "short.qcow2", "qcow2", "", Some(2 << 20));
+    s.qemu_io("top.qcow2", "qcow2", &["write -P 0x33 1536k 4k".into()]);
+    let before = s.reference("top.qcow2", "qcow2");
+    ops::commit(
+        &s.path("top.qcow2"),
+        &CommitOptions {
+            top: Some(s.path("short.qcow2")),
+            ..CommitOptions::default()
+        },
+        &mut no_progress(),
+    )
+    .unwrap();
+    assert_eq!(backing_of(&s, "top.qcow2").as_deref(), Some("base.qcow2"));
+    assert!(
+        s.reference("top.qcow2", "qcow2") == before,
+        "the active image shows the base past the end of the committed layer"
+    );
+    check(&s, "base.qcow2");
+
+    // The committed layer is longer than the active image: all of it goes down.
+    let s = Scratch::new();
+    s.create("base.qcow2", "", 1 << 20);
+    s.create_overlay("long.qcow2", "base.qcow2", "qcow2", "", Some(1 << 20));
+    s.qemu_io("long.qcow2", "qcow2", &["write -P 0x44 0 1M".into()]);
+    s.create_overlay("mid.qcow2", "long.qcow2", "qcow2", "", Some(1 << 20));
+    s.create_overlay("top.qcow2", "mid.qcow2", "qcow2", "", Some(64 << 10));
+    let mid_before = s.reference("mid.qcow2", "qcow2");
+    ops::commit(
+        &s.path("top.qcow2"),
+        &CommitOptions {
+            top: Some(s.path("long.qcow2")),
+            ..CommitOptions::default()
+        },
+        &mut no_progress(),
+    )
+    .unwrap();
+    assert_eq!(backing_of(&s, "mid.qcow2").as_deref(), Some("base.qcow2"));
+    assert!(
+        s.reference("mid.qcow2", "qcow2") == mid_before,
+        "the image above lost what lay past the end of the active image"
+    );
+    check(&s, "base.qcow2");
+}
+
 #[test]
 fn pull_matches_qemu_img_rebase_with_and_without_a_base() {
     for (i, options) in OPTIONS.iter().enumerate() {

@@ -659,13 +659,23 @@ pub fn commit(path: &Path, options: &CommitOptions, progress: Progress<'_>) -> R
         ));
     }
     let keep = options.keep || options.base.is_some() || top > 0;
+    // A middle range goes down as its top layer shows it: up to that layer's size,
+    // whether the active image is shorter or longer.
+    let from_top;
+    let (data, copy) = if top > 0 {
+        from_top = open(open_options, chain.layers()[top].name(), false, false)?;
+        (&from_top, 0..base - top)
+    } else {
+        (&chain, 0..base)
+    };
     if options.merge.dry_run {
         let dest = Dest {
             present: Present::new(&chain.layers()[base]),
             in_chain: None,
         };
         let mut out = Out::new(None, 0);
-        copy_decided(&chain, top, top..base, true, &dest, &mut out, progress)?;
+        copy_decided(data, 0, copy, true, &dest, &mut out, progress)?;
+        hide_tail(&chain, top, &dest, &mut out)?;
         return Ok(out.report);
     }
     let base_path = chain.layers()[base].name().to_path_buf();
@@ -679,7 +689,8 @@ pub fn commit(path: &Path, options: &CommitOptions, progress: Progress<'_>) -> R
         in_chain: None,
     };
     let mut out = Out::new(Some(&base_chain), options.merge.checkpoint_bytes);
-    copy_decided(&chain, top, top..base, true, &dest, &mut out, progress)?;
+    copy_decided(data, 0, copy, true, &dest, &mut out, progress)?;
+    hide_tail(&chain, top, &dest, &mut out)?;
     let report = out.report;
     base_chain.close()?;
     drop(base_chain);
@@ -695,6 +706,34 @@ pub fn commit(path: &Path, options: &CommitOptions, progress: Progress<'_>) -> R
         file.close()?;
     }
     Ok(report)
+}
+
+/// Before a middle range (layers `top..`, `top` > 0) is committed, the images above it see
+/// zeros past the end of layer `top` where they allocate nothing; re-pointed at a longer
+/// base they would see its data there. So the base reads as zeros from the end of `top`
+/// as far as any image above reaches (QEMU's block-commit leaves that data showing).
+fn hide_tail(chain: &Chain, top: usize, dest: &Dest<'_>, out: &mut Out<'_>) -> Result<()> {
+    if top == 0 {
+        return Ok(());
+    }
+    let from = chain.layers()[top].size();
+    let reach = chain.layers()[..top]
+        .iter()
+        .map(Layer::size)
+        .max()
+        .unwrap_or(0);
+    let end = reach.min(dest.present.layer.size());
+    if end <= from {
+        return Ok(());
+    }
+    let mut bufs = Buffers::default();
+    out.report.already_done_bytes +=
+        dest.present
+            .compare(None, from, end - from, &mut bufs.scratch, &mut bufs.todo)?;
+    for &(o, l) in &bufs.todo {
+        out.zero(o, l)?;
+    }
+    Ok(())
 }
 
 /// Pulls as libvirt blockpull: everything the image at `path` shows from layers above
