@@ -296,6 +296,26 @@ fn ops_seeds() -> Vec<(&'static str, qcow2_engine::testing::OpsProgram)> {
             ),
         ),
         (
+            "seed-resize",
+            program(
+                OpsConfig {
+                    short_bottom: true,
+                    ..config(3, [small, layer(512, false, false, false, 16), plain])
+                },
+                vec![
+                    write(0, 500_000, 20_000, 0x57),
+                    Op::Resize(7),
+                    Op::Resize(255),
+                    write(0, 1_900_000, 10_000, 0x58),
+                    Op::SnapshotCreate,
+                    Op::Resize(20),
+                    Op::SnapshotApply(0),
+                    Op::Commit(3 | 1 << 2),
+                    Op::Commit(0),
+                ],
+            ),
+        ),
+        (
             "seed-dry-runs-and-refusals",
             program(
                 config(1, [plain; 3]),

@@ -16,8 +16,8 @@
 //!              `LayerConfig`
 //! bytes 4-5    what the bottom and middle layer hold before the overlays above are made:
 //!              bit k writes a pattern over roughly the k-th eighth of the layer
-//! then         at most MAX_OPS operations, one opcode byte (value % 12) and its
-//!              arguments each (see `ChainOp`)
+//! then         at most MAX_OPS operations, one opcode byte (value % 12, or a resize
+//!              from 0xf0) and its arguments each (see `ChainOp`)
 //! ```
 //!
 //! Ranges are a flags byte, a 24-bit offset (modulo the size) and a 24-bit length (1 +
@@ -243,7 +243,8 @@ impl RawRange {
     }
 }
 
-/// One operation of the program (the opcode is the first byte modulo 12).
+/// One operation of the program (the opcode is the first byte modulo 12, except that
+/// bytes from 0xf0 are `Resize`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChainOp {
     /// 0: `Chain::write_at` of bytes made from `pattern` and the guest offset (all zeros
@@ -289,11 +290,20 @@ pub enum ChainOp {
     /// 11: a new qcow2 overlay on the top image becomes the top (an external snapshot;
     /// skipped at 4 layers or 6 images).
     Overlay(LayerConfig),
+    /// Opcode bytes 0xf0-0xff (whatever their value modulo 12): `Chain::resize` of the
+    /// top image to `(value + 1) * 8 KiB - (value % 7) * 512` bytes (8 KiB to 2 MiB),
+    /// shrinking allowed. The new area reads as zeros; version 2 refuses with snapshots,
+    /// or to grow over a longer backing file.
+    Resize(u8),
 }
 
 impl ChainOp {
     fn decode(r: &mut Reader<'_>) -> ChainOp {
-        match r.u8() % 12 {
+        let opcode = r.u8();
+        if opcode >= 0xf0 {
+            return ChainOp::Resize(r.u8());
+        }
+        match opcode % 12 {
             0 => ChainOp::Write {
                 range: RawRange::decode(r),
                 pattern: r.u8(),
@@ -343,6 +353,7 @@ impl ChainOp {
             ChainOp::Pull(m) => out.extend([9, m]),
             ChainOp::Reopen => out.push(10),
             ChainOp::Overlay(c) => out.extend([11, c.encode()]),
+            ChainOp::Resize(s) => out.extend([0xf0, s]),
         }
     }
 }
@@ -724,13 +735,20 @@ impl Run {
         self.check_content(what);
         let top_size = self.size();
         for (i, layer) in self.layers.iter().enumerate().skip(1) {
-            let len = (layer.view.len() as u64).min(top_size);
-            let got = self.read_view(i, len);
-            self.compare(
-                &format!("{what}: layer {i} ({})", layer.name),
-                &got,
-                &layer.view[..len as usize],
-            );
+            let what = format!("{what}: layer {i} ({})", layer.name);
+            if layer.view.len() as u64 <= top_size {
+                let got = self.read_view(i, layer.view.len() as u64);
+                self.compare(&what, &got, &layer.view);
+                continue;
+            }
+            // Longer than the top: the chain from this layer down reads all of it.
+            let chain = Chain::open_with(&layer.name, &self.chain_options(false))
+                .unwrap_or_else(|e| self.fail(format_args!("opening {}: {e}", layer.name)));
+            let mut got = vec![0u8; chain.size() as usize];
+            chain
+                .read_at(&mut got, 0)
+                .unwrap_or_else(|e| self.fail(format_args!("reading {}: {e}", layer.name)));
+            self.compare(&what, &got, &layer.view);
         }
     }
 
@@ -870,6 +888,28 @@ impl Run {
                 self.new_image(config, size);
                 return self.check_all_views("new overlay");
             }
+            ChainOp::Resize(arg) => {
+                let arg = u64::from(arg);
+                let new_size = (arg + 1) * 8192 - arg % 7 * SECTOR;
+                let backing_longer = self
+                    .layers
+                    .get(1)
+                    .is_some_and(|b| b.view.len() as u64 > size);
+                let has_snapshots = self
+                    .snapshots
+                    .get(&self.layers[0].name)
+                    .is_some_and(|s| !s.is_empty());
+                let refused = top.v2 && (has_snapshots || backing_longer && new_size > size);
+                let outcome = if new_size == size || !refused {
+                    Outcome::Succeeds
+                } else {
+                    Outcome::Refused
+                };
+                let r = self.chain().resize(new_size, true);
+                if self.expect(r, outcome, &format!("resize to {new_size}")) {
+                    self.layers[0].view.resize(new_size as usize, 0);
+                }
+            }
         }
         self.check_content("after the operation");
     }
@@ -973,7 +1013,22 @@ impl Run {
             merge: self.merge_options(dry_run),
             ..options
         };
-        let possible = top < base && base < n;
+        let mut possible = top < base && base < n;
+        if possible && !dry_run {
+            // The base grows to the committed range's size first: version 2 refuses with
+            // snapshots, or over a longer backing file.
+            let dest = &self.layers[base];
+            let grows = dest.view.len() < self.layers[top].view.len();
+            let has_snapshots = self
+                .snapshots
+                .get(&dest.name)
+                .is_some_and(|s| !s.is_empty());
+            let backing_longer = self
+                .layers
+                .get(base + 1)
+                .is_some_and(|b| b.view.len() > dest.view.len());
+            possible = !(dest.config.v2 && grows && (has_snapshots || backing_longer));
+        }
         self.close_for_merge();
         let r = ops::commit(self.layers[0].name.as_ref(), &options, &mut |_, _| true).map(drop);
         let outcome = if possible {
@@ -990,6 +1045,18 @@ impl Run {
             }
             dest[..source.len()].copy_from_slice(&source);
             if top > 0 {
+                // The images above saw zeros past the end of the committed range's top;
+                // re-pointed at the base, they still do.
+                let reach = self.layers[..top]
+                    .iter()
+                    .map(|l| l.view.len())
+                    .max()
+                    .unwrap_or(0);
+                let dest = &mut self.layers[base].view;
+                let end = reach.min(dest.len());
+                if end > source.len() {
+                    dest[source.len()..end].fill(0);
+                }
                 // The image above the committed range now points at the base.
                 self.layers.drain(top..base);
             }
