@@ -67,7 +67,7 @@ fn seed_images_open() {
 
 /// The `ops` harness (operation sequences on a chain in memory, against a model) over
 /// pseudo-random programs from a fixed seed, so that tests exercise it without libFuzzer:
-/// 4000 programs in an optimized build, 1000 on the smallest virtual size in a debug build
+/// 4000 programs in an optimized build, 800 on the smallest virtual size in a debug build
 /// (where the library is some twenty times slower), each a few seconds. `OPS_CASES`
 /// overrides the number; a failing program is printed in hex, to be replayed (and saved
 /// as `fuzz/corpus/ops/regression-<what>` once fixed).
@@ -77,7 +77,7 @@ fn ops_harness_runs_pseudo_random_programs() {
     let cases: u64 = std::env::var("OPS_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(if debug { 1000 } else { 4000 });
+        .unwrap_or(if debug { 800 } else { 4000 });
     // xorshift64*: fixed seed, the same programs on every run.
     let mut state = 0x0123_4567_89ab_cdefu64;
     let mut next = move || {
