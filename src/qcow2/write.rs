@@ -1012,9 +1012,17 @@ impl Image {
         w.dirty_l1.insert(index as usize);
     }
 
-    /// Makes whole clusters in `lo..hi` unallocated whatever the backing file (the part of
-    /// shrinking that frees data).
+    /// Makes whole clusters in `lo..hi` unallocated whatever the backing file (shrinking,
+    /// emptying a committed image). A range reaching the end of the image takes its
+    /// partial last cluster whole, as QEMU does: the subclusters of a compressed cluster
+    /// cannot go alone.
     pub(crate) fn discard_whole(&self, lo: u64, hi: u64) -> Result<()> {
+        let cs = self.geometry.cluster_size();
+        let hi = if hi >= self.size() {
+            hi.div_ceil(cs) * cs
+        } else {
+            hi
+        };
         self.change_entries(lo, hi, |_, _| ZeroAction::Unallocate)
     }
 
