@@ -68,9 +68,10 @@ fn seed_images_open() {
 /// The `ops` harness (operation sequences on a chain in memory, against a model) over
 /// pseudo-random programs from a fixed seed, so that tests exercise it without libFuzzer:
 /// 4000 programs in an optimized build, 800 on the smallest virtual size in a debug build
-/// (where the library is some twenty times slower), each a few seconds. `OPS_CASES`
-/// overrides the number; a failing program is printed in hex, to be replayed (and saved
-/// as `fuzz/corpus/ops/regression-<what>` once fixed).
+/// (where the library is some twenty times slower), about 20 s either way. `OPS_CASES`
+/// overrides the number, `OPS_SEED` the seed and `OPS_MAX_LEN` the longest program (86
+/// bytes: some ten operations), to explore further. A failing program is printed in hex,
+/// to be replayed (and saved as `fuzz/corpus/ops/regression-<what>` once fixed).
 #[test]
 fn ops_harness_runs_pseudo_random_programs() {
     let debug = cfg!(debug_assertions);
@@ -79,15 +80,22 @@ fn ops_harness_runs_pseudo_random_programs() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(if debug { 800 } else { 4000 });
     // xorshift64*: fixed seed, the same programs on every run.
-    let mut state = 0x0123_4567_89ab_cdefu64;
+    let mut state = std::env::var("OPS_SEED")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(0x0123_4567_89ab_cdef, |s| s | 1);
     let mut next = move || {
         state ^= state >> 12;
         state ^= state << 25;
         state ^= state >> 27;
         state.wrapping_mul(0x2545_f491_4f6c_dd1d)
     };
+    let max_len: u64 = std::env::var("OPS_MAX_LEN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(86);
     for case in 0..cases {
-        let len = 6 + next() % 80;
+        let len = 6 + next() % max_len.saturating_sub(6).max(1);
         let mut data: Vec<u8> = (0..len).map(|_| (next() >> 56) as u8).collect();
         if debug {
             data[0] &= !0x0c; // size 0: 256 KiB + 1536
