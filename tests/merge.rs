@@ -282,6 +282,39 @@ fn a_dry_run_reports_without_changing_anything() {
     assert_eq!(real, report);
 }
 
+/// A safe rebase onto the image itself, or onto an overlay of it, would make a chain that
+/// loops and opens no more: refused, the image left as it was. Found while adding a
+/// rebase operation to the `ops` fuzz target.
+#[test]
+fn safe_rebase_refuses_a_backing_file_that_leads_back_to_the_image() {
+    let s = Scratch::new();
+    s.create("base.qcow2", "", 1 << 20);
+    s.create_overlay("top.qcow2", "base.qcow2", "qcow2", "", None);
+    s.qemu_io("top.qcow2", "qcow2", &["write -P 0x33 0 64k".into()]);
+    s.create_overlay("above.qcow2", "top.qcow2", "qcow2", "", None);
+    let before = std::fs::read(s.path("top.qcow2")).unwrap();
+    for new in ["top.qcow2", "above.qcow2"] {
+        let err = ops::rebase(
+            &s.path("top.qcow2"),
+            Some(new),
+            Some("qcow2"),
+            false,
+            &MergeOptions::default(),
+            &mut no_progress(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err.root(), qcow2_engine::Error::BackingLoop { .. }),
+            "{new}: {err}"
+        );
+        assert!(
+            std::fs::read(s.path("top.qcow2")).unwrap() == before,
+            "{new}: the refused rebase changed the image"
+        );
+    }
+    assert_eq!(backing_of(&s, "top.qcow2").as_deref(), Some("base.qcow2"));
+}
+
 #[test]
 fn safe_rebase_onto_another_image_keeps_the_content_and_unsafe_only_renames() {
     let s = Scratch::new();

@@ -786,8 +786,9 @@ pub fn pull(
 /// resolved against the image's directory; none when `None`) as its backing file, in
 /// format `new_format` (probed when `None`). Safe mode (`unsafe_` false) first copies into
 /// it every range that it does not allocate and whose content differs between the old
-/// and the new backing chain, so what it shows does not change; unsafe mode only
-/// rewrites the name.
+/// and the new backing chain, so what it shows does not change, and refuses a new backing
+/// file that leads back to the image (it would open no more); unsafe mode only rewrites
+/// the name, whatever it names, as `qemu-img rebase -u`.
 pub fn rebase(
     path: &Path,
     new_backing: Option<&str>,
@@ -818,9 +819,16 @@ pub fn rebase(
     if !unsafe_ {
         let chain = open(&options.chain, path, !options.dry_run, false)?;
         let sink: Option<&dyn Sink> = if options.dry_run { None } else { Some(&chain) };
+        let loop_error = |p: &Path| Error::BackingLoop {
+            path: p.to_path_buf(),
+        };
         let in_chain = match &resolved {
             None => Some(chain.layers().len()),
-            Some(p) => find_layer(&chain, p).ok().filter(|&b| b > 0),
+            // The image itself: it would be its own backing file and open no more.
+            Some(p) if find_layer(&chain, p).ok() == Some(0) => {
+                return Err(loop_error(p).in_file(path));
+            }
+            Some(p) => find_layer(&chain, p).ok(),
         };
         let mut out = Out::new(sink, options.checkpoint_bytes);
         match in_chain {
@@ -844,6 +852,18 @@ pub fn rebase(
                         ..options.chain.clone()
                     },
                 )?;
+                // A new backing chain through the image itself (an overlay of it) would
+                // loop.
+                let me = chain
+                    .stat(path)
+                    .map_err(|e| Error::io("opening", e).in_file(path))?;
+                if new_chain
+                    .layers()
+                    .iter()
+                    .any(|l| new_chain.stat(l.name()).is_ok_and(|i| i.id == me.id))
+                {
+                    return Err(loop_error(p).in_file(path));
+                }
                 copy_differences(&chain, &new_chain, &mut out, progress)?;
             }
         }
