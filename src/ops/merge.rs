@@ -125,6 +125,30 @@ impl Sink for Chain {
     }
 }
 
+/// A chain whose zeros must hide a backing file it does not have yet: a version 2 image
+/// without one makes zeroed clusters unallocated, which the new backing file of a rebase
+/// would then show through. Zeros are written as data.
+struct ZerosAsData<'a>(&'a Chain);
+
+impl Sink for ZerosAsData<'_> {
+    fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn zero(&self, offset: u64, len: u64) -> Result<()> {
+        let zeros = vec![0u8; len.min(PIECE as u64) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64);
+            self.0.write_at(&zeros[..n as usize], offset + done)?;
+            done += n;
+        }
+        Ok(())
+    }
+    fn flush(&self) -> Result<()> {
+        self.0.flush()
+    }
+}
+
 /// The largest piece of data read and written at once (1 MiB stays in the CPU caches
 /// between the read and the write; 4 MiB measured twice the CPU time).
 const PIECE: usize = 1 << 20;
@@ -818,7 +842,14 @@ pub fn rebase(
     let mut report = MergeReport::default();
     if !unsafe_ {
         let chain = open(&options.chain, path, !options.dry_run, false)?;
-        let sink: Option<&dyn Sink> = if options.dry_run { None } else { Some(&chain) };
+        let zeros_as_data = ZerosAsData(&chain);
+        let sink: Option<&dyn Sink> = match chain.top() {
+            _ if options.dry_run => None,
+            Layer::Qcow2(i) if chain.layers().len() == 1 && i.header().version < 3 => {
+                Some(&zeros_as_data)
+            }
+            _ => Some(&chain),
+        };
         let loop_error = |p: &Path| Error::BackingLoop {
             path: p.to_path_buf(),
         };
