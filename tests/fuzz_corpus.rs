@@ -324,6 +324,22 @@ fn ops_seeds() -> Vec<(&'static str, qcow2_engine::testing::OpsProgram)> {
             ),
         ),
         (
+            "seed-rebase",
+            program(
+                config(3, [small, layer(4096, true, false, false, 16), plain]),
+                vec![
+                    write(0, 100_000, 50_000, 0x59),
+                    Op::Rebase(2 << 2),
+                    Op::Rebase(0x80 | 1),
+                    Op::Pull(1),
+                    Op::Rebase(2),
+                    Op::Rebase(3),
+                    Op::Rebase(0),
+                    Op::Rebase(1),
+                ],
+            ),
+        ),
+        (
             "seed-dry-runs-and-refusals",
             program(
                 config(1, [plain; 3]),

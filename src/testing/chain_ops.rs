@@ -16,8 +16,8 @@
 //!              `LayerConfig`
 //! bytes 4-5    what the bottom and middle layer hold before the overlays above are made:
 //!              bit k writes a pattern over roughly the k-th eighth of the layer
-//! then         at most MAX_OPS operations, one opcode byte (value % 12, or a resize
-//!              from 0xf0) and its arguments each (see `ChainOp`)
+//! then         at most MAX_OPS operations, one opcode byte (value % 12; a rebase from
+//!              0xe0, a resize from 0xf0) and its arguments each (see `ChainOp`)
 //! ```
 //!
 //! Ranges are a flags byte, a 24-bit offset (modulo the size) and a 24-bit length (1 +
@@ -32,9 +32,9 @@
 //! chain of the moment it is applied). After every operation the whole guest range is
 //! read through the chain and compared; after merges, reopening and new overlays every
 //! layer's view is compared too, and the chain must consist of the expected images. An
-//! operation that fails must be one the library refuses (`InvalidArgument` or
-//! `Unsupported`: a merge with impossible arguments, snapshots that narrow refcounts
-//! cannot count) and must change nothing. Whenever the chain is closed (reopening,
+//! operation that fails must be one the library refuses (`InvalidArgument`,
+//! `Unsupported` or `BackingLoop`: a merge with impossible arguments, snapshots that
+//! narrow refcounts cannot count, a rebase onto the image itself) and must change nothing. Whenever the chain is closed (reopening,
 //! merges, new overlays, the end) every image must pass [`Image::check`] without a
 //! finding and without the dirty bit; at the end every snapshot still reachable must
 //! read as the model says (applied to a copy of its image).
@@ -244,7 +244,7 @@ impl RawRange {
 }
 
 /// One operation of the program (the opcode is the first byte modulo 12, except that
-/// bytes from 0xf0 are `Resize`).
+/// bytes from 0xe0 are `Rebase` and from 0xf0 `Resize`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChainOp {
     /// 0: `Chain::write_at` of bytes made from `pattern` and the guest offset (all zeros
@@ -295,6 +295,13 @@ pub enum ChainOp {
     /// shrinking allowed. The new area reads as zeros; version 2 refuses with snapshots,
     /// or to grow over a longer backing file.
     Resize(u8),
+    /// Opcode bytes 0xe0-0xef: `ops::rebase` of the top image. Bits 0-1: safe, onto layer
+    /// (bits 2-5 modulo the depth; the image itself is refused) (0), onto nothing (1),
+    /// onto an image no longer in the chain (bits 2-5 modulo how many; skipped without
+    /// one) (2); unsafe onto a layer below (bits 2-5), or onto nothing without one (3):
+    /// the top then shows the new backing chain where it allocates nothing. Bit 7: dry run
+    /// (safe only).
+    Rebase(u8),
 }
 
 impl ChainOp {
@@ -302,6 +309,9 @@ impl ChainOp {
         let opcode = r.u8();
         if opcode >= 0xf0 {
             return ChainOp::Resize(r.u8());
+        }
+        if opcode >= 0xe0 {
+            return ChainOp::Rebase(r.u8());
         }
         match opcode % 12 {
             0 => ChainOp::Write {
@@ -354,6 +364,7 @@ impl ChainOp {
             ChainOp::Reopen => out.push(10),
             ChainOp::Overlay(c) => out.extend([11, c.encode()]),
             ChainOp::Resize(s) => out.extend([0xf0, s]),
+            ChainOp::Rebase(m) => out.extend([0xe0, m]),
         }
     }
 }
@@ -497,6 +508,8 @@ struct Run {
     layers: Vec<LayerModel>,
     /// Snapshots by image name, in table order.
     snapshots: HashMap<String, Vec<SnapshotModel>>,
+    /// How every image was made, by name.
+    configs: HashMap<String, LayerConfig>,
     images: usize,
     next_snapshot: usize,
     /// What is running (for messages).
@@ -527,6 +540,7 @@ impl Run {
             chain: None,
             layers: Vec::new(),
             snapshots: HashMap::new(),
+            configs: HashMap::new(),
             images: 0,
             next_snapshot: 0,
             step: Step::Setup,
@@ -568,6 +582,7 @@ impl Run {
             let n = below.view.len().min(view.len());
             view[..n].copy_from_slice(&below.view[..n]);
         }
+        self.configs.insert(name.clone(), config);
         self.layers.insert(0, LayerModel { name, config, view });
         self.reopen();
     }
@@ -804,7 +819,10 @@ impl Run {
             (Err(e), Outcome::Succeeds) => self.fail(format_args!("{what}: {e}")),
             // A refusal says what is wrong with the request, not with the image.
             (Err(e), _)
-                if matches!(e.root(), Error::InvalidArgument(_) | Error::Unsupported(_)) =>
+                if matches!(
+                    e.root(),
+                    Error::InvalidArgument(_) | Error::Unsupported(_) | Error::BackingLoop { .. }
+                ) =>
             {
                 false
             }
@@ -877,6 +895,7 @@ impl Run {
             // These check every layer themselves.
             ChainOp::Commit(mode) => return self.commit(mode),
             ChainOp::Pull(mode) => return self.pull(mode),
+            ChainOp::Rebase(mode) => return self.rebase(mode),
             ChainOp::Reopen => {
                 self.reopen();
                 return self.check_all_views("reopen");
@@ -1102,6 +1121,114 @@ impl Run {
         }
         self.reopen();
         self.check_all_views("pull");
+    }
+
+    fn rebase(&mut self, mode: u8) {
+        let n = self.layers.len();
+        let index = usize::from(mode >> 2 & 15);
+        let dry_run = mode & 0x80 != 0;
+        let unsafe_ = mode & 3 == 3;
+        // The new backing chain, top first: its images, or `None` for foreign ones whose
+        // views the model does not know.
+        let (target, outcome): (Option<String>, Outcome) = match mode & 3 {
+            0 => {
+                let b = index % n;
+                let outcome = if b == 0 {
+                    Outcome::Refused
+                } else {
+                    Outcome::Succeeds
+                };
+                (Some(self.layers[b].name.clone()), outcome)
+            }
+            1 => (None, Outcome::Succeeds),
+            2 => {
+                let foreign: Vec<String> = self
+                    .fs
+                    .files()
+                    .into_iter()
+                    .map(|(p, _)| p.file_name().expect("named").to_string_lossy().into_owned())
+                    .filter(|name| self.layers.iter().all(|l| &l.name != name))
+                    .collect();
+                if foreign.is_empty() {
+                    return;
+                }
+                let target = foreign[index % foreign.len()].clone();
+                // A chain through the top would loop.
+                let outcome = if self.foreign_names(&target).contains(&self.layers[0].name) {
+                    Outcome::Refused
+                } else {
+                    Outcome::Succeeds
+                };
+                (Some(target), outcome)
+            }
+            _ if n > 1 => (
+                Some(self.layers[1 + index % (n - 1)].name.clone()),
+                Outcome::Succeeds,
+            ),
+            _ => (None, Outcome::Succeeds),
+        };
+        // What the top decides itself: after an unsafe rebase the rest shows the new chain.
+        let own = unsafe_.then(|| self.own_sectors(0));
+        self.close_for_merge();
+        let r = ops::rebase(
+            self.layers[0].name.as_ref(),
+            target.as_deref(),
+            target.as_ref().map(|_| "qcow2"),
+            unsafe_,
+            &self.merge_options(dry_run),
+            &mut |_, _| true,
+        )
+        .map(drop);
+        let what = format!("rebase onto {target:?} (unsafe: {unsafe_})");
+        if self.expect(r, outcome, &what) && !dry_run {
+            let below = match &target {
+                None => Vec::new(),
+                Some(t) => match self.layers.iter().position(|l| &l.name == t) {
+                    Some(b) => self.layers.split_off(b),
+                    None => self.foreign_chain(t),
+                },
+            };
+            self.layers.truncate(1);
+            self.layers.extend(below);
+            if let Some(own) = own {
+                let below = self.layers.get(1).map(|l| l.view.clone());
+                show_below(&mut self.layers[0].view, &own, below.as_deref());
+            }
+        }
+        self.reopen();
+        self.check_all_views("rebase");
+    }
+
+    /// The images of the chain of `name`, top first.
+    fn foreign_names(&self, name: &str) -> Vec<String> {
+        let chain = Chain::open_with(name, &self.chain_options(false))
+            .unwrap_or_else(|e| self.fail(format_args!("opening {name}: {e}")));
+        chain
+            .layers()
+            .iter()
+            .map(|l| l.name().display().to_string())
+            .collect()
+    }
+
+    /// The models of the image `name` (not in the chain) and its backing chain, from what
+    /// the library reads: nothing else knows them.
+    fn foreign_chain(&self, name: &str) -> Vec<LayerModel> {
+        self.foreign_names(name)
+            .into_iter()
+            .map(|name| {
+                let below = Chain::open_with(&name, &self.chain_options(false))
+                    .unwrap_or_else(|e| self.fail(format_args!("opening {name}: {e}")));
+                let mut view = vec![0u8; below.size() as usize];
+                below
+                    .read_at(&mut view, 0)
+                    .unwrap_or_else(|e| self.fail(format_args!("reading {name}: {e}")));
+                LayerModel {
+                    config: self.configs[&name],
+                    name,
+                    view,
+                }
+            })
+            .collect()
     }
 
     /// Closes everything; every image must check clean and every snapshot of the chain's
