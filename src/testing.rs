@@ -5,10 +5,17 @@
 //! errors are the expected answer to most inputs. Where a result is `Ok`, the harness also
 //! checks a property that a correct decoder keeps (a round trip, runs that tile the range),
 //! so a wrong answer fails as loudly as a crash.
+//!
+//! [`ops`] is different: its input is a program ([`OpsProgram`]) of operations on a chain
+//! held in memory, checked against a model after every step.
 
 use crate::format::{Header, HeaderExtensions, SnapshotEntry};
 use crate::qcow2::{Image, ImageOptions, Mapping, RepairMode, Run};
 use crate::storage::MemStorage;
+
+mod chain_ops;
+
+pub use chain_ops::{ChainOp, LayerConfig, MAX_OPS, OpsConfig, OpsProgram, RawRange, ops};
 
 /// A harness: runs one input, panics only on a bug.
 pub type Harness = fn(&[u8]);
@@ -20,6 +27,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("open_and_read", open_and_read),
     ("snapshot_table", snapshot_table),
     ("check", check),
+    ("ops", ops),
 ];
 
 /// How much of the guest range [`open_and_read`] reads: an image may claim exabytes.

@@ -7,12 +7,12 @@
 mod write;
 
 use std::collections::HashSet;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::qcow2::{Image, ImageOptions, Mapping, Run};
-use crate::storage::{Extent, Storage};
+use crate::storage::{Extent, FileInfo, Opener, Storage, canonicalize_with, stat_with};
 
 /// Image formats a layer can have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -291,15 +291,21 @@ pub struct BackingPolicy {
 }
 
 impl BackingPolicy {
-    /// Why the policy refuses the file at `path` (already known to exist), if it does.
-    fn refusal(&self, path: &Path, meta: &std::fs::Metadata) -> Result<Option<&'static str>> {
-        if self.regular_files_only && !meta.is_file() {
+    /// Why the policy refuses the file at `path` (already known to exist, as `info`), if
+    /// it does, resolving names through `opener` (the host file system without one).
+    fn refusal(
+        &self,
+        path: &Path,
+        info: &FileInfo,
+        opener: Option<&dyn Opener>,
+    ) -> Result<Option<&'static str>> {
+        if self.regular_files_only && !info.regular {
             return Ok(Some("not a regular file"));
         }
         if let Some(dir) = &self.confine_to {
-            let real = std::fs::canonicalize(path)
+            let real = canonicalize_with(opener, path)
                 .map_err(|e| Error::io(format!("resolving {}", path.display()), e))?;
-            let dir = std::fs::canonicalize(dir)
+            let dir = canonicalize_with(opener, dir)
                 .map_err(|e| Error::io(format!("resolving {}", dir.display()), e))?;
             if !real.starts_with(&dir) {
                 return Ok(Some("outside the directory backing files are confined to"));
@@ -308,9 +314,9 @@ impl BackingPolicy {
         Ok(None)
     }
 
-    /// Checks a backing file (already known to exist) against the policy.
-    fn check(&self, path: &Path, meta: &std::fs::Metadata) -> Result<()> {
-        match self.refusal(path, meta)? {
+    /// Checks a backing file (already known to exist, as `info`) against the policy.
+    fn check(&self, path: &Path, info: &FileInfo, opener: Option<&dyn Opener>) -> Result<()> {
+        match self.refusal(path, info, opener)? {
             Some(reason) => Err(Error::BackingRefused {
                 path: path.to_path_buf(),
                 reason,
@@ -321,16 +327,16 @@ impl BackingPolicy {
 
     /// Checks the external data file of `layer`, if it has one (it is open, but nothing
     /// has been read from it yet).
-    fn check_data_file(&self, layer: &Layer) -> Result<()> {
+    fn check_data_file(&self, layer: &Layer, opener: Option<&dyn Opener>) -> Result<()> {
         if *self == BackingPolicy::default()
             || !layer.as_qcow2().is_some_and(Image::has_external_data_file)
         {
             return Ok(());
         }
         let path = layer.data_path();
-        let meta = std::fs::metadata(&path)
+        let info = stat_with(opener, &path)
             .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-        match self.refusal(&path, &meta)? {
+        match self.refusal(&path, &info, opener)? {
             Some(reason) => Err(Error::DataFileRefused { path, reason }),
             None => Ok(()),
         }
@@ -380,10 +386,22 @@ impl ChainRun {
 }
 
 /// An image with its backing chain, top first.
-#[derive(Debug)]
 pub struct Chain {
     layers: Vec<Layer>,
     warnings: Vec<String>,
+    /// What the chain was opened through ([`ImageOptions::opener`]): names are looked up
+    /// through it ([`Chain::stat`]).
+    opener: Option<Arc<dyn Opener>>,
+}
+
+impl std::fmt::Debug for Chain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chain")
+            .field("layers", &self.layers)
+            .field("warnings", &self.warnings)
+            .field("opener", &self.opener.as_ref().map(|_| "custom"))
+            .finish()
+    }
 }
 
 /// Joins a relative `name` stored in `overlay` to the overlay's directory, as QEMU does.
@@ -461,6 +479,7 @@ impl Chain {
     /// Opens the image at `path` and its backing chain with `options`.
     pub fn open_with(path: impl AsRef<Path>, options: &ChainOptions) -> Result<Chain> {
         let path = path.as_ref();
+        let opener = options.image.opener.as_deref();
         let mut seen = HashSet::new();
         let mut warnings = Vec::new();
         let mut layers: Vec<Layer> = Vec::new();
@@ -472,7 +491,7 @@ impl Chain {
                 }
                 .in_file(path));
             }
-            let meta = std::fs::metadata(&layer_path).map_err(|e| match layers.last() {
+            let info = stat_with(opener, &layer_path).map_err(|e| match layers.last() {
                 // Name the image that refers to the missing backing file, as qemu-img does.
                 Some(overlay) => Error::io(
                     format!("could not open backing file {}", layer_path.display()),
@@ -481,13 +500,13 @@ impl Chain {
                 .in_file(overlay.name()),
                 None => Error::io("opening", e).in_file(&layer_path),
             })?;
-            if !seen.insert((meta.dev(), meta.ino())) {
+            if !seen.insert(info.id) {
                 return Err(Error::BackingLoop { path: layer_path }.in_file(path));
             }
             if let Some(overlay) = layers.last() {
                 options
                     .backing_policy
-                    .check(&layer_path, &meta)
+                    .check(&layer_path, &info, opener)
                     .map_err(|e| e.in_file(overlay.name()))?;
             }
             let image_options = ImageOptions {
@@ -510,7 +529,7 @@ impl Chain {
             };
             options
                 .backing_policy
-                .check_data_file(&layer)
+                .check_data_file(&layer, opener)
                 .map_err(|e| e.in_file(layer.name()))?;
             if !options.no_backing {
                 if let Some((name, fmt)) = layer.backing() {
@@ -525,7 +544,11 @@ impl Chain {
             }
             layers.push(layer);
         }
-        Ok(Chain { layers, warnings })
+        Ok(Chain {
+            layers,
+            warnings,
+            opener: options.image.opener.clone(),
+        })
     }
 
     /// A chain of already open layers, top first. Fails when `layers` is empty.
@@ -538,7 +561,19 @@ impl Chain {
         Ok(Chain {
             layers,
             warnings: Vec::new(),
+            opener: None,
         })
+    }
+
+    /// Looks up the file at `path` through the opener the chain was opened with (the host
+    /// file system for chains opened without one, or made by [`Chain::from_layers`]).
+    pub fn stat(&self, path: &Path) -> std::io::Result<FileInfo> {
+        stat_with(self.opener.as_deref(), path)
+    }
+
+    /// The canonical name of `path` through the chain's opener (see [`Chain::stat`]).
+    pub fn canonicalize(&self, path: &Path) -> std::io::Result<PathBuf> {
+        canonicalize_with(self.opener.as_deref(), path)
     }
 
     /// Things the caller should tell the user about (e.g. a corrupt image opened

@@ -14,7 +14,6 @@
 //! copied. Running the same command again after an interruption completes the merge, and
 //! skips what is in place already ([`MergeReport::already_done_bytes`]).
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::chain::{Chain, ChainOptions, ChainRun, Layer};
@@ -91,14 +90,15 @@ pub struct CommitOptions {
 /// A progress callback: `(done, total)` bytes; returning `false` cancels.
 pub type Progress<'a> = &'a mut dyn FnMut(u64, u64) -> bool;
 
-/// Which layer of `chain` is the file at `path` (same device and inode).
+/// Which layer of `chain` is the file at `path` (the same file, as the opener the chain
+/// was opened through sees it: same device and inode for host files).
 pub fn find_layer(chain: &Chain, path: &Path) -> Result<usize> {
-    let want = std::fs::metadata(path).map_err(|e| Error::io("opening", e).in_file(path))?;
+    let want = chain
+        .stat(path)
+        .map_err(|e| Error::io("opening", e).in_file(path))?;
     for (i, layer) in chain.layers().iter().enumerate() {
-        if let Ok(m) = std::fs::metadata(layer.name()) {
-            if m.dev() == want.dev() && m.ino() == want.ino() {
-                return Ok(i);
-            }
+        if chain.stat(layer.name()).is_ok_and(|m| m.id == want.id) {
+            return Ok(i);
         }
     }
     Err(Error::InvalidArgument(format!(
@@ -124,6 +124,30 @@ impl Sink for Chain {
     }
     fn flush(&self) -> Result<()> {
         Chain::flush(self)
+    }
+}
+
+/// A chain whose zeros must hide a backing file it does not have yet: a version 2 image
+/// without one makes zeroed clusters unallocated, which the new backing file of a rebase
+/// would then show through. Zeros are written as data.
+struct ZerosAsData<'a>(&'a Chain);
+
+impl Sink for ZerosAsData<'_> {
+    fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn zero(&self, offset: u64, len: u64) -> Result<()> {
+        let zeros = vec![0u8; len.min(PIECE as u64) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64);
+            self.0.write_at(&zeros[..n as usize], offset + done)?;
+            done += n;
+        }
+        Ok(())
+    }
+    fn flush(&self) -> Result<()> {
+        self.0.flush()
     }
 }
 
@@ -674,12 +698,19 @@ fn open(options: &ChainOptions, path: &Path, writable: bool, no_backing: bool) -
 /// The name `overlay` should store to reach the backing file that `above_base` (the
 /// image directly above it in the chain) names `stored`: the same name when it resolves
 /// the same from both directories, else an absolute path.
-fn backing_name(overlay: &Path, above_base: &Path, stored: &str, base: &Path) -> String {
+fn backing_name(
+    chain: &Chain,
+    overlay: &Path,
+    above_base: &Path,
+    stored: &str,
+    base: &Path,
+) -> String {
     let dir = |p: &Path| p.parent().map(Path::to_path_buf).unwrap_or_default();
     if Path::new(stored).is_absolute() || dir(overlay) == dir(above_base) {
         return stored.to_owned();
     }
-    std::fs::canonicalize(base)
+    chain
+        .canonicalize(base)
         .unwrap_or_else(|_| base.to_path_buf())
         .display()
         .to_string()
@@ -701,6 +732,7 @@ fn repoint_options(
             let base = &chain.layers()[b];
             AmendOptions {
                 backing_file: Some(Some(backing_name(
+                    chain,
                     overlay,
                     above.name(),
                     &stored,
@@ -752,6 +784,15 @@ pub fn commit(path: &Path, options: &CommitOptions, progress: Progress<'_>) -> R
         ));
     }
     let keep = options.keep || options.base.is_some() || top > 0;
+    // A middle range goes down as its top layer shows it: up to that layer's size,
+    // whether the active image is shorter or longer.
+    let from_top;
+    let (data, copy) = if top > 0 {
+        from_top = open(open_options, chain.layers()[top].name(), false, false)?;
+        (&from_top, 0..base - top)
+    } else {
+        (&chain, 0..base)
+    };
     if options.merge.dry_run {
         let dest = Dest {
             present: Present::new(&chain.layers()[base]),
@@ -759,7 +800,8 @@ pub fn commit(path: &Path, options: &CommitOptions, progress: Progress<'_>) -> R
             misses: std::cell::Cell::new(0),
         };
         let mut out = Out::new(None, 0);
-        copy_decided(&chain, top, top..base, true, &dest, &mut out, progress)?;
+        copy_decided(data, 0, copy, true, &dest, &mut out, progress)?;
+        hide_tail(&chain, top, &dest, &mut out)?;
         return Ok(out.report);
     }
     let base_path = chain.layers()[base].name().to_path_buf();
@@ -774,7 +816,8 @@ pub fn commit(path: &Path, options: &CommitOptions, progress: Progress<'_>) -> R
         misses: std::cell::Cell::new(0),
     };
     let mut out = Out::new(Some(&base_chain), options.merge.checkpoint_bytes);
-    copy_decided(&chain, top, top..base, true, &dest, &mut out, progress)?;
+    copy_decided(data, 0, copy, true, &dest, &mut out, progress)?;
+    hide_tail(&chain, top, &dest, &mut out)?;
     let report = out.report;
     base_chain.close()?;
     drop(base_chain);
@@ -790,6 +833,34 @@ pub fn commit(path: &Path, options: &CommitOptions, progress: Progress<'_>) -> R
         file.close()?;
     }
     Ok(report)
+}
+
+/// Before a middle range (layers `top..`, `top` > 0) is committed, the images above it see
+/// zeros past the end of layer `top` where they allocate nothing; re-pointed at a longer
+/// base they would see its data there. So the base reads as zeros from the end of `top`
+/// as far as any image above reaches (QEMU's block-commit leaves that data showing).
+fn hide_tail(chain: &Chain, top: usize, dest: &Dest<'_>, out: &mut Out<'_>) -> Result<()> {
+    if top == 0 {
+        return Ok(());
+    }
+    let from = chain.layers()[top].size();
+    let reach = chain.layers()[..top]
+        .iter()
+        .map(Layer::size)
+        .max()
+        .unwrap_or(0);
+    let end = reach.min(dest.present.layer.size());
+    if end <= from {
+        return Ok(());
+    }
+    let mut bufs = Buffers::default();
+    out.report.already_done_bytes +=
+        dest.present
+            .compare(None, from, end - from, &mut bufs.scratch, &mut bufs.todo)?;
+    for &(o, l) in &bufs.todo {
+        out.zero(o, l)?;
+    }
+    Ok(())
 }
 
 /// Pulls as libvirt blockpull: everything the image at `path` shows from layers above
@@ -843,8 +914,9 @@ pub fn pull(
 /// resolved against the image's directory; none when `None`) as its backing file, in
 /// format `new_format` (probed when `None`). Safe mode (`unsafe_` false) first copies into
 /// it every range that it does not allocate and whose content differs between the old
-/// and the new backing chain, so what it shows does not change; unsafe mode only
-/// rewrites the name.
+/// and the new backing chain, so what it shows does not change, and refuses a new backing
+/// file that leads back to the image (it would open no more); unsafe mode only rewrites
+/// the name, whatever it names, as `qemu-img rebase -u`.
 pub fn rebase(
     path: &Path,
     new_backing: Option<&str>,
@@ -874,10 +946,24 @@ pub fn rebase(
     let mut report = MergeReport::default();
     if !unsafe_ {
         let chain = open(&options.chain, path, !options.dry_run, false)?;
-        let sink: Option<&dyn Sink> = if options.dry_run { None } else { Some(&chain) };
+        let zeros_as_data = ZerosAsData(&chain);
+        let sink: Option<&dyn Sink> = match chain.top() {
+            _ if options.dry_run => None,
+            Layer::Qcow2(i) if chain.layers().len() == 1 && i.header().version < 3 => {
+                Some(&zeros_as_data)
+            }
+            _ => Some(&chain),
+        };
+        let loop_error = |p: &Path| Error::BackingLoop {
+            path: p.to_path_buf(),
+        };
         let in_chain = match &resolved {
             None => Some(chain.layers().len()),
-            Some(p) => find_layer(&chain, p).ok().filter(|&b| b > 0),
+            // The image itself: it would be its own backing file and open no more.
+            Some(p) if find_layer(&chain, p).ok() == Some(0) => {
+                return Err(loop_error(p).in_file(path));
+            }
+            Some(p) => find_layer(&chain, p).ok(),
         };
         let mut out = Out::new(sink, options.checkpoint_bytes);
         match in_chain {
@@ -902,6 +988,18 @@ pub fn rebase(
                         ..options.chain.clone()
                     },
                 )?;
+                // A new backing chain through the image itself (an overlay of it) would
+                // loop.
+                let me = chain
+                    .stat(path)
+                    .map_err(|e| Error::io("opening", e).in_file(path))?;
+                if new_chain
+                    .layers()
+                    .iter()
+                    .any(|l| new_chain.stat(l.name()).is_ok_and(|i| i.id == me.id))
+                {
+                    return Err(loop_error(p).in_file(path));
+                }
                 copy_differences(&chain, &new_chain, &mut out, progress)?;
             }
         }

@@ -569,13 +569,37 @@ impl Image {
                 file_len: self.file_len(),
             }));
         }
-        let input = read_exact(
-            &*self.storage,
-            "compressed cluster",
-            host_offset,
-            available,
-            self.file_len(),
-        )
+        let read = |available: u64, file_len: u64| {
+            read_exact(
+                &*self.storage,
+                "compressed cluster",
+                host_offset,
+                available,
+                file_len,
+            )
+        };
+        let input = match read(available, self.file_len()) {
+            // A cluster counts in `file_len` as soon as it is allocated, before anything is
+            // written to it: the last compressed cluster written since the image was
+            // opened ends where its data does (unpadded, as QEMU writes it), before the
+            // end of the last sector its descriptor names. Read what the file holds.
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::UnexpectedEof => {
+                let real = self
+                    .storage
+                    .len()
+                    .map_err(|e| self.name_error(Error::io("reading the file length", e)))?;
+                match real.saturating_sub(host_offset).min(len) {
+                    0 => Err(Error::Truncated {
+                        structure: "compressed cluster",
+                        offset: host_offset,
+                        len,
+                        file_len: real,
+                    }),
+                    available => read(available, real),
+                }
+            }
+            other => other,
+        }
         .map_err(|e| self.name_error(e))?;
         let mut out = vec![0u8; self.cluster_size() as usize];
         decompress(self.compression_type(), &input, &mut out, host_offset)

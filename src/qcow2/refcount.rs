@@ -381,6 +381,11 @@ impl Refcounts {
         Ok(())
     }
 
+    /// Whether refcounts changed in memory since they were last written.
+    pub(crate) fn has_changes(&self) -> bool {
+        !self.dirty_table.is_empty() || self.blocks.values().any(|b| b.dirty)
+    }
+
     /// Writes dirty refcount blocks (not the table).
     fn write_blocks(&mut self, storage: &dyn Storage) -> Result<()> {
         for (&index, block) in self.blocks.iter_mut().filter(|(_, b)| b.dirty) {

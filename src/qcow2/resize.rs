@@ -71,10 +71,12 @@ impl Image {
                     "shrinking an image can lose data: allow it explicitly (--shrink)".into(),
                 ));
             }
-            // Whole clusters past the new end lose their data and host clusters.
+            // Whole clusters past the new end lose their data and host clusters, the
+            // partial last one included (whole, as in QEMU: a compressed cluster's
+            // subclusters cannot go alone).
             let lo = new_size.div_ceil(cs) * cs;
             if lo < old_size {
-                self.unallocate(lo, old_size)?;
+                self.unallocate(lo, old_size.div_ceil(cs) * cs)?;
             }
             self.set_size(new_size, None)?;
             return self.set_data_file_len(new_size);

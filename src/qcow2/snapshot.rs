@@ -16,6 +16,7 @@
 //! images the operation runs with the dirty bit set: a crash leaves the image dirty, and
 //! the next writer — QEMU or this crate — checks and repairs it before using it.
 
+use std::collections::HashMap;
 use std::sync::PoisonError;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -39,7 +40,13 @@ impl Image {
         // Refuse before the operation marks the image dirty.
         self.new_snapshot_entry(name)
             .map_err(|e| self.name_error(e))?;
-        self.snapshot_op(|w| self.create_locked(w, name))
+        self.snapshot_op(
+            |w| {
+                let l1 = self.meta().l1.clone();
+                self.check_references_fit(w, &l1)
+            },
+            |w| self.create_locked(w, name),
+        )
     }
 
     /// Reverts the active image to the snapshot whose ID or name is `id_or_name`, as
@@ -47,7 +54,15 @@ impl Image {
     pub fn snapshot_apply(&self, id_or_name: &str) -> Result<()> {
         self.find_snapshot(id_or_name)
             .map_err(|e| self.name_error(e))?;
-        self.snapshot_op(|w| self.apply_locked(w, id_or_name))
+        self.snapshot_op(
+            |w| {
+                let index = self.find_snapshot(id_or_name)?;
+                let snapshot = self.meta().snapshots[index].clone();
+                let target = self.read_l1(snapshot.l1_table_offset, snapshot.l1_size)?;
+                self.check_references_fit(w, &target)
+            },
+            |w| self.apply_locked(w, id_or_name),
+        )
     }
 
     /// Deletes the snapshot whose ID or name is `id_or_name`, as `qemu-img snapshot -d`;
@@ -55,10 +70,16 @@ impl Image {
     pub fn snapshot_delete(&self, id_or_name: &str) -> Result<()> {
         self.find_snapshot(id_or_name)
             .map_err(|e| self.name_error(e))?;
-        self.snapshot_op(|w| self.delete_locked(w, id_or_name))
+        self.snapshot_op(|_| Ok(()), |w| self.delete_locked(w, id_or_name))
     }
 
-    fn snapshot_op<T>(&self, op: impl FnOnce(&mut Writer) -> Result<T>) -> Result<T> {
+    /// Runs `op` under the exclusive lock after a checkpoint, with the dirty bit set
+    /// (version 3); `check` runs first and may refuse before anything changes.
+    fn snapshot_op<T>(
+        &self,
+        check: impl FnOnce(&mut Writer) -> Result<()>,
+        op: impl FnOnce(&mut Writer) -> Result<T>,
+    ) -> Result<T> {
         if self.has_external_data_file() {
             return Err(self.name_error(Error::Unsupported(
                 "internal snapshots in an image with an external data file",
@@ -67,6 +88,7 @@ impl Image {
         let _io = self.io_lock.write().unwrap_or_else(PoisonError::into_inner);
         let mut w = self.writer().map_err(|e| self.name_error(e))?;
         let result = self.checkpoint(&mut w).and_then(|()| {
+            check(&mut w)?;
             let marked = self.mark_dirty_during_snapshot_op()?;
             let value = op(&mut w)?;
             if marked {
@@ -76,8 +98,10 @@ impl Image {
             }
             Ok(value)
         });
-        // Tables changed behind the cache's back: start it afresh.
+        // Tables changed behind the cache's back, and clusters it read may be free: start
+        // the caches afresh.
         self.l2_cache.clear();
+        self.forget_compressed();
         self.refresh_overlap_map(&w);
         result.map_err(|e| self.name_error(e))
     }
@@ -283,6 +307,50 @@ impl Image {
     /// Adds `delta` to the refcount of every L2 table `l1` points at and of every cluster
     /// those tables map (once per reference, as QEMU counts them).
     fn add_references(&self, w: &mut Writer, l1: &[u64], delta: i64) -> Result<()> {
+        self.for_each_reference(l1, |first, count| {
+            w.refcounts.add(&*self.storage, first, count, delta)
+        })
+    }
+
+    /// Refuses, before anything changes, to add the references of `l1` (see
+    /// `add_references`) where a refcount cannot count them: narrow refcounts
+    /// (1 bit: no cluster can be shared at all) or a host cluster packed with compressed
+    /// clusters up to its width's maximum. QEMU refuses these too (EINVAL), but only
+    /// after it has changed the image.
+    fn check_references_fit(&self, w: &mut Writer, l1: &[u64]) -> Result<()> {
+        let mut adds: HashMap<u64, u64> = HashMap::new();
+        self.for_each_reference(l1, |first, count| {
+            for c in first..first + count {
+                *adds.entry(c).or_default() += 1;
+            }
+            Ok(())
+        })?;
+        let order = self.header().refcount_order;
+        let max = format::max_refcount(order);
+        let mut clusters: Vec<(u64, u64)> = adds.into_iter().collect();
+        clusters.sort_unstable();
+        for (cluster, more) in clusters {
+            let now = w.refcounts.get(&*self.storage, cluster)?;
+            if now.saturating_add(more) > max {
+                return Err(Error::InvalidArgument(format!(
+                    "{}-bit refcounts cannot count the snapshot's references: the cluster at \
+                     {:#x} has {now} and would need {more} more",
+                    1u32 << order,
+                    cluster << self.geometry.cluster_bits()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Calls `f(first cluster, count)` once per reference of `l1`: each L2 table it points
+    /// at, each data (or preallocated zero) cluster and the host clusters of each
+    /// compressed cluster those tables map.
+    fn for_each_reference(
+        &self,
+        l1: &[u64],
+        mut f: impl FnMut(u64, u64) -> Result<()>,
+    ) -> Result<()> {
         let g = self.geometry;
         let cb = g.cluster_bits();
         let step = if g.extended_l2() { 2 } else { 1 };
@@ -305,18 +373,17 @@ impl Image {
                     | ClusterDescriptor::Zero { host: Some(host) }
                         if host != 0 =>
                     {
-                        w.refcounts.add(&*self.storage, host >> cb, 1, delta)?;
+                        f(host >> cb, 1)?;
                     }
                     ClusterDescriptor::Compressed(c) => {
                         let first = c.host_offset >> cb;
                         let last = (c.host_offset + c.len - 1) >> cb;
-                        w.refcounts
-                            .add(&*self.storage, first, last - first + 1, delta)?;
+                        f(first, last - first + 1)?;
                     }
                     _ => {}
                 }
             }
-            w.refcounts.add(&*self.storage, l2 >> cb, 1, delta)?;
+            f(l2 >> cb, 1)?;
         }
         Ok(())
     }

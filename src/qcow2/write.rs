@@ -608,7 +608,11 @@ impl Image {
     pub(crate) fn checkpoint(&self, w: &mut Writer) -> Result<()> {
         self.publish_table_move(w)?;
         let metadata_changes = !w.dirty_l2.is_empty() || !w.dirty_l1.is_empty() || w.header_dirty;
-        if metadata_changes && w.lazy && !self.is_dirty() {
+        // Refcounts also lag when only they changed (an allocation or a free by an
+        // operation that writes its tables itself, such as a new L1 table) or frees are
+        // about to apply (step 4).
+        let refcounts_lag = w.refcounts.has_changes() || !w.pending_free.is_empty();
+        if (metadata_changes || refcounts_lag) && w.lazy && !self.is_dirty() {
             // Lazy refcounts: mark the image dirty before refcounts start to lag.
             self.meta_mut().header.incompatible_features |= IncompatibleFeatures::DIRTY;
             self.write_header()?;
@@ -777,20 +781,54 @@ impl Image {
         } else {
             self.write_zero_bytes(aligned_hi, end - aligned_hi, backing)?;
         }
-        self.change_entries(
-            aligned_lo,
-            aligned_hi.min(end.div_ceil(unit) * unit),
-            |old, _| {
-                if v2 {
-                    ZeroAction::Unallocate
-                } else {
-                    ZeroAction::Zero {
-                        unmap,
-                        keep_old: old,
-                    }
+        let cs = g.cluster_size();
+        // A range reaching the end of the image covers its partial last cluster whole, as
+        // in QEMU.
+        let mut lo = aligned_lo;
+        let mut hi = if end == size {
+            end.div_ceil(cs) * cs
+        } else {
+            aligned_hi
+        };
+        if g.extended_l2() {
+            // Subclusters of a compressed cluster cannot be zeroed apart from the rest:
+            // QEMU answers ENOTSUP and writes zeros instead, which turns the cluster into
+            // an ordinary one. Only the first and the last cluster can be partial.
+            if lo % cs != 0 {
+                let head_end = (lo.div_ceil(cs) * cs).min(hi);
+                if self.is_compressed_at(lo)? {
+                    self.write_zero_bytes(lo, head_end.min(size) - lo, backing)?;
+                    lo = head_end;
                 }
-            },
-        )
+            }
+            if hi % cs != 0 && lo < hi {
+                let tail_start = (hi / cs * cs).max(lo);
+                if self.is_compressed_at(tail_start)? {
+                    self.write_zero_bytes(tail_start, hi - tail_start, backing)?;
+                    hi = tail_start;
+                }
+            }
+            if lo >= hi {
+                return Ok(());
+            }
+        }
+        self.change_entries(lo, hi, |old, _| {
+            if v2 {
+                ZeroAction::Unallocate
+            } else {
+                ZeroAction::Zero {
+                    unmap,
+                    keep_old: old,
+                }
+            }
+        })
+    }
+
+    fn is_compressed_at(&self, offset: u64) -> Result<bool> {
+        Ok(matches!(
+            self.lookup(offset, 1)?.mapping,
+            Mapping::Compressed(_)
+        ))
     }
 
     fn write_zero_bytes(&self, offset: u64, len: u64, backing: BackingRead<'_>) -> Result<()> {
@@ -977,9 +1015,17 @@ impl Image {
         w.dirty_l1.insert(index as usize);
     }
 
-    /// Makes whole clusters in `lo..hi` unallocated whatever the backing file (the part of
-    /// shrinking that frees data).
+    /// Makes whole clusters in `lo..hi` unallocated whatever the backing file (shrinking,
+    /// emptying a committed image). A range reaching the end of the image takes its
+    /// partial last cluster whole, as QEMU does: the subclusters of a compressed cluster
+    /// cannot go alone.
     pub(crate) fn discard_whole(&self, lo: u64, hi: u64) -> Result<()> {
+        let cs = self.geometry.cluster_size();
+        let hi = if hi >= self.size() {
+            hi.div_ceil(cs) * cs
+        } else {
+            hi
+        };
         self.change_entries(lo, hi, |_, _| ZeroAction::Unallocate)
     }
 
@@ -1040,6 +1086,9 @@ impl Image {
         let end = (host >> cb << cb) + cs;
         w.compressed_tail = Some((host + len, end));
         self.check_overlap("a compressed cluster", host, len, None)?;
+        // The last decompressed cluster may have lived here before it was freed (by a
+        // snapshot operation, which does not go through this module's frees).
+        self.forget_compressed();
         self.storage
             .write_at(compressed, host)
             .map_err(|e| self.io_error("writing a compressed cluster", host, e))?;

@@ -1,7 +1,9 @@
+use std::collections::BTreeMap;
 use std::io;
-use std::sync::RwLock;
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
-use super::Storage;
+use super::{FileInfo, Opener, Storage};
 
 /// Bytes held in memory: for tests, benches and fuzzing.
 #[derive(Debug, Default)]
@@ -74,6 +76,109 @@ impl Storage for MemStorage {
     }
 }
 
+/// A file system in memory: an [`Opener`] that serves [`MemStorage`]s by name, so that
+/// whole chains can be created, opened and merged without touching the host (tests,
+/// fuzzing). Names are taken lexically: relative ones are relative to `/`, `.` and `..`
+/// are resolved without looking anything up, and there are no links, except that one
+/// storage may be added under several names (hard links: [`Opener::stat`] gives them one
+/// identity).
+#[derive(Debug, Default)]
+pub struct MemOpener {
+    files: RwLock<BTreeMap<PathBuf, Arc<MemStorage>>>,
+}
+
+impl MemOpener {
+    /// An empty file system.
+    pub fn new() -> MemOpener {
+        MemOpener::default()
+    }
+
+    /// Adds (or replaces) the file `path` holding `storage`.
+    pub fn insert(&self, path: impl AsRef<Path>, storage: Arc<MemStorage>) {
+        self.files
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(normalize(path.as_ref()), storage);
+    }
+
+    /// Adds (or replaces) an empty file `path` and returns its storage.
+    pub fn create(&self, path: impl AsRef<Path>) -> Arc<MemStorage> {
+        let storage = Arc::new(MemStorage::new());
+        self.insert(path, storage.clone());
+        storage
+    }
+
+    /// The storage of the file `path`, if there is one.
+    pub fn get(&self, path: impl AsRef<Path>) -> Option<Arc<MemStorage>> {
+        self.files
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&normalize(path.as_ref()))
+            .cloned()
+    }
+
+    /// Removes the file `path`; returns its storage.
+    pub fn remove(&self, path: impl AsRef<Path>) -> Option<Arc<MemStorage>> {
+        self.files
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&normalize(path.as_ref()))
+    }
+
+    /// Every file's name (absolute, normalized) and storage, sorted by name.
+    pub fn files(&self) -> Vec<(PathBuf, Arc<MemStorage>)> {
+        self.files
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(p, s)| (p.clone(), s.clone()))
+            .collect()
+    }
+
+    fn find(&self, path: &Path) -> io::Result<Arc<MemStorage>> {
+        self.get(path).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{}: no such file in memory", path.display()),
+            )
+        })
+    }
+}
+
+/// `path` made absolute (relative to `/`) with `.` and `..` resolved lexically.
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::from("/");
+    for c in path.components() {
+        match c {
+            Component::Prefix(_) | Component::RootDir | Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(name) => out.push(name),
+        }
+    }
+    out
+}
+
+impl Opener for MemOpener {
+    fn open(&self, path: &Path, _writable: bool) -> io::Result<Box<dyn Storage>> {
+        Ok(Box::new(self.find(path)?))
+    }
+
+    fn stat(&self, path: &Path) -> io::Result<FileInfo> {
+        let storage = self.find(path)?;
+        Ok(FileInfo {
+            // One storage, one file, whatever its names.
+            id: (u64::MAX, Arc::as_ptr(&storage) as usize as u64),
+            regular: true,
+        })
+    }
+
+    fn canonicalize(&self, path: &Path) -> io::Result<PathBuf> {
+        Ok(normalize(path))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,5 +197,26 @@ mod tests {
         let s = MemStorage::new();
         s.write_at(&[7], 3).unwrap();
         assert_eq!(s.to_bytes(), vec![0, 0, 0, 7]);
+    }
+
+    #[test]
+    fn mem_opener_resolves_names_lexically_and_links_share_an_identity() {
+        let fs = MemOpener::new();
+        let a = fs.create("dir/a.img");
+        a.write_at(&[1, 2], 0).unwrap();
+        let opened = fs.open(Path::new("/dir/./x/../a.img"), true).unwrap();
+        let mut buf = [0u8; 2];
+        opened.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, [1, 2]);
+        assert!(fs.open(Path::new("a.img"), false).is_err());
+        fs.insert("link.img", a.clone());
+        let id = |p: &str| fs.stat(Path::new(p)).unwrap().id;
+        assert_eq!(id("link.img"), id("dir/a.img"));
+        fs.create("b.img");
+        assert_ne!(id("b.img"), id("dir/a.img"));
+        assert_eq!(
+            fs.canonicalize(Path::new("dir/../b.img")).unwrap(),
+            PathBuf::from("/b.img")
+        );
     }
 }
