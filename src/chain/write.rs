@@ -114,6 +114,18 @@ impl Chain {
         }
     }
 
+    /// Starts writing the top image's writes back without waiting (see
+    /// [`crate::Image::start_writeback`]).
+    pub fn start_writeback(&self) -> Result<()> {
+        match self.writable_top()? {
+            Layer::Qcow2(image) => image.start_writeback(),
+            Layer::Raw(raw) => raw
+                .storage
+                .start_writeback()
+                .map_err(|e| Error::io("writing back", e).in_file(&raw.name)),
+        }
+    }
+
     /// Flushes and leaves the top image clean on disk (see [`crate::Image::close`]).
     pub fn close(&self) -> Result<()> {
         match self.top() {

@@ -706,6 +706,20 @@ impl Image {
         self.checkpoint(&mut w).map_err(|e| self.name_error(e))
     }
 
+    /// Starts writing what was written back to the disk without waiting (see
+    /// [`crate::storage::Storage::start_writeback`]): long copies call it as they go, so
+    /// that the disk works while they do and the final flush is short. Durability still
+    /// comes only from [`Image::flush`].
+    pub fn start_writeback(&self) -> Result<()> {
+        if let Some(data) = &self.data_file {
+            data.start_writeback()
+                .map_err(|e| self.name_error(Error::io("writing back", e)))?;
+        }
+        self.storage
+            .start_writeback()
+            .map_err(|e| self.name_error(Error::io("writing back", e)))
+    }
+
     /// Flushes, and with lazy refcounts also writes the refcounts and clears the dirty
     /// bit, so the image is clean on disk. Dropping a writable image does this too, but
     /// cannot report errors.

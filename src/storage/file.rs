@@ -80,6 +80,18 @@ impl Storage for FileStorage {
         }
         self.file.sync_data()
     }
+    /// `posix_fadvise(POSIX_FADV_DONTNEED)` over the whole file: Linux queues the dirty
+    /// pages for writing (without waiting) and drops the clean ones from the page cache.
+    /// (`sync_file_range` would only start the writing, but needs `unsafe`.) What is
+    /// dropped is re-read if needed; the copies that call this do not read back what
+    /// they wrote.
+    fn start_writeback(&self) -> io::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        rustix::fs::fadvise(&self.file, 0, None, rustix::fs::Advice::DontNeed)?;
+        Ok(())
+    }
     fn len(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.len())
     }

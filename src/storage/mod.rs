@@ -48,6 +48,12 @@ pub trait Storage: Send + Sync {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Makes every completed write durable.
     fn flush(&self) -> io::Result<()>;
+    /// Starts writing completed writes back to the device without waiting, so that a
+    /// later [`Storage::flush`] finds less to do. Only a hint: nothing becomes durable
+    /// until `flush` returns. Default: nothing.
+    fn start_writeback(&self) -> io::Result<()> {
+        Ok(())
+    }
     /// The current length in bytes.
     fn len(&self) -> io::Result<u64>;
     /// Truncates or extends (with zeros) to `len` bytes.
