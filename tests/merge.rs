@@ -9,7 +9,7 @@ use common::{
     Scratch, assert_check_clean as check, assert_same_content as same_content, backing_of,
     merge_chain as chain,
 };
-use qcow2_engine::ops::{self, CommitOptions, MergeOptions};
+use qcow2_engine::ops::{self, CommitOptions, MergeOptions, StorageCopy};
 
 const SIZE: u64 = common::MERGE_SIZE;
 
@@ -251,6 +251,68 @@ fn pull_matches_qemu_img_rebase_with_and_without_a_base() {
                 "{options} {base:?}"
             );
         }
+    }
+}
+
+/// With every plain data run copied by the storage (`copy_file_range` between these host
+/// files, an in-kernel copy on ext4, shared extents on XFS or Btrfs), commit and pull
+/// give qemu-img's results and report what reading and writing reports.
+#[test]
+fn merges_by_storage_copies_match_qemu_img() {
+    let copying = MergeOptions {
+        storage_copy: StorageCopy::Always,
+        ..MergeOptions::default()
+    };
+    for (i, options) in OPTIONS.iter().enumerate() {
+        let s = Scratch::new();
+        chain(&s, options, 60 + i as u64);
+        let before = s.reference("top.qcow2", "qcow2");
+        let dry_run = ops::commit(
+            &s.path("ours/top.qcow2"),
+            &CommitOptions {
+                base: Some(s.path("ours/base.qcow2")),
+                merge: MergeOptions {
+                    dry_run: true,
+                    ..MergeOptions::default()
+                },
+                ..CommitOptions::default()
+            },
+            &mut no_progress(),
+        )
+        .unwrap();
+        let report = ops::commit(
+            &s.path("ours/top.qcow2"),
+            &CommitOptions {
+                base: Some(s.path("ours/base.qcow2")),
+                merge: copying.clone(),
+                ..CommitOptions::default()
+            },
+            &mut no_progress(),
+        )
+        .unwrap();
+        assert_eq!(report, dry_run, "{options}");
+        let qbase = s.path("qemu/base.qcow2").display().to_string();
+        let qtop = s.path("qemu/top.qcow2").display().to_string();
+        s.qemu_img(&["commit", "-q", "-b", &qbase, &qtop]);
+        for f in ["base.qcow2", "mid.qcow2", "top.qcow2"] {
+            check(&s, &format!("ours/{f}"));
+            same_content(&s, &format!("ours/{f}"), &format!("qemu/{f}"));
+        }
+        assert_eq!(s.reference("ours/top.qcow2", "qcow2"), before, "{options}");
+
+        // Pull everything from the committed chain.
+        ops::pull(
+            &s.path("ours/top.qcow2"),
+            None,
+            &copying,
+            &mut no_progress(),
+        )
+        .unwrap();
+        s.qemu_img(&["rebase", "-q", "-b", "", "qemu/top.qcow2"]);
+        check(&s, "ours/top.qcow2");
+        assert_eq!(backing_of(&s, "ours/top.qcow2"), None);
+        same_content(&s, "ours/top.qcow2", "qemu/top.qcow2");
+        assert_eq!(s.reference("ours/top.qcow2", "qcow2"), before, "{options}");
     }
 }
 

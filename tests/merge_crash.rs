@@ -40,7 +40,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use common::Scratch;
-use qcow2_engine::ops::{self, CommitOptions, MergeOptions, MergeReport};
+use qcow2_engine::ops::{self, CommitOptions, MergeOptions, MergeReport, StorageCopy};
 use qcow2_engine::storage::{Extent, FaultStorage, Opener, Storage, Unflushed};
 use qcow2_engine::{Chain, ChainOptions, Image, ImageOptions};
 
@@ -360,6 +360,12 @@ fn work(r: &MergeReport) -> u64 {
 
 /// Runs `case` crashing after every write; see the module docs for what is checked.
 fn crash_every_write(case: &Case) {
+    crash_every_write_copying(case, StorageCopy::Never);
+}
+
+/// [`crash_every_write`] with data going to the destination as storage copies
+/// (`storage_copy`): on these disks, the default copy through a buffer.
+fn crash_every_write_copying(case: &Case, storage_copy: StorageCopy) {
     let s = Scratch::new();
     (case.build)(&s);
     let names = case.images;
@@ -402,6 +408,7 @@ fn crash_every_write(case: &Case) {
     };
     let base_options = MergeOptions {
         checkpoint_bytes: 16 << 10,
+        storage_copy,
         ..MergeOptions::default()
     };
 
@@ -840,6 +847,40 @@ fn commit_through_mid_into_base() {
         snapshot: None,
         op: commit(Some("base.qcow2"), None, false),
     });
+}
+
+#[test]
+fn commit_through_mid_into_base_by_storage_copies() {
+    crash_every_write_copying(
+        &Case {
+            name: "commit -b base by storage copies (64k/4k/512 clusters)",
+            build: mixed,
+            images: CHAIN,
+            active: "top.qcow2",
+            dest: "base.qcow2",
+            unchanged: &["top.qcow2"],
+            snapshot: None,
+            op: commit(Some("base.qcow2"), None, false),
+        },
+        StorageCopy::Always,
+    );
+}
+
+#[test]
+fn pull_everything_by_storage_copies() {
+    crash_every_write_copying(
+        &Case {
+            name: "pull by storage copies (64k/4k/512 clusters)",
+            build: mixed,
+            images: CHAIN,
+            active: "top.qcow2",
+            dest: "top.qcow2",
+            unchanged: CHAIN,
+            snapshot: None,
+            op: Op::Pull { base: None },
+        },
+        StorageCopy::Always,
+    );
 }
 
 #[test]

@@ -170,6 +170,14 @@ impl Layer {
         }
     }
 
+    /// Where the layer's guest data lives: host offsets of its data runs point here.
+    pub(crate) fn data_storage(&self) -> &dyn crate::storage::Storage {
+        match self {
+            Layer::Qcow2(i) => i.data_storage(),
+            Layer::Raw(r) => &*r.storage,
+        }
+    }
+
     /// Virtual size in bytes.
     pub fn size(&self) -> u64 {
         match self {

@@ -45,6 +45,30 @@ impl Chain {
         }
     }
 
+    /// Writes at guest `offset` the `len` bytes that `from` (a layer of this or another
+    /// chain) stores from `host` of its data file, letting the storage copy them
+    /// ([`crate::storage::Storage::copy_from`]: shared extents on XFS and Btrfs).
+    pub(crate) fn copy_in(&self, from: &Layer, host: u64, len: u64, offset: u64) -> Result<()> {
+        let src = from.data_storage();
+        match self.writable_top()? {
+            Layer::Qcow2(image) => {
+                image.copy_in_with(src, from.name(), host, len, offset, &|b, o| {
+                    self.read_below(b, o)
+                })
+            }
+            Layer::Raw(raw) => {
+                raw.check(offset, len)?;
+                raw.storage.copy_from(src, host, offset, len).map_err(|e| {
+                    Error::io(
+                        format!("copying from {} to {offset:#x}", from.name().display()),
+                        e,
+                    )
+                    .in_file(&raw.name)
+                })
+            }
+        }
+    }
+
     /// Makes `offset..offset + len` read as zeros, with zero flags where whole clusters
     /// allow; `unmap` lets freed host clusters go (qemu-io's `write -z -u`).
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {

@@ -23,5 +23,6 @@ pub use info::{ImageInfo, Qcow2Info, SnapshotInfo, chain_info, info};
 pub use map::{MapEntries, MapEntry, map, map_range};
 pub use measure::{Measurement, measure_chain, measure_size};
 pub use merge::{
-    CommitOptions, MergeOptions, MergeReport, Progress, commit, find_layer, pull, rebase,
+    CommitOptions, MergeOptions, MergeReport, Progress, StorageCopy, commit, find_layer, pull,
+    rebase,
 };

@@ -28,6 +28,7 @@ use crate::format::{
     self, AutoclearFeatures, ClusterDescriptor, CompatibleFeatures, IncompatibleFeatures, L1Entry,
     L2Entry, SubclusterBitmap,
 };
+use crate::storage::Storage;
 
 use super::image::Image;
 use super::mapping::Mapping;
@@ -165,44 +166,66 @@ impl Image {
         offset: u64,
         backing: BackingRead<'_>,
     ) -> Result<()> {
-        self.write_inner(buf, offset, backing)
+        self.write_inner(Source::Bytes(buf), offset, backing)
             .map_err(|e| self.name_error(e))
     }
 
-    fn write_inner(&self, buf: &[u8], offset: u64, backing: BackingRead<'_>) -> Result<()> {
+    /// Writes `len` bytes of `src` (the file `name`) from `src_offset` at guest `offset`,
+    /// as [`Image::write_at_with`] would write them, but letting the storage copy them
+    /// ([`Storage::copy_from`]): where the file system shares extents, whole clusters
+    /// take no data I/O.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn copy_in_with(
+        &self,
+        src: &dyn Storage,
+        name: &std::path::Path,
+        src_offset: u64,
+        len: u64,
+        offset: u64,
+        backing: BackingRead<'_>,
+    ) -> Result<()> {
+        let source = Source::Copy {
+            storage: src,
+            name,
+            offset: src_offset,
+            len,
+        };
+        self.write_inner(source, offset, backing)
+            .map_err(|e| self.name_error(e))
+    }
+
+    fn write_inner(&self, buf: Source<'_>, offset: u64, backing: BackingRead<'_>) -> Result<()> {
         self.ensure_writable()?;
-        self.check_range(offset, buf.len() as u64)?;
-        if buf.is_empty() {
+        self.check_range(offset, buf.len())?;
+        if buf.len() == 0 {
             return Ok(());
         }
         // Fast path: overwrite clusters this image owns alone, sharing the image.
         let done = {
             let _io = self.io_lock.read().unwrap_or_else(PoisonError::into_inner);
             let mut done = 0u64;
-            for run in self.runs(offset, buf.len() as u64) {
+            for run in self.runs(offset, buf.len()) {
                 let run = run?;
                 let Mapping::Data { host, copied: true } = run.mapping else {
                     break;
                 };
-                let part = &buf[done as usize..(done + run.len) as usize];
+                let part = buf.slice(done, done + run.len);
                 self.check_overlap("data", host, run.len, None)?;
-                self.data_storage()
-                    .write_at(part, host)
-                    .map_err(|e| self.io_error("writing data", host, e))?;
+                part.write_to(self, host)?;
                 done += run.len;
             }
             done
         };
-        if done == buf.len() as u64 {
+        if done == buf.len() {
             return Ok(());
         }
         let _io = self.io_lock.write().unwrap_or_else(PoisonError::into_inner);
         let mut w = self.writer()?;
         let mut pos = offset + done;
-        let end = offset + buf.len() as u64;
+        let end = offset + buf.len();
         while pos < end {
             let span_end = end.min((self.geometry.l1_index(pos) + 1) * self.geometry.l2_span());
-            let src = &buf[(pos - offset) as usize..(span_end - offset) as usize];
+            let src = buf.slice(pos - offset, span_end - offset);
             self.write_span(&mut w, src, pos, backing)?;
             pos = span_end;
         }
@@ -213,7 +236,7 @@ impl Image {
     fn write_span(
         &self,
         w: &mut Writer,
-        buf: &[u8],
+        buf: Source<'_>,
         offset: u64,
         backing: BackingRead<'_>,
     ) -> Result<()> {
@@ -221,7 +244,7 @@ impl Image {
         let cs = g.cluster_size();
         let l1_index = g.l1_index(offset);
         let mut slot = self.l2_for_write(w, l1_index)?;
-        let end = offset + buf.len() as u64;
+        let end = offset + buf.len();
         // Clusters that need a new host cluster get contiguous ones, allocated at once.
         let first_cluster = g.cluster_start(offset);
         let mut needs = 0u64;
@@ -242,7 +265,7 @@ impl Image {
         while c < end {
             let from = offset.max(c);
             let to = end.min(c + cs);
-            let part = &buf[(from - offset) as usize..(to - offset) as usize];
+            let part = buf.slice(from - offset, to - offset);
             let host = if self.cluster_needs_allocation(&slot.table, c)? {
                 Some(match next_host.as_mut() {
                     Some(h) => {
@@ -335,7 +358,7 @@ impl Image {
         table: &mut [u64],
         cluster: u64,
         from: u64,
-        part: &[u8],
+        part: Source<'_>,
         new_host: Option<u64>,
         backing: BackingRead<'_>,
         pending: &mut PendingWrite<'_>,
@@ -345,7 +368,7 @@ impl Image {
         let unit = g.subcluster_size();
         let (entry, bitmap) = self.entry(table, cluster);
         let old = self.descriptor(entry, cluster)?;
-        let to = from + part.len() as u64;
+        let to = from + part.len();
         let host = match (new_host, old) {
             (Some(h), _) => h,
             (None, ClusterDescriptor::Data { host, .. }) => host,
@@ -393,7 +416,7 @@ impl Image {
             self.read_old(old, bitmap, write_lo, &mut bytes[..head], backing)?;
             let tail = (to - write_lo) as usize;
             self.read_old(old, bitmap, to, &mut bytes[tail..], backing)?;
-            bytes[head..tail].copy_from_slice(part);
+            part.read_into(&mut bytes[head..tail])?;
             pending.push_owned(self, host + (write_lo - cluster), &bytes)?;
         }
         self.set_entry(table, cluster, L2Entry::data(host, true), new_bitmap);
@@ -851,7 +874,7 @@ impl Image {
         let mut pos = 0;
         while pos < len {
             let n = (len - pos).min(CHUNK);
-            self.write_inner(&zeros[..n as usize], offset + pos, backing)?;
+            self.write_inner(Source::Bytes(&zeros[..n as usize]), offset + pos, backing)?;
             pos += n;
         }
         Ok(())
@@ -1169,14 +1192,14 @@ impl L2Slot {
 /// buffer, into one positional write straight from that buffer.
 struct PendingWrite<'b> {
     /// The caller's data and the guest offset of its first byte.
-    src: &'b [u8],
+    src: Source<'b>,
     src_offset: u64,
     /// A run waiting to be written: host offset, start in `src`, length.
-    run: Option<(u64, usize, usize)>,
+    run: Option<(u64, u64, u64)>,
 }
 
 impl<'b> PendingWrite<'b> {
-    fn new(src: &'b [u8], src_offset: u64) -> PendingWrite<'b> {
+    fn new(src: Source<'b>, src_offset: u64) -> PendingWrite<'b> {
         PendingWrite {
             src,
             src_offset,
@@ -1185,10 +1208,10 @@ impl<'b> PendingWrite<'b> {
     }
 
     /// Queues `len` bytes of the caller's data from guest `guest` for host `host`.
-    fn push_borrowed(&mut self, image: &Image, host: u64, guest: u64, len: usize) -> Result<()> {
-        let start = (guest - self.src_offset) as usize;
+    fn push_borrowed(&mut self, image: &Image, host: u64, guest: u64, len: u64) -> Result<()> {
+        let start = guest - self.src_offset;
         if let Some((h, s, l)) = self.run {
-            if h + l as u64 == host && s + l == start && l < 32 << 20 {
+            if h + l == host && s + l == start && l < 32 << 20 {
                 self.run = Some((h, s, l + len));
                 return Ok(());
             }
@@ -1206,8 +1229,95 @@ impl<'b> PendingWrite<'b> {
 
     fn flush(&mut self, image: &Image) -> Result<()> {
         match self.run.take() {
-            Some((host, start, len)) => write_data(image, host, &self.src[start..start + len]),
+            Some((host, start, len)) => {
+                let part = self.src.slice(start, start + len);
+                image.check_overlap("data", host, len, None)?;
+                part.write_to(image, host)?;
+                if image.data_file.is_none() {
+                    image.file_len.fetch_max(host + len, Ordering::Relaxed);
+                }
+                Ok(())
+            }
             None => Ok(()),
+        }
+    }
+}
+
+/// Where the bytes of a write come from.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    /// The caller's buffer.
+    Bytes(&'a [u8]),
+    /// `len` bytes of another file from `offset`, copied by the storage.
+    Copy {
+        storage: &'a dyn Storage,
+        name: &'a std::path::Path,
+        offset: u64,
+        len: u64,
+    },
+}
+
+impl<'a> Source<'a> {
+    fn len(&self) -> u64 {
+        match self {
+            Source::Bytes(b) => b.len() as u64,
+            Source::Copy { len, .. } => *len,
+        }
+    }
+
+    /// Bytes `from..to` of this source.
+    fn slice(&self, from: u64, to: u64) -> Source<'a> {
+        match *self {
+            Source::Bytes(b) => Source::Bytes(&b[from as usize..to as usize]),
+            Source::Copy {
+                storage,
+                name,
+                offset,
+                ..
+            } => Source::Copy {
+                storage,
+                name,
+                offset: offset + from,
+                len: to - from,
+            },
+        }
+    }
+
+    /// Fills `buf` (as long as the source) with its bytes, for copy-on-write.
+    fn read_into(&self, buf: &mut [u8]) -> Result<()> {
+        match *self {
+            Source::Bytes(b) => buf.copy_from_slice(b),
+            Source::Copy {
+                storage,
+                name,
+                offset,
+                ..
+            } => storage.read_at(buf, offset).map_err(|e| {
+                Error::io(format!("reading at {offset:#x} to copy"), e).in_file(name)
+            })?,
+        }
+        Ok(())
+    }
+
+    /// Writes the source at `host` of `image`'s data storage.
+    fn write_to(&self, image: &Image, host: u64) -> Result<()> {
+        let dst = image.data_storage();
+        match *self {
+            Source::Bytes(b) => dst
+                .write_at(b, host)
+                .map_err(|e| image.io_error("writing data", host, e)),
+            Source::Copy {
+                storage,
+                name,
+                offset,
+                len,
+            } => dst.copy_from(storage, offset, host, len).map_err(|e| {
+                image.io_error(
+                    &format!("copying data from {} at {offset:#x}", name.display()),
+                    host,
+                    e,
+                )
+            }),
         }
     }
 }

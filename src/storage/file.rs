@@ -80,6 +80,81 @@ impl Storage for FileStorage {
         }
         self.file.sync_data()
     }
+    /// `copy_file_range` when `src` is a host file too (a reflink where the file system
+    /// shares extents), else through a buffer; also through a buffer when the kernel
+    /// refuses the pair (other file systems on old kernels, special files).
+    fn copy_from(
+        &self,
+        src: &dyn Storage,
+        src_offset: u64,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "opened read-only",
+            ));
+        }
+        let Some(from) = src.as_file() else {
+            return super::copy_through_buffer(src, src_offset, self, offset, len);
+        };
+        let mut done = 0u64;
+        while done < len {
+            let mut src_at = src_offset + done;
+            let mut at = offset + done;
+            let want = (len - done).min(1 << 30) as usize;
+            match rustix::fs::copy_file_range(
+                from,
+                Some(&mut src_at),
+                &self.file,
+                Some(&mut at),
+                want,
+            ) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the source ended before the copied range",
+                    ));
+                }
+                Ok(n) => done += n as u64,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(
+                    rustix::io::Errno::XDEV
+                    | rustix::io::Errno::INVAL
+                    | rustix::io::Errno::NOSYS
+                    | rustix::io::Errno::OPNOTSUPP,
+                ) => {
+                    return super::copy_through_buffer(
+                        src,
+                        src_offset + done,
+                        self,
+                        offset + done,
+                        len - done,
+                    );
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+    fn as_file(&self) -> Option<&File> {
+        Some(&self.file)
+    }
+    fn shares_extents_with(&self, src: &dyn Storage) -> bool {
+        // statfs(2) magic numbers of file systems whose copy_file_range shares extents.
+        const XFS: u64 = 0x5846_5342;
+        const BTRFS: u64 = 0x9123_683e;
+        let Some(from) = src.as_file() else {
+            return false;
+        };
+        let kind = |f: &File| rustix::fs::fstatfs(f).ok().map(|s| s.f_type as u64);
+        let same_device = match (self.file.metadata(), from.metadata()) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev(),
+            _ => false,
+        };
+        same_device && matches!(kind(&self.file), Some(XFS | BTRFS))
+    }
     /// `posix_fadvise(POSIX_FADV_DONTNEED)` over the whole file: Linux queues the dirty
     /// pages for writing (without waiting) and drops the clean ones from the page cache.
     /// (`sync_file_range` would only start the writing, but needs `unsafe`.) What is

@@ -48,6 +48,31 @@ pub trait Storage: Send + Sync {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Makes every completed write durable.
     fn flush(&self) -> io::Result<()>;
+    /// Copies `len` bytes of `src` from `src_offset` to `offset` of this storage, growing
+    /// it as [`Storage::write_at`] does. The default reads and writes through a bounded
+    /// buffer; host files let the kernel copy ([`FileStorage`]), which file systems that
+    /// share extents (XFS, Btrfs) do by sharing them: no data moves.
+    fn copy_from(
+        &self,
+        src: &dyn Storage,
+        src_offset: u64,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        copy_through_buffer(src, src_offset, self, offset, len)
+    }
+    /// The host file behind this storage, for [`Storage::copy_from`] between files.
+    fn as_file(&self) -> Option<&std::fs::File> {
+        None
+    }
+    /// Whether copies into this storage from `src` ([`Storage::copy_from`]) share extents
+    /// instead of moving data: both are host files on one file system that can (XFS,
+    /// Btrfs). Elsewhere the kernel's copy only saves one memory copy, and reading ahead
+    /// on several threads does better.
+    fn shares_extents_with(&self, src: &dyn Storage) -> bool {
+        let _ = src;
+        false
+    }
     /// Starts writing completed writes back to the device without waiting, so that a
     /// later [`Storage::flush`] finds less to do. Only a hint: nothing becomes durable
     /// until `flush` returns. Default: nothing.
@@ -77,6 +102,25 @@ pub trait Storage: Send + Sync {
         let _ = offset;
         Ok(Extent::Data(max_len))
     }
+}
+
+/// [`Storage::copy_from`] through a buffer of at most 1 MiB.
+pub(crate) fn copy_through_buffer<D: Storage + ?Sized>(
+    src: &dyn Storage,
+    src_offset: u64,
+    dst: &D,
+    offset: u64,
+    len: u64,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        src.read_at(&mut buf[..n], src_offset + done)?;
+        dst.write_at(&buf[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// Which file a name refers to and what kind of file it is (see [`Opener::stat`]).

@@ -279,11 +279,12 @@ pub enum ChainOp {
     /// 8: `ops::commit` from the top image. Bits 0-1: into the backing file, emptying
     /// the top (0), keeping it (1), with `base` = layer (bits 2-5 modulo the depth) (2),
     /// with `top` = layer (bits 2-5 modulo the depth; the layer above is re-pointed)
-    /// (3); bit 7: dry run. Impossible combinations must be refused.
+    /// (3); bit 6: data copied by the storage; bit 7: dry run. Impossible combinations
+    /// must be refused.
     Commit(u8),
     /// 9: `ops::pull` into the top image. Bits 0-6 modulo (depth + 1): the base layer,
-    /// the depth meaning none (pull everything), 0 (the top itself) refused; bit 7: dry
-    /// run.
+    /// the depth meaning none (pull everything), 0 (the top itself) refused; bit 6 also:
+    /// data copied by the storage; bit 7: dry run.
     Pull(u8),
     /// 10: close the chain and open it again.
     Reopen,
@@ -299,8 +300,8 @@ pub enum ChainOp {
     /// (bits 2-5 modulo the depth; the image itself is refused) (0), onto nothing (1),
     /// onto an image no longer in the chain (bits 2-5 modulo how many; skipped without
     /// one) (2); unsafe onto a layer below (bits 2-5), or onto nothing without one (3):
-    /// the top then shows the new backing chain where it allocates nothing. Bit 7: dry run
-    /// (safe only).
+    /// the top then shows the new backing chain where it allocates nothing. Bit 6: data
+    /// copied by the storage; bit 7: dry run (safe only).
     Rebase(u8),
 }
 
@@ -647,9 +648,17 @@ impl Run {
         }
     }
 
-    fn merge_options(&self, dry_run: bool) -> MergeOptions {
+    /// Options of a merge whose mode byte is `mode`: bit 7 asks for a dry run, bit 6 for
+    /// storage copies of plain data ([`ops::StorageCopy::Always`]; through the buffer
+    /// copy of in-memory storage here).
+    fn merge_options(&self, mode: u8) -> MergeOptions {
         MergeOptions {
-            dry_run,
+            dry_run: mode & 0x80 != 0,
+            storage_copy: if mode & 0x40 != 0 {
+                ops::StorageCopy::Always
+            } else {
+                ops::StorageCopy::Never
+            },
             chain: self.chain_options(false),
             checkpoint_bytes: if self.program.config.small_checkpoints {
                 64 << 10
@@ -1029,7 +1038,7 @@ impl Run {
         };
         let options = CommitOptions {
             keep,
-            merge: self.merge_options(dry_run),
+            merge: self.merge_options(mode),
             ..options
         };
         let mut possible = top < base && base < n;
@@ -1107,7 +1116,7 @@ impl Run {
         let r = ops::pull(
             self.layers[0].name.as_ref(),
             base_name.as_deref().map(AsRef::as_ref),
-            &self.merge_options(dry_run),
+            &self.merge_options(mode),
             &mut |_, _| true,
         )
         .map(drop);
@@ -1175,7 +1184,7 @@ impl Run {
             target.as_deref(),
             target.as_ref().map(|_| "qcow2"),
             unsafe_,
-            &self.merge_options(dry_run),
+            &self.merge_options(mode),
             &mut |_, _| true,
         )
         .map(drop);
