@@ -79,8 +79,9 @@ impl Default for MergeOptions {
 }
 
 /// When a merge lets the storage copy data ([`crate::storage::Storage::copy_from`])
-/// instead of reading it and writing it. Only uncompressed data the destination does not
-/// allocate yet goes this way (what it allocates is compared first, for resumed merges).
+/// instead of reading it and writing it. Only uncompressed data goes this way, and not
+/// where the destination's own data is still compared with it (looking for what an
+/// interrupted run left, see [`MergeReport::already_done_bytes`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum StorageCopy {
     /// Where the copy shares extents: source and destination are host files on one XFS
@@ -932,11 +933,13 @@ fn copy_decided(
                     runs,
                     by_copy: true,
                     ..
-                } if !dest
-                    .present
-                    .any(runs[0].offset, runs.iter().map(|r| r.len).sum())? =>
+                } if !dest.probing()
+                    || !dest
+                        .present
+                        .any(runs[0].offset, runs.iter().map(|r| r.len).sum())? =>
                 {
-                    // Nothing to compare with: the storage copies.
+                    // Nothing to compare with (nothing there, or no longer looking for
+                    // what an interrupted run left): the storage copies.
                     for run in &runs {
                         out.copy(&chain.layers()[run.depth], run)?;
                     }

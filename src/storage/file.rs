@@ -198,3 +198,42 @@ impl Storage for FileStorage {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemStorage;
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 4096) as u8).collect()
+    }
+
+    #[test]
+    fn copy_from_copies_between_files_and_from_memory_and_grows_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let src_path = dir.path().join("src");
+        std::fs::write(&src_path, pattern(3 << 20)).unwrap();
+        let src = FileStorage::open(&src_path, false).unwrap();
+        let dst = FileStorage::create(&dir.path().join("dst")).unwrap();
+        // Between host files (copy_file_range), unaligned, past the current end.
+        dst.copy_from(&src, 12345, 4096 + 7, (2 << 20) + 3).unwrap();
+        let mut got = vec![0u8; (2 << 20) + 3];
+        dst.read_at(&mut got, 4096 + 7).unwrap();
+        assert_eq!(got, pattern(3 << 20)[12345..12345 + got.len()]);
+        assert_eq!(dst.len().unwrap(), 4096 + 7 + got.len() as u64);
+        // From storage without a host file: through the buffer.
+        let mem = MemStorage::from_bytes(pattern(1 << 20));
+        dst.copy_from(&mem, 100, 0, 5000).unwrap();
+        let mut head = vec![0u8; 5000];
+        dst.read_at(&mut head, 0).unwrap();
+        assert_eq!(head, pattern(1 << 20)[100..5100]);
+        // A source shorter than the range is an error, not a short copy.
+        let err = dst.copy_from(&src, (3 << 20) - 10, 0, 20).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
+        // Read-only storage refuses.
+        let err = src.copy_from(&mem, 0, 0, 10).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+        // ext4 and tmpfs share no extents; a memory source never does.
+        assert!(!dst.shares_extents_with(&mem));
+    }
+}
