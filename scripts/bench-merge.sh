@@ -36,6 +36,10 @@
 # operation must copy come from `qimg ... --dry-run` on the pristine chain.
 # The floor writes that many bytes (rounded up to 16 MiB) from /dev/zero into a new file
 # with four `dd oflag=direct bs=4M conv=notrunc,fsync` writers on disjoint quarters.
+# Cold, a merge must also read its data from the disk: the copy floor reads that many
+# bytes of a file that is not in the page cache and writes them durably, with four `dd
+# iflag=direct oflag=direct bs=4M conv=notrunc,fsync` copiers on disjoint quarters. Where
+# reads and writes share the disk's bandwidth it takes about twice the floor's time.
 #
 # Output (stdout): one table per mode (warm, then cold with --cold), one row per scale and
 # operation:
@@ -44,6 +48,8 @@
 #   floor_s        median seconds of the floor for the same bytes
 #   qemu_floor qimg_floor  each tool's throughput as a fraction of the floor's (floor_s / s)
 #   qemu_rss qimg_rss      peak RSS in MiB over the runs (GNU time's %M, as `time -v`)
+#   copy_s qemu_copy qimg_copy  (cold only) median seconds of the copy floor, and each
+#                          tool's throughput as a fraction of it
 # Progress goes to stderr.
 set -euo pipefail
 
@@ -207,6 +213,30 @@ floor() {
 	awk -v a="$start" -v b="$end" 'BEGIN { printf "%.3f\n", b - a }' >>"$work/$mode.$scale.$op.floor"
 }
 
+# copy_floor BYTES: four parallel O_DIRECT copiers read BYTES (rounded up to 16 MiB) of
+# $work/source.bin (evicted first) and write them into a new file, then fsync; append the
+# elapsed seconds to $work/$mode.$scale.$op.copy.
+copy_floor() {
+	local bytes=$1 out=$work/copy.bin blocks start end
+	blocks=$(((bytes + (16 << 20) - 1) / (16 << 20)))
+	[ "$blocks" -gt 0 ] || blocks=1
+	if [ ! -f "$work/source.bin" ] || [ "$(stat -c %s "$work/source.bin")" -lt $((4 * blocks * (4 << 20))) ]; then
+		dd if=/dev/urandom of="$work/source.bin" bs=4M count=$((4 * blocks)) status=none
+	fi
+	rm -f "$out"
+	evict "$work/source.bin"
+	touch_memory
+	start=$(date +%s.%N)
+	for w in 0 1 2 3; do
+		dd if="$work/source.bin" of="$out" bs=4M count="$blocks" skip=$((w * blocks)) \
+			seek=$((w * blocks)) iflag=direct oflag=direct conv=notrunc,fsync status=none &
+	done
+	wait
+	end=$(date +%s.%N)
+	rm -f "$out"
+	awk -v a="$start" -v b="$end" 'BEGIN { printf "%.3f\n", b - a }' >>"$work/$mode.$scale.$op.copy"
+}
+
 # verify OP: qimg's result in $work/first.qimg equals qemu-img's in $work/first.qemu-img.
 verify() {
 	local op=$1 dst
@@ -245,10 +275,15 @@ for scale in "${scales[@]}"; do
 		for op in "${ops[@]}"; do
 			for ((i = 1; i <= runs; i++)); do
 				if ((i % 2)); then order=(qemu-img qimg floor); else order=(qimg qemu-img floor); fi
+				[ "$mode" = cold ] && order+=(copy)
 				for tool in "${order[@]}"; do
 					log "$mode scale $scale $op: run $i/$runs: $tool"
 					if [ "$tool" = floor ]; then
 						floor "${data_bytes[$scale.$op]}"
+						continue
+					fi
+					if [ "$tool" = copy ]; then
+						copy_floor "${data_bytes[$scale.$op]}"
 						continue
 					fi
 					fresh "$work/run"
@@ -265,13 +300,15 @@ for scale in "${scales[@]}"; do
 			done
 		done
 	done
-	rm -rf "$chain" "$work/run"
+	rm -rf "$chain" "$work/run" "$work/source.bin"
 done
 
 for mode in "${modes[@]}"; do
 	echo "== $mode page cache ($runs runs each, medians)"
-	printf "%-6s %-12s %9s %8s %8s %8s %8s %10s %10s %9s %9s\n" \
+	printf "%-6s %-12s %9s %8s %8s %8s %8s %10s %10s %9s %9s" \
 		scale op data_mib qemu_s qimg_s speedup floor_s qemu_floor qimg_floor qemu_rss qimg_rss
+	if [ "$mode" = cold ]; then printf " %7s %9s %9s" copy_s qemu_copy qimg_copy; fi
+	echo
 	for scale in "${scales[@]}"; do
 		for op in "${ops[@]}"; do
 			base=$work/$mode.$scale.$op
@@ -282,8 +319,14 @@ for mode in "${modes[@]}"; do
 			mr=$(cut -d' ' -f4 "$base.qimg" | peak_mib)
 			awk -v s="$scale" -v op="$op" -v d="${data_bytes[$scale.$op]}" -v q="$q" -v m="$m" \
 				-v f="$f" -v qr="$qr" -v mr="$mr" 'function div(a, b) { return b > 0 ? sprintf("%.2f", a / b) : "inf" }
-				BEGIN { printf "%-6s %-12s %9.0f %8.2f %8.2f %8s %8.2f %10s %10s %9s %9s\n",
+				BEGIN { printf "%-6s %-12s %9.0f %8.2f %8.2f %8s %8.2f %10s %10s %9s %9s",
 					s, op, d / 1048576, q, m, div(q, m), f, div(f, q), div(f, m), qr, mr }'
+			if [ "$mode" = cold ]; then
+				c=$(median <"$base.copy")
+				awk -v q="$q" -v m="$m" -v c="$c" 'function div(a, b) { return b > 0 ? sprintf("%.2f", a / b) : "inf" }
+					BEGIN { printf " %7.2f %9s %9s", c, div(c, q), div(c, m) }'
+			fi
+			echo
 		done
 	done
 done
