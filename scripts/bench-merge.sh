@@ -24,7 +24,12 @@
 #   QIMG       qimg binary; when unset the script builds `cargo build --release --example
 #              qimg` and uses target/release/examples/qimg
 #   TOUCH_GIB  GiB of memory a throwaway process touches before every timed run (default 3)
-#   TMPDIR     where the work directory goes (SCALE 4 needs ~10 GiB free)
+#   TMPDIR     where the work directory goes (SCALE 4 needs ~10 GiB free). On a file
+#              system that shares extents qimg's merges copy data by reflink (see
+#              ops::StorageCopy); to measure that here, as root, with xfsprogs:
+#                truncate -s 14G /work/xfs.img && mkfs.xfs -q -m reflink=1 /work/xfs.img
+#                mkdir -p /mnt/xfs && mount -o loop /work/xfs.img /mnt/xfs
+#                TMPDIR=/mnt/xfs scripts/bench-merge.sh --cold 1 4
 #
 # Method: per scale, one chain is built once. Before every timed run the chain is copied
 # afresh (cp --sparse=always, then sync so no dirty page of the copy is left for the tool
