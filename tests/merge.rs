@@ -316,6 +316,111 @@ fn merges_by_storage_copies_match_qemu_img() {
     }
 }
 
+/// Host files whose reads fail with EIO over one byte range of one file.
+struct FailingReads {
+    file: std::path::PathBuf,
+    range: std::ops::Range<u64>,
+}
+
+struct FailingStorage {
+    inner: qcow2_engine::storage::FileStorage,
+    range: Option<std::ops::Range<u64>>,
+}
+
+impl qcow2_engine::storage::Storage for FailingStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        if let Some(r) = &self.range {
+            if offset < r.end && offset + buf.len() as u64 > r.start {
+                return Err(std::io::Error::from_raw_os_error(5));
+            }
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
+impl qcow2_engine::storage::Opener for FailingReads {
+    fn open(
+        &self,
+        path: &Path,
+        writable: bool,
+    ) -> std::io::Result<Box<dyn qcow2_engine::storage::Storage>> {
+        let same = std::fs::canonicalize(path)? == std::fs::canonicalize(&self.file)?;
+        Ok(Box::new(FailingStorage {
+            inner: qcow2_engine::storage::FileStorage::open(path, writable)?,
+            range: same.then(|| self.range.clone()),
+        }))
+    }
+}
+
+/// A read error in the middle of a pull (on a reader thread) stops it with an error that
+/// names the file; the image still shows what it showed, keeps its backing file and
+/// checks clean, and the pull succeeds once the file reads again.
+#[test]
+fn a_read_error_during_a_pull_names_the_file_and_changes_nothing_visible() {
+    let s = Scratch::new();
+    chain(&s, "cluster_size=64k", 70);
+    let before = s.reference("top.qcow2", "qcow2");
+    // A data cluster of the base that the top shows, far enough in that the pull has
+    // written pieces before it.
+    let map = s.map("ours/top.qcow2", "qcow2");
+    let victim = map
+        .iter()
+        .filter(|e| e.depth == 2 && e.data && e.start >= SIZE / 2)
+        .find_map(|e| e.offset)
+        .expect("the top shows base data in its second half");
+    let options = MergeOptions {
+        chain: qcow2_engine::ChainOptions {
+            image: qcow2_engine::ImageOptions {
+                opener: Some(std::sync::Arc::new(FailingReads {
+                    file: s.path("ours/base.qcow2"),
+                    range: victim..victim + 1,
+                })),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+        ..MergeOptions::default()
+    };
+    let err = ops::pull(
+        &s.path("ours/top.qcow2"),
+        None,
+        &options,
+        &mut no_progress(),
+    )
+    .expect_err("the pull must fail");
+    let message = err.to_string();
+    assert!(message.contains("base.qcow2"), "{message}");
+    assert!(message.contains("Input/output error"), "{message}");
+    check(&s, "ours/top.qcow2");
+    assert_eq!(
+        backing_of(&s, "ours/top.qcow2").as_deref(),
+        Some("mid.qcow2")
+    );
+    assert_eq!(s.reference("ours/top.qcow2", "qcow2"), before);
+    ops::pull(
+        &s.path("ours/top.qcow2"),
+        None,
+        &MergeOptions::default(),
+        &mut no_progress(),
+    )
+    .unwrap();
+    check(&s, "ours/top.qcow2");
+    assert_eq!(backing_of(&s, "ours/top.qcow2"), None);
+    assert_eq!(s.reference("ours/top.qcow2", "qcow2"), before);
+}
+
 #[test]
 fn a_dry_run_reports_without_changing_anything() {
     let s = Scratch::new();
