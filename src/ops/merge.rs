@@ -1361,6 +1361,20 @@ fn copy_differences(
         let run = chain.resolve(pos, (size - pos).min(piece as u64))?;
         pos = run.end();
         let len = run.len as usize;
+        // Where both backing chains read as zeros by their mapping they agree, and
+        // nothing needs reading (most of a sparse image).
+        let below = chain.layers().len() == 1 || zeros_by_mapping(chain, 1, run.offset, run.len)?;
+        let new_end = run.end().min(new_chain.size());
+        if below
+            && (new_end <= run.offset
+                || zeros_by_mapping(new_chain, 0, run.offset, new_end - run.offset)?)
+        {
+            out.report.examined_bytes = pos;
+            if !progress(pos, size) {
+                return Err(Error::Cancelled);
+            }
+            continue;
+        }
         // What the old backing chain shows, and the new one.
         chain.read_below(&mut old[..len], run.offset)?;
         let new_len = (new_chain.size().saturating_sub(run.offset) as usize).min(len);
@@ -1409,6 +1423,21 @@ fn copy_differences(
         }
     }
     Ok(())
+}
+
+/// Whether `chain`, seen from layer `first`, reads as zeros over `offset..offset + len`
+/// by its mapping alone (unallocated through the whole chain, or zero clusters).
+fn zeros_by_mapping(chain: &Chain, first: usize, offset: u64, len: u64) -> Result<bool> {
+    let end = offset + len;
+    let mut pos = offset;
+    while pos < end {
+        let run = chain.resolve_from(first, pos, end - pos)?;
+        if !matches!(run.mapping, Mapping::Unallocated | Mapping::Zero { .. }) {
+            return Ok(false);
+        }
+        pos = run.end();
+    }
+    Ok(true)
 }
 
 /// Writes one stretch `(offset, length, zeros)` of `buf` (which starts at guest `base`).
