@@ -1224,20 +1224,12 @@ impl<'b> PendingWrite<'b> {
     /// Writes bytes assembled elsewhere (copy-on-write), after what is queued.
     fn push_owned(&mut self, image: &Image, host: u64, bytes: &[u8]) -> Result<()> {
         self.flush(image)?;
-        write_data(image, host, bytes)
+        write_data(image, host, Source::Bytes(bytes))
     }
 
     fn flush(&mut self, image: &Image) -> Result<()> {
         match self.run.take() {
-            Some((host, start, len)) => {
-                let part = self.src.slice(start, start + len);
-                image.check_overlap("data", host, len, None)?;
-                part.write_to(image, host)?;
-                if image.data_file.is_none() {
-                    image.file_len.fetch_max(host + len, Ordering::Relaxed);
-                }
-                Ok(())
-            }
+            Some((host, start, len)) => write_data(image, host, self.src.slice(start, start + len)),
             None => Ok(()),
         }
     }
@@ -1322,16 +1314,14 @@ impl<'a> Source<'a> {
     }
 }
 
-fn write_data(image: &Image, host: u64, bytes: &[u8]) -> Result<()> {
-    image.check_overlap("data", host, bytes.len() as u64, None)?;
-    image
-        .data_storage()
-        .write_at(bytes, host)
-        .map_err(|e| image.io_error("writing data", host, e))?;
+/// Writes `source` at `host` of the image's data storage, after the overlap check.
+fn write_data(image: &Image, host: u64, source: Source<'_>) -> Result<()> {
+    image.check_overlap("data", host, source.len(), None)?;
+    source.write_to(image, host)?;
     if image.data_file.is_none() {
         image
             .file_len
-            .fetch_max(host + bytes.len() as u64, Ordering::Relaxed);
+            .fetch_max(host + source.len(), Ordering::Relaxed);
     }
     Ok(())
 }

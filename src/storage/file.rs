@@ -55,6 +55,16 @@ impl FileStorage {
         })
     }
 
+    fn check_writable(&self) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "opened read-only",
+            ));
+        }
+        Ok(())
+    }
+
     /// The underlying file.
     pub fn file(&self) -> &File {
         &self.file
@@ -66,12 +76,7 @@ impl Storage for FileStorage {
         self.file.read_exact_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        if self.read_only {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                "opened read-only",
-            ));
-        }
+        self.check_writable()?;
         self.file.write_all_at(buf, offset)
     }
     fn flush(&self) -> io::Result<()> {
@@ -90,12 +95,7 @@ impl Storage for FileStorage {
         offset: u64,
         len: u64,
     ) -> io::Result<()> {
-        if self.read_only {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                "opened read-only",
-            ));
-        }
+        self.check_writable()?;
         let Some(from) = src.as_file() else {
             return super::copy_through_buffer(src, src_offset, self, offset, len);
         };
