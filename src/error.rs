@@ -3,6 +3,12 @@
 //! Every variant says which structure (or file) is wrong and carries the offending value, so
 //! that a message such as `top.qcow2: L2 table at 0x50000: entry 3 has unaligned host
 //! offset 0x50200` can be printed without further context.
+//!
+//! As in the crates users know (`std::io`, `anyhow`), an error's `Display` says only what
+//! happened at its own level and [`std::error::Error::source`] carries the cause: the file
+//! an error happened in wraps the error ([`Error::InFile`]), an I/O error's context wraps
+//! the operating system's error. [`Error::report`] (or `anyhow`'s `{:#}`) prints the whole
+//! chain on one line.
 
 use std::io;
 use std::path::PathBuf;
@@ -15,7 +21,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum Error {
     /// An error that happened in a named file (image, backing file, data file).
-    #[error("{}: {source}", file.display())]
+    #[error("{}", file.display())]
     InFile {
         /// The file the error belongs to.
         file: PathBuf,
@@ -25,7 +31,7 @@ pub enum Error {
     },
 
     /// The operating system reported an I/O error.
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         /// What was being done, e.g. "reading L2 table at 0x50000".
         context: String,
@@ -162,6 +168,22 @@ pub enum Error {
     #[error("unsupported image format {0:?}")]
     UnsupportedFormat(String),
 
+    /// A backing file (named by the image this error is in) could not be opened: missing
+    /// when the source's kind is [`io::ErrorKind::NotFound`].
+    #[error("could not open backing file {}", path.display())]
+    BackingFile {
+        /// The backing file, as resolved against the overlay's directory.
+        path: PathBuf,
+        /// Why it could not be opened.
+        #[source]
+        source: io::Error,
+    },
+
+    /// The image's corrupt bit is set: it may be read, but not written until `check -r
+    /// all` ([`crate::Image::repair`]) repairs it.
+    #[error("the image is marked corrupt (run check -r all to repair it)")]
+    MarkedCorrupt,
+
     /// The image cannot be written.
     #[error("image is read-only: {reason}")]
     ReadOnly {
@@ -202,6 +224,30 @@ impl Error {
         }
     }
 
+    /// The file the error happened in, if it names one (the innermost, when a backing
+    /// file's error was wrapped in its overlay's name).
+    pub fn file(&self) -> Option<&std::path::Path> {
+        match self {
+            Error::InFile { file, source } => source.file().or(Some(file)),
+            _ => None,
+        }
+    }
+
+    /// The kind of the operating system's error behind this one, if an I/O error caused it
+    /// (e.g. [`io::ErrorKind::NotFound`] for a missing image or backing file).
+    pub fn io_kind(&self) -> Option<io::ErrorKind> {
+        match self.root() {
+            Error::Io { source, .. } | Error::BackingFile { source, .. } => Some(source.kind()),
+            _ => None,
+        }
+    }
+
+    /// The whole error on one line: this error and each of its causes, separated by
+    /// `": "` (`top.qcow2: reading L2 table at 0x50000: Input/output error (os error 5)`).
+    pub fn report(&self) -> Report<'_> {
+        Report(self)
+    }
+
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Error {
         Error::Io {
             context: context.into(),
@@ -227,5 +273,45 @@ impl Error {
             value,
             reason,
         }
+    }
+}
+
+/// An error and its causes on one line (see [`Error::report`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Report<'a>(&'a Error);
+
+impl std::fmt::Display for Report<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = std::error::Error::source(self.0);
+        while let Some(e) = cause {
+            write!(f, ": {e}")?;
+            cause = std::error::Error::source(e);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_says_its_own_level_and_the_report_says_every_cause_once() {
+        let os = io::Error::new(io::ErrorKind::NotFound, "gone");
+        let e = Error::io("reading L2 table at 0x50000", os).in_file("top.qcow2");
+        assert_eq!(e.to_string(), "top.qcow2");
+        let inner = std::error::Error::source(&e).unwrap();
+        assert_eq!(inner.to_string(), "reading L2 table at 0x50000");
+        assert_eq!(
+            std::error::Error::source(inner).unwrap().to_string(),
+            "gone"
+        );
+        assert_eq!(
+            e.report().to_string(),
+            "top.qcow2: reading L2 table at 0x50000: gone"
+        );
+        assert_eq!(e.io_kind(), Some(io::ErrorKind::NotFound));
+        assert_eq!(e.file(), Some(std::path::Path::new("top.qcow2")));
     }
 }

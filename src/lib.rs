@@ -48,6 +48,7 @@ pub mod chain;
 mod error;
 pub mod format;
 pub mod ops;
+mod progress;
 pub mod qcow2;
 mod reader;
 pub mod storage;
@@ -55,7 +56,8 @@ pub mod storage;
 pub mod testing;
 
 pub use chain::{BackingPolicy, Chain, ChainOptions, ChainRun, Format, Layer, RawImage};
-pub use error::{Error, Result};
+pub use error::{Error, Report, Result};
+pub use progress::Progress;
 pub use qcow2::{
     CheckReport, Compat, CreateOptions, Finding, Image, ImageOptions, Mapping, Preallocation,
     RepairMode, Run, Severity, create, create_on,

@@ -565,7 +565,7 @@ fn a_merge_run_again_after_a_cancel_says_how_much_was_in_place() {
         ..Default::default()
     };
     let mut halfway = |done: u64, total: u64| done < total / 2;
-    qcow2_engine::ops::commit(&s.path("ours/top.qcow2"), &commit, &mut halfway).unwrap_err();
+    qcow2_engine::ops::commit(s.path("ours/top.qcow2"), &commit, &mut halfway).unwrap_err();
     let dry = s.qimg(&["commit", "-b", "base.qcow2", "--dry-run", "ours/top.qcow2"]);
     let line = dry
         .lines()

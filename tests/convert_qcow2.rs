@@ -59,7 +59,7 @@ fn build_chain(s: &Scratch) {
 /// Converts `src` to `dst` with the library.
 fn convert(s: &Scratch, src: &str, dst: &str, create: &CreateOptions, options: &ConvertOptions) {
     let chain = s.open(src);
-    ops::convert(&chain, &s.path(dst), create, options, &mut |_, _| true)
+    ops::convert(&chain, s.path(dst), create, options, &mut |_, _| true)
         .unwrap_or_else(|e| panic!("converting {src} to {dst}: {e}"));
 }
 
@@ -531,7 +531,7 @@ fn cancelling_stops_with_cancelled() {
     let mut calls = 0;
     let err = ops::convert(
         &chain,
-        &s.path("c.qcow2"),
+        s.path("c.qcow2"),
         &CreateOptions::default(),
         &options,
         &mut |done, total| {
@@ -571,26 +571,30 @@ fn refusals_name_the_problem() {
     // Converting onto a file of the source chain would destroy it.
     let err = ops::convert(
         &chain,
-        &s.path("mid.qcow2"),
+        s.path("mid.qcow2"),
         &CreateOptions::default(),
         &ConvertOptions::default(),
         &mut |_, _| true,
     )
     .unwrap_err();
     assert!(
-        err.to_string().contains("destination is the source"),
+        err.report()
+            .to_string()
+            .contains("destination is the source"),
         "{err}"
     );
     let err = ops::convert(
         &chain,
-        &s.path("base.qcow2"),
+        s.path("base.qcow2"),
         &raw,
         &ConvertOptions::default(),
         &mut |_, _| true,
     )
     .unwrap_err();
     assert!(
-        err.to_string().contains("destination is the source"),
+        err.report()
+            .to_string()
+            .contains("destination is the source"),
         "{err}"
     );
     assert_clean(&s, "mid.qcow2");

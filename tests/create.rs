@@ -105,7 +105,7 @@ fn assert_reads_zeros(chain: &Chain, context: &str) {
 /// One matrix case: create with the library, check, info, qemu-io, check again.
 fn check_created(s: &Scratch, name: &str, options: &CreateOptions) {
     let context = format!("{name} {options:?}");
-    create(&s.path(name), options).unwrap_or_else(|e| panic!("{context}: {e}"));
+    create(s.path(name), options).unwrap_or_else(|e| panic!("{context}: {e}"));
     assert_clean(s, name, &context);
     let info = json(
         &tool(s, "qemu-img", &["info", "--output=json", name]),
@@ -211,7 +211,7 @@ fn larger_images_need_several_refcount_blocks_and_l2_tables() {
             preallocation,
             ..CreateOptions::qcow2(size)
         };
-        create(&s.path("big.qcow2"), &options).unwrap();
+        create(s.path("big.qcow2"), &options).unwrap();
         assert_clean(&s, "big.qcow2", &format!("{options:?}"));
         let theirs = s.map("big.qcow2", "qcow2");
         let ours = qcow2_engine::ops::map(&s.open("big.qcow2"))
@@ -463,12 +463,12 @@ fn raw_images_are_sparse_or_preallocated() {
         assert_reads_zeros(&s.open(&name), &name);
     }
     // Raw sizes are not rounded; qcow2 sizes are rounded up to 512 bytes.
-    create(&s.path("odd.raw"), &CreateOptions::raw(1000)).unwrap();
+    create(s.path("odd.raw"), &CreateOptions::raw(1000)).unwrap();
     assert_eq!(std::fs::metadata(s.path("odd.raw")).unwrap().len(), 1000);
-    create(&s.path("odd.qcow2"), &CreateOptions::qcow2(1000)).unwrap();
+    create(s.path("odd.qcow2"), &CreateOptions::qcow2(1000)).unwrap();
     assert_eq!(s.open("odd.qcow2").size(), 1024);
     // Size 0 is accepted, as qemu-img accepts it.
-    create(&s.path("zero.qcow2"), &CreateOptions::qcow2(0)).unwrap();
+    create(s.path("zero.qcow2"), &CreateOptions::qcow2(0)).unwrap();
     assert_clean(&s, "zero.qcow2", "size 0");
 }
 
@@ -701,7 +701,7 @@ fn library_refuses_bad_options_before_touching_the_file() {
     );
     assert_eq!(std::fs::read(&path).unwrap(), b"keep me");
     let overlay = CreateOptions::overlay("nothere.qcow2", Format::Qcow2);
-    assert!(create(&s.path("o.qcow2"), &overlay).is_err());
+    assert!(create(s.path("o.qcow2"), &overlay).is_err());
     assert!(!s.path("o.qcow2").exists());
     // Memory storage.
     let mem = qcow2_engine::storage::MemStorage::new();

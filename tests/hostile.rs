@@ -1859,7 +1859,7 @@ fn open_in_memory(bytes: Vec<u8>, writable: bool) -> (Result<(), String>, usize)
         };
         Image::from_storage(storage, "claims.qcow2", &options, None)
             .map(drop)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.report().to_string())
     })
 }
 
@@ -1942,7 +1942,10 @@ fn snapshot_table_past_64_mib_is_refused_with_its_own_message() {
     put_field(&mut b, HeaderField::NbSnapshots, count);
     put_field(&mut b, HeaderField::SnapshotsOffset, table);
     s.write_file("many.qcow2", &b);
-    let err = Chain::open(s.path("many.qcow2")).unwrap_err().to_string();
+    let err = Chain::open(s.path("many.qcow2"))
+        .unwrap_err()
+        .report()
+        .to_string();
     assert!(err.contains("64 MiB"), "{err}");
     // One entry fewer than the limit needs opens.
     put_field(&mut b, HeaderField::NbSnapshots, 1023);
@@ -1968,7 +1971,10 @@ fn extension_area_full_of_extensions_fails_fast() {
     }
     s.write_file("exts.qcow2", &b);
     let started = Instant::now();
-    let err = Chain::open(s.path("exts.qcow2")).unwrap_err().to_string();
+    let err = Chain::open(s.path("exts.qcow2"))
+        .unwrap_err()
+        .report()
+        .to_string();
     assert!(err.contains("1024 header extensions"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(1));
 }
@@ -1986,7 +1992,10 @@ fn snapshot_l1_tables_over_32_mib_and_odd_backing_names() {
     let (entry, _) = Layout::parse(&b).snapshots[0];
     put(&mut b, entry + 8, 4, (4 << 20) + 1);
     s.write_file("snap.qcow2", &b);
-    let err = Chain::open(s.path("snap.qcow2")).unwrap_err().to_string();
+    let err = Chain::open(s.path("snap.qcow2"))
+        .unwrap_err()
+        .report()
+        .to_string();
     assert!(err.contains("L1 table larger than 32 MiB"), "{err}");
 
     s.create("base.qcow2", "", 1 << 20);
@@ -1999,7 +2008,7 @@ fn snapshot_l1_tables_over_32_mib_and_odd_backing_names() {
     // A NUL inside the name: QEMU would cut the name there; refused.
     s.write_file("nul.qcow2", &with_backing_name(&top, "base\0.qcow2"));
     let err = Chain::open_with(s.path("nul.qcow2"), &alone).unwrap_err();
-    assert!(err.to_string().contains("NUL"), "{err}");
+    assert!(err.report().to_string().contains("NUL"), "{err}");
     // An empty name is no backing file, as QEMU reads it.
     let mut empty = top.clone();
     put_field(&mut empty, HeaderField::BackingFileSize, 0);

@@ -31,7 +31,7 @@ fn commit_into_the_backing_file_matches_qemu_img_commit() {
         chain(&s, options, 10 + i as u64);
         let before = s.reference("top.qcow2", "qcow2");
         ops::commit(
-            &s.path("ours/top.qcow2"),
+            s.path("ours/top.qcow2"),
             &CommitOptions::default(),
             &mut no_progress(),
         )
@@ -59,7 +59,7 @@ fn commit_through_mid_into_base_matches_qemu_img_commit_b() {
         chain(&s, options, 20 + i as u64);
         let before = s.reference("top.qcow2", "qcow2");
         ops::commit(
-            &s.path("ours/top.qcow2"),
+            s.path("ours/top.qcow2"),
             &CommitOptions {
                 base: Some(s.path("ours/base.qcow2")),
                 ..CommitOptions::default()
@@ -88,7 +88,7 @@ fn commit_of_a_middle_range_repoints_the_image_above_and_keeps_the_content() {
         chain(&s, options, 30 + i as u64);
         let before = s.reference("top.qcow2", "qcow2");
         ops::commit(
-            &s.path("ours/top.qcow2"),
+            s.path("ours/top.qcow2"),
             &CommitOptions {
                 top: Some(s.path("ours/mid.qcow2")),
                 ..CommitOptions::default()
@@ -136,7 +136,7 @@ fn commit_of_a_middle_range_goes_by_the_size_of_its_top_layer() {
     s.qemu_io("top.qcow2", "qcow2", &["write -P 0x33 1536k 4k".into()]);
     let before = s.reference("top.qcow2", "qcow2");
     ops::commit(
-        &s.path("top.qcow2"),
+        s.path("top.qcow2"),
         &CommitOptions {
             top: Some(s.path("short.qcow2")),
             ..CommitOptions::default()
@@ -160,7 +160,7 @@ fn commit_of_a_middle_range_goes_by_the_size_of_its_top_layer() {
     s.create_overlay("top.qcow2", "mid.qcow2", "qcow2", "", Some(64 << 10));
     let mid_before = s.reference("mid.qcow2", "qcow2");
     ops::commit(
-        &s.path("top.qcow2"),
+        s.path("top.qcow2"),
         &CommitOptions {
             top: Some(s.path("long.qcow2")),
             ..CommitOptions::default()
@@ -202,7 +202,7 @@ fn commit_empties_a_compressed_partial_last_cluster_with_extended_l2() {
     );
     let before = s.reference("top.qcow2", "qcow2");
     ops::commit(
-        &s.path("top.qcow2"),
+        s.path("top.qcow2"),
         &CommitOptions::default(),
         &mut no_progress(),
     )
@@ -226,7 +226,7 @@ fn pull_matches_qemu_img_rebase_with_and_without_a_base() {
             let before = s.reference("top.qcow2", "qcow2");
             let base_path = base.map(|b| s.path("ours").join(b));
             ops::pull(
-                &s.path("ours/top.qcow2"),
+                s.path("ours/top.qcow2"),
                 base_path.as_deref(),
                 &MergeOptions::default(),
                 &mut no_progress(),
@@ -268,7 +268,7 @@ fn merges_by_storage_copies_match_qemu_img() {
         chain(&s, options, 60 + i as u64);
         let before = s.reference("top.qcow2", "qcow2");
         let dry_run = ops::commit(
-            &s.path("ours/top.qcow2"),
+            s.path("ours/top.qcow2"),
             &CommitOptions {
                 base: Some(s.path("ours/base.qcow2")),
                 merge: MergeOptions {
@@ -281,7 +281,7 @@ fn merges_by_storage_copies_match_qemu_img() {
         )
         .unwrap();
         let report = ops::commit(
-            &s.path("ours/top.qcow2"),
+            s.path("ours/top.qcow2"),
             &CommitOptions {
                 base: Some(s.path("ours/base.qcow2")),
                 merge: copying.clone(),
@@ -302,7 +302,7 @@ fn merges_by_storage_copies_match_qemu_img() {
 
         // Pull everything from the committed chain.
         ops::pull(
-            &s.path("ours/top.qcow2"),
+            s.path("ours/top.qcow2"),
             None,
             &copying,
             &mut no_progress(),
@@ -394,13 +394,13 @@ fn a_read_error_during_a_pull_names_the_file_and_changes_nothing_visible() {
         ..MergeOptions::default()
     };
     let err = ops::pull(
-        &s.path("ours/top.qcow2"),
+        s.path("ours/top.qcow2"),
         None,
         &options,
         &mut no_progress(),
     )
     .expect_err("the pull must fail");
-    let message = err.to_string();
+    let message = err.report().to_string();
     assert!(message.contains("base.qcow2"), "{message}");
     assert!(message.contains("Input/output error"), "{message}");
     check(&s, "ours/top.qcow2");
@@ -410,7 +410,7 @@ fn a_read_error_during_a_pull_names_the_file_and_changes_nothing_visible() {
     );
     assert_eq!(s.reference("ours/top.qcow2", "qcow2"), before);
     ops::pull(
-        &s.path("ours/top.qcow2"),
+        s.path("ours/top.qcow2"),
         None,
         &MergeOptions::default(),
         &mut no_progress(),
@@ -427,7 +427,7 @@ fn a_dry_run_reports_without_changing_anything() {
     chain(&s, "cluster_size=64k", 50);
     let before = std::fs::read(s.path("ours/mid.qcow2")).unwrap();
     let report = ops::commit(
-        &s.path("ours/top.qcow2"),
+        s.path("ours/top.qcow2"),
         &CommitOptions {
             merge: MergeOptions {
                 dry_run: true,
@@ -441,7 +441,7 @@ fn a_dry_run_reports_without_changing_anything() {
     assert!(report.data_bytes > 0);
     assert_eq!(std::fs::read(s.path("ours/mid.qcow2")).unwrap(), before);
     let real = ops::commit(
-        &s.path("ours/top.qcow2"),
+        s.path("ours/top.qcow2"),
         &CommitOptions::default(),
         &mut no_progress(),
     )
@@ -473,7 +473,7 @@ fn safe_rebase_of_a_version_2_image_without_a_backing_file_keeps_its_zeros() {
     );
     let before = s.reference("top.qcow2", "qcow2");
     ops::rebase(
-        &s.path("top.qcow2"),
+        s.path("top.qcow2"),
         Some("other.qcow2"),
         Some("qcow2"),
         false,
@@ -499,7 +499,7 @@ fn safe_rebase_refuses_a_backing_file_that_leads_back_to_the_image() {
     let before = std::fs::read(s.path("top.qcow2")).unwrap();
     for new in ["top.qcow2", "above.qcow2"] {
         let err = ops::rebase(
-            &s.path("top.qcow2"),
+            s.path("top.qcow2"),
             Some(new),
             Some("qcow2"),
             false,
@@ -590,7 +590,7 @@ fn pull_into_an_image_with_lazy_refcounts_leaves_it_clean_and_repointed() {
         let before = s.reference("top.qcow2", "qcow2");
         let base_path = base.map(|b| s.path(b));
         ops::pull(
-            &s.path("top.qcow2"),
+            s.path("top.qcow2"),
             base_path.as_deref(),
             &MergeOptions::default(),
             &mut no_progress(),
@@ -611,7 +611,7 @@ fn safe_rebase_of_an_image_without_a_backing_file_keeps_its_content() {
     s.qemu_io("other.qcow2", "qcow2", &["write -P 0x22 0 1M".into()]);
     let before = s.reference("img.qcow2", "qcow2");
     let report = ops::rebase(
-        &s.path("img.qcow2"),
+        s.path("img.qcow2"),
         Some("other.qcow2"),
         Some("qcow2"),
         false,

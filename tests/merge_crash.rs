@@ -189,7 +189,7 @@ impl Op {
         let mut progress = |_: u64, _: u64| true;
         match self {
             Op::Commit { base, top, keep } => ops::commit(
-                &p(active),
+                p(active),
                 &CommitOptions {
                     base: base.map(p),
                     top: top.map(p),
@@ -199,10 +199,10 @@ impl Op {
                 &mut progress,
             ),
             Op::Pull { base } => {
-                ops::pull(&p(active), base.map(p).as_deref(), options, &mut progress)
+                ops::pull(p(active), base.map(p).as_deref(), options, &mut progress)
             }
             Op::Rebase { backing } => ops::rebase(
-                &p(active),
+                p(active),
                 Some(backing),
                 None,
                 false,

@@ -88,7 +88,7 @@ fn run(layers: &[(usize, bool, Vec<Write>)], merge: Merge) -> Result<(), TestCas
             o
         };
         options.cluster_size = CLUSTERS[*cluster];
-        create(&s.path(&name(i)), &options).unwrap();
+        create(s.path(&name(i)), &options).unwrap();
         let chain = Chain::open_with(
             s.path(&name(i)),
             &ChainOptions {

@@ -24,7 +24,7 @@ fn commit_through_mid(
         merge: options.clone(),
         ..CommitOptions::default()
     };
-    ops::commit(&s.path("ours/top.qcow2"), &commit, progress)
+    ops::commit(s.path("ours/top.qcow2"), &commit, progress)
 }
 
 fn commit_and_empty(
@@ -36,7 +36,7 @@ fn commit_and_empty(
         merge: options.clone(),
         ..CommitOptions::default()
     };
-    ops::commit(&s.path("ours/top.qcow2"), &commit, progress)
+    ops::commit(s.path("ours/top.qcow2"), &commit, progress)
 }
 
 fn pull(
@@ -44,7 +44,7 @@ fn pull(
     options: &MergeOptions,
     progress: Progress<'_>,
 ) -> qcow2_engine::Result<MergeReport> {
-    ops::pull(&s.path("ours/top.qcow2"), None, options, progress)
+    ops::pull(s.path("ours/top.qcow2"), None, options, progress)
 }
 
 fn rebase_onto_other(
@@ -53,7 +53,7 @@ fn rebase_onto_other(
     progress: Progress<'_>,
 ) -> qcow2_engine::Result<MergeReport> {
     ops::rebase(
-        &s.path("ours/top.qcow2"),
+        s.path("ours/top.qcow2"),
         Some("other.qcow2"),
         Some("qcow2"),
         false,
@@ -215,14 +215,14 @@ fn fresh_merges_into_an_empty_destination_find_nothing_in_place() {
         base: Some(s.path("base.qcow2")),
         ..CommitOptions::default()
     };
-    let report = ops::commit(&s.path("top.qcow2"), &commit, &mut |_, _| true).unwrap();
+    let report = ops::commit(s.path("top.qcow2"), &commit, &mut |_, _| true).unwrap();
     assert_eq!(report.already_done_bytes, 0, "{report:?}");
     // 0..1.5 MiB and 3 MiB..+64 KiB.
     assert_eq!(report.data_bytes, (1536 + 64) << 10, "{report:?}");
     check(&s, "base.qcow2");
     // Pull into a top whose own clusters hold only its own data.
     let report = ops::pull(
-        &s.path("pulled-top.qcow2"),
+        s.path("pulled-top.qcow2"),
         None,
         &MergeOptions::default(),
         &mut |_, _| true,
@@ -251,8 +251,8 @@ fn a_dry_run_counts_what_is_in_place_without_reading_it_as_data() {
         ..CommitOptions::default()
     };
     let before = std::fs::read(s.path("base.qcow2")).unwrap();
-    let dry = ops::commit(&s.path("top.qcow2"), &commit(true), &mut |_, _| true).unwrap();
-    let real = ops::commit(&s.path("top.qcow2"), &commit(false), &mut |_, _| true).unwrap();
+    let dry = ops::commit(s.path("top.qcow2"), &commit(true), &mut |_, _| true).unwrap();
+    let real = ops::commit(s.path("top.qcow2"), &commit(false), &mut |_, _| true).unwrap();
     assert_eq!(dry, real);
     assert_eq!(real.already_done_bytes, 128 << 10, "{real:?}");
     assert_eq!(real.data_bytes, 0, "{real:?}");

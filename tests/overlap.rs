@@ -61,7 +61,7 @@ fn data_is_not_written_over_metadata_an_l2_entry_points_at() {
         let chain = open_rw(&s, &name);
         let err = match chain.write_at(&[0xee; 4096], 65536) {
             Ok(()) => panic!("{target}: the write went through"),
-            Err(e) => e.to_string(),
+            Err(e) => e.report().to_string(),
         };
         assert!(err.contains("prevented a write"), "{target}: {err}");
         assert!(
@@ -122,6 +122,7 @@ fn allocation_never_hands_out_metadata_whose_refcount_is_zero() {
     let err = chain
         .write_at(&[0xee; 4096], 3 << 20)
         .unwrap_err()
+        .report()
         .to_string();
     assert!(err.contains("prevented a write"), "{err}");
     drop(chain);

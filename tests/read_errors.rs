@@ -19,7 +19,7 @@ fn assert_error<T>(result: Result<T, Error>, file: &Path, parts: &[&str]) -> Err
         Ok(_) => panic!("expected an error about {} ({parts:?})", file.display()),
         Err(e) => e,
     };
-    let msg = err.to_string();
+    let msg = err.report().to_string();
     assert!(
         msg.contains(&file.display().to_string()),
         "message does not name {}: {msg}",
@@ -190,7 +190,7 @@ fn backing_chain_loops() {
     let top = s.path("b.qcow2");
     let err = assert_error(Chain::open(&top), &top, &["backing chain loops back to"]);
     assert!(matches!(err.root(), Error::BackingLoop { .. }));
-    assert!(err.to_string().contains("b.qcow2"), "{err}");
+    assert!(err.report().to_string().contains("b.qcow2"), "{err}");
 
     // An image that is its own backing file.
     s.create("self.qcow2", "", 1 << 20);
@@ -378,7 +378,7 @@ fn a_backing_policy_confines_backing_files_and_refuses_special_files() {
             matches!(err.root(), Error::BackingRefused { .. }),
             "{name}: {err}"
         );
-        let msg = err.to_string();
+        let msg = err.report().to_string();
         assert!(msg.contains(name) && msg.contains("confined"), "{msg}");
     }
     assert_eq!(
@@ -396,5 +396,8 @@ fn a_backing_policy_confines_backing_files_and_refuses_special_files() {
         2
     );
     let err = Chain::open_with(s.path("vm/device.qcow2"), &confined).unwrap_err();
-    assert!(err.to_string().contains("not a regular file"), "{err}");
+    assert!(
+        err.report().to_string().contains("not a regular file"),
+        "{err}"
+    );
 }

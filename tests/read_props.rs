@@ -176,7 +176,7 @@ proptest! {
         let off = size.saturating_sub(back);
         let mut buf = vec![0u8; (back + extra) as usize];
         let err = f.chain.read_at(&mut buf, off).expect_err("read past the end");
-        prop_assert!(err.to_string().contains("past the end"), "{}", err);
+        prop_assert!(err.report().to_string().contains("past the end"), "{}", err);
     }
 
     #[test]

@@ -168,6 +168,7 @@ fn names_past_qemus_limit_are_refused_before_anything_changes() {
     let err = image(&chain)
         .snapshot_create(&long)
         .unwrap_err()
+        .report()
         .to_string();
     assert!(err.contains("255"), "{err}");
     assert!(image(&chain).snapshot_delete("missing").is_err());
@@ -215,7 +216,10 @@ fn snapshots_narrow_refcounts_cannot_count_are_refused_before_anything_changes()
             if taken > 0 {
                 // Applying adds the snapshot's references before the old ones go.
                 let err = image(chain).snapshot_apply("s0").unwrap_err();
-                assert!(err.to_string().contains("refcounts"), "[{options}] {err}");
+                assert!(
+                    err.report().to_string().contains("refcounts"),
+                    "[{options}] {err}"
+                );
             }
         };
         let chain = open_rw(&s, "a.qcow2");

@@ -138,7 +138,10 @@ fn full_disk_on(
                         other => panic!("{label}: {} failed with {other}", op.describe()),
                     };
                     assert_eq!(io, std::io::ErrorKind::StorageFull, "{label}: {e}");
-                    assert!(e.to_string().contains("disk.qcow2"), "{label}: {e}");
+                    assert!(
+                        e.report().to_string().contains("disk.qcow2"),
+                        "{label}: {e}"
+                    );
                     if op != Op::Flush {
                         uncertain.push(op);
                     }
@@ -206,7 +209,7 @@ fn a_failed_l2_table_write_is_retried_and_never_published_unwritten() {
         // Needs a new L2 table (past the end of the file) and nothing else.
         chain.write_zeroes(0, 65536, false).unwrap();
         let e = chain.flush().unwrap_err();
-        assert!(e.to_string().contains("no space left"), "{e}");
+        assert!(e.report().to_string().contains("no space left"), "{e}");
         if lift_limit {
             disk.limit_len(None);
             chain.flush().unwrap();
@@ -252,7 +255,7 @@ fn opening_a_read_only_file_for_writing_fails_naming_the_file() {
         eprintln!("note: file permissions are not enforced for this user");
     } else {
         let e = Chain::open_with(&path, &writable()).unwrap_err();
-        let msg = e.to_string();
+        let msg = e.report().to_string();
         assert!(msg.contains("ro.qcow2"), "{msg}");
         assert!(msg.to_lowercase().contains("permission denied"), "{msg}");
     }
@@ -264,7 +267,7 @@ fn opening_a_read_only_file_for_writing_fails_naming_the_file() {
         ..ImageOptions::default()
     };
     let e = Image::from_storage(Box::new(disk), "ro.qcow2", &options, None).unwrap_err();
-    let msg = e.to_string();
+    let msg = e.report().to_string();
     assert!(matches!(e.root(), Error::ReadOnly { .. }), "{msg}");
     assert!(
         msg.contains("ro.qcow2") && msg.contains("read-only"),
@@ -284,7 +287,7 @@ fn writing_to_a_chain_opened_read_only_fails_naming_the_file() {
         chain.flush().unwrap_err(),
     ];
     for e in errors {
-        let msg = e.to_string();
+        let msg = e.report().to_string();
         assert!(matches!(e.root(), Error::ReadOnly { .. }), "{msg}");
         assert!(
             msg.contains("a.qcow2") && msg.contains("read-only"),
@@ -312,7 +315,7 @@ fn writing_past_the_virtual_size_fails_naming_offset_and_size() {
         chain.discard(size, 1).unwrap_err(),
     ];
     for e in errors {
-        let msg = e.to_string();
+        let msg = e.report().to_string();
         assert!(
             matches!(e.root(), Error::OutOfRange { size: s, .. } if *s == size),
             "{msg}"
@@ -320,7 +323,11 @@ fn writing_past_the_virtual_size_fails_naming_offset_and_size() {
         assert!(msg.contains("a.qcow2"), "{msg}");
         assert!(msg.contains(&size.to_string()), "names the size: {msg}");
     }
-    let msg = chain.write_at(&[1; 20], size - 10).unwrap_err().to_string();
+    let msg = chain
+        .write_at(&[1; 20], size - 10)
+        .unwrap_err()
+        .report()
+        .to_string();
     assert!(
         msg.contains(&format!("{:#x}", size - 10)),
         "names the offset: {msg}"
@@ -361,7 +368,7 @@ fn an_image_marked_corrupt_opens_read_only_with_a_warning() {
     assert!(buf.iter().all(|&b| b == 0x42));
     let e = chain.write_at(&[1], 0).unwrap_err();
     assert!(matches!(e.root(), Error::ReadOnly { .. }), "{e}");
-    assert!(e.to_string().contains("bad.qcow2"), "{e}");
+    assert!(e.report().to_string().contains("bad.qcow2"), "{e}");
     chain.close().unwrap();
     drop(chain);
     assert_eq!(
@@ -375,7 +382,7 @@ fn an_image_marked_corrupt_opens_read_only_with_a_warning() {
         ..ImageOptions::default()
     };
     let e = Image::open_with(s.path("bad.qcow2"), &options).unwrap_err();
-    let msg = e.to_string();
+    let msg = e.report().to_string();
     assert!(
         msg.contains("bad.qcow2") && msg.contains("corrupt"),
         "{msg}"

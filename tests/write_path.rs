@@ -744,7 +744,7 @@ fn amend_changes_compat_refcount_width_lazy_refcounts_and_backing_like_qemu() {
             ..Default::default()
         })
         .unwrap_err();
-    assert!(err.to_string().contains("references"), "{err}");
+    assert!(err.report().to_string().contains("references"), "{err}");
     chain.close().unwrap();
     assert_clean(&s, "top.qcow2", "refused amend");
 }

@@ -107,13 +107,8 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            // Library errors already say everything (file, context, cause) in their
-            // Display; CLI errors carry their context in anyhow's chain.
-            let message = match e.downcast_ref::<qcow2_engine::Error>() {
-                Some(lib) => lib.to_string(),
-                None => format!("{e:#}"),
-            };
-            eprintln!("qimg: {}", one_line(&message));
+            // Each error and its causes, once each, on one line.
+            eprintln!("qimg: {}", one_line(&format!("{e:#}")));
             ExitCode::from(error_code)
         }
     }

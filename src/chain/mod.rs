@@ -137,7 +137,12 @@ pub enum Layer {
 
 impl Layer {
     /// Opens the file at `path` as `format`, or probes the format when `None`.
-    pub fn open(path: &Path, format: Option<Format>, options: &ImageOptions) -> Result<Layer> {
+    pub fn open(
+        path: impl AsRef<Path>,
+        format: Option<Format>,
+        options: &ImageOptions,
+    ) -> Result<Layer> {
+        let path = path.as_ref();
         let storage = options
             .open_storage(path, options.writable)
             .map_err(|e| Error::io("opening", e).in_file(path))?;
@@ -250,10 +255,14 @@ impl Layer {
     }
 
     /// Fills `buf` with the first `buf.len()` bytes of `run` (unallocated reads as zeros).
+    /// A buffer longer than the run is refused.
     pub fn read_run(&self, run: &Run, buf: &mut [u8]) -> Result<()> {
         match self {
             Layer::Qcow2(i) => i.read_run(run, buf),
             Layer::Raw(r) => match run.mapping {
+                _ if buf.len() as u64 > run.len => {
+                    crate::qcow2::check_run_buffer(run, buf.len()).map_err(|e| e.in_file(&r.name))
+                }
                 Mapping::Data { host, .. } => r
                     .storage
                     .read_at(buf, host)
@@ -501,10 +510,10 @@ impl Chain {
             }
             let info = stat_with(opener, &layer_path).map_err(|e| match layers.last() {
                 // Name the image that refers to the missing backing file, as qemu-img does.
-                Some(overlay) => Error::io(
-                    format!("could not open backing file {}", layer_path.display()),
-                    e,
-                )
+                Some(overlay) => Error::BackingFile {
+                    path: layer_path.clone(),
+                    source: e,
+                }
                 .in_file(overlay.name()),
                 None => Error::io("opening", e).in_file(&layer_path),
             })?;
@@ -575,13 +584,13 @@ impl Chain {
 
     /// Looks up the file at `path` through the opener the chain was opened with (the host
     /// file system for chains opened without one, or made by [`Chain::from_layers`]).
-    pub fn stat(&self, path: &Path) -> std::io::Result<FileInfo> {
-        stat_with(self.opener.as_deref(), path)
+    pub fn stat(&self, path: impl AsRef<Path>) -> std::io::Result<FileInfo> {
+        stat_with(self.opener.as_deref(), path.as_ref())
     }
 
     /// The canonical name of `path` through the chain's opener (see [`Chain::stat`]).
-    pub fn canonicalize(&self, path: &Path) -> std::io::Result<PathBuf> {
-        canonicalize_with(self.opener.as_deref(), path)
+    pub fn canonicalize(&self, path: impl AsRef<Path>) -> std::io::Result<PathBuf> {
+        canonicalize_with(self.opener.as_deref(), path.as_ref())
     }
 
     /// Things the caller should tell the user about (e.g. a corrupt image opened
@@ -695,7 +704,7 @@ impl Chain {
 }
 
 fn is_marked_corrupt(e: &Error) -> bool {
-    matches!(e.root(), Error::ReadOnly { reason } if reason.contains("corrupt"))
+    matches!(e.root(), Error::MarkedCorrupt)
 }
 
 /// Iterator over resolved runs; see [`Chain::runs`].

@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::qcow2::AmendOptions;
-use crate::storage::Storage;
+use crate::storage::{Storage, write_zeros};
 
 use super::{Chain, Layer};
 
@@ -182,14 +182,7 @@ impl super::RawImage {
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.check(offset, len)?;
-        let zeros = vec![0u8; len.min(1 << 20) as usize];
-        let mut pos = 0;
-        while pos < len {
-            let n = (len - pos).min(zeros.len() as u64) as usize;
-            self.write_at(&zeros[..n], offset + pos)?;
-            pos += n as u64;
-        }
-        Ok(())
+        write_zeros(offset, len, |zeros, at| self.write_at(zeros, at))
     }
 
     fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {

@@ -6,6 +6,7 @@
 
 use crate::chain::Chain;
 use crate::error::Result;
+use crate::progress::{Progress, Tracker};
 
 use super::chunks::{Chunk, for_each_chunk};
 
@@ -15,8 +16,9 @@ const CHUNK: usize = 4 << 20;
 /// The CRC-32 (as crc32fast computes it) of `chain`'s guest content, all of its virtual
 /// size. `progress(done, total)` is called as bytes are accounted for; returning `false`
 /// cancels with [`crate::Error::Cancelled`].
-pub fn checksum(chain: &Chain, progress: &mut dyn FnMut(u64, u64) -> bool) -> Result<u32> {
+pub fn checksum(chain: &Chain, progress: Progress<'_>) -> Result<u32> {
     let total = chain.size();
+    let mut tracker = Tracker::new(progress, total);
     let mut hasher = crc32fast::Hasher::new();
     let mut zeros = ZeroCrcs::new();
     let mut done = 0u64;
@@ -31,8 +33,10 @@ pub fn checksum(chain: &Chain, progress: &mut dyn FnMut(u64, u64) -> bool) -> Re
                 done += bytes.len() as u64;
             }
         }
-        Ok(progress(done, total))
+        tracker.report(done)?;
+        Ok(true)
     })?;
+    tracker.finish()?;
     Ok(hasher.finalize())
 }
 

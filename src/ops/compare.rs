@@ -8,6 +8,7 @@
 
 use crate::chain::{Chain, ChainRun};
 use crate::error::Result;
+use crate::progress::{Progress, Tracker};
 use crate::qcow2::Mapping;
 
 use super::convert::is_zero;
@@ -49,11 +50,19 @@ impl Comparison {
 
 /// Compares `a` and `b`. `progress(done, total)` is called as bytes are compared;
 /// returning `false` cancels with [`crate::Error::Cancelled`].
-pub fn compare(
+pub fn compare(a: &Chain, b: &Chain, strict: bool, progress: Progress<'_>) -> Result<Comparison> {
+    // The comparison is complete when it finds a difference too: it ends at the total.
+    let mut tracker = Tracker::new(progress, a.size().max(b.size()));
+    let comparison = compare_tracked(a, b, strict, &mut tracker)?;
+    tracker.finish()?;
+    Ok(comparison)
+}
+
+fn compare_tracked(
     a: &Chain,
     b: &Chain,
     strict: bool,
-    progress: &mut dyn FnMut(u64, u64) -> bool,
+    tracker: &mut Tracker<'_, '_>,
 ) -> Result<Comparison> {
     let (size_a, size_b) = (a.size(), b.size());
     let sizes_differ = size_a != size_b;
@@ -94,9 +103,7 @@ pub fn compare(
             }
             pos = end;
         }
-        if !progress(pos, total) {
-            return Err(crate::Error::Cancelled);
-        }
+        tracker.report(pos)?;
     }
     let longer = if size_a > size_b { a } else { b };
     let mut buf = Vec::new();
@@ -119,9 +126,7 @@ pub fn compare(
             }
             done += n;
         }
-        if !progress(run.end(), total) {
-            return Err(crate::Error::Cancelled);
-        }
+        tracker.report(run.end())?;
     }
     Ok(Comparison::Identical { sizes_differ })
 }

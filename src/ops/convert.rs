@@ -10,8 +10,9 @@ use std::path::Path;
 
 use crate::chain::{Chain, Format};
 use crate::error::{Error, Result};
+use crate::progress::{Progress, Tracker};
 use crate::qcow2::{CreateOptions, create};
-use crate::storage::{FileStorage, Storage};
+use crate::storage::{FileStorage, Storage, write_zeros};
 
 use super::chunks::{Chunk, for_each_chunk};
 
@@ -54,11 +55,12 @@ impl Default for ConvertOptions {
 /// returning `false` cancels with [`Error::Cancelled`].
 pub fn convert(
     chain: &Chain,
-    dst: &Path,
+    dst: impl AsRef<Path>,
     create_options: &CreateOptions,
     options: &ConvertOptions,
-    progress: &mut dyn FnMut(u64, u64) -> bool,
+    progress: Progress<'_>,
 ) -> Result<()> {
+    let dst = dst.as_ref();
     match create_options.format {
         Format::Qcow2 => super::convert_to_qcow2(chain, dst, create_options, options, progress),
         Format::Raw => {
@@ -92,7 +94,7 @@ pub fn convert_to_raw(
     chain: &Chain,
     out: &dyn Storage,
     options: &ConvertOptions,
-    progress: &mut dyn FnMut(u64, u64) -> bool,
+    progress: Progress<'_>,
 ) -> Result<()> {
     if options.min_sparse % 512 != 0 {
         return Err(Error::InvalidArgument(format!(
@@ -104,28 +106,19 @@ pub fn convert_to_raw(
         return Err(Error::Unsupported("compressed clusters in a raw image"));
     }
     let total = chain.size();
+    let mut tracker = Tracker::new(progress, total);
     let write = |buf: &[u8], offset: u64| {
         out.write_at(buf, offset)
             .map_err(|e| Error::io(format!("writing output at {offset:#x}"), e))
     };
     out.set_len(total)
         .map_err(|e| Error::io("setting the output's length", e))?;
-    let zeros = if options.min_sparse == 0 {
-        vec![0u8; options.chunk_size.max(512)]
-    } else {
-        Vec::new()
-    };
     let mut done = 0u64;
     for_each_chunk(chain, options.chunk_size, |chunk| {
         match chunk {
             Chunk::Zero { offset, len } => {
                 if options.min_sparse == 0 {
-                    let mut pos = 0;
-                    while pos < len {
-                        let n = (len - pos).min(zeros.len() as u64);
-                        write(&zeros[..n as usize], offset + pos)?;
-                        pos += n;
-                    }
+                    write_zeros(offset, len, write)?;
                 }
                 done += len;
             }
@@ -140,8 +133,10 @@ pub fn convert_to_raw(
                 done += bytes.len() as u64;
             }
         }
-        Ok(progress(done, total))
-    })
+        tracker.report(done)?;
+        Ok(true)
+    })?;
+    tracker.finish()
 }
 
 /// The byte ranges of `bytes` (guest offset `offset`) to write: everything except blocks

@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use crate::chain::{Chain, ChainOptions, Format, Layer, resolve_relative};
 use crate::error::{Error, Result};
+use crate::progress::{Progress, Tracker};
 use crate::qcow2::{Compat, CreateOptions, Image, ImageOptions, create, data_file_path};
 use crate::storage::{Extent, FileStorage, Storage};
 
@@ -57,11 +58,12 @@ enum Action {
 /// with [`Error::Cancelled`] (the destination is left as far as it got).
 pub fn convert_to_qcow2(
     chain: &Chain,
-    dst: &Path,
+    dst: impl AsRef<Path>,
     create_options: &CreateOptions,
     options: &ConvertOptions,
-    progress: &mut dyn FnMut(u64, u64) -> bool,
+    progress: Progress<'_>,
 ) -> Result<()> {
+    let dst = dst.as_ref();
     if options.min_sparse % 512 != 0 {
         return Err(Error::InvalidArgument(format!(
             "sparse size {} is not a multiple of 512",
@@ -126,7 +128,7 @@ pub fn convert_to_qcow2(
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    let total = chain.size();
+    let mut tracker = Tracker::new(progress, chain.size());
     std::thread::scope(|scope| -> Result<()> {
         let mut pool = options.compress.then(|| {
             CompressPool::start(scope, threads, create_options.compression_type, cs as usize)
@@ -163,13 +165,15 @@ pub fn convert_to_qcow2(
                     done += len;
                 }
             }
-            Ok(progress(done, total))
+            tracker.report(done)?;
+            Ok(true)
         })?;
         if let Some(pool) = pool.as_mut() {
             pool.finish(&mut store)?;
         }
         Ok(())
     })?;
+    tracker.finish()?;
     out.close()?;
     if options.sync {
         for (path, file) in &files {
@@ -220,23 +224,45 @@ fn open_output(dst: &Path, options: &CreateOptions) -> Result<(Chain, Vec<Output
 type OutputFile = (std::path::PathBuf, Arc<FileStorage>);
 
 /// A file whose flushes are skipped (see [`open_output`]).
-struct Unsynced(Arc<FileStorage>);
+struct Unsynced<S: ?Sized = FileStorage>(Arc<S>);
 
-impl Storage for Unsynced {
+impl<S: Storage + ?Sized> Storage for Unsynced<S> {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.0.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.0.write_at(buf, offset)
     }
+    /// The one method not forwarded: see [`open_output`].
     fn flush(&self) -> io::Result<()> {
         Ok(())
+    }
+    fn copy_from(
+        &self,
+        src: &dyn Storage,
+        src_offset: u64,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        self.0.copy_from(src, src_offset, offset, len)
+    }
+    fn as_file(&self) -> Option<&std::fs::File> {
+        self.0.as_file()
+    }
+    fn shares_extents_with(&self, src: &dyn Storage) -> bool {
+        self.0.shares_extents_with(src)
+    }
+    fn start_writeback(&self) -> io::Result<()> {
+        self.0.start_writeback()
     }
     fn len(&self) -> io::Result<u64> {
         self.0.len()
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.0.set_len(len)
+    }
+    fn is_empty(&self) -> io::Result<bool> {
+        self.0.is_empty()
     }
     fn allocated_size(&self) -> Option<u64> {
         self.0.allocated_size()
@@ -400,5 +426,22 @@ impl Copy<'_> {
                 Ok(())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::Unsynced;
+    use crate::storage::recording::{Recording, call_every_method};
+
+    #[test]
+    fn unsynced_output_forwards_every_method_but_flush() {
+        let file = Arc::new(Recording::from_bytes(vec![1; 16]));
+        let methods = call_every_method(&Unsynced(Arc::clone(&file)));
+        let calls = file.all_calls();
+        assert_eq!(calls.get("flush"), None, "{calls:?}");
+        assert_eq!(calls.len(), methods - 1, "{calls:?}");
     }
 }

@@ -21,7 +21,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::chain::{Chain, ChainOptions, ChainRun, Layer};
 use crate::error::{Error, Result};
+use crate::progress::{Progress, Tracker};
 use crate::qcow2::{AmendOptions, Mapping, Run};
+use crate::storage::write_zeros;
 
 /// What a merge copied (or, in a dry run, would copy).
 ///
@@ -113,12 +115,10 @@ pub struct CommitOptions {
     pub merge: MergeOptions,
 }
 
-/// A progress callback: `(done, total)` bytes; returning `false` cancels.
-pub type Progress<'a> = &'a mut dyn FnMut(u64, u64) -> bool;
-
 /// Which layer of `chain` is the file at `path` (the same file, as the opener the chain
 /// was opened through sees it: same device and inode for host files).
-pub fn find_layer(chain: &Chain, path: &Path) -> Result<usize> {
+pub fn find_layer(chain: &Chain, path: impl AsRef<Path>) -> Result<usize> {
+    let path = path.as_ref();
     let want = chain
         .stat(path)
         .map_err(|e| Error::io("opening", e).in_file(path))?;
@@ -179,14 +179,7 @@ impl Sink for ZerosAsData<'_> {
         self.0.write_at(buf, offset)
     }
     fn zero(&self, offset: u64, len: u64) -> Result<()> {
-        let zeros = vec![0u8; len.min(PIECE as u64) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeros.len() as u64);
-            self.0.write_at(&zeros[..n as usize], offset + done)?;
-            done += n;
-        }
-        Ok(())
+        write_zeros(offset, len, |zeros, at| self.0.write_at(zeros, at))
     }
     fn flush(&self) -> Result<()> {
         self.0.flush()
@@ -875,7 +868,7 @@ fn copy_decided(
     bottom_zeros_needed: bool,
     dest: &Dest<'_>,
     out: &mut Out<'_>,
-    progress: Progress<'_>,
+    progress: &mut Tracker<'_, '_>,
 ) -> Result<()> {
     let size = chain.size();
     let mut plan = Plan {
@@ -991,9 +984,7 @@ fn copy_decided(
                 }
             }
             out.report.examined_bytes = examined;
-            if !progress(examined, size) {
-                return Err(Error::Cancelled);
-            }
+            progress.report(examined)?;
         }
         out.report.examined_bytes = size;
         Ok(())
@@ -1077,7 +1068,12 @@ fn set_backing(open_options: &ChainOptions, overlay: &Path, amend: &AmendOptions
 
 /// Commits as `qemu-img commit` / libvirt blockcommit (see [`CommitOptions`]) starting
 /// from the image at `path`.
-pub fn commit(path: &Path, options: &CommitOptions, progress: Progress<'_>) -> Result<MergeReport> {
+pub fn commit(
+    path: impl AsRef<Path>,
+    options: &CommitOptions,
+    progress: Progress<'_>,
+) -> Result<MergeReport> {
+    let path = path.as_ref();
     let open_options = &options.merge.chain;
     let chain = open(open_options, path, false, false)?;
     let n = chain.layers().len();
@@ -1110,6 +1106,7 @@ pub fn commit(path: &Path, options: &CommitOptions, progress: Progress<'_>) -> R
     } else {
         (&chain, 0..base)
     };
+    let mut tracker = Tracker::new(progress, data.size());
     if options.merge.dry_run {
         let dest = Dest {
             present: Present::new(&chain.layers()[base]),
@@ -1123,8 +1120,9 @@ pub fn commit(path: &Path, options: &CommitOptions, progress: Progress<'_>) -> R
                 ..MergeOptions::default()
             },
         );
-        copy_decided(data, 0, copy, true, &dest, &mut out, progress)?;
+        copy_decided(data, 0, copy, true, &dest, &mut out, &mut tracker)?;
         hide_tail(&chain, top, &dest, &mut out)?;
+        tracker.finish()?;
         return Ok(out.report);
     }
     let base_path = chain.layers()[base].name().to_path_buf();
@@ -1139,7 +1137,7 @@ pub fn commit(path: &Path, options: &CommitOptions, progress: Progress<'_>) -> R
         misses: std::cell::Cell::new(0),
     };
     let mut out = Out::new(Some(&base_chain), &options.merge);
-    copy_decided(data, 0, copy, true, &dest, &mut out, progress)?;
+    copy_decided(data, 0, copy, true, &dest, &mut out, &mut tracker)?;
     hide_tail(&chain, top, &dest, &mut out)?;
     let report = out.report;
     base_chain.close()?;
@@ -1155,6 +1153,7 @@ pub fn commit(path: &Path, options: &CommitOptions, progress: Progress<'_>) -> R
         file.make_empty(size)?;
         file.close()?;
     }
+    tracker.finish()?;
     Ok(report)
 }
 
@@ -1190,11 +1189,12 @@ fn hide_tail(chain: &Chain, top: usize, dest: &Dest<'_>, out: &mut Out<'_>) -> R
 /// `base` (all layers when `None`) is copied into it, then its backing file becomes
 /// `base` (none). What it shows does not change.
 pub fn pull(
-    path: &Path,
+    path: impl AsRef<Path>,
     base: Option<&Path>,
     options: &MergeOptions,
     progress: Progress<'_>,
 ) -> Result<MergeReport> {
+    let path = path.as_ref();
     let chain = open(&options.chain, path, !options.dry_run, false)?;
     let n = chain.layers().len();
     let b = match base {
@@ -1217,9 +1217,19 @@ pub fn pull(
         misses: std::cell::Cell::new(0),
     };
     let mut out = Out::new(sink, options);
-    copy_decided(&chain, 0, 1..stop, b.is_some(), &dest, &mut out, progress)?;
+    let mut tracker = Tracker::new(progress, chain.size());
+    copy_decided(
+        &chain,
+        0,
+        1..stop,
+        b.is_some(),
+        &dest,
+        &mut out,
+        &mut tracker,
+    )?;
     let report = out.report;
     if options.dry_run {
+        tracker.finish()?;
         return Ok(report);
     }
     // Close the pulled image before its pointer is rewritten through another handle:
@@ -1230,6 +1240,7 @@ pub fn pull(
     chain.close()?;
     drop(chain);
     set_backing(&options.chain, path, &amend)?;
+    tracker.finish()?;
     Ok(report)
 }
 
@@ -1241,13 +1252,14 @@ pub fn pull(
 /// file that leads back to the image (it would open no more); unsafe mode only rewrites
 /// the name, whatever it names, as `qemu-img rebase -u`.
 pub fn rebase(
-    path: &Path,
+    path: impl AsRef<Path>,
     new_backing: Option<&str>,
     new_format: Option<&str>,
     unsafe_: bool,
     options: &MergeOptions,
     progress: Progress<'_>,
 ) -> Result<MergeReport> {
+    let path = path.as_ref();
     let resolved = new_backing.map(|name| crate::chain::resolve_relative(path, name));
     let format = match (&resolved, new_format) {
         (None, _) => None,
@@ -1267,8 +1279,10 @@ pub fn rebase(
         ..AmendOptions::default()
     };
     let mut report = MergeReport::default();
+    let mut tracker = Tracker::new(progress, 0);
     if !unsafe_ {
         let chain = open(&options.chain, path, !options.dry_run, false)?;
+        tracker.set_total(chain.size());
         let zeros_as_data = ZerosAsData(&chain);
         let sink: Option<&dyn Sink> = match chain.top() {
             _ if options.dry_run => None,
@@ -1298,7 +1312,7 @@ pub fn rebase(
                     misses: std::cell::Cell::new(0),
                 };
                 let needs_zeros = b < chain.layers().len();
-                copy_decided(&chain, 0, 1..b, needs_zeros, &dest, &mut out, progress)?;
+                copy_decided(&chain, 0, 1..b, needs_zeros, &dest, &mut out, &mut tracker)?;
             }
             None => {
                 let p = resolved.as_deref().unwrap_or(path);
@@ -1323,20 +1337,27 @@ pub fn rebase(
                 {
                     return Err(loop_error(p).in_file(path));
                 }
-                copy_differences(&chain, &new_chain, &mut out, progress)?;
+                copy_differences(&chain, &new_chain, &mut out, &mut tracker)?;
             }
         }
         report = out.report;
         if options.dry_run {
+            tracker.finish()?;
             return Ok(report);
         }
         chain.close()?;
     } else if options.dry_run {
+        tracker.set_total(open(&options.chain, path, false, true)?.size());
+        tracker.finish()?;
         return Ok(report);
     }
     let image = open(&options.chain, path, true, true)?;
+    if unsafe_ {
+        tracker.set_total(image.size());
+    }
     image.amend(&set_backing)?;
     image.close()?;
+    tracker.finish()?;
     Ok(report)
 }
 
@@ -1348,7 +1369,7 @@ fn copy_differences(
     chain: &Chain,
     new_chain: &Chain,
     out: &mut Out<'_>,
-    progress: Progress<'_>,
+    progress: &mut Tracker<'_, '_>,
 ) -> Result<()> {
     let size = chain.size();
     let unit = allocation_unit(chain.top());
@@ -1370,9 +1391,7 @@ fn copy_differences(
                 || zeros_by_mapping(new_chain, 0, run.offset, new_end - run.offset)?)
         {
             out.report.examined_bytes = pos;
-            if !progress(pos, size) {
-                return Err(Error::Cancelled);
-            }
+            progress.report(pos)?;
             continue;
         }
         // What the old backing chain shows, and the new one.
@@ -1418,9 +1437,7 @@ fn copy_differences(
             emit(out, &old, run.offset, s)?;
         }
         out.report.examined_bytes = pos;
-        if !progress(pos, size) {
-            return Err(Error::Cancelled);
-        }
+        progress.report(pos)?;
     }
     Ok(())
 }

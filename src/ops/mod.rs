@@ -14,6 +14,7 @@ mod measure;
 mod merge;
 mod windows;
 
+pub use crate::progress::Progress;
 pub use checksum::checksum;
 pub use compare::{Comparison, compare};
 pub use convert::{ConvertOptions, convert, convert_to_raw};
@@ -23,6 +24,5 @@ pub use info::{ImageInfo, Qcow2Info, SnapshotInfo, chain_info, info};
 pub use map::{MapEntries, MapEntry, map, map_range};
 pub use measure::{Measurement, measure_chain, measure_size};
 pub use merge::{
-    CommitOptions, MergeOptions, MergeReport, Progress, StorageCopy, commit, find_layer, pull,
-    rebase,
+    CommitOptions, MergeOptions, MergeReport, StorageCopy, commit, find_layer, pull, rebase,
 };

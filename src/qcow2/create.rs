@@ -28,7 +28,7 @@ use crate::format::{
     MAX_BACKING_FILE_NAME, MAX_L1_BYTES, MAX_REFCOUNT_TABLE_BYTES, encode_u64_table, set_refcount,
 };
 use crate::qcow2::ImageOptions;
-use crate::storage::{FileStorage, Storage};
+use crate::storage::{FileStorage, Storage, write_zeros};
 
 /// The largest virtual size QEMU accepts: `i64::MAX` rounded down to 1 GiB.
 pub const MAX_VIRTUAL_SIZE: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
@@ -365,10 +365,13 @@ impl CreateOptions {
         let mut backing_format = self.backing_format;
         if let (Some(name), true) = (&self.backing_file, self.open_backing) {
             let backing_path = resolve_relative(path, name);
-            let layer = Layer::open(&backing_path, self.backing_format, &ImageOptions::default())
-                .map_err(|e| {
-                Error::InvalidArgument(format!("cannot open backing file: {e}"))
+            // A backing file that cannot be found or reached is its own error, keeping the
+            // system's reason (not found, permission denied); a damaged one names itself.
+            std::fs::metadata(&backing_path).map_err(|source| Error::BackingFile {
+                path: backing_path.clone(),
+                source,
             })?;
+            let layer = Layer::open(&backing_path, self.backing_format, &ImageOptions::default())?;
             backing_format = Some(layer.format());
             if size.is_none() {
                 size = Some(layer.size());
@@ -395,7 +398,8 @@ struct Resolved {
 /// Creates (or truncates) the image at `path` as `options` say; with a data file, creates
 /// that too. Everything is validated first: an invalid combination, a missing backing file
 /// or a size out of range leaves no file behind.
-pub fn create(path: &Path, options: &CreateOptions) -> Result<()> {
+pub fn create(path: impl AsRef<Path>, options: &CreateOptions) -> Result<()> {
+    let path = path.as_ref();
     let resolved = options.resolve(path).map_err(|e| e.in_file(path))?;
     let data_path = options
         .data_file
@@ -504,18 +508,12 @@ fn write_raw(
         .map_err(|e| Error::io("setting the file length", e))
 }
 
-fn write_zeros_at(storage: &dyn Storage, mut offset: u64, len: u64) -> Result<()> {
-    const CHUNK: u64 = 1 << 20;
-    let zeros = vec![0u8; CHUNK.min(len) as usize];
-    let end = offset + len;
-    while offset < end {
-        let n = CHUNK.min(end - offset) as usize;
+fn write_zeros_at(storage: &dyn Storage, offset: u64, len: u64) -> Result<()> {
+    write_zeros(offset, len, |zeros, at| {
         storage
-            .write_at(&zeros[..n], offset)
-            .map_err(|e| Error::io(format!("writing zeros at {offset:#x}"), e))?;
-        offset += n as u64;
-    }
-    Ok(())
+            .write_at(zeros, at)
+            .map_err(|e| Error::io(format!("writing zeros at {at:#x}"), e))
+    })
 }
 
 /// The names QEMU puts in the feature-name table, in its order.
@@ -805,7 +803,8 @@ impl Layout {
 }
 
 /// The path of the data file `options` would create for an image at `path`.
-pub fn data_file_path(path: &Path, options: &CreateOptions) -> Option<PathBuf> {
+pub fn data_file_path(path: impl AsRef<Path>, options: &CreateOptions) -> Option<PathBuf> {
+    let path = path.as_ref();
     options
         .data_file
         .as_ref()

@@ -499,9 +499,10 @@ impl Image {
     }
 
     /// Fills `buf` with what `run`'s first `buf.len()` bytes read as in this image alone;
-    /// unallocated ranges read as zeros.
+    /// unallocated ranges read as zeros. A buffer longer than the run is refused: the bytes
+    /// past it are not the run's.
     pub fn read_run(&self, run: &Run, buf: &mut [u8]) -> Result<()> {
-        debug_assert!(buf.len() as u64 <= run.len);
+        check_run_buffer(run, buf.len()).map_err(|e| self.name_error(e))?;
         match run.mapping {
             Mapping::Unallocated | Mapping::Zero { .. } => {
                 buf.fill(0);
@@ -763,5 +764,58 @@ fn short_id(id: &str) -> String {
     match id.char_indices().nth(32) {
         Some((cut, _)) => format!("{:?}...", &id[..cut]),
         None => format!("{id:?}"),
+    }
+}
+
+/// Refuses a buffer longer than the run it is to be filled from.
+pub(crate) fn check_run_buffer(run: &Run, len: usize) -> Result<()> {
+    if len as u64 > run.len {
+        return Err(Error::InvalidArgument(format!(
+            "a {len}-byte buffer for a {}-byte run at {:#x}",
+            run.len, run.offset
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::chain::{Layer, RawImage};
+    use crate::qcow2::{CreateOptions, Image, ImageOptions, Mapping, create_on};
+    use crate::storage::MemStorage;
+
+    #[test]
+    fn a_buffer_longer_than_its_run_is_refused_not_read_past_the_run() {
+        let file = MemStorage::new();
+        create_on(&file, &CreateOptions::qcow2(1 << 20)).unwrap();
+        let image = Image::from_storage(
+            Box::new(MemStorage::from_bytes(file.to_bytes())),
+            "a.qcow2",
+            &ImageOptions::default(),
+            None,
+        )
+        .unwrap();
+        let run = image.lookup(0, 512).unwrap();
+        let mut buf = vec![1u8; 1024];
+        let err = image.read_run(&run, &mut buf).unwrap_err();
+        assert!(
+            err.report().to_string().starts_with("a.qcow2: "),
+            "{}",
+            err.report()
+        );
+        image.read_run(&run, &mut buf[..512]).unwrap();
+        assert!(buf[..512].iter().all(|&b| b == 0) && buf[512..].iter().all(|&b| b == 1));
+
+        let raw = Layer::Raw(
+            RawImage::from_storage(Box::new(MemStorage::from_bytes(vec![7; 4096])), "r").unwrap(),
+        );
+        let run = raw.lookup(0, 1024).unwrap();
+        assert!(matches!(run.mapping, Mapping::Data { .. }));
+        let err = raw.read_run(&run, &mut vec![0u8; 2048]).unwrap_err();
+        assert!(
+            matches!(err.root(), crate::Error::InvalidArgument(_)),
+            "{}",
+            err.report()
+        );
     }
 }

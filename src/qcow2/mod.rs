@@ -23,6 +23,7 @@ pub use compress::compress_cluster;
 pub use create::{
     Compat, CreateOptions, MAX_VIRTUAL_SIZE, Preallocation, create, create_on, data_file_path,
 };
+pub(crate) use image::check_run_buffer;
 pub use image::{Image, ImageOptions};
 pub use mapping::{Mapping, Run, Runs};
 pub use references::{Owner, ReferenceKind};

@@ -28,7 +28,7 @@ use crate::format::{
     self, AutoclearFeatures, ClusterDescriptor, CompatibleFeatures, IncompatibleFeatures, L1Entry,
     L2Entry, SubclusterBitmap,
 };
-use crate::storage::Storage;
+use crate::storage::{Storage, write_zeros};
 
 use super::image::Image;
 use super::mapping::Mapping;
@@ -80,9 +80,7 @@ impl Image {
             .incompatible_features
             .contains(IncompatibleFeatures::CORRUPT)
         {
-            return Err(Error::ReadOnly {
-                reason: "the image is marked corrupt (run check -r all to repair it)",
-            });
+            return Err(Error::MarkedCorrupt);
         }
         let refcounts = Refcounts::load(
             &*self.storage,
@@ -125,9 +123,7 @@ impl Image {
 
     fn ensure_writable(&self) -> Result<()> {
         if self.writer.is_some() && self.is_corrupt() {
-            return Err(Error::ReadOnly {
-                reason: "the image is marked corrupt (run check -r all to repair it)",
-            });
+            return Err(Error::MarkedCorrupt);
         }
         match self.writer {
             Some(_) => Ok(()),
@@ -869,15 +865,9 @@ impl Image {
     }
 
     fn write_zero_bytes(&self, offset: u64, len: u64, backing: BackingRead<'_>) -> Result<()> {
-        const CHUNK: u64 = 1 << 20;
-        let zeros = vec![0u8; CHUNK.min(len) as usize];
-        let mut pos = 0;
-        while pos < len {
-            let n = (len - pos).min(CHUNK);
-            self.write_inner(Source::Bytes(&zeros[..n as usize]), offset + pos, backing)?;
-            pos += n;
-        }
-        Ok(())
+        write_zeros(offset, len, |zeros, at| {
+            self.write_inner(Source::Bytes(zeros), at, backing)
+        })
     }
 
     /// Discards guest `offset..offset + len` as QEMU's discard: whole clusters lose their
@@ -1332,5 +1322,32 @@ impl Drop for Image {
         if self.writer.is_some() {
             let _ = self.close();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::qcow2::{CreateOptions, Image, ImageOptions, create_on};
+    use crate::storage::recording::Recording;
+
+    #[test]
+    fn start_writeback_reaches_the_storage_under_the_image() {
+        let file = Arc::new(Recording::default());
+        create_on(&*file, &CreateOptions::qcow2(1 << 20)).unwrap();
+        let options = ImageOptions {
+            writable: true,
+            ..ImageOptions::default()
+        };
+        let image = Image::from_storage(Box::new(Arc::clone(&file)), "t", &options, None).unwrap();
+        image
+            .write_at_with(&[1; 4096], 0, &|b, _| {
+                b.fill(0);
+                Ok(())
+            })
+            .unwrap();
+        image.start_writeback().unwrap();
+        assert_eq!(file.calls("start_writeback"), 1);
     }
 }

@@ -16,7 +16,8 @@ impl FileStorage {
     /// Opens an existing file, read-only or read-write. FIFOs and sockets are refused
     /// before opening (opening a FIFO would wait for a writer; neither holds a disk), and
     /// so are directories.
-    pub fn open(path: &Path, writable: bool) -> io::Result<FileStorage> {
+    pub fn open(path: impl AsRef<Path>, writable: bool) -> io::Result<FileStorage> {
+        let path = path.as_ref();
         let kind = std::fs::metadata(path)?.file_type();
         if kind.is_fifo() || kind.is_socket() {
             return Err(io::Error::new(
@@ -42,7 +43,8 @@ impl FileStorage {
     }
 
     /// Creates (or truncates) a file for writing.
-    pub fn create(path: &Path) -> io::Result<FileStorage> {
+    pub fn create(path: impl AsRef<Path>) -> io::Result<FileStorage> {
+        let path = path.as_ref();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -214,7 +216,7 @@ mod tests {
         let src_path = dir.path().join("src");
         std::fs::write(&src_path, pattern(3 << 20)).unwrap();
         let src = FileStorage::open(&src_path, false).unwrap();
-        let dst = FileStorage::create(&dir.path().join("dst")).unwrap();
+        let dst = FileStorage::create(dir.path().join("dst")).unwrap();
         // Between host files (copy_file_range), unaligned, past the current end.
         dst.copy_from(&src, 12345, 4096 + 7, (2 << 20) + 3).unwrap();
         let mut got = vec![0u8; (2 << 20) + 3];

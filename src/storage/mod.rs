@@ -9,10 +9,14 @@
 mod fault;
 mod file;
 mod memory;
+#[cfg(test)]
+pub(crate) mod recording;
+mod zeros;
 
 pub use fault::{FaultStorage, Unflushed};
 pub use file::FileStorage;
 pub use memory::{MemOpener, MemStorage};
+pub(crate) use zeros::write_zeros;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -135,7 +139,8 @@ pub struct FileInfo {
 
 impl FileInfo {
     /// What the host file system says about the file at `path` (following links).
-    pub fn of_host_file(path: &Path) -> io::Result<FileInfo> {
+    pub fn of_host_file(path: impl AsRef<Path>) -> io::Result<FileInfo> {
+        let path = path.as_ref();
         use std::os::unix::fs::MetadataExt;
         let meta = std::fs::metadata(path)?;
         Ok(FileInfo {
@@ -200,56 +205,86 @@ pub(crate) fn canonicalize_with(opener: Option<&dyn Opener>, path: &Path) -> io:
     }
 }
 
-impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        (**self).read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        (**self).write_at(buf, offset)
-    }
-    fn flush(&self) -> io::Result<()> {
-        (**self).flush()
-    }
-    fn len(&self) -> io::Result<u64> {
-        (**self).len()
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        (**self).set_len(len)
-    }
-    fn allocated_size(&self) -> Option<u64> {
-        (**self).allocated_size()
-    }
-    fn is_read_only(&self) -> bool {
-        (**self).is_read_only()
-    }
-    fn extent(&self, offset: u64, max_len: u64) -> io::Result<Extent> {
-        (**self).extent(offset, max_len)
-    }
+/// Forwards every method of [`Storage`], the defaulted ones included, to the storage the
+/// wrapper points at. A method left out would reach the trait's default through
+/// `Box<dyn Storage>` and quietly do nothing (start no writeback, share no extents).
+macro_rules! forward_storage {
+    ($($wrapper:ident)::+) => {
+        impl<S: Storage + ?Sized> Storage for $($wrapper)::+<S> {
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+                (**self).read_at(buf, offset)
+            }
+            fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+                (**self).write_at(buf, offset)
+            }
+            fn flush(&self) -> io::Result<()> {
+                (**self).flush()
+            }
+            fn copy_from(
+                &self,
+                src: &dyn Storage,
+                src_offset: u64,
+                offset: u64,
+                len: u64,
+            ) -> io::Result<()> {
+                (**self).copy_from(src, src_offset, offset, len)
+            }
+            fn as_file(&self) -> Option<&std::fs::File> {
+                (**self).as_file()
+            }
+            fn shares_extents_with(&self, src: &dyn Storage) -> bool {
+                (**self).shares_extents_with(src)
+            }
+            fn start_writeback(&self) -> io::Result<()> {
+                (**self).start_writeback()
+            }
+            fn len(&self) -> io::Result<u64> {
+                (**self).len()
+            }
+            fn set_len(&self, len: u64) -> io::Result<()> {
+                (**self).set_len(len)
+            }
+            fn is_empty(&self) -> io::Result<bool> {
+                (**self).is_empty()
+            }
+            fn allocated_size(&self) -> Option<u64> {
+                (**self).allocated_size()
+            }
+            fn is_read_only(&self) -> bool {
+                (**self).is_read_only()
+            }
+            fn extent(&self, offset: u64, max_len: u64) -> io::Result<Extent> {
+                (**self).extent(offset, max_len)
+            }
+        }
+    };
 }
 
-impl<S: Storage + ?Sized> Storage for Box<S> {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        (**self).read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        (**self).write_at(buf, offset)
-    }
-    fn flush(&self) -> io::Result<()> {
-        (**self).flush()
-    }
-    fn len(&self) -> io::Result<u64> {
-        (**self).len()
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        (**self).set_len(len)
-    }
-    fn allocated_size(&self) -> Option<u64> {
-        (**self).allocated_size()
-    }
-    fn is_read_only(&self) -> bool {
-        (**self).is_read_only()
-    }
-    fn extent(&self, offset: u64, max_len: u64) -> io::Result<Extent> {
-        (**self).extent(offset, max_len)
+forward_storage!(std::sync::Arc);
+forward_storage!(Box);
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::recording::{Recording, call_every_method};
+    use super::*;
+
+    #[test]
+    fn boxed_and_shared_storages_forward_every_method() {
+        let shared = Arc::new(Recording::from_bytes(vec![1; 16]));
+        let boxed: Box<dyn Storage> = Box::new(Arc::clone(&shared));
+        let methods = call_every_method(&boxed);
+        let calls = shared.all_calls();
+        assert_eq!(
+            calls.len(),
+            methods,
+            "every method reached the storage: {calls:?}"
+        );
+        assert!(calls.values().all(|&n| n == 1), "{calls:?}");
+        // Through a box of a box, too.
+        let twice: Box<dyn Storage> = Box::new(boxed);
+        call_every_method(&twice);
+        assert!(shared.all_calls().values().all(|&n| n == 2));
     }
 }

@@ -576,8 +576,12 @@ impl Run {
         let backing = self.layers.first().map(|l| l.name.clone());
         let options = config.create_options(size, self.program.config.zstd, backing.as_deref());
         let storage = self.fs.create(&name);
-        create_on(&*storage, &options)
-            .unwrap_or_else(|e| self.fail(format_args!("creating {name} ({options:?}): {e}")));
+        create_on(&*storage, &options).unwrap_or_else(|e| {
+            self.fail(format_args!(
+                "creating {name} ({options:?}): {}",
+                e.report()
+            ))
+        });
         let mut view = vec![0u8; size as usize];
         if let Some(below) = self.layers.first() {
             let n = below.view.len().min(view.len());
@@ -601,7 +605,7 @@ impl Run {
             let data = pattern_bytes(pattern, off, len);
             self.chain()
                 .write_at(&data, off)
-                .unwrap_or_else(|e| self.fail(format_args!("setup write: {e}")));
+                .unwrap_or_else(|e| self.fail(format_args!("setup write: {}", e.report())));
             self.layers[0].view[off as usize..(off + len) as usize].copy_from_slice(&data);
         }
     }
@@ -671,7 +675,7 @@ impl Run {
     fn close(&self, chain: Chain) {
         chain
             .close()
-            .unwrap_or_else(|e| self.fail(format_args!("close: {e}")));
+            .unwrap_or_else(|e| self.fail(format_args!("close: {}", e.report())));
     }
 
     /// Closes the chain (if open) and opens it again; every image must check clean in
@@ -683,7 +687,7 @@ impl Run {
         self.check_images();
         let top = &self.layers[0].name;
         let chain = Chain::open_with(top, &self.chain_options(true))
-            .unwrap_or_else(|e| self.fail(format_args!("opening {top}: {e}")));
+            .unwrap_or_else(|e| self.fail(format_args!("opening {top}: {}", e.report())));
         let names: Vec<String> = chain
             .layers()
             .iter()
@@ -712,17 +716,21 @@ impl Run {
         if depth == 0 {
             chain
                 .read_at(&mut buf, 0)
-                .unwrap_or_else(|e| self.fail(format_args!("reading: {e}")));
+                .unwrap_or_else(|e| self.fail(format_args!("reading: {}", e.report())));
             return buf;
         }
         let mut pos = 0;
         while pos < len {
             let run = chain
                 .resolve_from(depth, pos, len - pos)
-                .unwrap_or_else(|e| self.fail(format_args!("resolving layer {depth}: {e}")));
+                .unwrap_or_else(|e| {
+                    self.fail(format_args!("resolving layer {depth}: {}", e.report()))
+                });
             chain
                 .read_run(&run, &mut buf[pos as usize..run.end() as usize])
-                .unwrap_or_else(|e| self.fail(format_args!("reading layer {depth}: {e}")));
+                .unwrap_or_else(|e| {
+                    self.fail(format_args!("reading layer {depth}: {}", e.report()))
+                });
             pos = run.end();
         }
         buf
@@ -766,12 +774,14 @@ impl Run {
                 continue;
             }
             // Longer than the top: the chain from this layer down reads all of it.
-            let chain = Chain::open_with(&layer.name, &self.chain_options(false))
-                .unwrap_or_else(|e| self.fail(format_args!("opening {}: {e}", layer.name)));
+            let chain =
+                Chain::open_with(&layer.name, &self.chain_options(false)).unwrap_or_else(|e| {
+                    self.fail(format_args!("opening {}: {}", layer.name, e.report()))
+                });
             let mut got = vec![0u8; chain.size() as usize];
-            chain
-                .read_at(&mut got, 0)
-                .unwrap_or_else(|e| self.fail(format_args!("reading {}: {e}", layer.name)));
+            chain.read_at(&mut got, 0).unwrap_or_else(|e| {
+                self.fail(format_args!("reading {}: {}", layer.name, e.report()))
+            });
             self.compare(&what, &got, &layer.view);
         }
     }
@@ -798,9 +808,9 @@ impl Run {
         let mut own = vec![false; size.div_ceil(SECTOR) as usize];
         let mut pos = 0;
         while pos < size {
-            let run = layer
-                .lookup(pos, size - pos)
-                .unwrap_or_else(|e| self.fail(format_args!("lookup in layer {depth}: {e}")));
+            let run = layer.lookup(pos, size - pos).unwrap_or_else(|e| {
+                self.fail(format_args!("lookup in layer {depth}: {}", e.report()))
+            });
             if run.mapping != Mapping::Unallocated {
                 own[(run.offset / SECTOR) as usize..run.end().div_ceil(SECTOR) as usize].fill(true);
             }
@@ -825,7 +835,7 @@ impl Run {
                 self.fail(format_args!("{what} succeeded; it must be refused"))
             }
             (Ok(()), _) => true,
-            (Err(e), Outcome::Succeeds) => self.fail(format_args!("{what}: {e}")),
+            (Err(e), Outcome::Succeeds) => self.fail(format_args!("{what}: {}", e.report())),
             // A refusal says what is wrong with the request, not with the image.
             (Err(e), _)
                 if matches!(
@@ -835,7 +845,7 @@ impl Run {
             {
                 false
             }
-            (Err(e), _) => self.fail(format_args!("{what}: not a refusal: {e}")),
+            (Err(e), _) => self.fail(format_args!("{what}: not a refusal: {}", e.report())),
         }
     }
 
@@ -885,7 +895,7 @@ impl Run {
                 let kind = self.top().compression_type();
                 data.resize(cluster as usize, 0);
                 let compressed = compress_cluster(kind, &data)
-                    .unwrap_or_else(|e| self.fail(format_args!("compressing: {e}")));
+                    .unwrap_or_else(|e| self.fail(format_args!("compressing: {}", e.report())));
                 let r = match compressed {
                     Some(c) => self.chain().write_compressed(off, &c),
                     None => self.chain().write_at(&data[..len as usize], off),
@@ -1058,7 +1068,7 @@ impl Run {
             possible = !(dest.config.v2 && grows && (has_snapshots || backing_longer));
         }
         self.close_for_merge();
-        let r = ops::commit(self.layers[0].name.as_ref(), &options, &mut |_, _| true).map(drop);
+        let r = ops::commit(&self.layers[0].name, &options, &mut |_, _| true).map(drop);
         let outcome = if possible {
             Outcome::Succeeds
         } else {
@@ -1114,7 +1124,7 @@ impl Run {
         let base_name = base.map(|b| self.layers[b].name.clone());
         self.close_for_merge();
         let r = ops::pull(
-            self.layers[0].name.as_ref(),
+            &self.layers[0].name,
             base_name.as_deref().map(AsRef::as_ref),
             &self.merge_options(mode),
             &mut |_, _| true,
@@ -1180,7 +1190,7 @@ impl Run {
         let own = unsafe_.then(|| self.own_sectors(0));
         self.close_for_merge();
         let r = ops::rebase(
-            self.layers[0].name.as_ref(),
+            &self.layers[0].name,
             target.as_deref(),
             target.as_ref().map(|_| "qcow2"),
             unsafe_,
@@ -1211,7 +1221,7 @@ impl Run {
     /// The images of the chain of `name`, top first.
     fn foreign_names(&self, name: &str) -> Vec<String> {
         let chain = Chain::open_with(name, &self.chain_options(false))
-            .unwrap_or_else(|e| self.fail(format_args!("opening {name}: {e}")));
+            .unwrap_or_else(|e| self.fail(format_args!("opening {name}: {}", e.report())));
         chain
             .layers()
             .iter()
@@ -1226,11 +1236,11 @@ impl Run {
             .into_iter()
             .map(|name| {
                 let below = Chain::open_with(&name, &self.chain_options(false))
-                    .unwrap_or_else(|e| self.fail(format_args!("opening {name}: {e}")));
+                    .unwrap_or_else(|e| self.fail(format_args!("opening {name}: {}", e.report())));
                 let mut view = vec![0u8; below.size() as usize];
                 below
                     .read_at(&mut view, 0)
-                    .unwrap_or_else(|e| self.fail(format_args!("reading {name}: {e}")));
+                    .unwrap_or_else(|e| self.fail(format_args!("reading {name}: {}", e.report())));
                 LayerModel {
                     config: self.configs[&name],
                     name,
@@ -1268,10 +1278,12 @@ impl Run {
             }
             let image =
                 Image::from_storage(Box::new(storage), &path, &ImageOptions::default(), None)
-                    .unwrap_or_else(|e| self.fail(format_args!("opening {}: {e}", path.display())));
-            let report = image
-                .check()
-                .unwrap_or_else(|e| self.fail(format_args!("checking {}: {e}", path.display())));
+                    .unwrap_or_else(|e| {
+                        self.fail(format_args!("opening {}: {}", path.display(), e.report()))
+                    });
+            let report = image.check().unwrap_or_else(|e| {
+                self.fail(format_args!("checking {}: {}", path.display(), e.report()))
+            });
             if !report.is_clean() {
                 let shown: Vec<_> = report.findings.iter().take(8).collect();
                 self.fail(format_args!(
@@ -1299,7 +1311,7 @@ impl Run {
         self.fs
             .insert(PROBE, Arc::new(MemStorage::from_bytes(original.to_bytes())));
         let chain = Chain::open_with(PROBE, &self.chain_options(true))
-            .unwrap_or_else(|e| self.fail(format_args!("opening a copy: {e}")));
+            .unwrap_or_else(|e| self.fail(format_args!("opening a copy: {}", e.report())));
         let image = chain.top().as_qcow2().expect("qcow2");
         let r = image.snapshot_apply(&snapshot.name);
         let outcome = if self.layers[depth].config.refcount_bits < 16 {
@@ -1316,7 +1328,7 @@ impl Run {
         let mut got = vec![0u8; chain.size() as usize];
         chain
             .read_at(&mut got, 0)
-            .unwrap_or_else(|e| self.fail(format_args!("reading a copy: {e}")));
+            .unwrap_or_else(|e| self.fail(format_args!("reading a copy: {}", e.report())));
         drop(chain);
         self.fs.remove(PROBE);
         self.compare(
