@@ -45,24 +45,27 @@
 #![deny(missing_docs)]
 
 pub mod chain;
+pub mod create;
 mod error;
 pub mod format;
+pub mod layers;
+pub mod names;
 pub mod ops;
 mod progress;
 pub mod qcow2;
-mod reader;
 pub mod storage;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use chain::{BackingPolicy, Chain, ChainOptions, ChainRun, Format, Layer, RawImage};
+pub use chain::{BackingPolicy, Chain, ChainOptions, ChainReader, ChainRun};
+pub use create::{CreateOptions, create, create_on};
 pub use error::{Error, Report, Result};
+pub use layers::{Format, Layer, RawImage};
 pub use progress::Progress;
 pub use qcow2::{
-    CheckReport, Compat, CreateOptions, Finding, Image, ImageOptions, Mapping, Preallocation,
-    RepairMode, Run, Severity, create, create_on,
+    CheckReport, Compat, Finding, Image, ImageOptions, Mapping, Preallocation, RepairMode, Run,
+    Severity,
 };
-pub use reader::ChainReader;
 
 /// The README's example, compiled as a doc test.
 #[cfg(doctest)]

@@ -301,13 +301,7 @@ fn merges_by_storage_copies_match_qemu_img() {
         assert_eq!(s.reference("ours/top.qcow2", "qcow2"), before, "{options}");
 
         // Pull everything from the committed chain.
-        ops::pull(
-            s.path("ours/top.qcow2"),
-            None,
-            &copying,
-            &mut no_progress(),
-        )
-        .unwrap();
+        ops::pull(s.path("ours/top.qcow2"), None, &copying, &mut no_progress()).unwrap();
         s.qemu_img(&["rebase", "-q", "-b", "", "qemu/top.qcow2"]);
         check(&s, "ours/top.qcow2");
         assert_eq!(backing_of(&s, "ours/top.qcow2"), None);
@@ -393,13 +387,8 @@ fn a_read_error_during_a_pull_names_the_file_and_changes_nothing_visible() {
         },
         ..MergeOptions::default()
     };
-    let err = ops::pull(
-        s.path("ours/top.qcow2"),
-        None,
-        &options,
-        &mut no_progress(),
-    )
-    .expect_err("the pull must fail");
+    let err = ops::pull(s.path("ours/top.qcow2"), None, &options, &mut no_progress())
+        .expect_err("the pull must fail");
     let message = err.report().to_string();
     assert!(message.contains("base.qcow2"), "{message}");
     assert!(message.contains("Input/output error"), "{message}");
@@ -636,7 +625,7 @@ fn safe_rebase_of_an_image_without_a_backing_file_keeps_its_content() {
 fn chains_and_merges_run_in_memory_through_a_mem_opener() {
     use std::sync::Arc;
 
-    use qcow2_engine::chain::Format;
+    use qcow2_engine::Format;
     use qcow2_engine::storage::MemOpener;
     use qcow2_engine::{Chain, ChainOptions, CreateOptions, Error, ImageOptions, create_on};
 

@@ -7,7 +7,7 @@ mod common;
 
 use common::{Rng, Scratch, backing_of};
 use proptest::prelude::*;
-use qcow2_engine::chain::Format;
+use qcow2_engine::Format;
 use qcow2_engine::ops::{self, CommitOptions, MergeOptions};
 use qcow2_engine::{Chain, ChainOptions, CreateOptions, create};
 

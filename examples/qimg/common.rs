@@ -6,8 +6,8 @@ use std::sync::OnceLock;
 use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
-use qcow2_engine::chain::resolve_relative;
 use qcow2_engine::format::CompressionType;
+use qcow2_engine::names::resolve_relative;
 use qcow2_engine::ops::{self, MergeReport};
 use qcow2_engine::{
     BackingPolicy, Chain, ChainOptions, Compat, CreateOptions, Format, Preallocation,

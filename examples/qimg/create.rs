@@ -72,7 +72,7 @@ fn formatting_line(file: &str, path: &std::path::Path, o: &CreateOptions) -> Str
     let size = o.size.unwrap_or_else(|| {
         o.backing_file
             .as_ref()
-            .map(|b| qcow2_engine::chain::resolve_relative(path, b))
+            .map(|b| qcow2_engine::names::resolve_relative(path, b))
             .and_then(|p| Layer::open(&p, o.backing_format, &ImageOptions::default()).ok())
             .map_or(0, |layer| layer.size())
     });

@@ -2,9 +2,10 @@
 
 use crate::error::{Error, Result};
 use crate::qcow2::AmendOptions;
-use crate::storage::{Storage, write_zeros};
 
-use super::{Chain, Layer};
+use crate::layers::Layer;
+
+use super::Chain;
 
 impl Chain {
     /// Fills `buf` with what the layers below the top show at `offset` (zeros past their
@@ -25,7 +26,7 @@ impl Chain {
         let top = self.top();
         let writable = match top {
             Layer::Qcow2(i) => i.is_writable(),
-            Layer::Raw(r) => !r.storage.is_read_only(),
+            Layer::Raw(r) => r.is_writable(),
         };
         if !writable {
             return Err(Error::ReadOnly {
@@ -56,16 +57,7 @@ impl Chain {
                     self.read_below(b, o)
                 })
             }
-            Layer::Raw(raw) => {
-                raw.check(offset, len)?;
-                raw.storage.copy_from(src, host, offset, len).map_err(|e| {
-                    Error::io(
-                        format!("copying from {} to {offset:#x}", from.name().display()),
-                        e,
-                    )
-                    .in_file(&raw.name)
-                })
-            }
+            Layer::Raw(raw) => raw.copy_from(src, from.name(), host, len, offset),
         }
     }
 
@@ -143,10 +135,7 @@ impl Chain {
     pub fn start_writeback(&self) -> Result<()> {
         match self.writable_top()? {
             Layer::Qcow2(image) => image.start_writeback(),
-            Layer::Raw(raw) => raw
-                .storage
-                .start_writeback()
-                .map_err(|e| Error::io("writing back", e).in_file(&raw.name)),
+            Layer::Raw(raw) => raw.start_writeback(),
         }
     }
 
@@ -154,52 +143,8 @@ impl Chain {
     pub fn close(&self) -> Result<()> {
         match self.top() {
             Layer::Qcow2(image) => image.close(),
-            Layer::Raw(raw) if !raw.storage.is_read_only() => raw.flush(),
+            Layer::Raw(raw) if raw.is_writable() => raw.flush(),
             Layer::Raw(_) => Ok(()),
         }
-    }
-}
-
-impl super::RawImage {
-    fn check(&self, offset: u64, len: u64) -> Result<()> {
-        if offset.checked_add(len).is_none_or(|end| end > self.size) {
-            return Err(Error::OutOfRange {
-                offset,
-                len,
-                size: self.size,
-            }
-            .in_file(&self.name));
-        }
-        Ok(())
-    }
-
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.check(offset, buf.len() as u64)?;
-        self.storage
-            .write_at(buf, offset)
-            .map_err(|e| Error::io(format!("writing at {offset:#x}"), e).in_file(&self.name))
-    }
-
-    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        self.check(offset, len)?;
-        write_zeros(offset, len, |zeros, at| self.write_at(zeros, at))
-    }
-
-    fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
-        if new_size < self.file_len && !allow_shrink {
-            return Err(Error::InvalidArgument(
-                "shrinking an image can lose data: allow it explicitly (--shrink)".into(),
-            )
-            .in_file(&self.name));
-        }
-        self.storage
-            .set_len(new_size)
-            .map_err(|e| Error::io("resizing", e).in_file(&self.name))
-    }
-
-    fn flush(&self) -> Result<()> {
-        self.storage
-            .flush()
-            .map_err(|e| Error::io("flushing", e).in_file(&self.name))
     }
 }

@@ -8,10 +8,11 @@
 
 use std::path::Path;
 
-use crate::chain::{Chain, Format};
+use crate::chain::Chain;
+use crate::create::{CreateOptions, create};
 use crate::error::{Error, Result};
+use crate::layers::Format;
 use crate::progress::{Progress, Tracker};
-use crate::qcow2::{CreateOptions, create};
 use crate::storage::{FileStorage, Storage, write_zeros};
 
 use super::chunks::{Chunk, for_each_chunk};

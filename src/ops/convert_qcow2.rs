@@ -17,10 +17,13 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::chain::{Chain, ChainOptions, Format, Layer, resolve_relative};
+use crate::chain::{Chain, ChainOptions};
+use crate::create::{CreateOptions, create, data_file_path};
 use crate::error::{Error, Result};
+use crate::layers::{Format, Layer};
+use crate::names::resolve_relative;
 use crate::progress::{Progress, Tracker};
-use crate::qcow2::{Compat, CreateOptions, Image, ImageOptions, create, data_file_path};
+use crate::qcow2::{Compat, Image, ImageOptions};
 use crate::storage::{Extent, FileStorage, Storage};
 
 use super::compress_pool::{CompressPool, Compressed};

@@ -4,8 +4,9 @@
 
 use std::path::PathBuf;
 
-use crate::chain::{Chain, Format, Layer};
+use crate::chain::Chain;
 use crate::error::Result;
+use crate::layers::{Format, Layer};
 use crate::qcow2::{ImageSpace, Mapping};
 
 /// One internal snapshot's space.

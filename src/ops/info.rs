@@ -5,9 +5,11 @@
 
 use std::path::PathBuf;
 
-use crate::chain::{Chain, Format, Layer, resolve_relative};
+use crate::chain::Chain;
 use crate::error::Result;
 use crate::format::SnapshotEntry;
+use crate::layers::{Format, Layer};
+use crate::names::resolve_relative;
 
 /// What `qemu-img info` says about one image.
 #[derive(Debug, Clone, PartialEq, Eq)]

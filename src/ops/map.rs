@@ -19,8 +19,9 @@
 
 use std::collections::VecDeque;
 
-use crate::chain::{Chain, ChainRun, ChainRuns, Layer};
+use crate::chain::{Chain, ChainRun, ChainRuns};
 use crate::error::Result;
+use crate::layers::Layer;
 use crate::qcow2::Mapping;
 use crate::storage::Extent;
 

@@ -19,10 +19,12 @@
 //!
 //! For raw output both sizes are the size (rounded up to 512 bytes for a given size).
 
-use crate::chain::{Chain, Format, Layer};
+use crate::chain::Chain;
+use crate::create::CreateOptions;
 use crate::error::{Error, Result};
 use crate::format::HeaderExtension;
-use crate::qcow2::{Compat, CreateOptions, Image, Preallocation};
+use crate::layers::{Format, Layer};
+use crate::qcow2::{Compat, Image, Preallocation};
 
 use super::map;
 

@@ -19,8 +19,10 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::chain::{Chain, ChainOptions, ChainRun, Layer};
+use crate::chain::{Chain, ChainOptions, ChainRun};
 use crate::error::{Error, Result};
+use crate::layers::{Format, Layer};
+use crate::names::resolve_relative;
 use crate::progress::{Progress, Tracker};
 use crate::qcow2::{AmendOptions, Mapping, Run};
 use crate::storage::write_zeros;
@@ -1260,10 +1262,10 @@ pub fn rebase(
     progress: Progress<'_>,
 ) -> Result<MergeReport> {
     let path = path.as_ref();
-    let resolved = new_backing.map(|name| crate::chain::resolve_relative(path, name));
+    let resolved = new_backing.map(|name| resolve_relative(path, name));
     let format = match (&resolved, new_format) {
         (None, _) => None,
-        (Some(_), Some(f)) => Some(crate::chain::Format::from_name(f)?),
+        (Some(_), Some(f)) => Some(Format::from_name(f)?),
         (Some(p), None) => {
             let image = crate::ImageOptions {
                 writable: false,

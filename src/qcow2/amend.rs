@@ -8,8 +8,8 @@ use crate::format::{
     IncompatibleFeatures, L2Entry, SubclusterBitmap,
 };
 
-use super::create::{Compat, MIN_CLUSTER_FOR_FEATURE_TABLE, qemu_feature_names};
 use super::image::Image;
+use super::layout::{Compat, MIN_CLUSTER_FOR_FEATURE_TABLE, qemu_feature_names};
 use super::write::Writer;
 
 /// What to change (each `None` leaves the option alone).

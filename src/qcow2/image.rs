@@ -161,7 +161,7 @@ impl Image {
                     .in_file(path)
                 })?;
             drop(meta);
-            let data_path = crate::chain::resolve_relative(path, &name);
+            let data_path = crate::names::resolve_relative(path, &name);
             let data = options
                 .open_storage(&data_path, options.writable)
                 .map_err(|e| {
@@ -780,8 +780,9 @@ pub(crate) fn check_run_buffer(run: &Run, len: usize) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use crate::chain::{Layer, RawImage};
-    use crate::qcow2::{CreateOptions, Image, ImageOptions, Mapping, create_on};
+    use crate::create::{CreateOptions, create_on};
+    use crate::layers::{Layer, RawImage};
+    use crate::qcow2::{Image, ImageOptions, Mapping};
     use crate::storage::MemStorage;
 
     #[test]

@@ -3,9 +3,9 @@
 mod amend;
 mod check;
 mod compress;
-mod create;
 mod image;
 mod l2cache;
+mod layout;
 mod mapping;
 mod overlap;
 mod prealloc;
@@ -20,11 +20,10 @@ mod write;
 pub use amend::AmendOptions;
 pub use check::{CheckReport, Finding, RepairMode, Severity};
 pub use compress::compress_cluster;
-pub use create::{
-    Compat, CreateOptions, MAX_VIRTUAL_SIZE, Preallocation, create, create_on, data_file_path,
-};
 pub(crate) use image::check_run_buffer;
 pub use image::{Image, ImageOptions};
+pub use layout::{Compat, MAX_VIRTUAL_SIZE, Preallocation};
+pub(crate) use layout::{Layout, LayoutOptions};
 pub use mapping::{Mapping, Run, Runs};
 pub use references::{Owner, ReferenceKind};
 pub use space::{ImageSpace, OwnerSpace};

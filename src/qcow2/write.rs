@@ -1329,7 +1329,8 @@ impl Drop for Image {
 mod tests {
     use std::sync::Arc;
 
-    use crate::qcow2::{CreateOptions, Image, ImageOptions, create_on};
+    use crate::create::{CreateOptions, create_on};
+    use crate::qcow2::{Image, ImageOptions};
     use crate::storage::recording::Recording;
 
     #[test]

@@ -71,6 +71,17 @@ impl FileStorage {
     pub fn file(&self) -> &File {
         &self.file
     }
+
+    /// Reserves `len` bytes of disk space from `offset` (`fallocate`), growing the file as
+    /// needed; the reserved range reads as zeros where nothing was written.
+    pub fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_writable()?;
+        if len == 0 {
+            return Ok(());
+        }
+        rustix::fs::fallocate(&self.file, rustix::fs::FallocateFlags::empty(), offset, len)?;
+        Ok(())
+    }
 }
 
 impl Storage for FileStorage {

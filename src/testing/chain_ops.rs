@@ -45,13 +45,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::chain::{Chain, ChainOptions, Format};
+use crate::chain::{Chain, ChainOptions};
+use crate::create::{CreateOptions, create_on};
 use crate::error::Error;
 use crate::format::CompressionType;
+use crate::layers::Format;
 use crate::ops::{self, CommitOptions, MergeOptions};
-use crate::qcow2::{
-    Compat, CreateOptions, Image, ImageOptions, Mapping, compress_cluster, create_on,
-};
+use crate::qcow2::{Compat, Image, ImageOptions, Mapping, compress_cluster};
 use crate::storage::{MemOpener, MemStorage};
 
 /// At most this many operations run per input.

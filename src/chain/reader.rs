@@ -3,7 +3,7 @@
 
 use std::io::{self, Read, Seek, SeekFrom};
 
-use crate::chain::Chain;
+use super::Chain;
 
 /// A cursor over a chain's guest content. Reading at the end returns 0 bytes.
 #[derive(Debug)]

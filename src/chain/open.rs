@@ -1,0 +1,165 @@
+//! Opening a chain: each image's backing file in turn, refusing loops, names QEMU would
+//! hand to a protocol driver and chains deeper than a limit.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::layers::{Format, Layer};
+use crate::names::{backing_path_name, resolve_relative};
+use crate::qcow2::ImageOptions;
+use crate::storage::{FileInfo, Opener, canonicalize_with, stat_with};
+
+use super::ChainOptions;
+
+/// An image with its backing chain, top first.
+pub struct Chain {
+    pub(super) layers: Vec<Layer>,
+    pub(super) warnings: Vec<String>,
+    /// What the chain was opened through ([`ImageOptions::opener`]): names are looked up
+    /// through it ([`Chain::stat`]).
+    pub(super) opener: Option<Arc<dyn Opener>>,
+}
+
+impl std::fmt::Debug for Chain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chain")
+            .field("layers", &self.layers)
+            .field("warnings", &self.warnings)
+            .field("opener", &self.opener.as_ref().map(|_| "custom"))
+            .finish()
+    }
+}
+
+impl Chain {
+    /// Opens the image at `path` and its whole backing chain.
+    pub fn open(path: impl AsRef<Path>) -> Result<Chain> {
+        Chain::open_with(path, &ChainOptions::default())
+    }
+
+    /// Opens the image at `path` and its backing chain with `options`.
+    pub fn open_with(path: impl AsRef<Path>, options: &ChainOptions) -> Result<Chain> {
+        let path = path.as_ref();
+        let opener = options.image.opener.as_deref();
+        let mut seen = HashSet::new();
+        let mut warnings = Vec::new();
+        let mut layers: Vec<Layer> = Vec::new();
+        let mut next = Some((path.to_path_buf(), options.format));
+        while let Some((layer_path, format)) = next.take() {
+            if layers.len() >= options.max_depth.max(1) {
+                return Err(Error::ChainTooDeep {
+                    limit: options.max_depth,
+                }
+                .in_file(path));
+            }
+            let info = stat_with(opener, &layer_path).map_err(|e| match layers.last() {
+                // Name the image that refers to the missing backing file, as qemu-img does.
+                Some(overlay) => Error::BackingFile {
+                    path: layer_path.clone(),
+                    source: e,
+                }
+                .in_file(overlay.name()),
+                None => Error::io("opening", e).in_file(&layer_path),
+            })?;
+            if !seen.insert(info.id) {
+                return Err(Error::BackingLoop { path: layer_path }.in_file(path));
+            }
+            if let Some(overlay) = layers.last() {
+                options
+                    .backing_policy
+                    .check(&layer_path, &info, opener)
+                    .map_err(|e| e.in_file(overlay.name()))?;
+            }
+            let image_options = ImageOptions {
+                writable: options.writable && layers.is_empty(),
+                ..options.image.clone()
+            };
+            let layer = match Layer::open(&layer_path, format, &image_options) {
+                Err(e) if image_options.writable && is_marked_corrupt(&e) => {
+                    warnings.push(format!(
+                        "{}: image is marked corrupt: opened read-only",
+                        layer_path.display()
+                    ));
+                    let read_only = ImageOptions {
+                        writable: false,
+                        ..image_options
+                    };
+                    Layer::open(&layer_path, format, &read_only)?
+                }
+                other => other?,
+            };
+            options
+                .backing_policy
+                .check_data_file(&layer, opener)
+                .map_err(|e| e.in_file(layer.name()))?;
+            if !options.no_backing {
+                if let Some((name, fmt)) = layer.backing() {
+                    let overlay = layer.name();
+                    let name = backing_path_name(&name).map_err(|e| e.in_file(overlay))?;
+                    let fmt = fmt
+                        .map(|f| Format::from_name(&f))
+                        .transpose()
+                        .map_err(|e| e.in_file(overlay))?;
+                    next = Some((resolve_relative(overlay, name), fmt));
+                }
+            }
+            layers.push(layer);
+        }
+        Ok(Chain {
+            layers,
+            warnings,
+            opener: options.image.opener.clone(),
+        })
+    }
+
+    /// A chain of already open layers, top first. Fails when `layers` is empty.
+    pub fn from_layers(layers: Vec<Layer>) -> Result<Chain> {
+        if layers.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a chain needs at least one layer".into(),
+            ));
+        }
+        Ok(Chain {
+            layers,
+            warnings: Vec::new(),
+            opener: None,
+        })
+    }
+
+    /// Looks up the file at `path` through the opener the chain was opened with (the host
+    /// file system for chains opened without one, or made by [`Chain::from_layers`]).
+    pub fn stat(&self, path: impl AsRef<Path>) -> std::io::Result<FileInfo> {
+        stat_with(self.opener.as_deref(), path.as_ref())
+    }
+
+    /// The canonical name of `path` through the chain's opener (see [`Chain::stat`]).
+    pub fn canonicalize(&self, path: impl AsRef<Path>) -> std::io::Result<PathBuf> {
+        canonicalize_with(self.opener.as_deref(), path.as_ref())
+    }
+
+    /// Things the caller should tell the user about (e.g. a corrupt image opened
+    /// read-only).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// The layers, top first.
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    /// The top layer.
+    pub fn top(&self) -> &Layer {
+        &self.layers[0]
+    }
+
+    /// The top image's virtual size.
+    pub fn size(&self) -> u64 {
+        self.top().size()
+    }
+}
+
+fn is_marked_corrupt(e: &Error) -> bool {
+    matches!(e.root(), Error::MarkedCorrupt)
+}

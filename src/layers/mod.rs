@@ -1,0 +1,10 @@
+//! What a chain is made of: layers, each a qcow2 image or a raw file, and the formats
+//! that tell them apart.
+
+mod format;
+mod layer;
+mod raw;
+
+pub use format::Format;
+pub use layer::Layer;
+pub use raw::RawImage;

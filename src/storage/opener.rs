@@ -1,0 +1,85 @@
+//! Which storage a file name reaches: the host file system by default, or an [`Opener`]
+//! (a file system in memory, storages that inject faults).
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use super::{FileStorage, Storage};
+
+/// Which file a name refers to and what kind of file it is (see [`Opener::stat`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileInfo {
+    /// Identifies the file: every name of one file (links, `..`) gives the same value.
+    /// For host files, the device and inode numbers.
+    pub id: (u64, u64),
+    /// A regular file (not a block or character device, FIFO or socket).
+    pub regular: bool,
+}
+
+impl FileInfo {
+    /// What the host file system says about the file at `path` (following links).
+    pub fn of_host_file(path: impl AsRef<Path>) -> io::Result<FileInfo> {
+        let path = path.as_ref();
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path)?;
+        Ok(FileInfo {
+            id: (meta.dev(), meta.ino()),
+            regular: meta.is_file(),
+        })
+    }
+}
+
+/// Opens the storage behind a file name. Images and chains open their files (and external
+/// data files) through one when [`crate::ImageOptions::opener`] names it, and as
+/// [`FileStorage`]s otherwise: tests put every image of an operation in a
+/// [`FaultStorage`] this way, or a whole chain in memory ([`MemOpener`]).
+///
+/// Chains also ask it which file a name refers to ([`Opener::stat`], to refuse loops,
+/// apply the backing policy and find layers by name) and for canonical names
+/// ([`Opener::canonicalize`]); by default both come from the host file system, so an
+/// opener that serves host files under their own names implements only [`Opener::open`].
+pub trait Opener: Send + Sync {
+    /// Opens the existing file at `path`, for writing when `writable`.
+    fn open(&self, path: &Path, writable: bool) -> io::Result<Box<dyn Storage>>;
+
+    /// Looks up the file at `path` without opening it (following links). Default: the
+    /// host file system's answer ([`FileInfo::of_host_file`]).
+    fn stat(&self, path: &Path) -> io::Result<FileInfo> {
+        FileInfo::of_host_file(path)
+    }
+
+    /// The absolute name of `path` with links and `..` resolved: what
+    /// [`crate::BackingPolicy::confine_to`] compares, and the name a merge stores for a
+    /// backing file in another directory. Default: [`std::fs::canonicalize`].
+    fn canonicalize(&self, path: &Path) -> io::Result<PathBuf> {
+        std::fs::canonicalize(path)
+    }
+}
+
+/// Opens `path` with `opener`, or as a [`FileStorage`] without one.
+pub(crate) fn open_with(
+    opener: Option<&dyn Opener>,
+    path: &Path,
+    writable: bool,
+) -> io::Result<Box<dyn Storage>> {
+    match opener {
+        Some(o) => o.open(path, writable),
+        None => Ok(Box::new(FileStorage::open(path, writable)?)),
+    }
+}
+
+/// [`Opener::stat`] of `opener`, or of the host file system without one.
+pub(crate) fn stat_with(opener: Option<&dyn Opener>, path: &Path) -> io::Result<FileInfo> {
+    match opener {
+        Some(o) => o.stat(path),
+        None => FileInfo::of_host_file(path),
+    }
+}
+
+/// [`Opener::canonicalize`] of `opener`, or of the host file system without one.
+pub(crate) fn canonicalize_with(opener: Option<&dyn Opener>, path: &Path) -> io::Result<PathBuf> {
+    match opener {
+        Some(o) => o.canonicalize(path),
+        None => std::fs::canonicalize(path),
+    }
+}
