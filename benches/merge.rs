@@ -23,7 +23,7 @@ use std::sync::Arc;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use qcow2_engine::ops::{self, CommitOptions, MergeOptions};
 use qcow2_engine::storage::{MemStorage, Opener, Storage};
-use qcow2_engine::{Chain, ChainOptions, CreateOptions, Format, ImageOptions, create};
+use qcow2_engine::{Chain, ChainOptions, CreateOptions, Format, create};
 
 const SIZE: u64 = 64 << 20;
 const NAMES: [&str; 3] = ["base.qcow2", "mid.qcow2", "top.qcow2"];
@@ -98,14 +98,10 @@ fn fresh(files: &[(PathBuf, Vec<u8>)]) -> MergeOptions {
         .iter()
         .map(|(p, b)| (p.clone(), Arc::new(MemStorage::from_bytes(b.clone()))))
         .collect();
-    let defaults = ChainOptions::default();
     MergeOptions {
         chain: ChainOptions {
-            image: ImageOptions {
-                opener: Some(Arc::new(MemOpener(map))),
-                ..defaults.image.clone()
-            },
-            ..defaults
+            opener: Some(Arc::new(MemOpener(map))),
+            ..ChainOptions::default()
         },
         // Flushes of memory cost nothing; one at the end, as a merge of this size does.
         checkpoint_bytes: 0,

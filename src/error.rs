@@ -179,6 +179,13 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// A name that is no image of the chain (see [`crate::Chain::find`]).
+    #[error("'{name}' is not in its backing chain")]
+    NotInChain {
+        /// The name as given.
+        name: String,
+    },
+
     /// The image's corrupt bit is set: it may be read, but not written until `check -r
     /// all` ([`crate::Image::repair`]) repairs it.
     #[error("the image is marked corrupt (run check -r all to repair it)")]

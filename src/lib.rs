@@ -1,43 +1,79 @@
-//! qcow2-engine reads qcow2 disk images exactly as QEMU defines them
-//! (`docs/interop/qcow2.rst`), through whole backing chains.
+//! qcow2-engine reads and writes qcow2 disk images exactly as QEMU defines them
+//! (`docs/interop/qcow2.rst`), with internal snapshots and whole backing chains, and
+//! merges chains: commit pushes an overlay's data down, pull brings backing data up.
 //!
-//! The main types:
+//! The main types, and how they fit:
 //!
-//! - [`Chain`]: an image with its backing files, top first. [`Chain::read_at`] reads what
-//!   a guest sees; [`Chain::runs`] says, range by range, which layer decides the content
-//!   and how ([`ChainRun`]).
-//! - [`Image`]: one qcow2 image. [`Image::lookup`] is the one mapping API: it turns a guest
-//!   range into [`Run`]s of one [`Mapping`] (unallocated, zero, data at a host offset,
-//!   compressed) that reading, mapping, converting and merging all share.
-//! - [`create`] with [`CreateOptions`]: new qcow2 (v2/v3) and raw images, as qemu-img
+//! - [`Chain`]: an image with its backing files, top first: what a guest sees. Open it
+//!   read-only ([`Chain::open`]) or with its top image writable ([`Chain::open_writable`],
+//!   or [`ChainOptions`] for everything else). [`Chain::read_at`] and
+//!   [`Chain::write_at`] read and write guest bytes (copy-on-write reads the layers
+//!   below); [`Chain::runs`] says, range by range, which layer decides the content and how
+//!   ([`ChainRun`]); [`Chain::snapshot_create`] and its siblings manage the top image's
+//!   internal snapshots; [`ChainReader`] is a `Read + Seek` over it.
+//! - [`Layer`]: one image of a chain, a qcow2 [`Image`] or a [`RawImage`]. [`Image::lookup`]
+//!   is the one mapping API: it turns a guest range into [`Run`]s of one [`Mapping`]
+//!   (unallocated, zero, data at a host offset, compressed) that reading, writing,
+//!   mapping, converting and merging all share.
+//! - [`create()`] with [`CreateOptions`]: new qcow2 (v2/v3) and raw images, as qemu-img
 //!   create makes them.
-//! - [`format`]: the on-disk structures as pure codecs, [`storage`]: where bytes live,
-//!   [`ops`]: operations over chains (checksum, compare, convert, map, measure).
+//! - [`ops`]: operations over whole chains, as qemu-img's commands: commit, pull, rebase,
+//!   convert, compare, checksum, map, measure, info, du.
+//! - [`Error`]: one error type; [`Error::report`] prints it with its causes on one line.
+//! - [`format`]: the on-disk structures as pure codecs, [`storage`]: where bytes live (host
+//!   files, memory, fault injection), [`names`]: backing file names as QEMU reads them.
 //! - `testing` (only with the `testing` cargo feature): the fuzz harnesses, shared by the
 //!   cargo-fuzz targets in `fuzz/` and the test that replays their corpus.
 //!
+//! A base, an overlay, writes, a snapshot, a commit and a pull, with the crate alone:
+//!
 //! ```
-//! use qcow2_engine::{Chain, Mapping};
+//! use qcow2_engine::ops::{self, CommitOptions, MergeOptions};
+//! use qcow2_engine::{Chain, CreateOptions, Format, Mapping, create};
 //!
-//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! # let dir = tempfile::tempdir()?;
-//! # let path = dir.path().join("disk.qcow2");
-//! # let qemu_img = |args: &[&str]| std::process::Command::new("qemu-img").args(args).status();
-//! # assert!(qemu_img(&["create", "-q", "-f", "qcow2", path.to_str().unwrap(), "1M"])?.success());
-//! // Open an image with its whole backing chain.
-//! let chain = Chain::open(&path)?;
+//! # fn main() -> Result<(), qcow2_engine::Error> {
+//! # let dir = tempfile::tempdir().unwrap();
+//! # let base = dir.path().join("base.qcow2");
+//! # let top = dir.path().join("top.qcow2");
+//! // A 1 GiB base image, and an overlay on it (the name resolves next to the overlay).
+//! create(&base, &CreateOptions::qcow2(1 << 30))?;
+//! create(&top, &CreateOptions::overlay("base.qcow2", Format::Qcow2))?;
 //!
-//! // Read what the guest sees.
-//! let mut sector = [0xffu8; 512];
-//! chain.read_at(&mut sector, 0)?;
-//! assert_eq!(sector, [0u8; 512]);
+//! // Write through the overlay and take an internal snapshot of it.
+//! let chain = Chain::open_writable(&top)?;
+//! chain.write_at(b"hello", 0)?;
+//! chain.snapshot_create("before")?;
+//! chain.write_at(b"world", 1 << 20)?;
+//! chain.close()?;
 //!
-//! // Ask how each range is stored: runs of one mapping, with the layer that decides them.
+//! // Read what the guest sees, and ask how each range is stored.
+//! let chain = Chain::open(&top)?;
+//! let mut word = [0u8; 5];
+//! chain.read_at(&mut word, 1 << 20)?;
+//! assert_eq!(&word, b"world");
 //! for run in chain.runs(0, chain.size()) {
 //!     let run = run?;
-//!     println!("{:#x}+{:#x}: layer {} {:?}", run.offset, run.len, run.depth, run.mapping);
-//!     assert_eq!(run.mapping, Mapping::Unallocated);
+//!     if let Mapping::Data { host, .. } = run.mapping {
+//!         println!("{:#x}+{:#x}: layer {} at {host:#x}", run.offset, run.len, run.depth);
+//!     }
 //! }
+//! assert_eq!(chain.snapshots()[0].name, "before");
+//! drop(chain);
+//!
+//! // Commit the overlay's data down into the base, as `qemu-img commit` (the overlay is
+//! // emptied); what the overlay shows does not change.
+//! let no_progress = &mut |_done, _total| true;
+//! ops::commit(&top, &CommitOptions::default(), no_progress)?;
+//! Chain::open(&base)?.read_at(&mut word, 0)?;
+//! assert_eq!(&word, b"hello");
+//!
+//! // Pull the base's data up into the overlay, which then stands alone (libvirt's
+//! // blockpull).
+//! ops::pull(&top, None, &MergeOptions::default(), no_progress)?;
+//! let chain = Chain::open(&top)?;
+//! assert_eq!(chain.layers().len(), 1);
+//! chain.read_at(&mut word, 1 << 20)?;
+//! assert_eq!(&word, b"world");
 //! # Ok(())
 //! # }
 //! ```

@@ -376,13 +376,10 @@ fn a_read_error_during_a_pull_names_the_file_and_changes_nothing_visible() {
         .expect("the top shows base data in its second half");
     let options = MergeOptions {
         chain: qcow2_engine::ChainOptions {
-            image: qcow2_engine::ImageOptions {
-                opener: Some(std::sync::Arc::new(FailingReads {
-                    file: s.path("ours/base.qcow2"),
-                    range: victim..victim + 1,
-                })),
-                ..Default::default()
-            },
+            opener: Some(std::sync::Arc::new(FailingReads {
+                file: s.path("ours/base.qcow2"),
+                range: victim..victim + 1,
+            })),
             ..Default::default()
         },
         ..MergeOptions::default()
@@ -627,15 +624,12 @@ fn chains_and_merges_run_in_memory_through_a_mem_opener() {
 
     use qcow2_engine::Format;
     use qcow2_engine::storage::MemOpener;
-    use qcow2_engine::{Chain, ChainOptions, CreateOptions, Error, ImageOptions, create_on};
+    use qcow2_engine::{Chain, ChainOptions, CreateOptions, Error, create_on};
 
     let fs = Arc::new(MemOpener::new());
     let options = |writable| ChainOptions {
         writable,
-        image: ImageOptions {
-            opener: Some(fs.clone()),
-            ..ChainOptions::default().image
-        },
+        opener: Some(fs.clone()),
         ..ChainOptions::default()
     };
     let size = 1 << 20;

@@ -42,7 +42,7 @@ use std::sync::{Arc, Mutex};
 use common::Scratch;
 use qcow2_engine::ops::{self, CommitOptions, MergeOptions, MergeReport, StorageCopy};
 use qcow2_engine::storage::{Extent, FaultStorage, Opener, Storage, Unflushed};
-use qcow2_engine::{Chain, ChainOptions, Image, ImageOptions};
+use qcow2_engine::{Chain, ChainOptions, Image};
 
 /// The disks of one machine, one per image, and one power switch: the `crash_at`-th write
 /// to any of them is the last before the power goes.
@@ -94,14 +94,10 @@ impl Machine {
 
     /// Merge options that open every image on this machine's disks.
     fn options(self: &Arc<Machine>, base: &MergeOptions) -> MergeOptions {
-        let defaults = ChainOptions::default();
         MergeOptions {
             chain: ChainOptions {
-                image: ImageOptions {
-                    opener: Some(Arc::new(MachineOpener(self.clone()))),
-                    ..defaults.image.clone()
-                },
-                ..defaults
+                opener: Some(Arc::new(MachineOpener(self.clone()))),
+                ..ChainOptions::default()
             },
             ..base.clone()
         }

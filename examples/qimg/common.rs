@@ -3,12 +3,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::ValueEnum;
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use qcow2_engine::format::CompressionType;
-use qcow2_engine::names::resolve_relative;
-use qcow2_engine::ops::{self, MergeReport};
+use qcow2_engine::ops::MergeReport;
 use qcow2_engine::{
     BackingPolicy, Chain, ChainOptions, Compat, CreateOptions, Format, Preallocation,
 };
@@ -50,24 +49,6 @@ pub fn chain_defaults() -> ChainOptions {
         backing_policy: backing_policy(),
         ..ChainOptions::default()
     }
-}
-
-/// Fails, as qemu-img does, when a chain opened for writing holds a top image marked
-/// corrupt: the library then opens it read-only with a warning, and the first write
-/// would fail with a less telling message on a second line.
-pub fn refuse_corrupt_for_writing(chain: &Chain, file: &Path) -> Result<()> {
-    if chain
-        .top()
-        .as_qcow2()
-        .is_some_and(|image| image.is_corrupt() && !image.is_writable())
-    {
-        bail!(
-            "{}: image is marked corrupt and cannot be opened for writing \
-             (check -r all repairs it)",
-            file.display()
-        );
-    }
-    Ok(())
 }
 
 /// Opens `path` and its backing chain; `format` names the top image's format.
@@ -241,31 +222,12 @@ pub fn progress_bar(show: bool, total: u64) -> ProgressBar {
     bar
 }
 
-/// The image of `chain` that the user named `name` in `commit -b/-t` or `pull -b`, found
-/// as qemu-img finds a base: the name an image of the chain stores for its backing file,
-/// or the file `name` resolves to next to any image of the chain, or from the current
-/// directory. Returns that layer's path as the chain opened it.
+/// The image of `chain` that the user named `name` in `commit -b/--top` or `pull -b`,
+/// found as qemu-img finds a base (see [`Chain::find`]): that layer's path as the chain
+/// opened it.
 pub fn find_in_chain(chain: &Chain, name: &str) -> Result<PathBuf> {
-    let layers = chain.layers();
-    for (i, layer) in layers.iter().enumerate().skip(1) {
-        if layers[i - 1]
-            .backing()
-            .is_some_and(|(stored, _)| stored == name)
-        {
-            return Ok(layer.name().to_path_buf());
-        }
-    }
-    let mut candidates = vec![PathBuf::from(name)];
-    candidates.extend(layers.iter().map(|l| resolve_relative(l.name(), name)));
-    for candidate in candidates {
-        if let Ok(i) = ops::find_layer(chain, &candidate) {
-            return Ok(layers[i].name().to_path_buf());
-        }
-    }
-    bail!(
-        "{}: '{name}' is not in its backing chain",
-        chain.top().name().display()
-    )
+    let index = chain.find(name)?;
+    Ok(chain.layers()[index].name().to_path_buf())
 }
 
 /// The progress callback of a merge, driving `bar`.

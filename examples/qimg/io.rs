@@ -93,7 +93,7 @@ pub fn run(args: Args) -> Result<u8> {
     };
     let chain = Chain::open_with(&args.file, &options)?;
     if options.writable {
-        crate::common::refuse_corrupt_for_writing(&chain, &args.file)?;
+        chain.ensure_writable()?;
     }
     for warning in chain.warnings() {
         eprintln!("qimg: warning: {warning}");

@@ -75,7 +75,7 @@ pub fn run(args: Args) -> Result<u8> {
         ..crate::common::chain_defaults()
     };
     let chain = Chain::open_with(&args.file, &options)?;
-    crate::common::refuse_corrupt_for_writing(&chain, &args.file)?;
+    chain.ensure_writable()?;
     for warning in chain.warnings() {
         eprintln!("qimg: warning: {warning}");
     }

@@ -46,7 +46,7 @@ pub fn run(args: Args) -> Result<u8> {
         },
     )?;
     if !args.list {
-        crate::common::refuse_corrupt_for_writing(&chain, &args.file)?;
+        chain.ensure_writable()?;
     }
     for warning in chain.warnings() {
         eprintln!("qimg: warning: {warning}");

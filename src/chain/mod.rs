@@ -4,11 +4,13 @@
 //! directory, as QEMU does), probes formats the header does not name, and refuses loops,
 //! protocol and `json:` names and chains deeper than a limit.
 
+mod find;
 mod open;
 mod options;
 mod policy;
 mod reader;
 mod resolve;
+mod snapshots;
 mod write;
 
 pub use open::Chain;

@@ -17,7 +17,7 @@ use super::ChainOptions;
 pub struct Chain {
     pub(super) layers: Vec<Layer>,
     pub(super) warnings: Vec<String>,
-    /// What the chain was opened through ([`ImageOptions::opener`]): names are looked up
+    /// What the chain was opened through ([`ChainOptions::opener`]): names are looked up
     /// through it ([`Chain::stat`]).
     pub(super) opener: Option<Arc<dyn Opener>>,
 }
@@ -33,15 +33,25 @@ impl std::fmt::Debug for Chain {
 }
 
 impl Chain {
-    /// Opens the image at `path` and its whole backing chain.
+    /// Opens the image at `path` and its whole backing chain, read-only. The top image's
+    /// format is probed as qemu-img probes it: a file that is not qcow2 opens as raw (use
+    /// [`ChainOptions::qcow2`] to refuse that).
     pub fn open(path: impl AsRef<Path>) -> Result<Chain> {
         Chain::open_with(path, &ChainOptions::default())
+    }
+
+    /// Opens the image at `path` for writing, with its backing chain read-only; fails if
+    /// the image cannot be written (a read-only file, an image marked corrupt).
+    pub fn open_writable(path: impl AsRef<Path>) -> Result<Chain> {
+        let chain = Chain::open_with(path, &ChainOptions::default().writable(true))?;
+        chain.ensure_writable()?;
+        Ok(chain)
     }
 
     /// Opens the image at `path` and its backing chain with `options`.
     pub fn open_with(path: impl AsRef<Path>, options: &ChainOptions) -> Result<Chain> {
         let path = path.as_ref();
-        let opener = options.image.opener.as_deref();
+        let opener = options.opener.as_deref();
         let mut seen = HashSet::new();
         let mut warnings = Vec::new();
         let mut layers: Vec<Layer> = Vec::new();
@@ -71,10 +81,7 @@ impl Chain {
                     .check(&layer_path, &info, opener)
                     .map_err(|e| e.in_file(overlay.name()))?;
             }
-            let image_options = ImageOptions {
-                writable: options.writable && layers.is_empty(),
-                ..options.image.clone()
-            };
+            let image_options = options.image_options(layers.is_empty());
             let layer = match Layer::open(&layer_path, format, &image_options) {
                 Err(e) if image_options.writable && is_marked_corrupt(&e) => {
                     warnings.push(format!(
@@ -109,7 +116,7 @@ impl Chain {
         Ok(Chain {
             layers,
             warnings,
-            opener: options.image.opener.clone(),
+            opener: options.opener.clone(),
         })
     }
 

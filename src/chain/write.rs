@@ -1,9 +1,8 @@
 //! Writing to the active (top) image of a chain: copy-on-write reads the layers below.
 
 use crate::error::{Error, Result};
-use crate::qcow2::AmendOptions;
-
 use crate::layers::Layer;
+use crate::qcow2::AmendOptions;
 
 use super::Chain;
 
@@ -22,7 +21,21 @@ impl Chain {
         Ok(())
     }
 
-    fn writable_top(&self) -> Result<&Layer> {
+    /// Fails unless the top image is open for writing: in particular when it is marked
+    /// corrupt, which a chain opened for writing opens read-only (with a warning) so
+    /// that it can still be read. Call it after opening when writes must follow.
+    pub fn ensure_writable(&self) -> Result<()> {
+        let top = self.top();
+        if top
+            .as_qcow2()
+            .is_some_and(|i| i.is_corrupt() && !i.is_writable())
+        {
+            return Err(Error::MarkedCorrupt.in_file(top.name()));
+        }
+        self.writable_top().map(drop)
+    }
+
+    pub(super) fn writable_top(&self) -> Result<&Layer> {
         let top = self.top();
         let writable = match top {
             Layer::Qcow2(i) => i.is_writable(),

@@ -1267,11 +1267,7 @@ pub fn rebase(
         (None, _) => None,
         (Some(_), Some(f)) => Some(Format::from_name(f)?),
         (Some(p), None) => {
-            let image = crate::ImageOptions {
-                writable: false,
-                ..options.chain.image.clone()
-            };
-            let layer = Layer::open(p, None, &image)?;
+            let layer = Layer::open(p, None, &options.chain.image_options(false))?;
             Some(layer.format())
         }
     };

@@ -639,14 +639,11 @@ impl Run {
         let defaults = ChainOptions::default();
         ChainOptions {
             writable,
-            image: ImageOptions {
-                opener: Some(self.fs.clone()),
-                l2_cache_bytes: if self.program.config.small_cache {
-                    0
-                } else {
-                    defaults.image.l2_cache_bytes
-                },
-                ..defaults.image.clone()
+            opener: Some(self.fs.clone()),
+            l2_cache_bytes: if self.program.config.small_cache {
+                0
+            } else {
+                defaults.l2_cache_bytes
             },
             ..defaults
         }
