@@ -1,5 +1,6 @@
 //! Where an image's structures are, read from its bytes by the spec alone (not through the
-//! library under test), and the big-endian byte helpers that damage them.
+//! library under test), and the big-endian byte helpers that damage them. Shared with
+//! `tests/hostile_memory.rs`.
 
 use std::collections::BTreeSet;
 

@@ -16,8 +16,9 @@
 //!
 //! The damage is described by name (a header field, an extension, an L1 or L2 entry, a
 //! snapshot table field) from a layout parsed here independently of the library, so each
-//! case says what it broke. The library-level tests in `memory.rs` check the limits that
-//! keep memory bounded by the file's real size, with a counting allocator.
+//! case says what it broke. The limits that keep memory bounded by the file's real size
+//! are checked with a counting allocator in `tests/hostile_memory.rs`, a binary of its
+//! own: a global allocator serves every test of its binary.
 //!
 //! `cargo test --test hostile -- --nocapture` prints the report: cases per category, the
 //! cases qemu-img reads and qimg refuses (with qimg's error; `HOSTILE_ALL=1` lists them
@@ -33,7 +34,6 @@
 //!   L2, compressed, refcount and snapshot tables), `cuts_and_flips.rs` (truncation and
 //!   random flips), `chains.rs` (backing chains and backing names), `data_file.rs`
 //!   (external data files);
-//! - `memory.rs`: bounded memory, measured with a counting allocator;
 //! - `limits.rs`: limits checked through the library, and qimg's usage errors;
 //! - here: every case in order, and the test that runs them and prints the report.
 
@@ -47,7 +47,6 @@ mod fixtures;
 mod header;
 mod layout;
 mod limits;
-mod memory;
 mod runner;
 mod tables;
 
