@@ -1,0 +1,211 @@
+//! Bounded memory (issue #6): claims in a hostile image are checked against the file's
+//! real size before anything is allocated. A counting allocator measures what opening an
+//! image allocates; it is the global allocator, which serves every test of a binary, so
+//! these tests have a binary of their own (the qimg runs on hostile images are in
+//! `tests/hostile/`).
+
+mod common;
+// Only the header parsing and byte helpers are used here.
+#[allow(dead_code)]
+#[path = "hostile/layout.rs"]
+mod layout;
+
+use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
+use std::cell::Cell;
+use std::time::{Duration, Instant};
+
+use common::{HeaderField, Scratch};
+use layout::{Layout, put, put_field};
+
+/// Counts the bytes this thread has allocated and not freed, and the peak.
+struct Counting;
+
+thread_local! {
+    static LIVE: Cell<isize> = const { Cell::new(0) };
+    static PEAK: Cell<isize> = const { Cell::new(0) };
+}
+
+fn count(delta: isize) {
+    // `try_with`: the thread-local may be gone while a thread shuts down.
+    let _ = LIVE.try_with(|live| {
+        let now = live.get() + delta;
+        live.set(now);
+        let _ = PEAK.try_with(|peak| peak.set(peak.get().max(now)));
+    });
+}
+
+// SAFETY: every call is forwarded to the system allocator unchanged; the counters are
+// thread-local cells that allocate nothing.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: AllocLayout) -> *mut u8 {
+        count(layout.size() as isize);
+        // SAFETY: the caller's contract is passed on.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: AllocLayout) -> *mut u8 {
+        count(layout.size() as isize);
+        // SAFETY: the caller's contract is passed on.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: AllocLayout) {
+        count(-(layout.size() as isize));
+        // SAFETY: the caller's contract is passed on.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: AllocLayout, new_size: usize) -> *mut u8 {
+        count(new_size as isize - layout.size() as isize);
+        // SAFETY: the caller's contract is passed on.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// The most bytes `f` had allocated at once on this thread (beyond what was live before).
+fn peak_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    let base = LIVE.with(Cell::get);
+    PEAK.with(|p| p.set(base));
+    let out = f();
+    let peak = PEAK.with(Cell::get) - base;
+    (out, peak.max(0) as usize)
+}
+
+/// A small valid image (64 KiB clusters) made by qemu-img, as bytes.
+fn small_image(s: &Scratch, name: &str, options: &str) -> Vec<u8> {
+    s.create(name, options, 1 << 20);
+    std::fs::read(s.path(name)).unwrap()
+}
+
+/// Opens `bytes` from memory, read-only or for writing; returns the error message and
+/// the peak allocation.
+fn open_in_memory(bytes: Vec<u8>, writable: bool) -> (Result<(), String>, usize) {
+    use qcow2_engine::storage::MemStorage;
+    use qcow2_engine::{Image, ImageOptions};
+    let storage = Box::new(MemStorage::from_bytes(bytes));
+    peak_allocation(|| {
+        let options = ImageOptions {
+            writable,
+            ..ImageOptions::default()
+        };
+        Image::from_storage(storage, "claims.qcow2", &options, None)
+            .map(drop)
+            .map_err(|e| e.report().to_string())
+    })
+}
+
+#[test]
+fn claims_larger_than_the_file_fail_fast_without_allocating_them() {
+    let s = Scratch::new();
+    let base = small_image(&s, "small.qcow2", "cluster_size=64k");
+    let base_len = base.len();
+    let mut claims: Vec<(&str, Vec<u8>, bool)> = Vec::new();
+    let mut with = |what, writable, f: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = base.clone();
+        f(&mut b);
+        claims.push((what, b, writable));
+    };
+    with("a 32 MiB L1 table", false, &|b| {
+        put_field(b, HeaderField::L1Size, 4 << 20)
+    });
+    with("a 32 MiB L1 table at the last 56-bit offset", false, &|b| {
+        put_field(b, HeaderField::L1Size, 4 << 20);
+        put_field(b, HeaderField::L1TableOffset, (1 << 56) - 0x10000);
+    });
+    with("an 8 MiB refcount table (opened for writing)", true, &|b| {
+        put_field(b, HeaderField::RefcountTableClusters, 128)
+    });
+    with("65536 snapshots", false, &|b| {
+        put_field(b, HeaderField::NbSnapshots, 65536);
+        put_field(b, HeaderField::SnapshotsOffset, 0x10000);
+    });
+    with("a snapshot of 129 KiB", false, &|b| {
+        // The entry starts 64 KiB before the end of the file and needs 129 KiB.
+        put_field(b, HeaderField::NbSnapshots, 1);
+        put_field(b, HeaderField::SnapshotsOffset, 0x20000);
+        put(b, 0x20000 + 12, 2, 0xffff);
+        put(b, 0x20000 + 14, 2, 0xffff);
+        put(b, 0x20000 + 36, 4, 1024);
+    });
+    with("a bitmap directory over QEMU's 64 MiB limit", false, &|b| {
+        let end = Layout::parse(b).end_marker.unwrap();
+        put(b, end, 4, 0x2385_2875);
+        put(b, end + 4, 4, 24);
+        put(b, end + 8, 4, 1);
+        put(b, end + 16, 8, 64 << 20);
+        put(b, end + 24, 8, 0x10000);
+        put(b, end + 32, 8, 0);
+        put_field(b, HeaderField::AutoclearFeatures, 1);
+    });
+    for (what, bytes, writable) in claims {
+        let len = bytes.len();
+        let started = Instant::now();
+        let (result, peak) = open_in_memory(bytes, writable);
+        let elapsed = started.elapsed();
+        eprintln!("{what}: {result:?}, peak {peak} bytes, {elapsed:?}");
+        assert!(result.is_err(), "{what}: opened");
+        // What may be allocated: copies of what the file holds, a few clusters more.
+        assert!(
+            peak < 4 * len.max(base_len) + (1 << 20),
+            "{what}: {peak} bytes allocated for a {len}-byte file"
+        );
+        assert!(elapsed < Duration::from_secs(2), "{what}: took {elapsed:?}");
+    }
+}
+
+#[test]
+fn snapshot_table_past_64_mib_is_refused_with_its_own_message() {
+    use qcow2_engine::Chain;
+    let s = Scratch::new();
+    let mut b = small_image(&s, "many.qcow2", "cluster_size=64k");
+    // 1030 entries with 65535-byte names of 'a': 67.5 MB of table, past QEMU's 64 MiB.
+    let table = 0x100000u64;
+    let entry = (40u64 + 0xffff).div_ceil(8) * 8;
+    let count = 1030u64;
+    b.resize((table + entry * count) as usize, 0);
+    for i in 0..count {
+        let at = table + entry * i;
+        put(&mut b, at, 8, 0x30000);
+        put(&mut b, at + 8, 4, 1);
+        put(&mut b, at + 14, 2, 0xffff);
+        b[(at + 40) as usize..(at + 40 + 0xffff) as usize].fill(b'a');
+    }
+    put_field(&mut b, HeaderField::NbSnapshots, count);
+    put_field(&mut b, HeaderField::SnapshotsOffset, table);
+    s.write_file("many.qcow2", &b);
+    let err = Chain::open(s.path("many.qcow2"))
+        .unwrap_err()
+        .report()
+        .to_string();
+    assert!(err.contains("64 MiB"), "{err}");
+    // One entry fewer than the limit needs opens.
+    put_field(&mut b, HeaderField::NbSnapshots, 1023);
+    s.write_file("many.qcow2", &b);
+    let chain = Chain::open(s.path("many.qcow2")).unwrap();
+    assert_eq!(chain.top().as_qcow2().unwrap().snapshots().len(), 1023);
+}
+
+#[test]
+fn extension_area_full_of_extensions_fails_fast() {
+    use qcow2_engine::Chain;
+    let s = Scratch::new();
+    // 2 MiB clusters: room for 262144 empty extensions, each of another type.
+    let mut b = small_image(&s, "exts.qcow2", "cluster_size=2M");
+    let end = Layout::parse(&b).end_marker.unwrap();
+    let mut at = end;
+    let mut kind = 0x1000_0000u64;
+    while at + 8 <= 2 << 20 {
+        put(&mut b, at, 4, kind);
+        put(&mut b, at + 4, 4, 0);
+        at += 8;
+        kind += 1;
+    }
+    s.write_file("exts.qcow2", &b);
+    let started = Instant::now();
+    let err = Chain::open(s.path("exts.qcow2"))
+        .unwrap_err()
+        .report()
+        .to_string();
+    assert!(err.contains("1024 header extensions"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+}
