@@ -215,7 +215,7 @@ fn fingerprint(bytes: &[u8]) -> (usize, u64) {
     for c in bytes.chunks(8) {
         let mut w = [0u8; 8];
         w[..c.len()].copy_from_slice(c);
-        h = (h ^ u64::from_le_bytes(w)).wrapping_mul(0x100_0000_01b3);
+        h = (h ^ u64::from_be_bytes(w)).wrapping_mul(0x100_0000_01b3);
     }
     (bytes.len(), h)
 }

@@ -1,10 +1,8 @@
 //! The image header and its extensions (spec: "Header", "Header extensions").
 
-use bitflags::bitflags;
-use byteorder::{BigEndian, ByteOrder};
-
-use super::{be32, be64};
+use super::{be32, be64, put_be32, put_be64};
 use crate::error::{Error, Result};
+use bitflags::bitflags;
 
 /// `QFI\xfb`.
 pub const QCOW2_MAGIC: u32 = 0x5146_49fb;
@@ -450,25 +448,25 @@ impl Header {
 
     /// Encodes the header into the start of `out` (at least `header_length` bytes).
     pub fn encode(&self, out: &mut [u8]) {
-        BigEndian::write_u32(&mut out[0..], QCOW2_MAGIC);
-        BigEndian::write_u32(&mut out[4..], self.version);
-        BigEndian::write_u64(&mut out[8..], self.backing_file_offset);
-        BigEndian::write_u32(&mut out[16..], self.backing_file_size);
-        BigEndian::write_u32(&mut out[20..], self.cluster_bits);
-        BigEndian::write_u64(&mut out[24..], self.size);
-        BigEndian::write_u32(&mut out[32..], self.crypt_method);
-        BigEndian::write_u32(&mut out[36..], self.l1_size);
-        BigEndian::write_u64(&mut out[40..], self.l1_table_offset);
-        BigEndian::write_u64(&mut out[48..], self.refcount_table_offset);
-        BigEndian::write_u32(&mut out[56..], self.refcount_table_clusters);
-        BigEndian::write_u32(&mut out[60..], self.nb_snapshots);
-        BigEndian::write_u64(&mut out[64..], self.snapshots_offset);
+        put_be32(out, 0, QCOW2_MAGIC);
+        put_be32(out, 4, self.version);
+        put_be64(out, 8, self.backing_file_offset);
+        put_be32(out, 16, self.backing_file_size);
+        put_be32(out, 20, self.cluster_bits);
+        put_be64(out, 24, self.size);
+        put_be32(out, 32, self.crypt_method);
+        put_be32(out, 36, self.l1_size);
+        put_be64(out, 40, self.l1_table_offset);
+        put_be64(out, 48, self.refcount_table_offset);
+        put_be32(out, 56, self.refcount_table_clusters);
+        put_be32(out, 60, self.nb_snapshots);
+        put_be64(out, 64, self.snapshots_offset);
         if self.version >= 3 {
-            BigEndian::write_u64(&mut out[72..], self.incompatible_features.bits());
-            BigEndian::write_u64(&mut out[80..], self.compatible_features.bits());
-            BigEndian::write_u64(&mut out[88..], self.autoclear_features.bits());
-            BigEndian::write_u32(&mut out[96..], self.refcount_order);
-            BigEndian::write_u32(&mut out[100..], self.header_length);
+            put_be64(out, 72, self.incompatible_features.bits());
+            put_be64(out, 80, self.compatible_features.bits());
+            put_be64(out, 88, self.autoclear_features.bits());
+            put_be32(out, 96, self.refcount_order);
+            put_be32(out, 100, self.header_length);
             if self.header_length > 104 {
                 out[104] = self.compression_type.code();
                 let tail_end = (105 + self.unknown_tail.len()).min(self.header_length as usize);
@@ -761,22 +759,22 @@ impl HeaderExtensions {
                 }
                 HeaderExtension::Bitmaps(b) => {
                     let mut d = vec![0u8; 24];
-                    BigEndian::write_u32(&mut d[0..], b.nb_bitmaps);
-                    BigEndian::write_u64(&mut d[8..], b.directory_size);
-                    BigEndian::write_u64(&mut d[16..], b.directory_offset);
+                    put_be32(&mut d, 0, b.nb_bitmaps);
+                    put_be64(&mut d, 8, b.directory_size);
+                    put_be64(&mut d, 16, b.directory_offset);
                     (EXT_BITMAPS, d)
                 }
                 HeaderExtension::Encryption { offset, length } => {
                     let mut d = vec![0u8; 16];
-                    BigEndian::write_u64(&mut d[0..], *offset);
-                    BigEndian::write_u64(&mut d[8..], *length);
+                    put_be64(&mut d, 0, *offset);
+                    put_be64(&mut d, 8, *length);
                     (EXT_ENCRYPTION, d)
                 }
                 HeaderExtension::Unknown { kind, data } => (*kind, data.clone()),
             };
             let mut head = [0u8; 8];
-            BigEndian::write_u32(&mut head[0..], kind);
-            BigEndian::write_u32(&mut head[4..], data.len() as u32);
+            put_be32(&mut head, 0, kind);
+            put_be32(&mut head, 4, data.len() as u32);
             out.extend_from_slice(&head);
             out.extend_from_slice(&data);
             out.resize(out.len().div_ceil(8) * 8, 0);
@@ -861,7 +859,7 @@ mod tests {
         for bits in [8, 22, 63] {
             let mut buf = vec![0u8; 512];
             sample().encode(&mut buf);
-            BigEndian::write_u32(&mut buf[20..], bits);
+            put_be32(&mut buf, 20, bits);
             assert!(Header::decode(&buf).is_err(), "cluster_bits {bits}");
         }
     }
@@ -892,7 +890,7 @@ mod tests {
             list: vec![HeaderExtension::BackingFormat("raw".into())],
         }
         .encode();
-        BigEndian::write_u32(&mut bytes[4..], 1000);
+        put_be32(&mut bytes, 4, 1000);
         assert!(HeaderExtensions::decode(&bytes, 112).is_err());
     }
 
@@ -1063,8 +1061,8 @@ mod tests {
 
     fn ext(kind: u32, data: &[u8]) -> Vec<u8> {
         let mut out = vec![0u8; 8];
-        BigEndian::write_u32(&mut out[0..], kind);
-        BigEndian::write_u32(&mut out[4..], data.len() as u32);
+        put_be32(&mut out, 0, kind);
+        put_be32(&mut out, 4, data.len() as u32);
         out.extend_from_slice(data);
         out.resize(out.len().div_ceil(8) * 8, 0);
         out
@@ -1148,9 +1146,9 @@ mod tests {
     fn bitmaps_extension_is_checked_against_qemu_limits_when_in_use() {
         let bitmaps = |nb: u32, size: u64, offset: u64| {
             let mut d = [0u8; 24];
-            BigEndian::write_u32(&mut d[0..], nb);
-            BigEndian::write_u64(&mut d[8..], size);
-            BigEndian::write_u64(&mut d[16..], offset);
+            put_be32(&mut d, 0, nb);
+            put_be64(&mut d, 8, size);
+            put_be64(&mut d, 16, offset);
             HeaderExtensions::decode(&ext(EXT_BITMAPS, &d), 112).unwrap()
         };
         let in_use = with(|h| h.autoclear_features = AutoclearFeatures::BITMAPS);

@@ -1,12 +1,15 @@
 //! On-disk structures of qcow2 (`docs/interop/qcow2.rst` in QEMU): bytes to typed values
 //! and back. Pure: no I/O, every field from an image validated at decode.
 
+mod bytes;
 mod entries;
 mod geometry;
 mod header;
 mod refcount;
 mod snapshot;
 
+pub(crate) use bytes::{be16, be32, be64, put_be16, put_be32, put_be64};
+pub use bytes::{decode_u64_table, encode_u64_table};
 pub use entries::{ClusterDescriptor, CompressedDescriptor, L1Entry, L2Entry, SubclusterBitmap};
 pub use geometry::Geometry;
 pub use header::{
@@ -22,30 +25,3 @@ pub use snapshot::{
     MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOT_TABLE_BYTES, MAX_SNAPSHOTS, SnapshotEntry, SnapshotExtra,
     snapshot_table_len,
 };
-
-use byteorder::{BigEndian, ByteOrder};
-
-/// Big-endian u16 at `at`; the caller has checked the length.
-pub(crate) fn be16(buf: &[u8], at: usize) -> u16 {
-    BigEndian::read_u16(&buf[at..at + 2])
-}
-/// Big-endian u32 at `at`; the caller has checked the length.
-pub(crate) fn be32(buf: &[u8], at: usize) -> u32 {
-    BigEndian::read_u32(&buf[at..at + 4])
-}
-/// Big-endian u64 at `at`; the caller has checked the length.
-pub(crate) fn be64(buf: &[u8], at: usize) -> u64 {
-    BigEndian::read_u64(&buf[at..at + 8])
-}
-
-/// Decodes a table of big-endian u64 entries (L1, L2, refcount table).
-pub fn decode_u64_table(bytes: &[u8]) -> Vec<u64> {
-    bytes.chunks_exact(8).map(BigEndian::read_u64).collect()
-}
-
-/// Encodes a table of u64 entries as big-endian bytes.
-pub fn encode_u64_table(entries: &[u64], out: &mut [u8]) {
-    for (chunk, e) in out.chunks_exact_mut(8).zip(entries) {
-        BigEndian::write_u64(chunk, *e);
-    }
-}

@@ -1,8 +1,6 @@
 //! Snapshot table entries (spec: "Snapshots").
 
-use byteorder::{BigEndian, ByteOrder};
-
-use super::{be16, be32, be64};
+use super::{be16, be32, be64, put_be16, put_be32, put_be64};
 use crate::error::{Error, Result};
 
 /// QEMU's limit on the number of snapshots.
@@ -148,16 +146,16 @@ impl SnapshotEntry {
     /// Encodes the entry (padded to a multiple of 8 bytes).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = vec![0u8; self.encoded_len()];
-        BigEndian::write_u64(&mut out[0..], self.l1_table_offset);
-        BigEndian::write_u32(&mut out[8..], self.l1_size);
-        BigEndian::write_u16(&mut out[12..], self.id.len() as u16);
-        BigEndian::write_u16(&mut out[14..], self.name.len() as u16);
-        BigEndian::write_u32(&mut out[16..], self.date_sec);
-        BigEndian::write_u32(&mut out[20..], self.date_nsec);
-        BigEndian::write_u64(&mut out[24..], self.vm_clock_nsec);
-        BigEndian::write_u32(&mut out[32..], self.vm_state_size32);
+        put_be64(&mut out, 0, self.l1_table_offset);
+        put_be32(&mut out, 8, self.l1_size);
+        put_be16(&mut out, 12, self.id.len() as u16);
+        put_be16(&mut out, 14, self.name.len() as u16);
+        put_be32(&mut out, 16, self.date_sec);
+        put_be32(&mut out, 20, self.date_nsec);
+        put_be64(&mut out, 24, self.vm_clock_nsec);
+        put_be32(&mut out, 32, self.vm_state_size32);
         let extra_len = self.extra.len();
-        BigEndian::write_u32(&mut out[36..], extra_len as u32);
+        put_be32(&mut out, 36, extra_len as u32);
         let mut at = 40;
         for v in [
             self.extra.vm_state_size_large,
@@ -167,7 +165,7 @@ impl SnapshotEntry {
         .into_iter()
         .take((extra_len - self.extra.unknown.len()) / 8)
         {
-            BigEndian::write_u64(&mut out[at..], v.unwrap_or(0));
+            put_be64(&mut out, at, v.unwrap_or(0));
             at += 8;
         }
         out[at..at + self.extra.unknown.len()].copy_from_slice(&self.extra.unknown);
@@ -230,7 +228,7 @@ mod tests {
         e.extra.unknown = vec![0; MAX_SNAPSHOT_EXTRA_DATA as usize];
         assert!(SnapshotEntry::decode(&e.encode(), 0).is_ok());
         let mut bytes = e.encode();
-        BigEndian::write_u32(&mut bytes[36..], MAX_SNAPSHOT_EXTRA_DATA + 1);
+        put_be32(&mut bytes, 36, MAX_SNAPSHOT_EXTRA_DATA + 1);
         bytes.resize(bytes.len() + 8, 0);
         assert!(matches!(
             SnapshotEntry::decode(&bytes, 0),

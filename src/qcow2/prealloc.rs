@@ -6,8 +6,6 @@
 //! extent. Its test: the clusters in use (non-zero refcount) reach the clusters the file
 //! really occupies plus a margin of 10% (at least two clusters).
 
-use byteorder::{BigEndian, ByteOrder};
-
 use crate::error::Result;
 use crate::format;
 
@@ -45,7 +43,7 @@ impl Image {
             }
             if block.as_ref().is_none_or(|(i, _)| *i != table_index) {
                 let at = header.refcount_table_offset + table_index * 8;
-                let entry = BigEndian::read_u64(&self.read_metadata("refcount table", at, 8)?);
+                let entry = format::be64(&self.read_metadata("refcount table", at, 8)?, 0);
                 let offset = entry & !511;
                 if offset == 0 {
                     // A missing refcount block: every cluster it would cover is free.

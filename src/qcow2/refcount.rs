@@ -7,8 +7,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use byteorder::{BigEndian, ByteOrder};
-
 use crate::error::{Error, Result};
 use crate::format::{self, get_refcount, max_refcount, set_refcount};
 use crate::storage::Storage;
@@ -432,8 +430,7 @@ impl Refcounts {
                 ready = self.dirty_table.iter().copied().collect();
             }
             for index in ready {
-                let mut entry = [0u8; 8];
-                BigEndian::write_u64(&mut entry, self.table[index]);
+                let entry = self.table[index].to_be_bytes();
                 let at = self.table_offset + index as u64 * 8;
                 storage
                     .write_at(&entry, at)

@@ -21,8 +21,6 @@ use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard, PoisonError};
 
-use byteorder::{BigEndian, ByteOrder};
-
 use crate::error::{Error, Result};
 use crate::format::{
     self, AutoclearFeatures, ClusterDescriptor, CompatibleFeatures, IncompatibleFeatures, L1Entry,
@@ -681,9 +679,7 @@ impl Image {
             if let (Some(&lo), Some(&hi)) = (w.dirty_l1.first(), w.dirty_l1.last()) {
                 let meta = self.meta();
                 let mut bytes = vec![0u8; (hi - lo + 1) * 8];
-                for (chunk, e) in bytes.chunks_exact_mut(8).zip(&meta.l1[lo..=hi]) {
-                    BigEndian::write_u64(chunk, *e);
-                }
+                format::encode_u64_table(&meta.l1[lo..=hi], &mut bytes);
                 let at = meta.header.l1_table_offset + lo as u64 * 8;
                 drop(meta);
                 self.check_overlap(

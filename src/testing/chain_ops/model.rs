@@ -31,7 +31,7 @@ pub(super) fn pattern_bytes(pattern: u8, offset: u64, len: u64) -> Vec<u8> {
     for (i, sector) in out.chunks_exact_mut(SECTOR as usize).enumerate() {
         let pos = first + i as u64 * SECTOR;
         sector.fill(pattern ^ (pos >> 9) as u8);
-        sector[..8].copy_from_slice(&(pos ^ stamp).to_le_bytes());
+        sector[..8].copy_from_slice(&(pos ^ stamp).to_be_bytes());
     }
     out[(offset - first) as usize..][..len as usize].to_vec()
 }
