@@ -3,25 +3,34 @@
 
 mod bytes;
 mod entries;
+mod extensions;
+mod features;
 mod geometry;
 mod header;
+mod limits;
 mod refcount;
 mod snapshot;
 
 pub(crate) use bytes::{be16, be32, be64, put_be16, put_be32, put_be64};
 pub use bytes::{decode_u64_table, encode_u64_table};
 pub use entries::{ClusterDescriptor, CompressedDescriptor, L1Entry, L2Entry, SubclusterBitmap};
+pub use extensions::{
+    BitmapsExtension, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_DATA_FILE, EXT_ENCRYPTION, EXT_END,
+    EXT_FEATURE_TABLE, HeaderExtension, HeaderExtensions, encode_header_cluster,
+};
+pub use features::{
+    AutoclearFeatures, CompatibleFeatures, CompressionType, FeatureKind, FeatureName,
+    IncompatibleFeatures,
+};
+pub(crate) use features::{MIN_CLUSTER_FOR_FEATURE_TABLE, qemu_feature_names};
 pub use geometry::Geometry;
-pub use header::{
-    AutoclearFeatures, BitmapsExtension, CompatibleFeatures, CompressionType, EXT_BACKING_FORMAT,
-    EXT_BITMAPS, EXT_DATA_FILE, EXT_ENCRYPTION, EXT_END, EXT_FEATURE_TABLE, FeatureKind,
-    FeatureName, Header, HeaderExtension, HeaderExtensions, IncompatibleFeatures,
+pub use header::{Header, QCOW2_MAGIC};
+pub(crate) use limits::MAX_SNAPSHOT_NAME;
+pub use limits::{
     MAX_BACKING_FILE_NAME, MAX_BACKING_FORMAT_NAME, MAX_BITMAP_DIRECTORY_BYTES, MAX_BITMAPS,
     MAX_CLUSTER_BITS, MAX_DATA_FILE_NAME, MAX_HEADER_EXTENSIONS, MAX_L1_BYTES,
-    MAX_REFCOUNT_TABLE_BYTES, MIN_CLUSTER_BITS, QCOW2_MAGIC, encode_header_cluster,
+    MAX_REFCOUNT_TABLE_BYTES, MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOT_TABLE_BYTES, MAX_SNAPSHOTS,
+    MIN_CLUSTER_BITS,
 };
 pub use refcount::{get_refcount, max_refcount, set_refcount};
-pub use snapshot::{
-    MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOT_TABLE_BYTES, MAX_SNAPSHOTS, SnapshotEntry, SnapshotExtra,
-    snapshot_table_len,
-};
+pub use snapshot::{SnapshotEntry, SnapshotExtra, snapshot_table_len};

@@ -1,14 +1,8 @@
 //! Snapshot table entries (spec: "Snapshots").
 
+use super::MAX_SNAPSHOT_EXTRA_DATA;
 use super::{be16, be32, be64, put_be16, put_be32, put_be64};
 use crate::error::{Error, Result};
-
-/// QEMU's limit on the number of snapshots.
-pub const MAX_SNAPSHOTS: u32 = 65536;
-/// QEMU's limit on a snapshot entry's extra data.
-pub const MAX_SNAPSHOT_EXTRA_DATA: u32 = 1024;
-/// QEMU's limit on the snapshot table: 1 KiB per snapshot on average, 64 MiB.
-pub const MAX_SNAPSHOT_TABLE_BYTES: u64 = 1024 * MAX_SNAPSHOTS as u64;
 
 /// The extra data fields QEMU knows, plus whatever follows them.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

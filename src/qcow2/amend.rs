@@ -5,11 +5,12 @@ use std::sync::PoisonError;
 use crate::error::{Error, Result};
 use crate::format::{
     self, ClusterDescriptor, CompatibleFeatures, CompressionType, HeaderExtension,
-    IncompatibleFeatures, L2Entry, SubclusterBitmap,
+    IncompatibleFeatures, L2Entry, MIN_CLUSTER_FOR_FEATURE_TABLE, SubclusterBitmap,
+    qemu_feature_names,
 };
 
 use super::image::Image;
-use super::layout::{Compat, MIN_CLUSTER_FOR_FEATURE_TABLE, qemu_feature_names};
+use super::layout::Compat;
 use super::write::Writer;
 
 /// What to change (each `None` leaves the option alone).

@@ -16,9 +16,9 @@
 
 use crate::error::{Error, Result};
 use crate::format::{
-    AutoclearFeatures, CompatibleFeatures, CompressionType, FeatureKind, FeatureName, Geometry,
-    Header, HeaderExtension, HeaderExtensions, IncompatibleFeatures, L1Entry, L2Entry,
-    MAX_REFCOUNT_TABLE_BYTES, encode_u64_table, set_refcount,
+    AutoclearFeatures, CompatibleFeatures, CompressionType, Geometry, Header, HeaderExtension,
+    HeaderExtensions, IncompatibleFeatures, L1Entry, L2Entry, MAX_REFCOUNT_TABLE_BYTES,
+    MIN_CLUSTER_FOR_FEATURE_TABLE, encode_u64_table, qemu_feature_names, set_refcount,
 };
 use crate::storage::{Storage, write_zeros};
 
@@ -128,31 +128,6 @@ pub(crate) struct LayoutOptions<'a> {
 fn invalid(message: impl Into<String>) -> Error {
     Error::InvalidArgument(message.into())
 }
-
-/// The names QEMU puts in the feature-name table, in its order.
-pub(crate) fn qemu_feature_names() -> Vec<FeatureName> {
-    let names = [
-        (FeatureKind::Incompatible, 0, "dirty bit"),
-        (FeatureKind::Incompatible, 1, "corrupt bit"),
-        (FeatureKind::Incompatible, 2, "external data file"),
-        (FeatureKind::Incompatible, 3, "compression type"),
-        (FeatureKind::Incompatible, 4, "extended L2 entries"),
-        (FeatureKind::Compatible, 0, "lazy refcounts"),
-        (FeatureKind::Autoclear, 0, "bitmaps"),
-        (FeatureKind::Autoclear, 1, "raw external data"),
-    ];
-    names
-        .iter()
-        .map(|&(kind, bit, name)| FeatureName {
-            kind,
-            bit,
-            name: name.to_owned(),
-        })
-        .collect()
-}
-
-/// QEMU writes the feature-name table only into header clusters of at least 8 KiB.
-pub(crate) const MIN_CLUSTER_FOR_FEATURE_TABLE: u64 = 8192;
 
 /// Where everything of a fresh qcow2 image goes, in clusters counted from the start.
 #[derive(Debug)]

@@ -22,16 +22,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, Result};
 use crate::format::{
-    self, ClusterDescriptor, IncompatibleFeatures, L1Entry, L2Entry, SnapshotEntry, SnapshotExtra,
+    self, ClusterDescriptor, IncompatibleFeatures, L1Entry, L2Entry, MAX_SNAPSHOT_NAME,
+    SnapshotEntry, SnapshotExtra,
 };
 
 use super::image::Image;
 use super::write::Writer;
 
 const COPIED: u64 = 1 << 63;
-
-/// The longest snapshot name QEMU keeps.
-const MAX_SNAPSHOT_NAME: usize = 255;
 
 impl Image {
     /// Takes an internal snapshot of the active image named `name`, with the next free
@@ -144,7 +142,6 @@ impl Image {
                 "the image has 65536 snapshots already".into(),
             ));
         }
-        // QEMU keeps names in a 256-byte buffer (and silently cuts longer ones).
         if name.len() > MAX_SNAPSHOT_NAME {
             return Err(Error::InvalidArgument(format!(
                 "snapshot name of {} bytes: QEMU's limit is {MAX_SNAPSHOT_NAME}",
