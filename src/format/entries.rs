@@ -11,6 +11,10 @@ const COMPRESSED: u64 = 1 << 62;
 /// Bit 0 of a standard L2 entry: reads as zeros (not with extended L2).
 const ZERO: u64 = 1;
 
+fn with_copied(raw: u64, copied: bool) -> u64 {
+    if copied { raw | COPIED } else { raw & !COPIED }
+}
+
 /// A raw L1 table entry.
 ///
 /// ```text
@@ -34,6 +38,10 @@ impl L1Entry {
     /// The COPIED flag.
     pub fn copied(self) -> bool {
         self.0 & COPIED != 0
+    }
+    /// The entry with the COPIED flag set or cleared, the rest as it was.
+    pub fn with_copied(self, copied: bool) -> L1Entry {
+        L1Entry(with_copied(self.0, copied))
     }
     /// Bits that must be zero but are not.
     pub fn reserved_bits(self) -> u64 {
@@ -112,6 +120,15 @@ impl L2Entry {
     pub fn copied(self) -> bool {
         self.0 & COPIED != 0
     }
+    /// The entry with the COPIED flag set or cleared, the rest as it was.
+    pub fn with_copied(self, copied: bool) -> L2Entry {
+        L2Entry(with_copied(self.0, copied))
+    }
+    /// The zero flag of a standard (not compressed) entry: bit 0, which only version 3
+    /// images without extended L2 entries give that meaning.
+    pub fn zero_flag(self) -> bool {
+        !self.is_compressed() && self.0 & ZERO != 0
+    }
     /// True for a compressed-cluster entry.
     pub fn is_compressed(self) -> bool {
         self.0 & COMPRESSED != 0
@@ -176,6 +193,11 @@ impl L2Entry {
 pub struct SubclusterBitmap(pub u64);
 
 impl SubclusterBitmap {
+    /// Every subcluster allocated.
+    pub const ALL_ALLOCATED: SubclusterBitmap = SubclusterBitmap(0xffff_ffff);
+    /// Every subcluster reads as zeros.
+    pub const ALL_ZERO: SubclusterBitmap = SubclusterBitmap(0xffff_ffff << 32);
+
     /// Whether subcluster `i` is allocated.
     pub fn allocated(self, i: u64) -> bool {
         self.0 >> i & 1 != 0
@@ -183,6 +205,10 @@ impl SubclusterBitmap {
     /// Whether subcluster `i` reads as zeros.
     pub fn zero(self, i: u64) -> bool {
         self.0 >> (32 + i) & 1 != 0
+    }
+    /// Whether any subcluster is allocated.
+    pub fn any_allocated(self) -> bool {
+        self.0 as u32 != 0
     }
     /// Subclusters marked both allocated and zero (a corruption), as a 32-bit mask.
     pub fn conflicting(self) -> u32 {
@@ -223,6 +249,28 @@ mod tests {
             L2Entry(1).decode(g),
             Ok(ClusterDescriptor::Zero { host: None })
         );
+    }
+
+    #[test]
+    fn copied_and_zero_flags_are_bits_63_and_0() {
+        let e = L2Entry::data(0x50000, false);
+        assert!(e.with_copied(true).copied() && e.with_copied(true).0 == 0x8000_0000_0005_0000);
+        assert_eq!(e.with_copied(true).with_copied(false), e);
+        assert_eq!(
+            L1Entry::new(0x30000, true).with_copied(false),
+            L1Entry(0x30000)
+        );
+        assert!(L2Entry::zero(None, false).zero_flag() && !e.zero_flag());
+        // Bit 0 of a compressed entry is part of its host offset.
+        let g = Geometry::new(16, false);
+        let c = L2Entry::compressed(
+            g,
+            CompressedDescriptor {
+                host_offset: 0x10001,
+                len: 511,
+            },
+        );
+        assert!(!c.zero_flag());
     }
 
     #[test]

@@ -260,8 +260,6 @@ impl Image {
 
     fn l2_has_zero_clusters(&self, l2_offset: u64) -> Result<bool> {
         let table = self.l2_table(l2_offset)?;
-        Ok(table
-            .iter()
-            .any(|&e| !L2Entry(e).is_compressed() && e & 1 != 0))
+        Ok(table.iter().any(|&e| L2Entry(e).zero_flag()))
     }
 }

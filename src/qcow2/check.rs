@@ -17,7 +17,7 @@ use std::sync::PoisonError;
 
 use crate::error::{Error, Result};
 use crate::format::{
-    self, IncompatibleFeatures, L2Entry, get_refcount, max_refcount, set_refcount,
+    self, IncompatibleFeatures, L2Entry, SubclusterBitmap, get_refcount, max_refcount, set_refcount,
 };
 
 use super::image::Image;
@@ -26,9 +26,6 @@ use super::references::{EntryAt, Event, Owner, ReferenceKind, Scope};
 
 /// Findings kept in a report; the counters stay exact beyond it.
 const MAX_FINDINGS: usize = 1000;
-
-/// COPIED flag: bit 63 of L1 and L2 entries.
-const COPIED: u64 = 1 << 63;
 
 /// What `repair` may fix (qemu-img's `-r leaks` and `-r all`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -517,7 +514,7 @@ impl Image {
                 _ if extended => {
                     // All subclusters read as zeros.
                     bytes.extend_from_slice(&0u64.to_be_bytes());
-                    bytes.extend_from_slice(&(u64::from(u32::MAX) << 32).to_be_bytes());
+                    bytes.extend_from_slice(&SubclusterBitmap::ALL_ZERO.0.to_be_bytes());
                     "cluster"
                 }
                 _ => {
@@ -618,7 +615,7 @@ impl Image {
             match refcount {
                 Ok(None) => {}
                 Ok(Some(refcount)) => {
-                    if (refcount == 1) != (at.raw & COPIED != 0) {
+                    if (refcount == 1) != at.copied(kind) {
                         wrong.push((at, refcount, kind));
                     }
                 }
@@ -652,11 +649,7 @@ impl Image {
             } else {
                 "data cluster"
             };
-            let fixed = if refcount == 1 {
-                at.raw | COPIED
-            } else {
-                at.raw & !COPIED
-            };
+            let fixed = at.with_copied(kind, refcount == 1);
             if !fix {
                 report.note(
                     Severity::Corruption,

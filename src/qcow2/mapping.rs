@@ -200,7 +200,7 @@ impl Image {
                 }
             }
             _ => {
-                if bitmap.0 as u32 != 0 {
+                if bitmap.any_allocated() {
                     return Err(corrupt(format!(
                         "entry {index}: subclusters allocated in a cluster without host offset"
                     )));

@@ -59,6 +59,25 @@ pub(crate) struct EntryAt {
     pub raw: u64,
 }
 
+impl EntryAt {
+    /// The entry's COPIED flag; `kind` is what the entry references (an L2 table: an L1
+    /// entry; data: an L2 entry).
+    pub fn copied(&self, kind: ReferenceKind) -> bool {
+        match kind {
+            ReferenceKind::L2Table => L1Entry(self.raw).copied(),
+            _ => L2Entry(self.raw).copied(),
+        }
+    }
+
+    /// The entry as stored with its COPIED flag set or cleared.
+    pub fn with_copied(&self, kind: ReferenceKind, copied: bool) -> u64 {
+        match kind {
+            ReferenceKind::L2Table => L1Entry(self.raw).with_copied(copied).0,
+            _ => L2Entry(self.raw).with_copied(copied).0,
+        }
+    }
+}
+
 /// One reference to a range of the image file.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Reference {

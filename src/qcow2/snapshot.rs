@@ -29,8 +29,6 @@ use crate::format::{
 use super::image::Image;
 use super::write::Writer;
 
-const COPIED: u64 = 1 << 63;
-
 impl Image {
     /// Takes an internal snapshot of the active image named `name`, with the next free
     /// numeric ID, as `qemu-img snapshot -c`. Returns its table entry.
@@ -202,10 +200,13 @@ impl Image {
         for &raw in &l1 {
             let l2 = L1Entry(raw).l2_offset();
             if l2 != 0 {
-                self.rewrite_l2(l2, |_, e| e & !COPIED)?;
+                self.rewrite_l2(l2, |_, e| L2Entry(e).with_copied(false).0)?;
             }
         }
-        let cleared: Vec<u64> = l1.iter().map(|e| e & !COPIED).collect();
+        let cleared: Vec<u64> = l1
+            .iter()
+            .map(|&e| L1Entry(e).with_copied(false).0)
+            .collect();
         self.write_active_l1(&cleared)?;
         self.meta_mut().l1 = cleared.clone();
         self.sync()?;
@@ -260,7 +261,10 @@ impl Image {
         self.add_references(w, &target, 1)?;
         let cs = self.cluster_size();
         let at = self.allocate(w, (entries * 8).max(8).div_ceil(cs))?;
-        let mut l1: Vec<u64> = target.iter().map(|e| e & !COPIED).collect();
+        let mut l1: Vec<u64> = target
+            .iter()
+            .map(|&e| L1Entry(e).with_copied(false).0)
+            .collect();
         l1.resize(entries as usize, 0);
         let mut bytes = vec![0u8; (entries * 8) as usize];
         format::encode_u64_table(&l1, &mut bytes);
@@ -396,15 +400,16 @@ impl Image {
                 continue;
             }
             let shared_table = w.refcounts.get(&*self.storage, l2 >> cb)? != 1;
-            *raw = if shared_table { l2 } else { l2 | COPIED };
+            *raw = L1Entry::new(l2, !shared_table).0;
             if shared_table {
                 continue; // entries of a shared table are not accurate; leave them
             }
             let mut error = None;
-            self.rewrite_l2(l2, |_, e| {
-                let d = match L2Entry(e).decode(g) {
+            self.rewrite_l2(l2, |_, word| {
+                let e = L2Entry(word);
+                let d = match e.decode(g) {
                     Ok(d) => d,
-                    Err(_) => return e,
+                    Err(_) => return word,
                 };
                 let host = match d {
                     ClusterDescriptor::Data { host, .. }
@@ -413,14 +418,13 @@ impl Image {
                     {
                         host
                     }
-                    _ => return e & !COPIED,
+                    _ => return e.with_copied(false).0,
                 };
                 match w.refcounts.get(&*self.storage, host >> cb) {
-                    Ok(1) => e | COPIED,
-                    Ok(_) => e & !COPIED,
+                    Ok(n) => e.with_copied(n == 1).0,
                     Err(err) => {
                         error = Some(err);
-                        e
+                        word
                     }
                 }
             })?;

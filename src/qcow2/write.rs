@@ -391,7 +391,7 @@ impl Image {
             // compressed one becomes a fully allocated cluster.
             ClusterDescriptor::Data { .. } if new_host.is_some() => (cluster, cluster + cs, bitmap),
             ClusterDescriptor::Compressed(_) => {
-                (cluster, cluster + cs, SubclusterBitmap(0xffff_ffff))
+                (cluster, cluster + cs, SubclusterBitmap::ALL_ALLOCATED)
             }
             _ => (lo, hi, bitmap),
         };
@@ -567,7 +567,7 @@ impl Image {
             let mut t = self.l2_table(old_offset)?.to_vec();
             let step = if self.geometry.extended_l2() { 2 } else { 1 };
             for e in t.iter_mut().step_by(step) {
-                *e &= !(1 << 63);
+                *e = L2Entry(*e).with_copied(false).0;
             }
             t
         };
@@ -969,12 +969,7 @@ impl Image {
                                 }
                                 _ => L2Entry::UNALLOCATED,
                             };
-                            self.set_entry(
-                                &mut slot.table,
-                                c,
-                                host,
-                                SubclusterBitmap(0xffff_ffff << 32),
-                            );
+                            self.set_entry(&mut slot.table, c, host, SubclusterBitmap::ALL_ZERO);
                             if !keep {
                                 self.release_unless_external(&mut slot.frees, old);
                             }
