@@ -333,9 +333,15 @@ impl HeaderExtensions {
 
     /// Whether the bitmaps extension is present.
     pub fn has_bitmaps(&self) -> bool {
-        self.list
-            .iter()
-            .any(|e| matches!(e, HeaderExtension::Bitmaps(_)))
+        self.bitmaps().is_some()
+    }
+
+    /// The bitmaps extension, if present.
+    pub fn bitmaps(&self) -> Option<BitmapsExtension> {
+        self.list.iter().find_map(|e| match e {
+            HeaderExtension::Bitmaps(b) => Some(*b),
+            _ => None,
+        })
     }
 }
 

@@ -25,6 +25,15 @@ pub const MAX_HEADER_EXTENSIONS: usize = 1024;
 pub const MAX_BITMAPS: u32 = 65535;
 /// QEMU's limit on the bitmap directory: 1 KiB per bitmap.
 pub const MAX_BITMAP_DIRECTORY_BYTES: u64 = 1024 * MAX_BITMAPS as u64;
+/// QEMU's limit on the entries of one bitmap table.
+pub const MAX_BITMAP_TABLE_ENTRIES: u32 = 0x800_0000;
+/// QEMU's limit on the data clusters of one bitmap (its table's entries times the cluster
+/// size): 512 MiB, the memory QEMU lets a bitmap take.
+pub const MAX_BITMAP_DATA_BYTES: u64 = 512 << 20;
+/// The granularities QEMU supports: 512 bytes to 2 GiB per bit (the spec allows 0 to 63).
+pub const BITMAP_GRANULARITY_BITS: std::ops::RangeInclusive<u8> = 9..=31;
+/// The longest bitmap name QEMU supports.
+pub const MAX_BITMAP_NAME: usize = 1023;
 /// QEMU's limit on the number of snapshots.
 pub const MAX_SNAPSHOTS: u32 = 65536;
 /// QEMU's limit on a snapshot entry's extra data.

@@ -21,8 +21,8 @@
 
 use crate::chain::Chain;
 use crate::create::CreateOptions;
-use crate::error::{Error, Result};
-use crate::format::HeaderExtension;
+use crate::error::Result;
+use crate::format::decode_bitmap_directory;
 use crate::layers::{Format, Layer};
 use crate::qcow2::{Compat, Image, Preallocation};
 
@@ -191,50 +191,26 @@ fn refcount_metadata_clusters(clusters: u64, cs: u64, refcount_bits: u32) -> u64
 /// `size`) into an image with `cs`-byte clusters: each bitmap's data and table clusters,
 /// and the directory in whole clusters.
 fn bitmaps_size(image: &Image, size: u64, cs: u64) -> Result<u64> {
-    let Some(ext) = image.extensions().list.iter().find_map(|e| match e {
-        HeaderExtension::Bitmaps(b) => Some(*b),
-        _ => None,
-    }) else {
+    let Some(ext) = image.extensions().bitmaps() else {
         return Ok(0);
     };
-    if ext.directory_size > 64 << 20 {
-        return Err(image.name_error(Error::invalid(
-            "bitmap directory size",
-            ext.directory_size,
-            "larger than QEMU's 64 MiB limit",
-        )));
-    }
     let dir = image
         .read_metadata("bitmap directory", ext.directory_offset, ext.directory_size)
         .map_err(|e| image.name_error(e))?;
+    let entries = decode_bitmap_directory(
+        &dir,
+        ext.directory_offset,
+        ext.nb_bitmaps,
+        image.cluster_size(),
+    )
+    .map_err(|e| image.name_error(e))?;
     let mut total = 0u64;
     let mut dir_size = 0u64;
-    let mut pos = 0usize;
-    for _ in 0..ext.nb_bitmaps {
-        let entry = dir.get(pos..pos + 24).ok_or_else(|| {
-            image.name_error(Error::corrupt(
-                "bitmap directory",
-                ext.directory_offset,
-                "entry runs past the directory",
-            ))
-        })?;
-        let granularity_bits = u32::from(entry[17]);
-        let name_size = u64::from(u16::from_be_bytes([entry[18], entry[19]]));
-        let extra = u64::from(u32::from_be_bytes([
-            entry[20], entry[21], entry[22], entry[23],
-        ]));
-        if !(9..=31).contains(&granularity_bits) {
-            return Err(image.name_error(Error::corrupt(
-                "bitmap directory",
-                ext.directory_offset,
-                format!("bitmap granularity bits {granularity_bits} out of range"),
-            )));
-        }
-        let bits = size.div_ceil(1 << granularity_bits);
+    for entry in entries {
+        let bits = size.div_ceil(entry.granularity());
         let clusters = bits.div_ceil(8).div_ceil(cs);
         total += clusters * cs + (clusters * 8).div_ceil(cs) * cs;
-        dir_size += (24 + name_size).div_ceil(8) * 8;
-        pos += (24 + name_size + extra).div_ceil(8) as usize * 8;
+        dir_size += entry.encoded_len() as u64;
     }
     Ok(total + dir_size.div_ceil(cs) * cs)
 }

@@ -10,7 +10,7 @@
 //! skipped, never followed.
 
 use crate::error::Result;
-use crate::format::{self, ClusterDescriptor, HeaderExtension, L1Entry, L2Entry};
+use crate::format::{self, BitmapTableEntry, ClusterDescriptor, L1Entry, L2Entry};
 
 use super::image::Image;
 
@@ -358,10 +358,7 @@ impl Image {
 
     /// Bitmap directory, bitmap tables and their data clusters (spec: "Bitmaps").
     fn walk_bitmaps(&self, visit: &mut dyn FnMut(Event), refer: &mut RefFn<'_>) -> Result<()> {
-        let Some(ext) = self.extensions().list.iter().find_map(|e| match e {
-            HeaderExtension::Bitmaps(b) => Some(*b),
-            _ => None,
-        }) else {
+        let Some(ext) = self.extensions().bitmaps() else {
             return Ok(());
         };
         let cs = self.cluster_size();
@@ -379,24 +376,39 @@ impl Image {
         }
         let dir =
             self.read_metadata("bitmap directory", ext.directory_offset, ext.directory_size)?;
-        let mut at = 0usize;
-        while at + 24 <= dir.len() {
-            let be64 = |o: usize| u64::from_be_bytes(dir[o..o + 8].try_into().unwrap());
-            let be32 = |o: usize| u32::from_be_bytes(dir[o..o + 4].try_into().unwrap());
-            let table_offset = be64(at);
-            let table_size = u64::from(be32(at + 8));
-            let name_size = u16::from_be_bytes([dir[at + 18], dir[at + 19]]) as usize;
-            let extra_size = be32(at + 20) as usize;
-            if refer(visit, image, kind, table_offset, table_size * 8, None) {
-                let table = self.read_metadata("bitmap table", table_offset, table_size * 8)?;
-                for raw in format::decode_u64_table(&table) {
-                    let data = raw & 0x00ff_ffff_ffff_fe00;
-                    if data != 0 {
-                        refer(visit, image, kind, data, cs, None);
+        let problem = |message: String| {
+            Event::Problem(Problem {
+                message,
+                refcount_structure: false,
+                unfollowed: None,
+            })
+        };
+        let entries =
+            match format::decode_bitmap_directory(&dir, ext.directory_offset, ext.nb_bitmaps, cs) {
+                Ok(entries) => entries,
+                Err(e) => {
+                    visit(problem(e.to_string()));
+                    return Ok(());
+                }
+            };
+        for entry in entries {
+            let (offset, len) = (entry.table_offset, u64::from(entry.table_size) * 8);
+            if !refer(visit, image, kind, offset, len, None) {
+                continue;
+            }
+            let table = self.read_metadata("bitmap table", offset, len)?;
+            for (i, raw) in format::decode_u64_table(&table).into_iter().enumerate() {
+                let entry = BitmapTableEntry(raw);
+                match entry.check(cs) {
+                    Err(reason) => visit(problem(format!(
+                        "bitmap table at {offset:#x}, entry {i}: {reason}"
+                    ))),
+                    Ok(()) if entry.data_offset() != 0 => {
+                        refer(visit, image, kind, entry.data_offset(), cs, None);
                     }
+                    Ok(()) => {}
                 }
             }
-            at += (24 + extra_size + name_size).div_ceil(8) * 8;
         }
         Ok(())
     }
