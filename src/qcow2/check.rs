@@ -22,7 +22,7 @@ use crate::format::{
 
 use super::image::Image;
 use super::refcount::Refcounts;
-use super::references::{EntryAt, Event, Owner, ReferenceKind, Scope};
+use super::reference::{EntryAt, Event, Owner, ReferenceKind, Scope};
 
 /// Findings kept in a report; the counters stay exact beyond it.
 const MAX_FINDINGS: usize = 1000;

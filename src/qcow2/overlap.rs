@@ -10,81 +10,15 @@
 //! only snapshots use) are not in it, as in QEMU's default mode: finding them means
 //! reading every snapshot's L1 table.
 
-use std::collections::BTreeMap;
 use std::sync::PoisonError;
 
 use crate::error::{Error, Result};
 use crate::format::{IncompatibleFeatures, L1Entry};
 
 use super::image::Image;
-use super::references::ReferenceKind;
+use super::overlap_map::MetadataMap;
+use super::reference::ReferenceKind;
 use super::write::Writer;
-
-/// Metadata clusters: cluster index -> a bit per [`ReferenceKind`] it holds (more than
-/// one in a corrupt image).
-#[derive(Debug, Default)]
-pub(crate) struct MetadataMap {
-    clusters: BTreeMap<u64, u16>,
-}
-
-fn bit(kind: ReferenceKind) -> u16 {
-    1 << kind as u16
-}
-
-impl MetadataMap {
-    fn add(&mut self, first: u64, end: u64, kind: ReferenceKind) {
-        for c in first..end {
-            *self.clusters.entry(c).or_default() |= bit(kind);
-        }
-    }
-
-    /// The first cluster of `first..end` holding metadata other than `allowed`, and one
-    /// such kind.
-    fn overlap(
-        &self,
-        first: u64,
-        end: u64,
-        allowed: Option<ReferenceKind>,
-    ) -> Option<(u64, ReferenceKind)> {
-        let allowed = allowed.map_or(0, bit);
-        let (&cluster, &kinds) = self
-            .clusters
-            .range(first..end)
-            .find(|(_, kinds)| **kinds & !allowed != 0)?;
-        let kinds = kinds & !allowed;
-        let kind = ALL_KINDS
-            .into_iter()
-            .find(|k| kinds & bit(*k) != 0)
-            .expect("a bit is set");
-        Some((cluster, kind))
-    }
-}
-
-const ALL_KINDS: [ReferenceKind; 9] = [
-    ReferenceKind::Header,
-    ReferenceKind::SnapshotTable,
-    ReferenceKind::RefcountTable,
-    ReferenceKind::RefcountBlock,
-    ReferenceKind::Bitmap,
-    ReferenceKind::L1Table,
-    ReferenceKind::L2Table,
-    ReferenceKind::Data,
-    ReferenceKind::Compressed,
-];
-
-fn kind_name(kind: ReferenceKind) -> &'static str {
-    match kind {
-        ReferenceKind::Header => "header",
-        ReferenceKind::SnapshotTable => "snapshot table",
-        ReferenceKind::RefcountTable => "refcount table",
-        ReferenceKind::RefcountBlock => "refcount block",
-        ReferenceKind::Bitmap => "bitmap directory",
-        ReferenceKind::L1Table => "L1 table",
-        ReferenceKind::L2Table => "L2 table",
-        ReferenceKind::Data => "data",
-        ReferenceKind::Compressed => "compressed data",
-    }
-}
 
 impl Image {
     /// Rebuilds the metadata map from the header, the L1 table, the writer's refcount
@@ -162,7 +96,7 @@ impl Image {
         let reason = format!(
             "prevented a write of {what} at {offset:#x} over the {} in cluster {cluster}; \
              the image is now marked corrupt (check -r all repairs it)",
-            kind_name(kind)
+            kind.name()
         );
         // Best effort: the write is refused whether or not the mark reaches the disk.
         self.meta_mut().header.incompatible_features |= IncompatibleFeatures::CORRUPT;

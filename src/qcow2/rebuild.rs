@@ -13,7 +13,7 @@ use crate::format::{self, IncompatibleFeatures, set_refcount};
 use super::check::{RepairMode, Severity};
 use super::image::Image;
 use super::refcount::Refcounts;
-use super::references::{Event, ReferenceKind, Scope};
+use super::reference::{Event, ReferenceKind, Scope};
 use super::write::Writer;
 
 impl Image {

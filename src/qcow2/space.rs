@@ -10,7 +10,7 @@
 use crate::error::Result;
 
 use super::image::Image;
-use super::references::{Event, Owner, Scope};
+use super::reference::{Event, Owner, Scope};
 
 /// Space of one owner (the active state or an internal snapshot).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

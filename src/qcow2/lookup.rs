@@ -1,0 +1,264 @@
+//! The one lookup API: what a guest range is in one image, as runs (ARCHITECTURE.md, "The
+//! one lookup API"), and the L1 and L2 tables it reads.
+//!
+//! Read, map, convert, checksum, write, commit and pull all iterate these runs; nothing
+//! else walks L2 tables for guest ranges.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::format::{self, ClusterDescriptor, L1Entry, L2Entry, SubclusterBitmap};
+
+use super::image::{Image, read_exact};
+use super::l2cache::L2Table;
+use super::mapping::{Mapping, Run};
+
+impl Image {
+    pub(crate) fn l1_entry(&self, index: u64) -> Result<L1Entry> {
+        let meta = self.meta();
+        let raw = usize::try_from(index)
+            .ok()
+            .and_then(|i| meta.l1.get(i))
+            .copied()
+            .unwrap_or(0);
+        let entry = L1Entry(raw);
+        let l2 = entry.l2_offset();
+        if l2 != 0 && l2 % self.cluster_size() != 0 {
+            return Err(Error::corrupt(
+                "L1 table",
+                meta.header.l1_table_offset,
+                format!("entry {index} points at unaligned L2 table {l2:#x}"),
+            ));
+        }
+        Ok(entry)
+    }
+
+    pub(crate) fn l2_table(&self, offset: u64) -> Result<L2Table> {
+        if let Some(t) = self.l2_cache.get(offset) {
+            return Ok(t);
+        }
+        let bytes = read_exact(
+            &*self.storage,
+            "L2 table",
+            offset,
+            self.cluster_size(),
+            self.file_len(),
+        )?;
+        let table: L2Table = Arc::new(format::decode_u64_table(&bytes));
+        self.l2_cache.insert(offset, table.clone());
+        Ok(table)
+    }
+
+    /// The mapping at `offset` and how far it extends, up to `max_len` bytes and at most to
+    /// the end of one L2 table's span. `offset` must be below the virtual size and
+    /// `max_len` non-zero.
+    pub fn lookup(&self, offset: u64, max_len: u64) -> Result<Run> {
+        self.lookup_inner(offset, max_len)
+            .map_err(|e| self.name_error(e))
+    }
+
+    fn lookup_inner(&self, offset: u64, max_len: u64) -> Result<Run> {
+        let size = self.size();
+        if offset >= size || max_len == 0 {
+            return Err(Error::OutOfRange {
+                offset,
+                len: max_len,
+                size,
+            });
+        }
+        let g = self.geometry();
+        let span_end = (g.l1_index(offset) + 1).saturating_mul(g.l2_span());
+        let end = offset.saturating_add(max_len).min(size).min(span_end);
+        let l2_offset = self.l1_entry(g.l1_index(offset))?.l2_offset();
+        if l2_offset == 0 {
+            return Ok(Run {
+                offset,
+                len: end - offset,
+                mapping: Mapping::Unallocated,
+            });
+        }
+        let table = self.l2_table(l2_offset)?;
+        let unit = g.subcluster_size();
+        let first = self.unit_mapping(&table, l2_offset, offset)?;
+        let mut unit_end = (offset / unit + 1) * unit;
+        if !matches!(first, Mapping::Compressed(_)) {
+            while unit_end < end {
+                let next = self.unit_mapping(&table, l2_offset, unit_end)?;
+                if !first.continued_by(next, unit_end - offset) {
+                    break;
+                }
+                unit_end += unit;
+            }
+        } else {
+            unit_end = g.cluster_start(offset) + g.cluster_size();
+        }
+        Ok(Run {
+            offset,
+            len: unit_end.min(end) - offset,
+            mapping: first,
+        })
+    }
+
+    /// The mapping of the (sub)cluster holding guest `offset`, advanced to `offset`.
+    fn unit_mapping(&self, table: &[u64], l2_offset: u64, offset: u64) -> Result<Mapping> {
+        let g = self.geometry();
+        let index = g.l2_index(offset) as usize;
+        let words = if g.extended_l2() { 2 } else { 1 };
+        let raw = L2Entry(table[index * words]);
+        let corrupt = |reason: String| Error::corrupt("L2 table", l2_offset, reason);
+        let descriptor = raw
+            .decode(g)
+            .map_err(|r| corrupt(format!("entry {index} ({:#018x}): {r}", raw.0)))?;
+        let in_cluster = g.offset_in_cluster(offset);
+        if let ClusterDescriptor::Compressed(d) = descriptor {
+            if self.has_external_data_file() {
+                return Err(corrupt(format!(
+                    "entry {index}: compressed cluster in an image with an external data file"
+                )));
+            }
+            return Ok(Mapping::Compressed(d));
+        }
+        // Host offset 0 with the COPIED flag is a real cluster only in an external data
+        // file (where 0 is a valid offset). In the image file QEMU reads such an entry as
+        // unallocated (the backing file shows through), so do the same rather than fail.
+        let descriptor = match descriptor {
+            ClusterDescriptor::Data { host: 0, .. } if !self.has_external_data_file() => {
+                ClusterDescriptor::Unallocated
+            }
+            other => other,
+        };
+        if !g.extended_l2() {
+            return Ok(match descriptor {
+                ClusterDescriptor::Unallocated => Mapping::Unallocated,
+                ClusterDescriptor::Zero { host } => Mapping::Zero {
+                    host: host.map(|h| h + in_cluster),
+                },
+                ClusterDescriptor::Data { host, copied } => Mapping::Data {
+                    host: host + in_cluster,
+                    copied,
+                },
+                ClusterDescriptor::Compressed(d) => Mapping::Compressed(d),
+            });
+        }
+        let bitmap = SubclusterBitmap(table[index * 2 + 1]);
+        let sc = in_cluster / g.subcluster_size();
+        if bitmap.conflicting() != 0 {
+            return Err(corrupt(format!(
+                "entry {index}: subclusters both allocated and zero ({:#010x})",
+                bitmap.conflicting()
+            )));
+        }
+        Ok(match descriptor {
+            ClusterDescriptor::Data { host, copied } => {
+                if bitmap.allocated(sc) {
+                    Mapping::Data {
+                        host: host + in_cluster,
+                        copied,
+                    }
+                } else if bitmap.zero(sc) {
+                    Mapping::Zero {
+                        host: Some(host + in_cluster),
+                    }
+                } else {
+                    Mapping::Unallocated
+                }
+            }
+            _ => {
+                if bitmap.any_allocated() {
+                    return Err(corrupt(format!(
+                        "entry {index}: subclusters allocated in a cluster without host offset"
+                    )));
+                }
+                if bitmap.zero(sc) {
+                    Mapping::Zero { host: None }
+                } else {
+                    Mapping::Unallocated
+                }
+            }
+        })
+    }
+
+    /// The host offset that guest `offset` would have in its cluster's host allocation,
+    /// and how many bytes from `offset` the answer holds for (to the end of the cluster, or
+    /// of the L2 table's span when no L2 table is allocated). With extended L2 entries an
+    /// unallocated subcluster of an allocated cluster keeps such a host offset (QEMU's
+    /// `map` shows it); elsewhere it is the offset of data or preallocated zeros, and
+    /// `None` for unallocated and compressed clusters. `offset` must be below the size.
+    pub fn cluster_host(&self, offset: u64) -> Result<(Option<u64>, u64)> {
+        self.cluster_host_inner(offset)
+            .map_err(|e| self.name_error(e))
+    }
+
+    fn cluster_host_inner(&self, offset: u64) -> Result<(Option<u64>, u64)> {
+        let size = self.size();
+        if offset >= size {
+            return Err(Error::OutOfRange {
+                offset,
+                len: 1,
+                size,
+            });
+        }
+        let g = self.geometry();
+        let l1_index = g.l1_index(offset);
+        let l2_offset = self.l1_entry(l1_index)?.l2_offset();
+        if l2_offset == 0 {
+            let span_end = (l1_index + 1).saturating_mul(g.l2_span()).min(size);
+            return Ok((None, span_end - offset));
+        }
+        let table = self.l2_table(l2_offset)?;
+        let index = g.l2_index(offset) as usize;
+        let words = if g.extended_l2() { 2 } else { 1 };
+        let raw = L2Entry(table[index * words]);
+        let in_cluster = g.offset_in_cluster(offset);
+        let len = (g.cluster_size() - in_cluster).min(size - offset);
+        let host = match raw.decode(g) {
+            Ok(ClusterDescriptor::Data { host, .. })
+            | Ok(ClusterDescriptor::Zero {
+                host: Some(host), ..
+            }) => Some(host + in_cluster),
+            Ok(_) => None,
+            Err(r) => {
+                return Err(Error::corrupt(
+                    "L2 table",
+                    l2_offset,
+                    format!("entry {index} ({:#018x}): {r}", raw.0),
+                ));
+            }
+        };
+        Ok((host, len))
+    }
+
+    /// Iterates the runs covering `offset..offset + len` (clamped to the virtual size).
+    pub fn runs(&self, offset: u64, len: u64) -> Runs<'_> {
+        let end = offset.saturating_add(len).min(self.size());
+        Runs {
+            image: self,
+            pos: offset,
+            end,
+        }
+    }
+}
+
+/// Iterator over the runs of a guest range in one image; see [`Image::runs`].
+#[derive(Debug)]
+pub struct Runs<'a> {
+    image: &'a Image,
+    pos: u64,
+    end: u64,
+}
+
+impl Iterator for Runs<'_> {
+    type Item = Result<Run>;
+
+    fn next(&mut self) -> Option<Result<Run>> {
+        if self.pos >= self.end {
+            return None;
+        }
+        let run = self.image.lookup(self.pos, self.end - self.pos);
+        match &run {
+            Ok(r) => self.pos = r.end(),
+            Err(_) => self.pos = self.end,
+        }
+        Some(run)
+    }
+}

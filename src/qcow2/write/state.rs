@@ -1,0 +1,37 @@
+//! The write side's own state, apart from the image it writes (so that `Image` can hold
+//! it without importing the write path).
+
+use std::collections::BTreeSet;
+
+use crate::error::Result;
+
+use crate::qcow2::refcount::Refcounts;
+
+/// Reads guest content below this image (its backing chain, zeros past its end) for
+/// copy-on-write: fills the buffer with what the backing chain shows at the offset.
+pub(crate) type BackingRead<'a> = &'a (dyn Fn(&mut [u8], u64) -> Result<()> + Sync);
+
+/// Write-side state of an image opened for writing.
+#[derive(Debug)]
+pub(crate) struct Writer {
+    pub(crate) refcounts: Refcounts,
+    /// L2 tables changed in memory (pinned in the cache).
+    pub(super) dirty_l2: BTreeSet<u64>,
+    /// L1 indices changed in memory.
+    pub(super) dirty_l1: BTreeSet<usize>,
+    /// Header fields changed in memory.
+    pub(super) header_dirty: bool,
+    /// Refcount drops (cluster index, count) to apply after the next checkpoint.
+    pub(super) pending_free: Vec<(u64, u64)>,
+    /// Refcount updates are postponed (lazy refcounts, dirty bit set while they lag).
+    pub(super) lazy: bool,
+    /// Free bytes after the last compressed cluster stored since the last checkpoint
+    /// (next byte, end of its host cluster): the next one is packed there.
+    pub(super) compressed_tail: Option<(u64, u64)>,
+}
+
+impl Writer {
+    pub(crate) fn set_lazy(&mut self, lazy: bool) {
+        self.lazy = lazy;
+    }
+}
