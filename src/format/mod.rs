@@ -35,5 +35,5 @@ pub use limits::{
     MAX_REFCOUNT_TABLE_BYTES, MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOT_TABLE_BYTES, MAX_SNAPSHOTS,
     MIN_CLUSTER_BITS,
 };
-pub use refcount::{get_refcount, max_refcount, set_refcount};
+pub use refcount::{get_refcount, max_refcount, refcounts_per_block, set_refcount};
 pub use snapshot::{SnapshotEntry, SnapshotExtra, snapshot_table_len};

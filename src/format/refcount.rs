@@ -13,6 +13,12 @@ pub fn max_refcount(order: u32) -> u64 {
     }
 }
 
+/// Refcount entries in one refcount block (a cluster of `cluster_bits` bits) of
+/// `1 << order`-bit entries.
+pub fn refcounts_per_block(cluster_bits: u32, order: u32) -> u64 {
+    (8u64 << cluster_bits) >> order
+}
+
 /// Reads entry `index` of a refcount block. The caller has checked that `index` is below
 /// `block.len() * 8 >> order`.
 pub fn get_refcount(block: &[u8], index: usize, order: u32) -> u64 {

@@ -18,7 +18,8 @@ use crate::error::{Error, Result};
 use crate::format::{
     AutoclearFeatures, CompatibleFeatures, CompressionType, Geometry, Header, HeaderExtension,
     HeaderExtensions, IncompatibleFeatures, L1Entry, L2Entry, MAX_REFCOUNT_TABLE_BYTES,
-    MIN_CLUSTER_FOR_FEATURE_TABLE, encode_u64_table, qemu_feature_names, set_refcount,
+    MIN_CLUSTER_FOR_FEATURE_TABLE, encode_u64_table, qemu_feature_names, refcounts_per_block,
+    set_refcount,
 };
 use crate::storage::{Storage, write_zeros};
 
@@ -164,7 +165,7 @@ impl Layout {
         };
         let l2_tables = if preallocated { l1_entries } else { 0 };
         let fixed = 1 + l1_clusters + l2_tables + data_clusters;
-        let per_block = (cs * 8) >> refcount_order;
+        let per_block = refcounts_per_block(geometry.cluster_bits(), refcount_order);
         let (mut table, mut blocks) = (1u64, 1u64);
         loop {
             let new_blocks = (fixed + table + blocks).div_ceil(per_block);
@@ -320,7 +321,7 @@ impl Layout {
         storage
             .write_at(&table_bytes, at)
             .map_err(io("refcount table", at))?;
-        let per_block = (cs * 8) >> self.refcount_order;
+        let per_block = refcounts_per_block(self.geometry.cluster_bits(), self.refcount_order);
         let mut block = vec![0u8; cs as usize];
         for i in 0..self.refcount_blocks {
             block.fill(0);

@@ -20,6 +20,7 @@ mod references;
 mod resize;
 mod snapshot;
 mod space;
+mod stored_refcounts;
 mod write;
 
 pub use amend::AmendOptions;

@@ -6,10 +6,10 @@
 //! extent. Its test: the clusters in use (non-zero refcount) reach the clusters the file
 //! really occupies plus a margin of 10% (at least two clusters).
 
-use crate::error::Result;
-use crate::format;
+use crate::error::{Error, Result};
 
-use super::Image;
+use super::image::Image;
+use super::stored_refcounts::StoredRefcounts;
 
 impl Image {
     /// Whether the image looks metadata-preallocated: the clusters with a non-zero
@@ -25,39 +25,23 @@ impl Image {
     }
 
     fn count_in_use_above(&self, allocated: u64) -> Result<bool> {
-        let header = self.header();
         let cluster_size = self.cluster_size();
         let real_clusters = allocated / cluster_size;
         let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
         let end_cluster = self.file_len().div_ceil(cluster_size);
-        let order = header.refcount_order;
-        let per_block = (cluster_size * 8) >> order;
-        let table_entries = u64::from(header.refcount_table_clusters) * cluster_size / 8;
-        let mut block: Option<(u64, Vec<u8>)> = None;
+        let mut stored = StoredRefcounts::new(self);
+        let end = end_cluster.min(stored.covered());
         let mut in_use = 0u64;
         let mut cluster = 0u64;
-        while cluster < end_cluster && in_use < threshold {
-            let table_index = cluster / per_block;
-            if table_index >= table_entries {
-                break;
-            }
-            if block.as_ref().is_none_or(|(i, _)| *i != table_index) {
-                let at = header.refcount_table_offset + table_index * 8;
-                let entry = format::be64(&self.read_metadata("refcount table", at, 8)?, 0);
-                let offset = entry & !511;
-                if offset == 0 {
-                    // A missing refcount block: every cluster it would cover is free.
-                    cluster = (table_index + 1) * per_block;
-                    block = None;
-                    continue;
-                }
-                let bytes = self.read_metadata("refcount block", offset, cluster_size)?;
-                block = Some((table_index, bytes));
-            }
-            if let Some((_, bytes)) = &block {
-                let index = (cluster % per_block) as usize;
-                in_use += u64::from(format::get_refcount(bytes, index, order) != 0);
-            }
+        while cluster < end && in_use < threshold {
+            let refcount = stored.get(cluster)?.ok_or_else(|| {
+                Error::corrupt(
+                    "refcount table",
+                    self.header().refcount_table_offset,
+                    format!("the refcount block of cluster {cluster} cannot be read"),
+                )
+            })?;
+            in_use += u64::from(refcount != 0);
             cluster += 1;
         }
         Ok(in_use >= threshold)

@@ -12,7 +12,6 @@ use crate::format::{self, IncompatibleFeatures, set_refcount};
 
 use super::check::{RepairMode, Severity};
 use super::image::Image;
-use super::refcount::Refcounts;
 use super::reference::{Event, ReferenceKind, Scope};
 use super::write::Writer;
 
@@ -41,15 +40,7 @@ impl Image {
         self.checkpoint(w)?;
         let counts = self.count_references()?;
         self.install_refcounts(&counts, order)?;
-        let header = self.header();
-        w.refcounts = Refcounts::load(
-            &*self.storage,
-            header.cluster_bits,
-            order,
-            header.refcount_table_offset,
-            header.refcount_table_clusters,
-            self.file_len(),
-        )?;
+        w.refcounts = self.load_refcounts()?;
         self.refresh_overlap_map(w);
         Ok(())
     }
@@ -72,7 +63,7 @@ impl Image {
                 1u32 << order
             )));
         }
-        let per_block = (cs * 8) >> order;
+        let per_block = format::refcounts_per_block(cb, order);
         let per_cluster = cs / 8;
         let area = (counts.len() as u64).max(self.file_len().div_ceil(cs));
         let used_ranges = |end: u64| -> Vec<u64> {

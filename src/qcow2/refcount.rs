@@ -50,32 +50,15 @@ pub(crate) struct TableLocation {
 }
 
 impl Refcounts {
-    /// Loads the refcount table described by the header.
-    pub(crate) fn load(
-        storage: &dyn Storage,
+    /// The writer's refcounts over `table` (the refcount table at `table_offset`, as
+    /// stored), for `1 << order`-bit refcounts. Refuses a table entry that is not a
+    /// cluster-aligned block offset.
+    pub(crate) fn new(
+        table: Vec<u64>,
+        table_offset: u64,
         cluster_bits: u32,
         order: u32,
-        table_offset: u64,
-        table_clusters: u32,
-        file_len: u64,
     ) -> Result<Refcounts> {
-        let len = u64::from(table_clusters) << cluster_bits;
-        if table_offset
-            .checked_add(len)
-            .is_none_or(|end| end > file_len)
-        {
-            return Err(Error::Truncated {
-                structure: "refcount table",
-                offset: table_offset,
-                len,
-                file_len,
-            });
-        }
-        let mut bytes = vec![0u8; len as usize];
-        storage
-            .read_at(&mut bytes, table_offset)
-            .map_err(|e| Error::io("reading the refcount table", e))?;
-        let table = format::decode_u64_table(&bytes);
         let cluster_mask = (1u64 << cluster_bits) - 1;
         for (i, &entry) in table.iter().enumerate() {
             if entry & cluster_mask != 0 {
@@ -106,7 +89,7 @@ impl Refcounts {
 
     /// Refcount entries per block.
     fn per_block(&self) -> u64 {
-        (self.cluster_size() * 8) >> self.order
+        format::refcounts_per_block(self.cluster_bits, self.order)
     }
 
     /// Offsets of the refcount blocks the table points at (in memory, so also blocks not

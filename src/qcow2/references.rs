@@ -245,14 +245,6 @@ impl Image {
         Ok(())
     }
 
-    /// The refcount table as stored (bounded by the file; checked by the caller).
-    pub(crate) fn read_refcount_table(&self) -> Result<Vec<u64>> {
-        let header = self.header();
-        let len = u64::from(header.refcount_table_clusters) * self.cluster_size();
-        let bytes = self.read_metadata("refcount table", header.refcount_table_offset, len)?;
-        Ok(format::decode_u64_table(&bytes))
-    }
-
     /// Bitmap directory, bitmap tables and their data clusters (spec: "Bitmaps").
     fn walk_bitmaps(&self, visit: &mut dyn FnMut(Event), refer: &mut RefFn<'_>) -> Result<()> {
         let Some(ext) = self.extensions().bitmaps() else {

@@ -7,7 +7,6 @@ use crate::error::{Error, Result};
 use crate::format::{AutoclearFeatures, CompatibleFeatures, IncompatibleFeatures};
 
 use crate::qcow2::image::Image;
-use crate::qcow2::refcount::Refcounts;
 
 use super::state::Writer;
 
@@ -26,14 +25,7 @@ impl Image {
         {
             return Err(Error::MarkedCorrupt);
         }
-        let refcounts = Refcounts::load(
-            &*self.storage,
-            header.cluster_bits,
-            header.refcount_order,
-            header.refcount_table_offset,
-            header.refcount_table_clusters,
-            self.file_len(),
-        )?;
+        let refcounts = self.load_refcounts()?;
         let lazy = header
             .compatible_features
             .contains(CompatibleFeatures::LAZY_REFCOUNTS);
