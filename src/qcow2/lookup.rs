@@ -9,11 +9,13 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::format::{self, ClusterDescriptor, L1Entry, L2Entry, SubclusterBitmap};
 
-use super::image::{Image, read_exact};
+use super::image::Image;
 use super::l2cache::L2Table;
 use super::mapping::{Mapping, Run};
 
 impl Image {
+    /// L1 entry `index` of the active table (unallocated past its end), refused when it
+    /// points at an unaligned L2 table.
     pub(crate) fn l1_entry(&self, index: u64) -> Result<L1Entry> {
         let meta = self.meta();
         let raw = usize::try_from(index)
@@ -33,17 +35,12 @@ impl Image {
         Ok(entry)
     }
 
+    /// The L2 table at `offset`, through the cache.
     pub(crate) fn l2_table(&self, offset: u64) -> Result<L2Table> {
         if let Some(t) = self.l2_cache.get(offset) {
             return Ok(t);
         }
-        let bytes = read_exact(
-            &*self.storage,
-            "L2 table",
-            offset,
-            self.cluster_size(),
-            self.file_len(),
-        )?;
+        let bytes = self.read_metadata("L2 table", offset, self.cluster_size())?;
         let table: L2Table = Arc::new(format::decode_u64_table(&bytes));
         self.l2_cache.insert(offset, table.clone());
         Ok(table)
@@ -53,11 +50,14 @@ impl Image {
     /// the end of one L2 table's span. `offset` must be below the virtual size and
     /// `max_len` non-zero.
     pub fn lookup(&self, offset: u64, max_len: u64) -> Result<Run> {
-        self.lookup_inner(offset, max_len)
+        self.find(offset, max_len)
+            .map(|found| found.run)
             .map_err(|e| self.name_error(e))
     }
 
-    fn lookup_inner(&self, offset: u64, max_len: u64) -> Result<Run> {
+    /// The lookup: the run at `offset` (see [`Image::lookup`]), and what the L2 entry of its
+    /// first (sub)cluster says beyond the run's mapping.
+    fn find(&self, offset: u64, max_len: u64) -> Result<Found> {
         let size = self.size();
         if offset >= size || max_len == 0 {
             return Err(Error::OutOfRange {
@@ -71,19 +71,23 @@ impl Image {
         let end = offset.saturating_add(max_len).min(size).min(span_end);
         let l2_offset = self.l1_entry(g.l1_index(offset))?.l2_offset();
         if l2_offset == 0 {
-            return Ok(Run {
-                offset,
-                len: end - offset,
-                mapping: Mapping::Unallocated,
+            return Ok(Found {
+                run: Run {
+                    offset,
+                    len: end - offset,
+                    mapping: Mapping::Unallocated,
+                },
+                l2_table: false,
+                cluster_host: None,
             });
         }
         let table = self.l2_table(l2_offset)?;
         let unit = g.subcluster_size();
-        let first = self.unit_mapping(&table, l2_offset, offset)?;
+        let (first, cluster_host) = self.unit_mapping(&table, l2_offset, offset)?;
         let mut unit_end = (offset / unit + 1) * unit;
         if !matches!(first, Mapping::Compressed(_)) {
             while unit_end < end {
-                let next = self.unit_mapping(&table, l2_offset, unit_end)?;
+                let (next, _) = self.unit_mapping(&table, l2_offset, unit_end)?;
                 if !first.continued_by(next, unit_end - offset) {
                     break;
                 }
@@ -92,15 +96,25 @@ impl Image {
         } else {
             unit_end = g.cluster_start(offset) + g.cluster_size();
         }
-        Ok(Run {
-            offset,
-            len: unit_end.min(end) - offset,
-            mapping: first,
+        Ok(Found {
+            run: Run {
+                offset,
+                len: unit_end.min(end) - offset,
+                mapping: first,
+            },
+            l2_table: true,
+            cluster_host,
         })
     }
 
-    /// The mapping of the (sub)cluster holding guest `offset`, advanced to `offset`.
-    fn unit_mapping(&self, table: &[u64], l2_offset: u64, offset: u64) -> Result<Mapping> {
+    /// The mapping of the (sub)cluster holding guest `offset`, advanced to `offset`, and
+    /// the host offset `offset` has in its cluster's host cluster, if the cluster has one.
+    fn unit_mapping(
+        &self,
+        table: &[u64],
+        l2_offset: u64,
+        offset: u64,
+    ) -> Result<(Mapping, Option<u64>)> {
         let g = self.geometry();
         let index = g.l2_index(offset) as usize;
         let words = if g.extended_l2() { 2 } else { 1 };
@@ -116,7 +130,7 @@ impl Image {
                     "entry {index}: compressed cluster in an image with an external data file"
                 )));
             }
-            return Ok(Mapping::Compressed(d));
+            return Ok((Mapping::Compressed(d), None));
         }
         // Host offset 0 with the COPIED flag is a real cluster only in an external data
         // file (where 0 is a valid offset). In the image file QEMU reads such an entry as
@@ -127,8 +141,14 @@ impl Image {
             }
             other => other,
         };
+        let cluster_host = match descriptor {
+            ClusterDescriptor::Data { host, .. } | ClusterDescriptor::Zero { host: Some(host) } => {
+                Some(host + in_cluster)
+            }
+            _ => None,
+        };
         if !g.extended_l2() {
-            return Ok(match descriptor {
+            let mapping = match descriptor {
                 ClusterDescriptor::Unallocated => Mapping::Unallocated,
                 ClusterDescriptor::Zero { host } => Mapping::Zero {
                     host: host.map(|h| h + in_cluster),
@@ -138,7 +158,8 @@ impl Image {
                     copied,
                 },
                 ClusterDescriptor::Compressed(d) => Mapping::Compressed(d),
-            });
+            };
+            return Ok((mapping, cluster_host));
         }
         let bitmap = SubclusterBitmap(table[index * 2 + 1]);
         let sc = in_cluster / g.subcluster_size();
@@ -148,7 +169,7 @@ impl Image {
                 bitmap.conflicting()
             )));
         }
-        Ok(match descriptor {
+        let mapping = match descriptor {
             ClusterDescriptor::Data { host, copied } => {
                 if bitmap.allocated(sc) {
                     Mapping::Data {
@@ -175,57 +196,34 @@ impl Image {
                     Mapping::Unallocated
                 }
             }
-        })
+        };
+        Ok((mapping, cluster_host))
     }
 
     /// The host offset that guest `offset` would have in its cluster's host allocation,
-    /// and how many bytes from `offset` the answer holds for (to the end of the cluster, or
-    /// of the L2 table's span when no L2 table is allocated). With extended L2 entries an
-    /// unallocated subcluster of an allocated cluster keeps such a host offset (QEMU's
-    /// `map` shows it); elsewhere it is the offset of data or preallocated zeros, and
-    /// `None` for unallocated and compressed clusters. `offset` must be below the size.
+    /// and how many bytes from `offset` the answer holds for (at most to the end of the
+    /// cluster; to the end of the L2 table's span when no L2 table is allocated). With
+    /// extended L2 entries an unallocated subcluster of an allocated cluster keeps such a
+    /// host offset (QEMU's `map` shows it); elsewhere it is the offset of data or
+    /// preallocated zeros, and `None` for unallocated and compressed clusters. `offset`
+    /// must be below the size. The answer comes from the lookup, as every other one.
     pub fn cluster_host(&self, offset: u64) -> Result<(Option<u64>, u64)> {
         self.cluster_host_inner(offset)
             .map_err(|e| self.name_error(e))
     }
 
     fn cluster_host_inner(&self, offset: u64) -> Result<(Option<u64>, u64)> {
-        let size = self.size();
-        if offset >= size {
-            return Err(Error::OutOfRange {
-                offset,
-                len: 1,
-                size,
-            });
-        }
         let g = self.geometry();
-        let l1_index = g.l1_index(offset);
-        let l2_offset = self.l1_entry(l1_index)?.l2_offset();
-        if l2_offset == 0 {
-            let span_end = (l1_index + 1).saturating_mul(g.l2_span()).min(size);
+        let size = self.size();
+        let cluster_end = (g.cluster_start(offset) + g.cluster_size()).min(size);
+        let found = self.find(offset, cluster_end.saturating_sub(offset).max(1))?;
+        if !found.l2_table {
+            let span_end = (g.l1_index(offset) + 1)
+                .saturating_mul(g.l2_span())
+                .min(size);
             return Ok((None, span_end - offset));
         }
-        let table = self.l2_table(l2_offset)?;
-        let index = g.l2_index(offset) as usize;
-        let words = if g.extended_l2() { 2 } else { 1 };
-        let raw = L2Entry(table[index * words]);
-        let in_cluster = g.offset_in_cluster(offset);
-        let len = (g.cluster_size() - in_cluster).min(size - offset);
-        let host = match raw.decode(g) {
-            Ok(ClusterDescriptor::Data { host, .. })
-            | Ok(ClusterDescriptor::Zero {
-                host: Some(host), ..
-            }) => Some(host + in_cluster),
-            Ok(_) => None,
-            Err(r) => {
-                return Err(Error::corrupt(
-                    "L2 table",
-                    l2_offset,
-                    format!("entry {index} ({:#018x}): {r}", raw.0),
-                ));
-            }
-        };
-        Ok((host, len))
+        Ok((found.cluster_host, found.run.len))
     }
 
     /// Iterates the runs covering `offset..offset + len` (clamped to the virtual size).
@@ -237,6 +235,16 @@ impl Image {
             end,
         }
     }
+}
+
+/// What [`Image::find`] found.
+struct Found {
+    run: Run,
+    /// Whether an L2 table maps the run (else the whole rest of the span is unallocated).
+    l2_table: bool,
+    /// The host offset the run's first byte has in its cluster's host cluster, if the
+    /// cluster has one (also where the run is unallocated or zero, with extended L2).
+    cluster_host: Option<u64>,
 }
 
 /// Iterator over the runs of a guest range in one image; see [`Image::runs`].

@@ -140,4 +140,14 @@ pub(crate) enum Scope {
     All,
     /// Only the active L1 table and what it reaches.
     Active,
+    /// Only one L1 table as the file stores it (a snapshot's, or an active table about to
+    /// be replaced) and what it reaches, as `owner`'s references.
+    L1Table {
+        /// Whose table it is.
+        owner: Owner,
+        /// Where it is.
+        offset: u64,
+        /// Its entries.
+        entries: u32,
+    },
 }

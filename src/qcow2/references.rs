@@ -67,9 +67,16 @@ impl Image {
             true
         };
 
-        // The L1 tables to walk: (owner, offset, entries). Each owner's references come
-        // together, its L1 table first.
-        let mut owners = vec![(Owner::Active, header.l1_table_offset, header.l1_size)];
+        // The L1 tables to walk: (owner, offset, entries, whether it is the active table
+        // in memory). Each owner's references come together, its L1 table first.
+        let mut owners = match scope {
+            Scope::L1Table {
+                owner,
+                offset,
+                entries,
+            } => vec![(owner, offset, entries, false)],
+            _ => vec![(Owner::Active, header.l1_table_offset, header.l1_size, true)],
+        };
         if scope == Scope::All {
             refer(visit, Owner::Image, ReferenceKind::Header, 0, cs, None);
             let snapshots = self.snapshots();
@@ -90,12 +97,12 @@ impl Image {
                 snapshots
                     .iter()
                     .enumerate()
-                    .map(|(i, s)| (Owner::Snapshot(i), s.l1_table_offset, s.l1_size)),
+                    .map(|(i, s)| (Owner::Snapshot(i), s.l1_table_offset, s.l1_size, false)),
             );
         }
         let external = self.has_external_data_file();
         let step = if self.geometry.extended_l2() { 2 } else { 1 };
-        for (owner, l1_offset, l1_size) in owners {
+        for (owner, l1_offset, l1_size, in_memory) in owners {
             let owner = &owner;
             let l1_offset = &l1_offset;
             let len = u64::from(l1_size) * 8;
@@ -110,13 +117,14 @@ impl Image {
             if !refer(visit, *owner, ReferenceKind::L1Table, *l1_offset, len, None) {
                 continue;
             }
-            let l1 = match owner {
-                Owner::Active => self.meta().l1.clone(),
-                _ => format::decode_u64_table(&self.read_metadata(
-                    "snapshot L1 table",
-                    *l1_offset,
-                    len,
-                )?),
+            let l1 = if in_memory {
+                self.meta().l1.clone()
+            } else {
+                let structure = match owner {
+                    Owner::Snapshot(_) => "snapshot L1 table",
+                    _ => "L1 table",
+                };
+                format::decode_u64_table(&self.read_metadata(structure, *l1_offset, len)?)
             };
             for (l1_index, &raw) in l1.iter().enumerate() {
                 let l2_offset = L1Entry(raw).l2_offset();

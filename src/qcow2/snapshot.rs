@@ -27,6 +27,7 @@ use crate::format::{
 };
 
 use super::image::Image;
+use super::reference::{Event, Owner, ReferenceKind, Scope};
 use super::write::Writer;
 
 impl Image {
@@ -37,10 +38,7 @@ impl Image {
         self.new_snapshot_entry(name)
             .map_err(|e| self.name_error(e))?;
         self.snapshot_op(
-            |w| {
-                let l1 = self.meta().l1.clone();
-                self.check_references_fit(w, &l1)
-            },
+            |w| self.check_references_fit(w, Scope::Active),
             |w| self.create_locked(w, name),
         )
     }
@@ -53,9 +51,7 @@ impl Image {
         self.snapshot_op(
             |w| {
                 let index = self.find_snapshot(id_or_name)?;
-                let snapshot = self.meta().snapshots[index].clone();
-                let target = self.read_l1(snapshot.l1_table_offset, snapshot.l1_size)?;
-                self.check_references_fit(w, &target)
+                self.check_references_fit(w, self.snapshot_scope(index))
             },
             |w| self.apply_locked(w, id_or_name),
         )
@@ -211,7 +207,7 @@ impl Image {
         self.meta_mut().l1 = cleared.clone();
         self.sync()?;
         // 2. Count the snapshot's references; write its L1 copy and the new table.
-        self.add_references(w, &l1, 1)?;
+        self.add_references(w, Scope::Active, 1)?;
         let cs = self.cluster_size();
         let l1_bytes = (l1.len() as u64 * 8).max(8);
         let l1_copy_at = self.allocate(w, l1_bytes.div_ceil(cs))?;
@@ -229,11 +225,11 @@ impl Image {
     fn delete_locked(&self, w: &mut Writer, id_or_name: &str) -> Result<()> {
         let index = self.find_snapshot(id_or_name)?;
         let mut snapshots = self.meta().snapshots.clone();
+        let scope = self.snapshot_scope(index);
         let gone = snapshots.remove(index);
         // 1. The table without it; 2. its references dropped; 3. COPIED where now alone.
         self.switch_snapshot_table(w, snapshots)?;
-        let l1 = self.read_l1(gone.l1_table_offset, gone.l1_size)?;
-        self.add_references(w, &l1, -1)?;
+        self.add_references(w, scope, -1)?;
         self.drop_l1_clusters(w, gone.l1_table_offset, gone.l1_size)?;
         w.refcounts.write_dirty(&*self.storage)?;
         self.sync()?;
@@ -244,8 +240,13 @@ impl Image {
         let index = self.find_snapshot(id_or_name)?;
         let snapshot = self.meta().snapshots[index].clone();
         let target = self.read_l1(snapshot.l1_table_offset, snapshot.l1_size)?;
-        let old = self.meta().l1.clone();
         let header = self.header();
+        // The old active table, on disk as in memory after the checkpoint.
+        let old = Scope::L1Table {
+            owner: Owner::Active,
+            offset: header.l1_table_offset,
+            entries: header.l1_size,
+        };
         let size = snapshot.extra.disk_size.unwrap_or(header.size);
         let geometry = self.geometry;
         let needed = geometry.l1_entries_for(size).unwrap_or(u64::MAX);
@@ -258,7 +259,7 @@ impl Image {
             ));
         }
         // 1. The active image is about to reference the snapshot's clusters.
-        self.add_references(w, &target, 1)?;
+        self.add_references(w, self.snapshot_scope(index), 1)?;
         let cs = self.cluster_size();
         let at = self.allocate(w, (entries * 8).max(8).div_ceil(cs))?;
         let mut l1: Vec<u64> = target
@@ -284,11 +285,21 @@ impl Image {
         self.write_header()?;
         self.sync()?;
         // 3. Drop the old active image's references; 4. COPIED where now alone.
-        self.add_references(w, &old, -1)?;
+        self.add_references(w, old, -1)?;
         self.drop_l1_clusters(w, header.l1_table_offset, header.l1_size)?;
         w.refcounts.write_dirty(&*self.storage)?;
         self.sync()?;
         self.recompute_copied(w)
+    }
+
+    /// The L1 table of snapshot `index`, as a scope of the reference walker.
+    fn snapshot_scope(&self, index: usize) -> Scope {
+        let snapshot = &self.meta().snapshots[index];
+        Scope::L1Table {
+            owner: Owner::Snapshot(index),
+            offset: snapshot.l1_table_offset,
+            entries: snapshot.l1_size,
+        }
     }
 
     fn read_l1(&self, offset: u64, entries: u32) -> Result<Vec<u64>> {
@@ -305,22 +316,22 @@ impl Image {
         w.refcounts.add(&*self.storage, offset >> cb, clusters, -1)
     }
 
-    /// Adds `delta` to the refcount of every L2 table `l1` points at and of every cluster
-    /// those tables map (once per reference, as QEMU counts them).
-    fn add_references(&self, w: &mut Writer, l1: &[u64], delta: i64) -> Result<()> {
-        self.for_each_reference(l1, |first, count| {
+    /// Adds `delta` to the refcount of every L2 table the L1 table of `scope` points at
+    /// and of every cluster those tables map (once per reference, as QEMU counts them).
+    fn add_references(&self, w: &mut Writer, scope: Scope, delta: i64) -> Result<()> {
+        self.for_each_reference(scope, |first, count| {
             w.refcounts.add(&*self.storage, first, count, delta)
         })
     }
 
-    /// Refuses, before anything changes, to add the references of `l1` (see
+    /// Refuses, before anything changes, to add the references of `scope` (see
     /// `add_references`) where a refcount cannot count them: narrow refcounts
     /// (1 bit: no cluster can be shared at all) or a host cluster packed with compressed
     /// clusters up to its width's maximum. QEMU refuses these too (EINVAL), but only
     /// after it has changed the image.
-    fn check_references_fit(&self, w: &mut Writer, l1: &[u64]) -> Result<()> {
+    fn check_references_fit(&self, w: &mut Writer, scope: Scope) -> Result<()> {
         let mut adds: HashMap<u64, u64> = HashMap::new();
-        self.for_each_reference(l1, |first, count| {
+        self.for_each_reference(scope, |first, count| {
             for c in first..first + count {
                 *adds.entry(c).or_default() += 1;
             }
@@ -344,49 +355,40 @@ impl Image {
         Ok(())
     }
 
-    /// Calls `f(first cluster, count)` once per reference of `l1`: each L2 table it points
-    /// at, each data (or preallocated zero) cluster and the host clusters of each
-    /// compressed cluster those tables map.
+    /// Calls `f(first cluster, count)` once per reference the L1 table of `scope` makes:
+    /// each L2 table it points at, each data (or preallocated zero) cluster and the host
+    /// clusters of each compressed cluster those tables map, as the one reference walker
+    /// finds them. Damage the walker reports is an error here: a snapshot operation
+    /// counts references exactly or not at all.
     fn for_each_reference(
         &self,
-        l1: &[u64],
+        scope: Scope,
         mut f: impl FnMut(u64, u64) -> Result<()>,
     ) -> Result<()> {
-        let g = self.geometry;
-        let cb = g.cluster_bits();
-        let step = if g.extended_l2() { 2 } else { 1 };
-        for &raw in l1 {
-            let l2 = L1Entry(raw).l2_offset();
-            if l2 == 0 {
-                continue;
+        let cb = self.geometry.cluster_bits();
+        let mut failure = None;
+        self.walk_references(scope, &mut |event| {
+            if failure.is_some() {
+                return;
             }
-            let table = self.read_metadata("L2 table", l2, self.cluster_size())?;
-            for (i, e) in format::decode_u64_table(&table)
-                .into_iter()
-                .step_by(step)
-                .enumerate()
-            {
-                let d = L2Entry(e).decode(g).map_err(|reason| {
-                    Error::corrupt("L2 table", l2, format!("entry {i}: {reason}"))
-                })?;
-                match d {
-                    ClusterDescriptor::Data { host, .. }
-                    | ClusterDescriptor::Zero { host: Some(host) }
-                        if host != 0 =>
-                    {
-                        f(host >> cb, 1)?;
-                    }
-                    ClusterDescriptor::Compressed(c) => {
-                        let first = c.host_offset >> cb;
-                        let last = (c.host_offset + c.len - 1) >> cb;
-                        f(first, last - first + 1)?;
-                    }
-                    _ => {}
+            let counted = match event {
+                Event::Problem(p) => Err(Error::corrupt("image", 0, p.message)),
+                // The L1 table itself is the caller's to count.
+                Event::Reference(r) if r.kind == ReferenceKind::L1Table => Ok(()),
+                // Host offset 0 with the COPIED flag is no cluster: it reads as
+                // unallocated (see the lookup).
+                Event::Reference(r) if r.kind == ReferenceKind::Data && r.offset == 0 => Ok(()),
+                Event::Reference(r) => {
+                    let first = r.offset >> cb;
+                    let last = (r.offset + r.len - 1) >> cb;
+                    f(first, last - first + 1)
                 }
+            };
+            if let Err(e) = counted {
+                failure = Some(e);
             }
-            f(l2 >> cb, 1)?;
-        }
-        Ok(())
+        })?;
+        failure.map_or(Ok(()), Err)
     }
 
     /// Sets COPIED exactly where the refcount is one, in the active L2 tables and L1.
