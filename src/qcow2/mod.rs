@@ -1,4 +1,5 @@
-//! The engine for one qcow2 image: open, map guest ranges, read.
+//! The engine for one qcow2 image: open, look up, read, write, check and repair, snapshots
+//! (ARCHITECTURE.md names the file of each).
 
 mod amend;
 mod check;
