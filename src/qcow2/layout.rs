@@ -12,7 +12,8 @@
 //! finds no leak. The header extensions are QEMU's: backing format, external data file
 //! name, and the feature-name table (QEMU writes it only with clusters of 8 KiB or more).
 //! Planning is pure; [`Layout::write`] writes the plan into one storage. Choosing the
-//! options, opening a backing file and creating files is [`crate::create`]'s work.
+//! options, opening a backing file and creating files is the work of
+//! [`crate::create`](mod@crate::create).
 
 use crate::error::{Error, Result};
 use crate::format::{

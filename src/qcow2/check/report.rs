@@ -36,7 +36,8 @@ pub struct Finding {
     pub message: String,
 }
 
-/// The result of [`Image::check`] or [`Image::repair`], with `qemu-img check`'s counters.
+/// The result of [`Image::check`](crate::Image::check) or
+/// [`Image::repair`](crate::Image::repair), with `qemu-img check`'s counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CheckReport {
     /// Problems the check could not look into (I/O errors, a rebuild `-r leaks` may not do).

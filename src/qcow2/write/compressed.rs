@@ -9,7 +9,7 @@ use crate::format::{self, L2Entry, SubclusterBitmap};
 use crate::qcow2::image::Image;
 
 impl Image {
-    /// Stores one compressed cluster (from [`super::compress_cluster`]) for the guest
+    /// Stores one compressed cluster (from [`crate::qcow2::compress_cluster`]) for the guest
     /// cluster at `offset`, packed after the previous one as QEMU packs them.
     pub(crate) fn write_compressed(&self, offset: u64, compressed: &[u8]) -> Result<()> {
         self.write_compressed_inner(offset, compressed)
