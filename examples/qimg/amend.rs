@@ -48,11 +48,6 @@ fn parse_options(texts: &[String]) -> Result<AmendOptions, String> {
                     let bits: u32 = value
                         .parse()
                         .map_err(|_| bad(format!("{value:?} is not a number")))?;
-                    if !bits.is_power_of_two() || bits > 64 {
-                        return Err(bad(format!(
-                            "refcount width {bits} is not a power of two from 1 to 64"
-                        )));
-                    }
                     options.refcount_bits = Some(bits);
                 }
                 "backing_file" => {
@@ -62,15 +57,7 @@ fn parse_options(texts: &[String]) -> Result<AmendOptions, String> {
                     let format = parse_format(&value).map_err(bad)?;
                     options.backing_format = Some(Some(format.name().to_owned()));
                 }
-                "size" => {
-                    let size = parse_size(&value)?;
-                    if size == 0 || size % 512 != 0 {
-                        return Err(bad(format!(
-                            "the new size {size} must be a positive multiple of 512"
-                        )));
-                    }
-                    options.size = Some(size);
-                }
+                "size" => options.size = Some(parse_size(&value)?),
                 "cluster_size" | "extended_l2" | "compression_type" | "preallocation"
                 | "encryption" | "encrypt.format" => {
                     return Err(format!(
@@ -85,11 +72,9 @@ fn parse_options(texts: &[String]) -> Result<AmendOptions, String> {
             }
         }
     }
+    options.validate().map_err(|e| e.report().to_string())?;
     // An empty backing file takes its format along.
     if options.backing_file == Some(None) {
-        if matches!(options.backing_format, Some(Some(_))) {
-            return Err("backing_fmt needs a backing file".into());
-        }
         options.backing_format = Some(None);
     }
     Ok(options)

@@ -1,7 +1,7 @@
 //! Reading a chain: ranges of the top image resolved to the layer that decides them.
 
 use crate::error::{Error, Result};
-use crate::qcow2::{Mapping, Run};
+use crate::qcow2::{Mapping, Run, RunCursor, fill_by_runs};
 
 use super::Chain;
 
@@ -84,8 +84,7 @@ impl Chain {
     pub fn runs(&self, offset: u64, len: u64) -> ChainRuns<'_> {
         ChainRuns {
             chain: self,
-            pos: offset,
-            end: offset.saturating_add(len).min(self.size()),
+            cursor: RunCursor::new(offset, offset.saturating_add(len).min(self.size())),
         }
     }
 
@@ -110,14 +109,12 @@ impl Chain {
             }
             .in_file(self.top().name()));
         }
-        let mut done = 0usize;
-        for run in self.runs(offset, len) {
-            let run = run?;
-            let n = run.len as usize;
-            self.read_run(&run, &mut buf[done..done + n])?;
-            done += n;
-        }
-        Ok(())
+        fill_by_runs(
+            buf,
+            self.runs(offset, len),
+            |r| r.len,
+            |run, part| self.read_run(run, part),
+        )
     }
 }
 
@@ -125,22 +122,15 @@ impl Chain {
 #[derive(Debug)]
 pub struct ChainRuns<'a> {
     chain: &'a Chain,
-    pos: u64,
-    end: u64,
+    cursor: RunCursor,
 }
 
 impl Iterator for ChainRuns<'_> {
     type Item = Result<ChainRun>;
 
     fn next(&mut self) -> Option<Result<ChainRun>> {
-        if self.pos >= self.end {
-            return None;
-        }
-        let run = self.chain.resolve(self.pos, self.end - self.pos);
-        match &run {
-            Ok(r) => self.pos = r.end(),
-            Err(_) => self.pos = self.end,
-        }
-        Some(run)
+        let chain = self.chain;
+        self.cursor
+            .next(|at, len| chain.resolve(at, len), ChainRun::end)
     }
 }

@@ -125,6 +125,9 @@ impl Chain {
     /// Changes the top image's options as qemu-img amend (see [`AmendOptions`]); a new
     /// `size` is applied as a resize that may shrink.
     pub fn amend(&self, options: &AmendOptions) -> Result<()> {
+        options
+            .validate()
+            .map_err(|e| e.in_file(self.top().name()))?;
         let Layer::Qcow2(image) = self.writable_top()? else {
             return Err(Error::Unsupported("amending a raw image").in_file(self.top().name()));
         };

@@ -30,6 +30,33 @@ pub struct AmendOptions {
     pub size: Option<u64>,
 }
 
+impl AmendOptions {
+    /// Checks the options alone, as qemu-img does before changing anything: a refcount
+    /// width that is a power of two from 1 to 64, a positive size in whole 512-byte
+    /// sectors, and no backing format for a backing file being removed.
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |message: String| Err(Error::InvalidArgument(message));
+        if let Some(bits) = self.refcount_bits {
+            if !bits.is_power_of_two() || bits > 64 {
+                return invalid(format!(
+                    "refcount_bits must be a power of two from 1 to 64, not {bits}"
+                ));
+            }
+        }
+        if let Some(size) = self.size {
+            if size == 0 || size % 512 != 0 {
+                return invalid(format!(
+                    "the new size {size} must be a positive multiple of 512"
+                ));
+            }
+        }
+        if self.backing_file == Some(None) && matches!(self.backing_format, Some(Some(_))) {
+            return invalid("a backing format needs a backing file".into());
+        }
+        Ok(())
+    }
+}
+
 impl Image {
     /// Applies everything in `options` but `size`. `has_backing` tells whether the image
     /// has a backing chain (downgrading turns zero clusters into data there).
@@ -54,15 +81,10 @@ impl Image {
             Some(Compat::V1_1) => true,
             None => v3_now,
         };
-        let order = match options.refcount_bits {
-            Some(bits) if bits.is_power_of_two() && bits <= 64 => bits.trailing_zeros(),
-            Some(bits) => {
-                return Err(Error::InvalidArgument(format!(
-                    "refcount_bits must be a power of two from 1 to 64, not {bits}"
-                )));
-            }
-            None => header.refcount_order,
-        };
+        options.validate()?;
+        let order = options
+            .refcount_bits
+            .map_or(header.refcount_order, u32::trailing_zeros);
         if !target_v3 {
             if order != 4 {
                 return Err(Error::InvalidArgument(

@@ -11,7 +11,7 @@ use crate::format::{self, ClusterDescriptor, L1Entry, L2Entry, SubclusterBitmap}
 
 use super::image::Image;
 use super::l2cache::L2Table;
-use super::mapping::{Mapping, Run};
+use super::mapping::{Mapping, Run, RunCursor};
 
 impl Image {
     /// L1 entry `index` of the active table (unallocated past its end), refused when it
@@ -231,8 +231,7 @@ impl Image {
         let end = offset.saturating_add(len).min(self.size());
         Runs {
             image: self,
-            pos: offset,
-            end,
+            cursor: RunCursor::new(offset, end),
         }
     }
 }
@@ -251,22 +250,14 @@ struct Found {
 #[derive(Debug)]
 pub struct Runs<'a> {
     image: &'a Image,
-    pos: u64,
-    end: u64,
+    cursor: RunCursor,
 }
 
 impl Iterator for Runs<'_> {
     type Item = Result<Run>;
 
     fn next(&mut self) -> Option<Result<Run>> {
-        if self.pos >= self.end {
-            return None;
-        }
-        let run = self.image.lookup(self.pos, self.end - self.pos);
-        match &run {
-            Ok(r) => self.pos = r.end(),
-            Err(_) => self.pos = self.end,
-        }
-        Some(run)
+        let image = self.image;
+        self.cursor.next(|at, len| image.lookup(at, len), Run::end)
     }
 }

@@ -1,6 +1,7 @@
 //! What a guest range is in one image: a [`Run`] of one [`Mapping`], as the one lookup API
 //! (`lookup.rs`) answers it.
 
+use crate::error::Result;
 use crate::format::CompressedDescriptor;
 
 /// What a guest range is in one image.
@@ -77,4 +78,54 @@ impl Run {
     pub fn end(&self) -> u64 {
         self.offset + self.len
     }
+}
+
+/// The position of an iterator over the runs of `pos..end` (one image's, or a chain's):
+/// each step resolves the run at the position and moves past it; an error ends the walk.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RunCursor {
+    pos: u64,
+    end: u64,
+}
+
+impl RunCursor {
+    pub(crate) fn new(pos: u64, end: u64) -> RunCursor {
+        RunCursor { pos, end }
+    }
+
+    /// The next run: `resolve(offset, max_len)` says what is at the position, `end_of`
+    /// where that run ends.
+    pub(crate) fn next<R>(
+        &mut self,
+        resolve: impl FnOnce(u64, u64) -> Result<R>,
+        end_of: impl FnOnce(&R) -> u64,
+    ) -> Option<Result<R>> {
+        if self.pos >= self.end {
+            return None;
+        }
+        let run = resolve(self.pos, self.end - self.pos);
+        self.pos = match &run {
+            Ok(r) => end_of(r),
+            Err(_) => self.end,
+        };
+        Some(run)
+    }
+}
+
+/// Fills `buf` run by run from `runs`, which tile the range `buf` stands for: `read`
+/// fills each run's part (`len_of` its length).
+pub(crate) fn fill_by_runs<R>(
+    buf: &mut [u8],
+    runs: impl Iterator<Item = Result<R>>,
+    len_of: impl Fn(&R) -> u64,
+    mut read: impl FnMut(&R, &mut [u8]) -> Result<()>,
+) -> Result<()> {
+    let mut done = 0usize;
+    for run in runs {
+        let run = run?;
+        let n = len_of(&run) as usize;
+        read(&run, &mut buf[done..done + n])?;
+        done += n;
+    }
+    Ok(())
 }

@@ -1,5 +1,9 @@
-//! The engine for one qcow2 image: open, look up, read, write, check and repair, snapshots
-//! (ARCHITECTURE.md names the file of each).
+//! The engine for one qcow2 image ([`Image`]): open it, look up what a guest range is
+//! ([`Image::lookup`], the one mapping API), read and write it (allocation, copy-on-write,
+//! zeroes, discard, crash-safe checkpoints), resize and amend it, take and apply internal
+//! snapshots, check and repair it, and lay out a fresh one. It knows nothing of backing
+//! chains: copy-on-write asks its caller for what lies below (see [`crate::Chain`]).
+//! ARCHITECTURE.md names the file of each part.
 
 mod amend;
 mod check;
@@ -32,6 +36,7 @@ pub use layout::{Compat, MAX_VIRTUAL_SIZE, Preallocation};
 pub(crate) use layout::{Layout, LayoutOptions};
 pub use lookup::Runs;
 pub use mapping::{Mapping, Run};
+pub(crate) use mapping::{RunCursor, fill_by_runs};
 pub(crate) use read::check_run_buffer;
 pub use reference::{Owner, ReferenceKind};
 pub use space::{ImageSpace, OwnerSpace};

@@ -23,7 +23,21 @@ impl Image {
         Image::open_with(path, &ImageOptions::default())
     }
 
-    /// Opens the qcow2 image at `path` read-only.
+    /// Opens the qcow2 image at `path` for writing with default options, for changes to
+    /// the image itself (internal snapshots, flush, close). A corrupt image is refused
+    /// ([`crate::Error::MarkedCorrupt`]); a dirty one is repaired first, as QEMU does.
+    /// Guest writes go through [`crate::Chain::open_writable`]: copy-on-write reads what
+    /// the backing chain shows.
+    pub fn open_writable(path: impl AsRef<Path>) -> Result<Image> {
+        let options = ImageOptions {
+            writable: true,
+            ..ImageOptions::default()
+        };
+        Image::open_with(path, &options)
+    }
+
+    /// Opens the qcow2 image at `path` as `options` say: read-only, or for writing when
+    /// [`ImageOptions::writable`].
     pub fn open_with(path: impl AsRef<Path>, options: &ImageOptions) -> Result<Image> {
         let path = path.as_ref();
         let storage = options

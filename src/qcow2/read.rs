@@ -8,7 +8,7 @@ use crate::storage::Extent;
 
 use super::compress::decompress;
 use super::image::{Image, read_exact};
-use super::mapping::{Mapping, Run};
+use super::mapping::{Mapping, Run, fill_by_runs};
 
 impl Image {
     /// How the data file (the image itself unless it has an external one) stores the host
@@ -157,14 +157,12 @@ impl Image {
                 size: self.size(),
             }));
         }
-        let mut done = 0usize;
-        for run in self.runs(offset, len) {
-            let run = run?;
-            let n = run.len as usize;
-            self.read_run(&run, &mut buf[done..done + n])?;
-            done += n;
-        }
-        Ok(())
+        fill_by_runs(
+            buf,
+            self.runs(offset, len),
+            |r| r.len,
+            |run, part| self.read_run(run, part),
+        )
     }
 }
 

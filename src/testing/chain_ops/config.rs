@@ -9,7 +9,7 @@ use crate::format::CompressionType;
 use crate::layers::Format;
 use crate::qcow2::Compat;
 
-use super::program::Reader;
+use super::reader::Reader;
 
 /// At most this many operations run per input.
 pub const MAX_OPS: usize = 32;

@@ -5,7 +5,8 @@
 //!
 //! One concept per file:
 //! - `config`: the limits, and how the chain and each image are configured;
-//! - `program`: the program and its byte encoding ([`OpsProgram`], [`ChainOp`]);
+//! - `program`: the program and its byte encoding ([`OpsProgram`], [`ChainOp`]), read
+//!   from the input's bytes by `reader`;
 //! - `model`: what the model keeps, and the bytes the operations write;
 //! - `run`: the harness entry point [`ops`] and the state of one run;
 //! - `operations`: each operation, applied to the chain and the model (writes, resizes
@@ -19,6 +20,7 @@ mod merges;
 mod model;
 mod operations;
 mod program;
+mod reader;
 mod run;
 
 pub use config::{LayerConfig, MAX_OPS, OpsConfig};

@@ -20,6 +20,7 @@
 //! clusters, bit 4 makes the range run to the end of the image.
 
 use super::config::{LayerConfig, MAX_LEN, MAX_OPS, OpsConfig, SECTOR};
+use super::reader::Reader;
 
 /// A guest range as the input gives it; resolved against the image when it runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,23 +223,5 @@ impl OpsProgram {
             op.encode(&mut out);
         }
         out
-    }
-}
-
-/// Reads bytes, zeros past the end.
-pub(super) struct Reader<'a> {
-    data: &'a [u8],
-    pos: usize,
-}
-
-impl Reader<'_> {
-    pub(super) fn u8(&mut self) -> u8 {
-        let b = self.data.get(self.pos).copied().unwrap_or(0);
-        self.pos += 1;
-        b
-    }
-
-    pub(super) fn u24(&mut self) -> u32 {
-        (0..3).fold(0, |v, _| v << 8 | u32::from(self.u8()))
     }
 }
