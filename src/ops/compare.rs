@@ -11,7 +11,7 @@ use crate::error::Result;
 use crate::progress::{Progress, Tracker};
 use crate::qcow2::Mapping;
 
-use super::convert::is_zero;
+use super::bytes::is_zero;
 
 /// Bytes compared at a time.
 const WINDOW: u64 = 4 << 20;

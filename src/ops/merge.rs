@@ -27,6 +27,8 @@ use crate::progress::{Progress, Tracker};
 use crate::qcow2::{AmendOptions, Mapping, Run};
 use crate::storage::write_zeros;
 
+use super::bytes::is_zero;
+
 /// What a merge copied (or, in a dry run, would copy).
 ///
 /// `data_bytes + zero_bytes + already_done_bytes` is the merge's whole work: every byte
@@ -296,7 +298,6 @@ fn compare_blocks(
     len: u64,
     todo: &mut Vec<(u64, u64)>,
 ) -> u64 {
-    let zero = |x: &[u8]| x.iter().all(|&v| v == 0);
     let mut equal = 0;
     let mut pos = offset;
     while pos < offset + len {
@@ -304,7 +305,7 @@ fn compare_blocks(
         let r = (pos - offset) as usize..(next - offset) as usize;
         let same = match (a, b) {
             (None, None) => true,
-            (Some(x), None) | (None, Some(x)) => zero(&x[r]),
+            (Some(x), None) | (None, Some(x)) => is_zero(&x[r]),
             (Some(x), Some(y)) => x[r.clone()] == y[r],
         };
         if same {
@@ -1417,7 +1418,7 @@ fn copy_differences(
                         out.report.already_done_bytes += next - at;
                     }
                 } else {
-                    let zeros = old[r].iter().all(|&b| b == 0);
+                    let zeros = is_zero(&old[r]);
                     match &mut stretch {
                         Some((o, l, z)) if *o + *l == at && *z == zeros => *l += next - at,
                         _ => {

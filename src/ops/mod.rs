@@ -1,12 +1,12 @@
 //! Operations over whole chains: map, checksum, compare, convert, info, measure, du, and the
 //! merges (commit, pull, rebase).
 
+mod bytes;
 mod checksum;
 mod chunks;
 mod compare;
 mod compress_pool;
 mod convert;
-mod convert_qcow2;
 mod du;
 mod info;
 mod map;
@@ -17,8 +17,7 @@ mod windows;
 pub use crate::progress::Progress;
 pub use checksum::checksum;
 pub use compare::{Comparison, compare};
-pub use convert::{ConvertOptions, convert, convert_to_raw};
-pub use convert_qcow2::convert_to_qcow2;
+pub use convert::{ConvertOptions, convert, convert_to_qcow2, convert_to_raw};
 pub use du::{LayerSpace, SnapshotSpace, SpaceReport, du};
 pub use info::{ImageInfo, Qcow2Info, SnapshotInfo, chain_info, info};
 pub use map::{MapEntries, MapEntry, map, map_range};

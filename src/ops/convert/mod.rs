@@ -1,0 +1,15 @@
+//! Converting a chain's guest content to a new image: [`convert`] creates the destination
+//! and fills it, as a sparse raw file ([`convert_to_raw`]) or a qcow2 image
+//! ([`convert_to_qcow2`]).
+
+mod clusters;
+mod dispatch;
+mod options;
+mod output;
+mod qcow2;
+mod raw;
+
+pub use dispatch::convert;
+pub use options::ConvertOptions;
+pub use qcow2::convert_to_qcow2;
+pub use raw::convert_to_raw;

@@ -1,0 +1,172 @@
+//! Converting a chain's guest content to a new qcow2 image.
+//!
+//! The destination is created with [`CreateOptions`], then filled cluster by cluster in
+//! guest order (see [`convert_to_qcow2`]):
+//!
+//! | source reads | without a backing file | with a backing file |
+//! |---|---|---|
+//! | what the backing file reads | — | left unallocated |
+//! | zeros | left unallocated (`-S 0`: written) | zero cluster (`-S 0`: zeros written) |
+//! | data | written (compressed with `-c`) | written (compressed with `-c`) |
+//!
+//! Source ranges that read as zeros by their mapping are never read; data is read in large
+//! windows on a reader thread, written in large requests, and with compression the
+//! clusters are compressed on every core and stored in guest order.
+
+use std::path::Path;
+
+use crate::chain::{Chain, ChainOptions};
+use crate::create::{CreateOptions, create};
+use crate::error::{Error, Result};
+use crate::layers::Format;
+use crate::names::resolve_relative;
+use crate::ops::compress_pool::{CompressPool, Compressed};
+use crate::ops::windows::{Piece, Windows, for_each_window};
+use crate::progress::{Progress, Tracker};
+use crate::qcow2::Compat;
+use crate::storage::Storage;
+
+use super::clusters::{Action, Clusters};
+use super::options::{ConvertOptions, refuse_overwriting_a_source};
+use super::output::open_output;
+
+/// Creates `dst` as a qcow2 image with `create` (its `size` is replaced by the source's
+/// virtual size; `backing_file`/`backing_format` make it an overlay that holds only what
+/// differs from that backing file) and copies `chain`'s guest content into it.
+///
+/// - Ranges that read as zeros are left unallocated; with a backing file they become zero
+///   clusters where the backing file reads something else (written zeros with compat 0.10).
+/// - Blocks of [`ConvertOptions::min_sparse`] bytes (rounded up to whole clusters) that
+///   hold only zeros are not written; `min_sparse == 0` writes every cluster, zeros
+///   included: a fully allocated image (over a backing file: every differing cluster as
+///   data).
+/// - With a backing file, clusters whose content equals the backing file's are left
+///   unallocated: the output plus its backing file reads exactly as the source.
+/// - [`ConvertOptions::compress`] stores clusters compressed with `create.compression_type`,
+///   compressed on [`ConvertOptions::threads`] threads; clusters that do not shrink are
+///   written uncompressed, as QEMU does.
+///
+/// `progress(done, total)` is called as guest bytes are handled; returning `false` cancels
+/// with [`Error::Cancelled`] (the destination is left as far as it got).
+pub fn convert_to_qcow2(
+    chain: &Chain,
+    dst: impl AsRef<Path>,
+    create_options: &CreateOptions,
+    options: &ConvertOptions,
+    progress: Progress<'_>,
+) -> Result<()> {
+    let dst = dst.as_ref();
+    options.check_min_sparse()?;
+    let mut create_options = CreateOptions {
+        format: Format::Qcow2,
+        size: Some(chain.size()),
+        ..create_options.clone()
+    };
+    if options.compress && create_options.data_file.is_some() {
+        return Err(Error::Unsupported(
+            "compressed clusters in an image with an external data file",
+        )
+        .in_file(dst));
+    }
+    if create_options.backing_file.is_some() {
+        create_options.open_backing = true;
+    }
+    create_options.validate().map_err(|e| e.in_file(dst))?;
+    refuse_overwriting_a_source(chain, dst)?;
+    create(dst, &create_options)?;
+    let (out, files) = open_output(dst, &create_options)?;
+    let base = match &create_options.backing_file {
+        Some(name) => Some(Chain::open_with(
+            resolve_relative(dst, name),
+            &ChainOptions {
+                format: create_options.backing_format,
+                ..ChainOptions::default()
+            },
+        )?),
+        None => None,
+    };
+    let clusters = Clusters {
+        out: &out,
+        has_base: base.is_some(),
+        min_sparse: options.min_sparse,
+        version3: create_options.compat == Compat::V1_1,
+        cluster_size: create_options.cluster_size,
+        zeros: vec![
+            0u8;
+            options
+                .chunk_size
+                .max(1 << 20)
+                .max(create_options.cluster_size as usize)
+        ],
+    };
+    let cs = create_options.cluster_size;
+    // The unit of the "is this block all zeros" decision: whole clusters, or -S blocks
+    // rounded up to whole clusters. Over a backing file, clusters are compared one by one.
+    let unit = if base.is_some() || options.min_sparse <= cs {
+        cs
+    } else {
+        options.min_sparse.div_ceil(cs) * cs
+    };
+    let cut = Windows {
+        window: (options.chunk_size as u64).max(unit),
+        align: unit,
+    };
+    let threads = match options.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let mut tracker = Tracker::new(progress, chain.size());
+    std::thread::scope(|scope| -> Result<()> {
+        let mut pool = options.compress.then(|| {
+            CompressPool::start(scope, threads, create_options.compression_type, cs as usize)
+        });
+        let mut store = |c: Compressed<'_>| -> Result<()> {
+            match c.compressed {
+                Some(bytes) => out.write_compressed(c.offset, &bytes),
+                None => out.write_at(c.data, c.offset),
+            }
+        };
+        let mut done = 0u64;
+        for_each_window(chain, base.as_ref(), cut, |piece| {
+            match piece {
+                Piece::Zero { offset, len } => {
+                    if !clusters.has_base && clusters.min_sparse == 0 {
+                        clusters.write(
+                            Action::Data,
+                            offset,
+                            None,
+                            offset + len,
+                            &mut pool,
+                            &mut store,
+                        )?;
+                    }
+                    done += len;
+                }
+                Piece::Data {
+                    offset,
+                    len,
+                    src,
+                    base,
+                } => {
+                    clusters.piece(offset, len, unit, src, base, &mut pool, &mut store)?;
+                    done += len;
+                }
+            }
+            tracker.report(done)?;
+            Ok(true)
+        })?;
+        if let Some(pool) = pool.as_mut() {
+            pool.finish(&mut store)?;
+        }
+        Ok(())
+    })?;
+    tracker.finish()?;
+    out.close()?;
+    if options.sync {
+        for (path, file) in &files {
+            file.flush()
+                .map_err(|e| Error::io("flushing", e).in_file(path))?;
+        }
+    }
+    Ok(())
+}
