@@ -92,6 +92,27 @@ impl CompressPool {
         data: &[u8],
         store: &mut dyn FnMut(Compressed<'_>) -> Result<()>,
     ) -> Result<()> {
+        self.queue(offset, data.len(), |buf| buf.copy_from_slice(data), store)
+    }
+
+    /// Queues the cluster at guest `offset` holding `len` zeros, as [`CompressPool::submit`].
+    pub(crate) fn submit_zeros(
+        &mut self,
+        offset: u64,
+        len: usize,
+        store: &mut dyn FnMut(Compressed<'_>) -> Result<()>,
+    ) -> Result<()> {
+        self.queue(offset, len, |buf| buf.fill(0), store)
+    }
+
+    /// Queues a cluster of `len` bytes of guest content, which `fill` writes.
+    fn queue(
+        &mut self,
+        offset: u64,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]),
+        store: &mut dyn FnMut(Compressed<'_>) -> Result<()>,
+    ) -> Result<()> {
         let workers = self.jobs.len();
         if self.submitted - self.collected >= workers * IN_FLIGHT_PER_WORKER {
             self.collect_one(store)?;
@@ -100,13 +121,9 @@ impl CompressPool {
             .spare
             .pop()
             .unwrap_or_else(|| vec![0u8; self.cluster_size]);
-        buf[..data.len()].copy_from_slice(data);
-        buf[data.len()..].fill(0);
-        let job = Job {
-            offset,
-            buf,
-            len: data.len(),
-        };
+        fill(&mut buf[..len]);
+        buf[len..].fill(0);
+        let job = Job { offset, buf, len };
         // A worker only stops when its channel closes, so sending cannot fail while we
         // hold the sender; if it did, the result channel reports it when collected.
         let _ = self.jobs[self.submitted % workers].send(job);

@@ -5,6 +5,7 @@ use crate::chain::Chain;
 use crate::error::Result;
 use crate::ops::bytes::is_zero;
 use crate::ops::compress_pool::{CompressPool, Compressed};
+use crate::storage::write_zeros;
 
 /// What to do with a range of output clusters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,8 +30,6 @@ pub(super) struct Clusters<'a> {
     pub version3: bool,
     /// The output's cluster size.
     pub cluster_size: u64,
-    /// A buffer of zeros for writing zeros as data.
-    pub zeros: Vec<u8>,
 }
 
 /// Stores a compressed cluster in the output.
@@ -128,30 +127,33 @@ impl Clusters<'_> {
         match action {
             Action::Skip => Ok(()),
             Action::Zero => self.out.write_zeroes(start, end - start, false),
-            Action::Data => {
-                let mut pos = start;
-                while pos < end {
-                    // Whole clusters at a time with compression, else as much as the zero
-                    // buffer holds when writing zeros, else everything at once.
-                    let step = match (&pool, src) {
-                        (Some(_), _) => self.cluster_size - pos % self.cluster_size,
-                        (None, None) => self.zeros.len() as u64,
-                        (None, Some(_)) => end - pos,
-                    };
-                    let next = (pos + step).min(end);
-                    let n = (next - pos) as usize;
-                    let bytes = match src {
-                        Some(b) => &b[(pos - start) as usize..][..n],
-                        None => &self.zeros[..n],
-                    };
-                    match pool {
-                        Some(pool) => pool.submit(pos, bytes, store)?,
-                        None => self.out.write_at(bytes, pos)?,
+            Action::Data => match pool {
+                // Whole clusters at a time: each is compressed alone.
+                Some(pool) => {
+                    let mut pos = start;
+                    while pos < end {
+                        let next = (pos + self.cluster_size - pos % self.cluster_size).min(end);
+                        let n = (next - pos) as usize;
+                        match src {
+                            Some(b) => {
+                                pool.submit(pos, &b[(pos - start) as usize..][..n], store)?
+                            }
+                            None => pool.submit_zeros(pos, n, store)?,
+                        }
+                        pos = next;
                     }
-                    pos = next;
+                    Ok(())
                 }
-                Ok(())
-            }
+                None => match src {
+                    Some(b) => self.out.write_at(&b[..(end - start) as usize], start),
+                    // Pieces of whole clusters, except in clusters larger than a piece
+                    // (2 MiB), whose pieces complete each other: copy-on-write of the
+                    // first finds nothing below (the output is open alone).
+                    None => {
+                        write_zeros(start, end - start, |zeros, at| self.out.write_at(zeros, at))
+                    }
+                },
+            },
         }
     }
 }

@@ -12,8 +12,9 @@ use crate::qcow2::{Image, ImageOptions};
 use crate::storage::{Extent, FileStorage, Storage};
 
 /// Opens the fresh output for writing, alone: every write covers whole clusters (or ends
-/// at the image's end), so copy-on-write never needs the backing file. Its files (image,
-/// data file) are returned too, for the final flush.
+/// at the image's end), or, for zeros written as data into clusters larger than a piece
+/// of zeros, is completed by the next one; so copy-on-write never needs the backing file.
+/// Its files (image, data file) are returned too, for the final flush.
 ///
 /// The image sees storage whose flushes do nothing, as qemu-img convert's default cache
 /// mode (`unsafe`) makes them: the write path's checkpoints flush between metadata steps

@@ -91,13 +91,6 @@ pub fn convert_to_qcow2(
         min_sparse: options.min_sparse,
         version3: create_options.compat == Compat::V1_1,
         cluster_size: create_options.cluster_size,
-        zeros: vec![
-            0u8;
-            options
-                .chunk_size
-                .max(1 << 20)
-                .max(create_options.cluster_size as usize)
-        ],
     };
     let cs = create_options.cluster_size;
     // The unit of the "is this block all zeros" decision: whole clusters, or -S blocks
