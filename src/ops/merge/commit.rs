@@ -1,0 +1,134 @@
+//! Commit: the data of the layers above a base goes down into it.
+
+use std::path::Path;
+
+use crate::chain::Chain;
+use crate::error::{Error, Result};
+use crate::layers::Layer;
+use crate::progress::{Progress, Tracker};
+
+use super::backing::{find_layer, open, repoint_options, set_backing};
+use super::copy::copy_decided;
+use super::options::{CommitOptions, MergeOptions, MergeReport};
+use super::resume::{Buffers, Dest};
+use super::sink::Out;
+
+/// Commits as `qemu-img commit` / libvirt blockcommit (see [`CommitOptions`]) starting
+/// from the image at `path`.
+pub fn commit(
+    path: impl AsRef<Path>,
+    options: &CommitOptions,
+    progress: Progress<'_>,
+) -> Result<MergeReport> {
+    let path = path.as_ref();
+    let open_options = &options.merge.chain;
+    let chain = open(open_options, path, false, false)?;
+    let n = chain.layers().len();
+    let top = match &options.top {
+        Some(p) => find_layer(&chain, p)?,
+        None => 0,
+    };
+    let base = match &options.base {
+        Some(p) => find_layer(&chain, p)?,
+        None => top + 1,
+    };
+    if base >= n {
+        return Err(Error::InvalidArgument(format!(
+            "{} has no backing file to commit into",
+            chain.layers()[top].name().display()
+        )));
+    }
+    if base <= top {
+        return Err(Error::InvalidArgument(
+            "the base must lie below the top in the backing chain".into(),
+        ));
+    }
+    let keep = options.keep || options.base.is_some() || top > 0;
+    // A middle range goes down as its top layer shows it: up to that layer's size,
+    // whether the active image is shorter or longer.
+    let from_top;
+    let (data, copy) = if top > 0 {
+        from_top = open(open_options, chain.layers()[top].name(), false, false)?;
+        (&from_top, 0..base - top)
+    } else {
+        (&chain, 0..base)
+    };
+    let mut tracker = Tracker::new(progress, data.size());
+    if options.merge.dry_run {
+        let dest = Dest::new(&chain.layers()[base], None);
+        let mut out = Out::new(
+            None,
+            &MergeOptions {
+                checkpoint_bytes: 0,
+                ..MergeOptions::default()
+            },
+        );
+        copy_decided(data, 0, copy, true, &dest, &mut out, &mut tracker)?;
+        hide_tail(&chain, top, &dest, &mut out)?;
+        tracker.finish()?;
+        return Ok(out.report);
+    }
+    let base_path = chain.layers()[base].name().to_path_buf();
+    let base_chain = open(open_options, &base_path, true, false)?;
+    let needed = chain.layers()[top].size();
+    if base_chain.size() < needed {
+        base_chain.resize(needed.div_ceil(512) * 512, false)?;
+    }
+    let dest = Dest::new(base_chain.top(), None);
+    let mut out = Out::new(Some(&base_chain), &options.merge);
+    copy_decided(data, 0, copy, true, &dest, &mut out, &mut tracker)?;
+    hide_tail(&chain, top, &dest, &mut out)?;
+    let report = out.report;
+    base_chain.close()?;
+    drop(base_chain);
+    if top > 0 {
+        let above = chain.layers()[top - 1].name().to_path_buf();
+        let amend = repoint_options(&chain, &above, Some(base))?;
+        set_backing(open_options, &above, &amend)?;
+    } else if !keep {
+        let size = chain.size();
+        drop(chain);
+        let file = open(open_options, path, true, true)?;
+        make_empty(&file, size)?;
+        file.close()?;
+    }
+    tracker.finish()?;
+    Ok(report)
+}
+
+/// Before a middle range (layers `top..`, `top` > 0) is committed, the images above it see
+/// zeros past the end of layer `top` where they allocate nothing; re-pointed at a longer
+/// base they would see its data there. So the base reads as zeros from the end of `top`
+/// as far as any image above reaches (QEMU's block-commit leaves that data showing).
+fn hide_tail(chain: &Chain, top: usize, dest: &Dest<'_>, out: &mut Out<'_>) -> Result<()> {
+    if top == 0 {
+        return Ok(());
+    }
+    let from = chain.layers()[top].size();
+    let reach = chain.layers()[..top]
+        .iter()
+        .map(Layer::size)
+        .max()
+        .unwrap_or(0);
+    let end = reach.min(dest.present.layer.size());
+    if end <= from {
+        return Ok(());
+    }
+    let mut bufs = Buffers::default();
+    out.report.already_done_bytes +=
+        dest.present
+            .compare(None, from, end - from, &mut bufs.scratch, &mut bufs.todo)?;
+    for &(o, l) in &bufs.todo {
+        out.zero(o, l)?;
+    }
+    Ok(())
+}
+
+/// Makes every cluster of the top image of `chain` unallocated (qemu-img commit empties
+/// the committed image this way).
+fn make_empty(chain: &Chain, size: u64) -> Result<()> {
+    match chain.top() {
+        Layer::Qcow2(image) => image.discard_whole(0, size),
+        Layer::Raw(_) => Err(Error::Unsupported("emptying a raw image")),
+    }
+}
