@@ -8,7 +8,7 @@ use crate::chain::Chain;
 use crate::error::Result;
 use crate::progress::{Progress, Tracker};
 
-use super::chunks::{Chunk, for_each_chunk};
+use super::read_ahead::{Chunk, for_each_chunk};
 
 /// Bytes of data read at a time.
 const CHUNK: usize = 4 << 20;

@@ -3,7 +3,6 @@
 
 mod bytes;
 mod checksum;
-mod chunks;
 mod compare;
 mod compress_pool;
 mod convert;
@@ -12,7 +11,7 @@ mod info;
 mod map;
 mod measure;
 mod merge;
-mod windows;
+mod read_ahead;
 
 pub use crate::progress::Progress;
 pub use checksum::checksum;

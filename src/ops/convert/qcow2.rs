@@ -9,9 +9,9 @@
 //! | zeros | left unallocated (`-S 0`: written) | zero cluster (`-S 0`: zeros written) |
 //! | data | written (compressed with `-c`) | written (compressed with `-c`) |
 //!
-//! Source ranges that read as zeros by their mapping are never read; data is read in large
-//! windows on a reader thread, written in large requests, and with compression the
-//! clusters are compressed on every core and stored in guest order.
+//! Source ranges that read as zeros by their mapping are never read; data is read ahead in
+//! large windows aligned to the output's clusters, written in large requests, and with
+//! compression the clusters are compressed on every core and stored in guest order.
 
 use std::path::Path;
 
@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::layers::Format;
 use crate::names::resolve_relative;
 use crate::ops::compress_pool::{CompressPool, Compressed};
-use crate::ops::windows::{Piece, Windows, for_each_window};
+use crate::ops::read_ahead::{Window, Windows, for_each_window};
 use crate::progress::{Progress, Tracker};
 use crate::qcow2::Compat;
 use crate::storage::Storage;
@@ -122,7 +122,7 @@ pub fn convert_to_qcow2(
         let mut done = 0u64;
         for_each_window(chain, base.as_ref(), cut, |piece| {
             match piece {
-                Piece::Zero { offset, len } => {
+                Window::Zero { offset, len } => {
                     if !clusters.has_base && clusters.min_sparse == 0 {
                         clusters.write(
                             Action::Data,
@@ -135,7 +135,7 @@ pub fn convert_to_qcow2(
                     }
                     done += len;
                 }
-                Piece::Data {
+                Window::Data {
                     offset,
                     len,
                     src,

@@ -1,11 +1,12 @@
 //! The plan of a merge: the chain's runs turned into steps in guest order (data pieces,
-//! zero ranges, ranges the destination decides itself).
+//! zero ranges, ranges the destination decides itself), cut for the read-ahead pipeline
+//! ([`crate::ops::read_ahead`]), which reads the data pieces.
 
 use std::ops::Range;
-use std::sync::mpsc::Receiver;
 
 use crate::chain::{Chain, ChainRun};
 use crate::error::Result;
+use crate::ops::read_ahead::{self, Piece};
 use crate::qcow2::Mapping;
 
 /// The largest piece of data read and written at once (1 MiB stays in the CPU caches
@@ -43,29 +44,24 @@ pub(super) fn work(chain: &Chain, run: &ChainRun, bottom_zeros_needed: bool) -> 
     }
 }
 
-/// One step of a merge, in guest order (see [`super::copy::copy_decided`]).
+/// One step of a merge, in guest order (see [`super::copy::copy_decided`]); the piece it
+/// comes in says which guest range.
 pub(super) enum Step {
-    /// Contiguous data runs, at most [`PIECE`] in all, that the destination needs, with
-    /// their data once read ahead (`None` in a dry run).
+    /// Contiguous data runs (the piece's), at most [`PIECE`] in all, that the destination
+    /// needs; read ahead unless `by_copy` or in a dry run.
     Data {
-        /// The runs.
-        runs: Vec<ChainRun>,
-        /// Their data, once read ahead.
-        read: Option<Receiver<Result<Vec<u8>>>>,
         /// Every run is plain data the destination can take by shared extents
         /// ([`super::sink::Sink::copy`]): nothing is read ahead.
         by_copy: bool,
     },
     /// To read as zeros.
-    Zeros {
-        /// Guest offset.
-        offset: u64,
-        /// Length in bytes.
-        len: u64,
-    },
+    Zeros,
     /// A run the destination (a layer of the chain) decides itself.
     InPlace(ChainRun),
 }
+
+/// A step and how far the guest range is planned with it.
+pub(super) type Planned = (Step, u64);
 
 /// Turns the chain's runs into [`Step`]s, in guest order.
 pub(super) struct Plan<'c> {
@@ -77,6 +73,8 @@ pub(super) struct Plan<'c> {
     in_chain: Option<usize>,
     /// Per layer: whether the destination takes its data by shared extents.
     shares_extents: Vec<bool>,
+    /// Whether data pieces are read ahead (not in a dry run).
+    reading: bool,
     /// Where planning goes on.
     pos: u64,
     /// The data run being cut into pieces, and how much of it was cut.
@@ -85,7 +83,7 @@ pub(super) struct Plan<'c> {
     piece: Vec<ChainRun>,
     piece_len: u64,
     /// A step found while a piece was gathered: it comes after the piece.
-    pending_step: Option<(Step, u64)>,
+    pending_step: Option<Piece<Planned>>,
 }
 
 impl<'c> Plan<'c> {
@@ -99,6 +97,7 @@ impl<'c> Plan<'c> {
         bottom_zeros_needed: bool,
         in_chain: Option<usize>,
         shares_extents: Vec<bool>,
+        reading: bool,
     ) -> Plan<'c> {
         Plan {
             chain,
@@ -107,6 +106,7 @@ impl<'c> Plan<'c> {
             bottom_zeros_needed,
             in_chain,
             shares_extents,
+            reading,
             pos: 0,
             data: None,
             piece: Vec::new(),
@@ -115,8 +115,30 @@ impl<'c> Plan<'c> {
         }
     }
 
-    /// The next step, and how far the guest range is planned with it; `None` at the end.
-    pub(super) fn next(&mut self) -> Result<Option<(Step, u64)>> {
+    /// The gathered piece as a step, planned to its end.
+    fn take_piece(&mut self) -> Piece<Planned> {
+        self.piece_len = 0;
+        let end = self.piece.last().map_or(self.pos, ChainRun::end);
+        let by_copy = self
+            .piece
+            .iter()
+            .all(|r| matches!(r.mapping, Mapping::Data { .. }) && self.shares_extents[r.depth]);
+        let runs = std::mem::take(&mut self.piece);
+        let offset = runs.first().map_or(self.pos, |r| r.offset);
+        Piece {
+            step: (Step::Data { by_copy }, end),
+            offset,
+            len: end - offset,
+            runs: [runs, Vec::new()],
+            read: self.reading && !by_copy,
+        }
+    }
+}
+
+impl read_ahead::Plan for Plan<'_> {
+    type Step = Planned;
+
+    fn next(&mut self) -> Result<Option<Piece<Planned>>> {
         let size = self.chain.size();
         if let Some(step) = self.pending_step.take() {
             return Ok(Some(step));
@@ -160,10 +182,7 @@ impl<'c> Plan<'c> {
             } else if self.copy.contains(&run.depth) {
                 match work(self.chain, &run, self.bottom_zeros_needed) {
                     Work::None => continue,
-                    Work::Zeros => Step::Zeros {
-                        offset: run.offset,
-                        len: run.len,
-                    },
+                    Work::Zeros => Step::Zeros,
                     Work::Data => {
                         self.data = Some((run, 0));
                         continue;
@@ -172,28 +191,13 @@ impl<'c> Plan<'c> {
             } else {
                 continue;
             };
+            let step = Piece::unread((step, self.pos), run.offset, run.len);
             // A step that is not data ends the piece before it.
             if self.piece.is_empty() {
-                return Ok(Some((step, self.pos)));
+                return Ok(Some(step));
             }
-            self.pending_step = Some((step, self.pos));
+            self.pending_step = Some(step);
             return Ok(Some(self.take_piece()));
         }
-    }
-
-    /// The gathered piece as a step, planned to its end.
-    fn take_piece(&mut self) -> (Step, u64) {
-        self.piece_len = 0;
-        let end = self.piece.last().map_or(self.pos, ChainRun::end);
-        let by_copy = self
-            .piece
-            .iter()
-            .all(|r| matches!(r.mapping, Mapping::Data { .. }) && self.shares_extents[r.depth]);
-        let step = Step::Data {
-            runs: std::mem::take(&mut self.piece),
-            read: None,
-            by_copy,
-        };
-        (step, end)
     }
 }

@@ -10,6 +10,7 @@ use crate::layers::Layer;
 use crate::qcow2::{Mapping, Run};
 
 use crate::ops::bytes::is_zero;
+use crate::ops::read_ahead::read_runs;
 
 use super::plan::{PIECE, Work, work};
 
@@ -235,19 +236,22 @@ impl<'a> Dest<'a> {
     }
 }
 
-/// Reads the data runs `parts` (contiguous) into `buf`.
-pub(super) fn read_parts(chain: &Chain, parts: &[ChainRun], buf: &mut Vec<u8>) -> Result<usize> {
-    let len: u64 = parts.iter().map(|r| r.len).sum();
-    if buf.len() < len as usize {
-        buf.resize(len as usize, 0);
+/// Reads the data runs `parts` (contiguous) into the start of `buf`, grown as needed, and
+/// returns their bytes.
+pub(super) fn read_parts<'b>(
+    chain: &Chain,
+    parts: &[ChainRun],
+    buf: &'b mut Vec<u8>,
+) -> Result<&'b [u8]> {
+    let Some(first) = parts.first() else {
+        return Ok(&[]);
+    };
+    let len = parts.iter().map(|r| r.len).sum::<u64>() as usize;
+    if buf.len() < len {
+        buf.resize(len, 0);
     }
-    let mut at = 0usize;
-    for part in parts {
-        let n = part.len as usize;
-        chain.read_run(part, &mut buf[at..at + n])?;
-        at += n;
-    }
-    Ok(at)
+    read_runs(chain, parts, first.offset, &mut buf[..len])?;
+    Ok(&buf[..len])
 }
 
 /// Buffers of one merge pass.
@@ -318,10 +322,10 @@ pub(super) fn in_place(
                     let probe = n.min(present.block - part.offset % present.block);
                     if probe < n {
                         let head = ChainRun { len: probe, ..part };
-                        read_parts(chain, &[head], &mut bufs.data)?;
+                        let data = read_parts(chain, &[head], &mut bufs.data)?;
                         bufs.todo.clear();
                         let same = present.compare(
-                            Some(&bufs.data[..probe as usize]),
+                            Some(data),
                             part.offset,
                             probe,
                             &mut bufs.scratch,
@@ -332,10 +336,10 @@ pub(super) fn in_place(
                             continue;
                         }
                     }
-                    read_parts(chain, &[part], &mut bufs.data)?;
+                    let data = read_parts(chain, &[part], &mut bufs.data)?;
                     bufs.todo.clear();
                     let same = present.compare(
-                        Some(&bufs.data[..n as usize]),
+                        Some(data),
                         part.offset,
                         n,
                         &mut bufs.scratch,
