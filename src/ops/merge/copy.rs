@@ -9,7 +9,7 @@ use crate::ops::read_ahead::{Shape, read_ahead};
 use crate::progress::Tracker;
 
 use super::options::StorageCopy;
-use super::plan::{Plan, Step};
+use super::plan::{Merging, Plan, Step};
 use super::resume::{Buffers, Dest, in_place, read_parts};
 use super::sink::Out;
 
@@ -48,15 +48,15 @@ pub(super) fn copy_decided(
             (Some(s), StorageCopy::Auto) => s.shares_extents_with(layer),
         })
         .collect();
-    let plan = Plan::new(
+    let plan = Plan::new(Merging {
         chain,
         first,
-        copy.clone(),
+        copy: copy.clone(),
         bottom_zeros_needed,
-        dest.in_chain,
+        in_chain: dest.in_chain,
         shares_extents,
-        out.sink.is_some(),
-    );
+        reading: out.sink.is_some(),
+    });
     let shape = Shape {
         readers: READERS,
         depth: READ_AHEAD,

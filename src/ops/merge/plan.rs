@@ -63,18 +63,29 @@ pub(super) enum Step {
 /// A step and how far the guest range is planned with it.
 pub(super) type Planned = (Step, u64);
 
+/// What a merge pass copies, and how: the ranges of `chain`, seen from layer `first`,
+/// that one of the layers `copy` decides (see [`work`]), and those the destination
+/// (layer `in_chain`, if it is one) decides itself.
+pub(super) struct Merging<'c> {
+    /// The chain read.
+    pub chain: &'c Chain,
+    /// The layer the chain is seen from.
+    pub first: usize,
+    /// The layers merged.
+    pub copy: Range<usize>,
+    /// Whether ranges nothing in the chain allocates need zeros (see [`work`]).
+    pub bottom_zeros_needed: bool,
+    /// Destination layer in the chain, if any (see [`super::resume::Dest::in_chain`]).
+    pub in_chain: Option<usize>,
+    /// Per layer: whether the destination takes its data by shared extents.
+    pub shares_extents: Vec<bool>,
+    /// Whether data pieces are read ahead (not in a dry run).
+    pub reading: bool,
+}
+
 /// Turns the chain's runs into [`Step`]s, in guest order.
 pub(super) struct Plan<'c> {
-    chain: &'c Chain,
-    first: usize,
-    copy: Range<usize>,
-    bottom_zeros_needed: bool,
-    /// Destination layer in the chain, if any (see [`super::resume::Dest::in_chain`]).
-    in_chain: Option<usize>,
-    /// Per layer: whether the destination takes its data by shared extents.
-    shares_extents: Vec<bool>,
-    /// Whether data pieces are read ahead (not in a dry run).
-    reading: bool,
+    merging: Merging<'c>,
     /// Where planning goes on.
     pos: u64,
     /// The data run being cut into pieces, and how much of it was cut.
@@ -87,26 +98,10 @@ pub(super) struct Plan<'c> {
 }
 
 impl<'c> Plan<'c> {
-    /// Plans the ranges of `chain`, seen from layer `first`, that one of the layers `copy`
-    /// decides (see [`work`]) or that the destination (layer `in_chain`, if it is one)
-    /// decides itself.
-    pub(super) fn new(
-        chain: &'c Chain,
-        first: usize,
-        copy: Range<usize>,
-        bottom_zeros_needed: bool,
-        in_chain: Option<usize>,
-        shares_extents: Vec<bool>,
-        reading: bool,
-    ) -> Plan<'c> {
+    /// Plans `merging` from the start of the guest range.
+    pub(super) fn new(merging: Merging<'c>) -> Plan<'c> {
         Plan {
-            chain,
-            first,
-            copy,
-            bottom_zeros_needed,
-            in_chain,
-            shares_extents,
-            reading,
+            merging,
             pos: 0,
             data: None,
             piece: Vec::new(),
@@ -119,10 +114,9 @@ impl<'c> Plan<'c> {
     fn take_piece(&mut self) -> Piece<Planned> {
         self.piece_len = 0;
         let end = self.piece.last().map_or(self.pos, ChainRun::end);
-        let by_copy = self
-            .piece
-            .iter()
-            .all(|r| matches!(r.mapping, Mapping::Data { .. }) && self.shares_extents[r.depth]);
+        let by_copy = self.piece.iter().all(|r| {
+            matches!(r.mapping, Mapping::Data { .. }) && self.merging.shares_extents[r.depth]
+        });
         let runs = std::mem::take(&mut self.piece);
         let offset = runs.first().map_or(self.pos, |r| r.offset);
         Piece {
@@ -130,7 +124,7 @@ impl<'c> Plan<'c> {
             offset,
             len: end - offset,
             runs: [runs, Vec::new()],
-            read: self.reading && !by_copy,
+            read: self.merging.reading && !by_copy,
         }
     }
 }
@@ -139,7 +133,14 @@ impl read_ahead::Plan for Plan<'_> {
     type Step = Planned;
 
     fn next(&mut self) -> Result<Option<Piece<Planned>>> {
-        let size = self.chain.size();
+        let Merging {
+            chain,
+            first,
+            bottom_zeros_needed,
+            in_chain,
+            ..
+        } = self.merging;
+        let size = chain.size();
         if let Some(step) = self.pending_step.take() {
             return Ok(Some(step));
         }
@@ -173,14 +174,12 @@ impl read_ahead::Plan for Plan<'_> {
                     Some(self.take_piece())
                 });
             }
-            let run = self
-                .chain
-                .resolve_from(self.first, self.pos, size - self.pos)?;
+            let run = chain.resolve_from(first, self.pos, size - self.pos)?;
             self.pos = run.end();
-            let step = if self.in_chain == Some(run.depth) && run.mapping != Mapping::Unallocated {
+            let step = if in_chain == Some(run.depth) && run.mapping != Mapping::Unallocated {
                 Step::InPlace(run)
-            } else if self.copy.contains(&run.depth) {
-                match work(self.chain, &run, self.bottom_zeros_needed) {
+            } else if self.merging.copy.contains(&run.depth) {
+                match work(chain, &run, bottom_zeros_needed) {
                     Work::None => continue,
                     Work::Zeros => Step::Zeros,
                     Work::Data => {
