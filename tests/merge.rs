@@ -616,7 +616,7 @@ fn safe_rebase_of_an_image_without_a_backing_file_keeps_its_content() {
 }
 
 /// A whole chain in memory: `MemOpener` serves every open, says which file a name is
-/// (loops, `find_layer`) and resolves names, so chains open and merges run without one
+/// (loops, `Chain::index_of`) and resolves names, so chains open and merges run without one
 /// file on the host.
 #[test]
 fn chains_and_merges_run_in_memory_through_a_mem_opener() {
@@ -696,4 +696,84 @@ fn chains_and_merges_run_in_memory_through_a_mem_opener() {
     drop(chain);
     let err = Chain::open_with("vm/base.qcow2", &options(false)).unwrap_err();
     assert!(matches!(err.root(), Error::BackingLoop { .. }), "{err}");
+}
+
+/// The library, not only `qimg`, takes a base and a top as qemu-img does (the backing
+/// name an image stores, whatever the current directory) and refuses a range that is no
+/// range, naming the file and changing nothing.
+#[test]
+fn merges_find_names_as_qemu_img_and_refuse_ranges_that_are_not_ranges() {
+    let s = Scratch::new();
+    chain(&s, OPTIONS[0], 90);
+    let files = ["base.qcow2", "mid.qcow2", "top.qcow2"];
+    let bytes = || files.map(|f| std::fs::read(s.path(&format!("ours/{f}"))).unwrap());
+    let before = bytes();
+    let commit = |base: Option<&str>, top: Option<&str>, from: &str| {
+        ops::commit(
+            s.path(&format!("ours/{from}")),
+            &CommitOptions {
+                base: base.map(Into::into),
+                top: top.map(Into::into),
+                ..CommitOptions::default()
+            },
+            &mut no_progress(),
+        )
+        .unwrap_err()
+        .report()
+        .to_string()
+    };
+    let refusals = [
+        (
+            commit(None, None, "base.qcow2"),
+            "base.qcow2: invalid argument: image does not have a backing file",
+        ),
+        (
+            commit(Some("top.qcow2"), None, "top.qcow2"),
+            "must lie below the top",
+        ),
+        (
+            commit(Some("mid.qcow2"), Some("base.qcow2"), "top.qcow2"),
+            "must lie below the top",
+        ),
+        (
+            commit(Some("nope.qcow2"), None, "top.qcow2"),
+            "'nope.qcow2' is not in",
+        ),
+        (
+            ops::pull(
+                s.path("ours/top.qcow2"),
+                Some(Path::new("top.qcow2")),
+                &MergeOptions::default(),
+                &mut no_progress(),
+            )
+            .unwrap_err()
+            .report()
+            .to_string(),
+            "the base 'top.qcow2' is the image itself",
+        ),
+    ];
+    for (report, expected) in refusals {
+        assert!(report.contains(expected), "{report:?} lacks {expected:?}");
+    }
+    assert!(bytes() == before, "a refused merge changed an image");
+
+    // "base.qcow2" is what mid stores; it resolves from no current directory of ours.
+    let shown = s.reference("ours/top.qcow2", "qcow2");
+    ops::commit(
+        s.path("ours/top.qcow2"),
+        &CommitOptions {
+            base: Some("base.qcow2".into()),
+            top: Some("mid.qcow2".into()),
+            ..CommitOptions::default()
+        },
+        &mut no_progress(),
+    )
+    .unwrap();
+    assert_eq!(
+        backing_of(&s, "ours/top.qcow2").as_deref(),
+        Some("base.qcow2")
+    );
+    assert_eq!(s.reference("ours/top.qcow2", "qcow2"), shown);
+    check(&s, "ours/top.qcow2");
+    check(&s, "ours/base.qcow2");
 }

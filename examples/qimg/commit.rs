@@ -3,13 +3,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use qcow2_engine::ops::{self, CommitOptions, MergeOptions};
 
-use crate::common::{
-    find_in_chain, merge_error, merge_progress, open_chain, print_already_done, print_dry_run,
-    progress_bar,
-};
+use crate::common::{merge_error, merge_progress, print_already_done, print_dry_run, progress_bar};
 
 /// Arguments of `qimg commit`.
 #[derive(clap::Args)]
@@ -40,41 +37,15 @@ pub struct Args {
 
 /// Runs `qimg commit`.
 pub fn run(args: Args) -> Result<u8> {
-    let file = args.file.display().to_string();
-    let options = {
-        let chain = open_chain(&args.file, None)?;
-        let top = match &args.top {
-            Some(name) => Some(find_in_chain(&chain, name)?),
-            None => None,
-        };
-        let base = match &args.base {
-            Some(name) => Some(find_in_chain(&chain, name)?),
-            None => None,
-        };
-        let index = |p: &Option<PathBuf>| p.as_ref().map(|p| ops::find_layer(&chain, p));
-        let top_index = index(&top).transpose()?.unwrap_or(0);
-        let base_index = index(&base).transpose()?.unwrap_or(top_index + 1);
-        if base_index >= chain.layers().len() {
-            let name = chain.layers()[top_index].name().display().to_string();
-            bail!("{name}: image does not have a backing file to commit into");
-        }
-        if base_index <= top_index {
-            bail!(
-                "{file}: the base ({}) must lie below the top ({}) in the backing chain",
-                chain.layers()[base_index].name().display(),
-                chain.layers()[top_index].name().display()
-            );
-        }
-        CommitOptions {
-            base,
-            top,
-            keep: args.keep,
-            merge: MergeOptions {
-                dry_run: args.dry_run,
-                chain: crate::common::chain_defaults(),
-                ..MergeOptions::default()
-            },
-        }
+    let options = CommitOptions {
+        base: args.base.map(PathBuf::from),
+        top: args.top.map(PathBuf::from),
+        keep: args.keep,
+        merge: MergeOptions {
+            dry_run: args.dry_run,
+            chain: crate::common::chain_defaults(),
+            ..MergeOptions::default()
+        },
     };
     let bar = progress_bar(args.progress && !args.quiet, 0);
     let result = ops::commit(&args.file, &options, &mut merge_progress(&bar));

@@ -1,6 +1,6 @@
 //! Helpers shared by the subcommands: opening chains, parsing sizes, progress bars.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
@@ -220,14 +220,6 @@ pub fn progress_bar(show: bool, total: u64) -> ProgressBar {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar
-}
-
-/// The image of `chain` that the user named `name` in `commit -b/--top` or `pull -b`,
-/// found as qemu-img finds a base (see [`Chain::find`]): that layer's path as the chain
-/// opened it.
-pub fn find_in_chain(chain: &Chain, name: &str) -> Result<PathBuf> {
-    let index = chain.find(name)?;
-    Ok(chain.layers()[index].name().to_path_buf())
 }
 
 /// The progress callback of a merge, driving `bar`.

@@ -1,15 +1,12 @@
 //! `qimg pull`: bring the data of an image's backing chain up into it, as libvirt's
 //! blockpull; what the image shows does not change.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use qcow2_engine::ops::{self, MergeOptions};
 
-use crate::common::{
-    find_in_chain, merge_error, merge_progress, open_chain, print_already_done, print_dry_run,
-    progress_bar,
-};
+use crate::common::{merge_error, merge_progress, print_already_done, print_dry_run, progress_bar};
 
 /// Arguments of `qimg pull`.
 #[derive(clap::Args)]
@@ -34,18 +31,6 @@ pub struct Args {
 
 /// Runs `qimg pull`.
 pub fn run(args: Args) -> Result<u8> {
-    let file = args.file.display().to_string();
-    let base = match &args.base {
-        Some(name) => {
-            let chain = open_chain(&args.file, None)?;
-            let base = find_in_chain(&chain, name)?;
-            if ops::find_layer(&chain, &base)? == 0 {
-                bail!("{file}: the base '{name}' is the image itself; it must be below it");
-            }
-            Some(base)
-        }
-        None => None,
-    };
     let options = MergeOptions {
         dry_run: args.dry_run,
         chain: crate::common::chain_defaults(),
@@ -54,7 +39,7 @@ pub fn run(args: Args) -> Result<u8> {
     let bar = progress_bar(args.progress && !args.quiet, 0);
     let result = ops::pull(
         &args.file,
-        base.as_deref(),
+        args.base.as_deref().map(Path::new),
         &options,
         &mut merge_progress(&bar),
     );

@@ -21,6 +21,4 @@ pub use du::{LayerSpace, SnapshotSpace, SpaceReport, du};
 pub use info::{ImageInfo, Qcow2Info, SnapshotInfo, chain_info, info};
 pub use map::{MapEntries, MapEntry, map, map_range};
 pub use measure::{Measurement, measure_chain, measure_size};
-pub use merge::{
-    CommitOptions, MergeOptions, MergeReport, StorageCopy, commit, find_layer, pull, rebase,
-};
+pub use merge::{CommitOptions, MergeOptions, MergeReport, StorageCopy, commit, pull, rebase};

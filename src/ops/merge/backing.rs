@@ -1,4 +1,4 @@
-//! Backing pointers: opening the images of a merge, finding a layer, and rewriting which
+//! Backing pointers: opening the images of a merge and rewriting which
 //! backing file an image names once the data it exposes is in place.
 
 use std::path::Path;
@@ -6,25 +6,6 @@ use std::path::Path;
 use crate::chain::{Chain, ChainOptions};
 use crate::error::{Error, Result};
 use crate::qcow2::AmendOptions;
-
-/// Which layer of `chain` is the file at `path` (the same file, as the opener the chain
-/// was opened through sees it: same device and inode for host files).
-pub fn find_layer(chain: &Chain, path: impl AsRef<Path>) -> Result<usize> {
-    let path = path.as_ref();
-    let want = chain
-        .stat(path)
-        .map_err(|e| Error::io("opening", e).in_file(path))?;
-    for (i, layer) in chain.layers().iter().enumerate() {
-        if chain.stat(layer.name()).is_ok_and(|m| m.id == want.id) {
-            return Ok(i);
-        }
-    }
-    Err(Error::InvalidArgument(format!(
-        "{} is not in the backing chain of {}",
-        path.display(),
-        chain.top().name().display()
-    )))
-}
 
 /// Opens the chain at `path` for a step of a merge (formats probed or from the backing
 /// format a chain stores).

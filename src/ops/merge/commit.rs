@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::layers::Layer;
 use crate::progress::{Progress, Tracker};
 
-use super::backing::{find_layer, open, repoint_options, set_backing};
+use super::backing::{open, repoint_options, set_backing};
 use super::copy::copy_decided;
 use super::options::{CommitOptions, MergeOptions, MergeReport};
 use super::resume::{Buffers, Dest};
@@ -25,23 +25,27 @@ pub fn commit(
     let chain = open(open_options, path, false, false)?;
     let n = chain.layers().len();
     let top = match &options.top {
-        Some(p) => find_layer(&chain, p)?,
+        Some(name) => chain.find(name)?,
         None => 0,
     };
     let base = match &options.base {
-        Some(p) => find_layer(&chain, p)?,
+        Some(name) => chain.find(name)?,
         None => top + 1,
     };
+    let layer_name = |i: usize| chain.layers()[i].name().display().to_string();
     if base >= n {
-        return Err(Error::InvalidArgument(format!(
-            "{} has no backing file to commit into",
-            chain.layers()[top].name().display()
-        )));
+        return Err(Error::InvalidArgument(
+            "image does not have a backing file to commit into".into(),
+        )
+        .in_file(chain.layers()[top].name()));
     }
     if base <= top {
-        return Err(Error::InvalidArgument(
-            "the base must lie below the top in the backing chain".into(),
-        ));
+        return Err(Error::InvalidArgument(format!(
+            "the base ({}) must lie below the top ({}) in the backing chain",
+            layer_name(base),
+            layer_name(top)
+        ))
+        .in_file(path));
     }
     let keep = options.keep || options.base.is_some() || top > 0;
     // A middle range goes down as its top layer shows it: up to that layer's size,

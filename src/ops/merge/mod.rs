@@ -13,6 +13,15 @@
 //! is flushed every [`MergeOptions::checkpoint_bytes`], so an interruption keeps what was
 //! copied. Running the same command again after an interruption completes the merge, and
 //! skips what is in place already ([`MergeReport::already_done_bytes`]).
+//!
+//! # Why merges take paths, not an open [`Chain`](crate::Chain)
+//!
+//! A merge opens each image with the handle its step needs (the chain read-only, the
+//! destination alone for writing) and closes the image whose backing pointer it rewrites
+//! before rewriting it through another handle. A writable `Chain` the caller held open
+//! across the merge would, when closed, write its own header (old backing name, old
+//! refcount table under lazy refcounts) over the amended one. Close it first; the merge
+//! reopens through [`MergeOptions::chain`], whose opener may be the caller's.
 
 mod backing;
 mod commit;
@@ -24,7 +33,6 @@ mod rebase;
 mod resume;
 mod sink;
 
-pub use backing::find_layer;
 pub use commit::commit;
 pub use options::{CommitOptions, MergeOptions, MergeReport, StorageCopy};
 pub use pull::pull;

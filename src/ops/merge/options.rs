@@ -82,7 +82,9 @@ pub enum StorageCopy {
 /// `qemu-img commit` and libvirt blockcommit.
 #[derive(Debug, Clone, Default)]
 pub struct CommitOptions {
-    /// The image to commit into (default: the backing file of `top`).
+    /// The image to commit into (default: the backing file of `top`). Named as qemu-img
+    /// names a base ([`Chain::find`](crate::Chain::find)): the backing name an image of
+    /// the chain stores, or a path; so is `top`.
     pub base: Option<PathBuf>,
     /// The highest image whose data is committed (default: the image the command starts
     /// from). When it is below that image, the image directly above it is re-pointed at

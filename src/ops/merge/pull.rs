@@ -5,7 +5,7 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use crate::progress::{Progress, Tracker};
 
-use super::backing::{find_layer, open, repoint_options, set_backing};
+use super::backing::{open, repoint_options, set_backing};
 use super::copy::copy_decided;
 use super::options::{MergeOptions, MergeReport};
 use super::resume::Dest;
@@ -13,7 +13,9 @@ use super::sink::{Out, Sink};
 
 /// Pulls as libvirt blockpull: everything the image at `path` shows from layers above
 /// `base` (all layers when `None`) is copied into it, then its backing file becomes
-/// `base` (none). What it shows does not change.
+/// `base` (none). What it shows does not change. `base` is named as qemu-img names a
+/// base ([`Chain::find`](crate::Chain::find)): the backing name an image of the chain
+/// stores, or a path.
 pub fn pull(
     path: impl AsRef<Path>,
     base: Option<&Path>,
@@ -24,12 +26,14 @@ pub fn pull(
     let chain = open(&options.chain, path, !options.dry_run, false)?;
     let n = chain.layers().len();
     let b = match base {
-        Some(p) => {
-            let b = find_layer(&chain, p)?;
+        Some(name) => {
+            let b = chain.find(name)?;
             if b == 0 {
-                return Err(Error::InvalidArgument(
-                    "the base must be below the image".into(),
-                ));
+                return Err(Error::InvalidArgument(format!(
+                    "the base '{}' is the image itself; it must be below it",
+                    name.display()
+                ))
+                .in_file(path));
             }
             Some(b)
         }

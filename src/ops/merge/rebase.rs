@@ -11,7 +11,7 @@ use crate::ops::bytes::is_zero;
 use crate::progress::{Progress, Tracker};
 use crate::qcow2::{AmendOptions, Mapping};
 
-use super::backing::{find_layer, open};
+use super::backing::open;
 use super::copy::copy_decided;
 use super::options::{MergeOptions, MergeReport};
 use super::plan::PIECE;
@@ -67,10 +67,10 @@ pub fn rebase(
         let in_chain = match &resolved {
             None => Some(chain.layers().len()),
             // The image itself: it would be its own backing file and open no more.
-            Some(p) if find_layer(&chain, p).ok() == Some(0) => {
+            Some(p) if chain.index_of(p).ok() == Some(0) => {
                 return Err(loop_error(p).in_file(path));
             }
-            Some(p) => find_layer(&chain, p).ok(),
+            Some(p) => chain.index_of(p).ok(),
         };
         let mut out = Out::new(sink, options);
         match in_chain {
