@@ -186,6 +186,21 @@ pub enum Error {
         name: String,
     },
 
+    /// Another process uses the file in a way this open conflicts with: QEMU's image
+    /// locks ([`crate::storage::Locking`]). `shared`: the other process holds
+    /// `permission`, which this open does not share; otherwise it does not share
+    /// `permission`, which this open needs.
+    #[error(
+        "Failed to get {}\"{permission}\" lock: is another process using the image?",
+        if *shared { "shared " } else { "" }
+    )]
+    Locked {
+        /// QEMU's name of the permission (`write`, `resize`, `consistent read`, ...).
+        permission: &'static str,
+        /// Whether the lock that failed is the one of a permission not shared.
+        shared: bool,
+    },
+
     /// The image's corrupt bit is set: it may be read, but not written until `check -r
     /// all` ([`crate::Image::repair`]) repairs it.
     #[error("the image is marked corrupt (run check -r all to repair it)")]

@@ -102,6 +102,7 @@ pub use qcow2::{
     CheckReport, Compat, Finding, Image, ImageOptions, Mapping, Preallocation, RepairMode, Run,
     Severity,
 };
+pub use storage::Locking;
 
 /// The README's example, compiled as a doc test.
 #[cfg(doctest)]

@@ -361,10 +361,11 @@ fn failing_commands_print_one_line_and_leave_the_image_clean() {
     );
 }
 
-/// Reading commands open the image read-only: a dirty image (lazy refcounts) that a
-/// writable open would repair stays byte for byte as it was; a writing command repairs it.
+/// `-r` opens the image read-only, as qemu-io's: a dirty image (lazy refcounts) that a
+/// writable open would repair stays byte for byte as it was, and a writing command is
+/// refused; without `-r` (qemu-io's default) the open repairs it.
 #[test]
-fn only_writing_commands_open_the_image_for_writing() {
+fn io_r_opens_read_only_and_the_default_opens_for_writing() {
     use common::{HeaderField, read_header_field, write_header_field};
     let s = Scratch::new();
     s.create("lazy.qcow2", "lazy_refcounts=on", 1 << 20);
@@ -373,12 +374,23 @@ fn only_writing_commands_open_the_image_for_writing() {
     let features = read_header_field(&path, HeaderField::IncompatibleFeatures);
     write_header_field(&path, HeaderField::IncompatibleFeatures, features | 1);
     let before = std::fs::read(&path).unwrap();
-    s.qimg(&["io", "-c", "read -P 7 0 4k", "-c", "map", "lazy.qcow2"]);
+    s.qimg(&[
+        "io",
+        "-r",
+        "-c",
+        "read -P 7 0 4k",
+        "-c",
+        "map",
+        "lazy.qcow2",
+    ]);
     assert_eq!(
         std::fs::read(&path).unwrap(),
         before,
         "a read changed the file"
     );
+    let out = s.qimg_output(&["io", "-r", "-c", "write -P 8 4k 4k", "lazy.qcow2"]);
+    assert_one_line_failure(&out, "io -r with a write");
+    assert_eq!(std::fs::read(&path).unwrap(), before, "io -r wrote");
     s.qimg(&["io", "-c", "write -P 8 4k 4k", "lazy.qcow2"]);
     assert_eq!(
         read_header_field(&path, HeaderField::IncompatibleFeatures) & 1,

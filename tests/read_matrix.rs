@@ -562,6 +562,7 @@ fn internal_snapshots_then_more_writes_read_the_latest_data() {
             .map(|e| e.name)
             .collect();
         assert_eq!(names, ["first", "second"], "{label}");
+        drop(chain);
         verify(&s, "snap.qcow2", "qcow2", true, &label);
 
         // Reverting to the first snapshot, then writing again.

@@ -180,6 +180,7 @@ fn names_past_qemus_limit_are_refused_before_anything_changes() {
     let chain = open_rw(&s, "a.qcow2");
     image(&chain).snapshot_create(&long[..255]).unwrap();
     chain.close().unwrap();
+    drop(chain);
     let list = s.qemu_img(&["snapshot", "-l", "a.qcow2"]);
     assert!(list.contains(&long[..255]), "{list}");
     assert_clean(&s, "a.qcow2", "long name");

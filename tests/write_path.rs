@@ -606,7 +606,17 @@ fn lazy_refcounts_mark_the_image_dirty_until_close_and_a_dirty_image_is_repaired
     s.create("a.qcow2", "cluster_size=4k,lazy_refcounts=on", 4 << 20);
     let mut model = Model(vec![0; 4 << 20]);
     {
-        let chain = open_rw(&s, "a.qcow2");
+        // Without locks: a crash ends the process and its locks, a forgotten handle would
+        // keep them.
+        let chain = Chain::open_with(
+            s.path("a.qcow2"),
+            &ChainOptions {
+                writable: true,
+                locking: qcow2_engine::Locking::Off,
+                ..ChainOptions::default()
+            },
+        )
+        .unwrap();
         chain.write_at(&[0x71; 50_000], 10_000).unwrap();
         model.write(10_000, &[0x71; 50_000]);
         chain.flush().unwrap();
@@ -746,5 +756,6 @@ fn amend_changes_compat_refcount_width_lazy_refcounts_and_backing_like_qemu() {
         .unwrap_err();
     assert!(err.report().to_string().contains("references"), "{err}");
     chain.close().unwrap();
+    drop(chain);
     assert_clean(&s, "top.qcow2", "refused amend");
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use qcow2_engine::storage::FileStorage;
-use qcow2_engine::{CheckReport, Format, Image, RepairMode, Severity};
+use qcow2_engine::{CheckReport, Format, Image, ImageOptions, RepairMode, Severity};
 use serde_json::{Map, Value, json};
 
 use crate::common::{Output, parse_format, print_json};
@@ -30,7 +30,8 @@ pub struct Args {
     /// Format of FILE (probed when absent).
     #[arg(short = 'f', value_parser = parse_format)]
     format: Option<Format>,
-    /// Open without taking a lock (qimg never locks; accepted for compatibility).
+    /// Open read-only sharing the image with every other user, without QEMU's locks'
+    /// refusals (the image may change while it is read), as qemu-img -U.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// Suppress the summary (qemu-img's -q).
@@ -45,7 +46,6 @@ const NOT_SUPPORTED: u8 = 63;
 
 /// Runs `qimg check`.
 pub fn run(args: Args) -> Result<u8> {
-    let _ = args.force_share;
     let format = match args.format {
         Some(f) => f,
         None => {
@@ -62,7 +62,13 @@ pub fn run(args: Args) -> Result<u8> {
         return Ok(NOT_SUPPORTED);
     }
     let report = match args.repair {
-        None => Image::open(&args.file)?.check()?,
+        None => {
+            let options = ImageOptions {
+                locking: crate::common::locking(args.force_share),
+                ..ImageOptions::default()
+            };
+            Image::open_with(&args.file, &options)?.check()?
+        }
         Some(mode) => {
             if args.force_share {
                 bail!("{}: -U cannot be used with -r", args.file.display());

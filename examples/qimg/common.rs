@@ -9,7 +9,7 @@ use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use qcow2_engine::format::CompressionType;
 use qcow2_engine::ops::MergeReport;
 use qcow2_engine::{
-    BackingPolicy, Chain, ChainOptions, Compat, CreateOptions, Format, Preallocation,
+    BackingPolicy, Chain, ChainOptions, Compat, CreateOptions, Format, Locking, Preallocation,
 };
 
 /// `--output=human|json`.
@@ -51,10 +51,20 @@ pub fn chain_defaults() -> ChainOptions {
     }
 }
 
-/// Opens `path` and its backing chain; `format` names the top image's format.
-pub fn open_chain(path: &Path, format: Option<Format>) -> Result<Chain> {
+/// How a command locks what it opens: QEMU's locks, or none of their refusals with `-U`.
+pub fn locking(force_share: bool) -> Locking {
+    if force_share {
+        Locking::ForceShare
+    } else {
+        Locking::On
+    }
+}
+
+/// Opens `path` and its backing chain read-only; `format` names the top image's format.
+pub fn open_chain(path: &Path, format: Option<Format>, force_share: bool) -> Result<Chain> {
     let options = ChainOptions {
         format,
+        locking: locking(force_share),
         ..chain_defaults()
     };
     Ok(Chain::open_with(path, &options)?)

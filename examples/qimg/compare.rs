@@ -34,9 +34,8 @@ pub struct Args {
 
 /// Runs `qimg compare`.
 pub fn run(args: Args) -> Result<u8> {
-    let _ = args.force_share;
-    let a = open_chain(&args.a, args.format_a)?;
-    let b = open_chain(&args.b, args.format_b)?;
+    let a = open_chain(&args.a, args.format_a, args.force_share)?;
+    let b = open_chain(&args.b, args.format_b, args.force_share)?;
     let bar = progress_bar(args.progress, a.size().max(b.size()));
     let result = ops::compare(&a, &b, args.strict, &mut |done, _| {
         bar.set_position(done);

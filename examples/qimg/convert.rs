@@ -88,9 +88,8 @@ fn options(args: &Args) -> Result<(CreateOptions, ConvertOptions)> {
 
 /// Runs `qimg convert`.
 pub fn run(args: Args) -> Result<u8> {
-    let _ = args.force_share;
     let (create, options) = options(&args)?;
-    let chain = open_chain(&args.src, args.format)?;
+    let chain = open_chain(&args.src, args.format, args.force_share)?;
     let bar = progress_bar(args.progress, chain.size());
     let result = ops::convert(&chain, &args.dst, &create, &options, &mut |done, _| {
         bar.set_position(done);

@@ -21,7 +21,8 @@ pub struct Args {
     /// Format of FILE (probed when absent).
     #[arg(short = 'f', value_parser = parse_format)]
     format: Option<Format>,
-    /// Open without taking a lock (qimg never locks; accepted for compatibility).
+    /// Open read-only sharing the image with every other user, without QEMU's locks'
+    /// refusals (the image may change while it is read), as qemu-img -U.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// The image.
@@ -30,11 +31,11 @@ pub struct Args {
 
 /// Runs `qimg info`.
 pub fn run(args: Args) -> Result<u8> {
-    let _ = args.force_share;
     let options = ChainOptions {
         format: args.format,
         // Like qemu-img, a single image's facts do not need its backing file to exist.
         no_backing: !args.backing_chain,
+        locking: crate::common::locking(args.force_share),
         ..crate::common::chain_defaults()
     };
     let chain = Chain::open_with(&args.file, &options)?;

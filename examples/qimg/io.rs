@@ -1,8 +1,10 @@
-//! `qimg io`: a subset of qemu-io's commands: `read`, `write`, `discard`, `flush`, `map`.
+//! `qimg io`: a subset of qemu-io's commands: `read`, `write`, `discard`, `flush`, `map`,
+//! `sleep`.
 //!
 //! Every command is parsed before the image is opened, so a typo fails before anything
-//! runs. The image is opened for writing only when some command writes. Commands run in
-//! order; the first failure stops the run (exit 1) after the image is closed cleanly.
+//! runs. The image is opened read-write and locked as qemu-io does (`-r`: read-only; a
+//! marked-corrupt image opens read-only unless a command writes). Commands run in order;
+//! the first failure stops the run (exit 1) after the image is closed cleanly.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -21,7 +23,11 @@ pub struct Args {
     /// A command to run (repeatable; run in order).
     #[arg(short = 'c', required = true)]
     commands: Vec<String>,
-    /// Open without taking a lock (qimg never locks; accepted for compatibility).
+    /// Open read-only.
+    #[arg(short = 'r', long = "read-only")]
+    read_only: bool,
+    /// Open read-only sharing the image with every other user, without QEMU's locks'
+    /// refusals (the image may change while it is read), as qemu-img -U.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// The image.
@@ -56,6 +62,8 @@ enum Op {
     Flush,
     /// `map`: the top image's allocation, as qemu-io prints it.
     Map,
+    /// `sleep MS`: wait, holding the image open (and locked).
+    Sleep { ms: u64 },
 }
 
 /// What a `write` writes.
@@ -80,19 +88,26 @@ impl Command {
 
 /// Runs `qimg io`.
 pub fn run(args: Args) -> Result<u8> {
-    let _ = args.force_share;
     let commands = args
         .commands
         .iter()
         .map(|c| parse_command(c))
         .collect::<Result<Vec<_>>>()?;
+    let writes = commands.iter().any(Command::writes);
+    if args.read_only && writes {
+        bail!(
+            "{}: -r: the image is opened read-only, and a command writes",
+            args.file.display()
+        );
+    }
     let options = ChainOptions {
         format: args.format,
-        writable: commands.iter().any(Command::writes),
+        writable: !args.read_only,
+        locking: crate::common::locking(args.force_share),
         ..crate::common::chain_defaults()
     };
     let chain = Chain::open_with(&args.file, &options)?;
-    if options.writable {
+    if writes {
         chain.ensure_writable()?;
     }
     for warning in chain.warnings() {
@@ -136,10 +151,10 @@ fn parse_command(command: &str) -> Result<Command> {
         "read" => &["-P", "-q"],
         "write" => &["-P", "-q", "-s", "-z", "-u"],
         "discard" => &["-q"],
-        "flush" | "map" => &[],
+        "flush" | "map" | "sleep" => &[],
         other => bail!(
             "io: command {other:?} is not supported (supported: read, write, discard, flush, \
-             map)"
+             map, sleep)"
         ),
     };
     while let Some(word) = words.next() {
@@ -206,6 +221,15 @@ fn parse_command(command: &str) -> Result<Command> {
             let (offset, len) = range("discard [-q] OFFSET LENGTH")?;
             Op::Discard { offset, len }
         }
+        "sleep" => {
+            let [ms] = positional[..] else {
+                bail!("sleep: usage: sleep MILLISECONDS");
+            };
+            let ms = ms
+                .parse()
+                .map_err(|_| anyhow!("sleep: {ms:?} is not a number of milliseconds"))?;
+            Op::Sleep { ms }
+        }
         _ => {
             if !positional.is_empty() {
                 bail!("{name}: takes no arguments");
@@ -263,6 +287,10 @@ fn run_command(chain: &Chain, file: &Path, command: &Command) -> Result<bool> {
         }
         Op::Map => {
             print_map(chain)?;
+            return Ok(true);
+        }
+        Op::Sleep { ms } => {
+            std::thread::sleep(std::time::Duration::from_millis(*ms));
             return Ok(true);
         }
     };

@@ -16,7 +16,8 @@ pub struct Args {
     /// Format of FILE (probed when absent).
     #[arg(short = 'f', value_parser = parse_format)]
     format: Option<Format>,
-    /// Open without taking a lock (qimg never locks; accepted for compatibility).
+    /// Open read-only sharing the image with every other user, without QEMU's locks'
+    /// refusals (the image may change while it is read), as qemu-img -U.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// The image.
@@ -25,8 +26,7 @@ pub struct Args {
 
 /// Runs `qimg map`.
 pub fn run(args: Args) -> Result<u8> {
-    let _ = args.force_share;
-    let chain = open_chain(&args.file, args.format)?;
+    let chain = open_chain(&args.file, args.format, args.force_share)?;
     match args.output {
         Output::Json => {
             let mut first = true;

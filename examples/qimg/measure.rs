@@ -27,7 +27,8 @@ pub struct Args {
     /// Format of FILE (probed when absent).
     #[arg(short = 'f', value_parser = parse_format)]
     format: Option<Format>,
-    /// Open without taking a lock (qimg never locks; accepted for compatibility).
+    /// Open read-only sharing the image with every other user, without QEMU's locks'
+    /// refusals (the image may change while it is read), as qemu-img -U.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// The image whose content the new image would hold.
@@ -46,7 +47,6 @@ struct Json {
 
 /// Runs `qimg measure`.
 pub fn run(args: Args) -> Result<u8> {
-    let _ = args.force_share;
     let mut options = CreateOptions {
         format: args.output_format,
         ..CreateOptions::default()
@@ -63,7 +63,7 @@ pub fn run(args: Args) -> Result<u8> {
         (None, None) => bail!("either --size N or one filename must be specified"),
         (None, Some(size)) => ops::measure_size(size, &options)?,
         (Some(file), None) => {
-            let chain = open_chain(file, args.format)?;
+            let chain = open_chain(file, args.format, args.force_share)?;
             ops::measure_chain(&chain, &options).map_err(|e| e.in_file(file))?
         }
     };

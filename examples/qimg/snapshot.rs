@@ -24,7 +24,8 @@ pub struct Args {
     /// Delete snapshot NAME (a name or an ID).
     #[arg(short = 'd', value_name = "NAME", group = "action")]
     delete: Option<String>,
-    /// Open without taking a lock (qimg never locks; accepted for compatibility).
+    /// Open read-only sharing the image with every other user, without QEMU's locks'
+    /// refusals (the image may change while it is read), as qemu-img -U.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// Quiet (accepted for compatibility).
@@ -36,12 +37,13 @@ pub struct Args {
 
 /// Runs `qimg snapshot`.
 pub fn run(args: Args) -> Result<u8> {
-    let _ = (args.force_share, args.quiet);
+    let _ = args.quiet;
     let chain = Chain::open_with(
         &args.file,
         &ChainOptions {
             writable: !args.list,
             no_backing: true,
+            locking: crate::common::locking(args.force_share),
             ..crate::common::chain_defaults()
         },
     )?;

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use crate::layers::Format;
 use crate::qcow2::ImageOptions;
-use crate::storage::Opener;
+use crate::storage::{Locking, Opener};
 
 use super::BackingPolicy;
 
@@ -31,6 +31,10 @@ pub struct ChainOptions {
     /// Which backing files and external data files an image may name (by default: any,
     /// as qemu-img).
     pub backing_policy: BackingPolicy,
+    /// QEMU's image locks on every file the chain opens (default [`Locking::On`]: the top
+    /// as it is opened, backing files for reading; [`Locking::ForceShare`] is qemu-img's
+    /// `-U`).
+    pub locking: Locking,
 }
 
 impl Default for ChainOptions {
@@ -43,6 +47,7 @@ impl Default for ChainOptions {
             l2_cache_bytes: 4 << 20,
             opener: None,
             backing_policy: BackingPolicy::default(),
+            locking: Locking::On,
         }
     }
 }
@@ -62,13 +67,14 @@ impl ChainOptions {
         ChainOptions { writable, ..self }
     }
 
-    /// How each layer is opened: its L2 cache and opener; writable only for the top
+    /// How each layer is opened: its L2 cache, opener and locks; writable only for the top
     /// (`top`) when the chain is.
     pub(crate) fn image_options(&self, top: bool) -> ImageOptions {
         ImageOptions {
             l2_cache_bytes: self.l2_cache_bytes,
             writable: self.writable && top,
             opener: self.opener.clone(),
+            locking: self.locking,
         }
     }
 }
@@ -83,6 +89,7 @@ impl std::fmt::Debug for ChainOptions {
             .field("l2_cache_bytes", &self.l2_cache_bytes)
             .field("opener", &self.opener.as_ref().map(|_| "custom"))
             .field("backing_policy", &self.backing_policy)
+            .field("locking", &self.locking)
             .finish()
     }
 }

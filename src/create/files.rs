@@ -35,7 +35,7 @@ fn create_files(
     options: &CreateOptions,
     resolved: &Resolved,
 ) -> Result<()> {
-    let storage = FileStorage::create(path).map_err(|e| Error::io("creating", e).in_file(path))?;
+    let storage = FileStorage::create(path)?;
     let falloc = options.preallocation == Preallocation::Falloc;
     match options.format {
         Format::Raw => {
@@ -47,8 +47,7 @@ fn create_files(
         }
         Format::Qcow2 => {
             if let Some(data_path) = data_path {
-                let data = FileStorage::create(data_path)
-                    .map_err(|e| Error::io("creating the data file", e).in_file(data_path))?;
+                let data = FileStorage::create(data_path)?;
                 write_raw(&data, resolved.size, options.preallocation, falloc)
                     .map_err(|e| e.in_file(data_path))?;
                 if falloc {

@@ -7,6 +7,7 @@ use crate::format::{CompressionType, Geometry, MAX_BACKING_FILE_NAME, MAX_L1_BYT
 use crate::layers::{Format, Layer};
 use crate::names::resolve_relative;
 use crate::qcow2::{Compat, ImageOptions, MAX_VIRTUAL_SIZE, Preallocation};
+use crate::storage::Locking;
 
 /// Everything `qemu-img create` can be told, with qemu-img's defaults
 /// (`CreateOptions::default()` is a qcow2 v3 image with 64 KiB clusters and 16-bit
@@ -267,7 +268,13 @@ impl CreateOptions {
                 path: backing_path.clone(),
                 source,
             })?;
-            let layer = Layer::open(&backing_path, self.backing_format, &ImageOptions::default())?;
+            // Shared with everyone, as qemu-img create opens it: an overlay is made of a
+            // base a running VM still writes (an external snapshot).
+            let share = ImageOptions {
+                locking: Locking::ForceShare,
+                ..ImageOptions::default()
+            };
+            let layer = Layer::open(&backing_path, self.backing_format, &share)?;
             backing_format = Some(layer.format());
             if size.is_none() {
                 size = Some(layer.size());

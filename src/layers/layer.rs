@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::names::resolve_relative;
 use crate::qcow2::{Image, ImageOptions, Run};
 
@@ -26,9 +26,7 @@ impl Layer {
         options: &ImageOptions,
     ) -> Result<Layer> {
         let path = path.as_ref();
-        let storage = options
-            .open_storage(path, options.writable)
-            .map_err(|e| Error::io("opening", e).in_file(path))?;
+        let storage = options.open_storage(path, options.writable)?;
         let format = match format {
             Some(f) => f,
             None => Format::probe(&*storage).map_err(|e| e.in_file(path))?,

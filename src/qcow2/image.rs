@@ -10,7 +10,7 @@ use crate::format::{
     AutoclearFeatures, CompatibleFeatures, CompressionType, Geometry, Header, HeaderExtensions,
     IncompatibleFeatures, SnapshotEntry,
 };
-use crate::storage::{Opener, Storage};
+use crate::storage::{Locking, Opener, Storage};
 
 use super::l2cache::L2Cache;
 use super::overlap_map::MetadataMap;
@@ -27,6 +27,10 @@ pub struct ImageOptions {
     /// Opens the image's file and its external data file (default `None`: host files,
     /// [`crate::storage::FileStorage`]). Chains pass it on to every layer.
     pub opener: Option<Arc<dyn Opener>>,
+    /// QEMU's image locks on the image's file and its external data file (default
+    /// [`Locking::On`]: refused while another process writes the image, or reads it when
+    /// opening for writing; held until the image is dropped).
+    pub locking: Locking,
 }
 
 impl Default for ImageOptions {
@@ -35,6 +39,7 @@ impl Default for ImageOptions {
             l2_cache_bytes: 8 << 20,
             writable: false,
             opener: None,
+            locking: Locking::On,
         }
     }
 }
@@ -45,18 +50,29 @@ impl std::fmt::Debug for ImageOptions {
             .field("l2_cache_bytes", &self.l2_cache_bytes)
             .field("writable", &self.writable)
             .field("opener", &self.opener.as_ref().map(|_| "custom"))
+            .field("locking", &self.locking)
             .finish()
     }
 }
 
 impl ImageOptions {
-    /// Opens the file at `path` through [`ImageOptions::opener`].
-    pub(crate) fn open_storage(
-        &self,
-        path: &Path,
-        writable: bool,
-    ) -> std::io::Result<Box<dyn Storage>> {
-        crate::storage::open_with(self.opener.as_deref(), path, writable)
+    /// Opens the file at `path` through [`ImageOptions::opener`] and takes its locks
+    /// ([`ImageOptions::locking`]); errors name the file.
+    pub(crate) fn open_storage(&self, path: &Path, writable: bool) -> Result<Box<dyn Storage>> {
+        self.open_unnamed(path, writable)
+            .map_err(|e| e.in_file(path))
+    }
+
+    /// [`ImageOptions::open_storage`] with errors that leave naming the file to the
+    /// caller.
+    pub(crate) fn open_unnamed(&self, path: &Path, writable: bool) -> Result<Box<dyn Storage>> {
+        let mode = self.locking.mode(writable)?;
+        let storage = crate::storage::open_with(self.opener.as_deref(), path, writable)
+            .map_err(|e| Error::io("opening", e))?;
+        if let Some(mode) = mode {
+            storage.lock(mode)?;
+        }
+        Ok(storage)
     }
 }
 

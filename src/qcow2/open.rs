@@ -40,9 +40,7 @@ impl Image {
     /// [`ImageOptions::writable`].
     pub fn open_with(path: impl AsRef<Path>, options: &ImageOptions) -> Result<Image> {
         let path = path.as_ref();
-        let storage = options
-            .open_storage(path, options.writable)
-            .map_err(|e| Error::io("opening", e).in_file(path))?;
+        let storage = options.open_storage(path, options.writable)?;
         let read_only = ImageOptions {
             writable: false,
             ..options.clone()
@@ -66,12 +64,15 @@ impl Image {
             drop(meta);
             let data_path = crate::names::resolve_relative(path, &name);
             let data = options
-                .open_storage(&data_path, options.writable)
+                .open_unnamed(&data_path, options.writable)
                 .map_err(|e| {
-                    Error::io(
-                        format!("opening external data file {}", data_path.display()),
-                        e,
-                    )
+                    match e {
+                        Error::Io { source, .. } => Error::io(
+                            format!("opening external data file {}", data_path.display()),
+                            source,
+                        ),
+                        other => other.in_file(&data_path),
+                    }
                     .in_file(path)
                 })?;
             image.data_file = Some(data);
@@ -88,9 +89,7 @@ impl Image {
     pub fn open_for_repair(path: impl AsRef<Path>) -> Result<Image> {
         let path = path.as_ref();
         let options = ImageOptions::default();
-        let storage = options
-            .open_storage(path, true)
-            .map_err(|e| Error::io("opening", e).in_file(path))?;
+        let storage = options.open_storage(path, true)?;
         Image::from_storage_inner(storage, path.to_path_buf(), &options, None)
             .map_err(|e| e.in_file(path))
     }

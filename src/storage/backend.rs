@@ -3,6 +3,9 @@
 
 use std::io;
 
+use super::LockMode;
+use crate::error::Result;
+
 /// What a stretch of storage is: stored bytes or a hole (see [`Storage::extent`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Extent {
@@ -50,6 +53,14 @@ pub trait Storage: Send + Sync {
     /// The host file behind this storage, for [`Storage::copy_from`] between files.
     fn as_file(&self) -> Option<&std::fs::File> {
         None
+    }
+    /// Takes QEMU's image locks for `mode` on the file (see [`super::Locking`]), held
+    /// until the storage is dropped or locked again; another process's conflicting use is
+    /// [`crate::Error::Locked`]. Storages that are not host files have no locks to take
+    /// (the default does nothing).
+    fn lock(&self, mode: LockMode) -> Result<()> {
+        let _ = mode;
+        Ok(())
     }
     /// Whether copies into this storage from `src` ([`Storage::copy_from`]) share extents
     /// instead of moving data: both are host files on one file system that can (XFS,
@@ -135,6 +146,9 @@ macro_rules! forward_storage {
             }
             fn as_file(&self) -> Option<&std::fs::File> {
                 (**self).as_file()
+            }
+            fn lock(&self, mode: LockMode) -> Result<()> {
+                (**self).lock(mode)
             }
             fn shares_extents_with(&self, src: &dyn Storage) -> bool {
                 (**self).shares_extents_with(src)

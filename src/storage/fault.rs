@@ -334,6 +334,10 @@ impl Storage for FaultStorage {
         self.inner.allocated_size()
     }
 
+    fn lock(&self, mode: super::LockMode) -> crate::error::Result<()> {
+        self.inner.lock(mode)
+    }
+
     fn is_read_only(&self) -> bool {
         self.state().read_only || self.inner.is_read_only()
     }

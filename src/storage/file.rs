@@ -3,13 +3,18 @@ use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::Path;
 
-use super::{Extent, Storage};
+use std::sync::{Mutex, PoisonError};
+
+use super::{Extent, FileLock, LockMode, Storage};
+use crate::error::Result;
 
 /// A file on the host, accessed with positional reads and writes (`pread`/`pwrite`).
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
     read_only: bool,
+    /// QEMU's image locks this handle takes part in ([`Storage::lock`]).
+    lock: Mutex<Option<FileLock>>,
 }
 
 impl FileStorage {
@@ -39,22 +44,32 @@ impl FileStorage {
         Ok(FileStorage {
             file,
             read_only: !writable,
+            lock: Mutex::new(None),
         })
     }
 
-    /// Creates (or truncates) a file for writing.
-    pub fn create(path: impl AsRef<Path>) -> io::Result<FileStorage> {
+    /// Creates a file for writing, or empties an existing one, as `qemu-img create` does:
+    /// an existing file is emptied only after QEMU's write lock on it is taken
+    /// ([`LockMode::WRITE`], kept while the storage lives), so a file another process uses
+    /// is refused ([`crate::Error::Locked`]) and left as it was.
+    pub fn create(path: impl AsRef<Path>) -> Result<FileStorage> {
         let path = path.as_ref();
+        let io = |e| crate::Error::io("creating", e).in_file(path);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
-            .open(path)?;
-        Ok(FileStorage {
+            .truncate(false)
+            .open(path)
+            .map_err(io)?;
+        let storage = FileStorage {
             file,
             read_only: false,
-        })
+            lock: Mutex::new(None),
+        };
+        storage.lock(LockMode::WRITE).map_err(|e| e.in_file(path))?;
+        storage.file.set_len(0).map_err(io)?;
+        Ok(storage)
     }
 
     fn check_writable(&self) -> io::Result<()> {
@@ -153,6 +168,14 @@ impl Storage for FileStorage {
     }
     fn as_file(&self) -> Option<&File> {
         Some(&self.file)
+    }
+    fn lock(&self, mode: LockMode) -> Result<()> {
+        let mut held = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        // The new share is taken before the old one is dropped: locking again never
+        // lets go of the file in between.
+        let new = FileLock::acquire(&self.file, mode)?;
+        *held = new;
+        Ok(())
     }
     fn shares_extents_with(&self, src: &dyn Storage) -> bool {
         // statfs(2) magic numbers of file systems whose copy_file_range shares extents.

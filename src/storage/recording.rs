@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::sync::Mutex;
 
-use super::{Extent, MemStorage, Storage};
+use super::{Extent, LockMode, MemStorage, Storage};
 
 /// A [`MemStorage`] that counts each method called on it by name.
 #[derive(Debug, Default)]
@@ -66,6 +66,10 @@ impl Storage for Recording {
         self.note("as_file");
         None
     }
+    fn lock(&self, _mode: LockMode) -> crate::error::Result<()> {
+        self.note("lock");
+        Ok(())
+    }
     fn shares_extents_with(&self, _src: &dyn Storage) -> bool {
         self.note("shares_extents_with");
         false
@@ -110,6 +114,7 @@ pub(crate) fn call_every_method(storage: &dyn Storage) -> usize {
     storage.flush().unwrap();
     storage.copy_from(&other, 0, 0, 8).unwrap();
     let _ = storage.as_file();
+    storage.lock(LockMode::READ).unwrap();
     let _ = storage.shares_extents_with(&other);
     storage.start_writeback().unwrap();
     storage.len().unwrap();
@@ -118,5 +123,5 @@ pub(crate) fn call_every_method(storage: &dyn Storage) -> usize {
     let _ = storage.allocated_size();
     let _ = storage.is_read_only();
     storage.extent(0, 8).unwrap();
-    13
+    14
 }

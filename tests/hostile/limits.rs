@@ -81,6 +81,6 @@ fn write_commands_refuse_an_image_marked_corrupt_in_one_line() {
     }
     assert_eq!(std::fs::read(s.path("img.qcow2")).unwrap(), before);
     // Reading it is fine.
-    let out = s.qimg_output(&["io", "-c", "read 0 4k", "img.qcow2"]);
+    let out = s.qimg_output(&["io", "-r", "-c", "read 0 4k", "img.qcow2"]);
     assert!(out.status.success());
 }

@@ -27,7 +27,7 @@ const COMMANDS: &[&[&str]] = &[
     &["checksum", "{img}"],
     &["compare", "{img}", "{img}"],
     &["convert", "-O", "raw", "{img}", "{out}"],
-    &["io", "-c", "read 0 64k", "{img}"],
+    &["io", "-r", "-c", "read 0 64k", "{img}"],
     &["snapshot", "-l", "{img}"],
     &["measure", "-O", "qcow2", "{img}"],
 ];

@@ -7,7 +7,7 @@ use crate::create::{CreateOptions, create};
 use crate::error::{Error, Result};
 use crate::layers::Format;
 use crate::progress::Progress;
-use crate::storage::{FileStorage, Storage};
+use crate::storage::{FileStorage, LockMode, Storage};
 
 use super::options::{ConvertOptions, refuse_overwriting_a_source};
 use super::qcow2::convert_to_qcow2;
@@ -40,6 +40,7 @@ pub fn convert(
             create(dst, &raw)?;
             let out =
                 FileStorage::open(dst, true).map_err(|e| Error::io("opening", e).in_file(dst))?;
+            out.lock(LockMode::WRITE).map_err(|e| e.in_file(dst))?;
             convert_to_raw(chain, &out, options, progress).map_err(|e| e.in_file(dst))?;
             if options.sync {
                 out.flush()

@@ -9,7 +9,7 @@ use crate::create::{CreateOptions, data_file_path};
 use crate::error::{Error, Result};
 use crate::layers::Layer;
 use crate::qcow2::{Image, ImageOptions};
-use crate::storage::{Extent, FileStorage, Storage};
+use crate::storage::{Extent, FileStorage, LockMode, Storage};
 
 /// Opens the fresh output for writing, alone: every write covers whole clusters (or ends
 /// at the image's end), or, for zeros written as data into clusters larger than a piece
@@ -22,9 +22,10 @@ use crate::storage::{Extent, FileStorage, Storage};
 /// conversion has finished, and each flush would write back everything written so far.
 pub(super) fn open_output(dst: &Path, options: &CreateOptions) -> Result<(Chain, Vec<OutputFile>)> {
     let open = |path: &Path| {
-        FileStorage::open(path, true)
-            .map(Arc::new)
-            .map_err(|e| Error::io("opening", e).in_file(path))
+        let file =
+            FileStorage::open(path, true).map_err(|e| Error::io("opening", e).in_file(path))?;
+        file.lock(LockMode::WRITE).map_err(|e| e.in_file(path))?;
+        Ok::<_, Error>(Arc::new(file))
     };
     let mut files = vec![(dst.to_path_buf(), open(dst)?)];
     let data = match data_file_path(dst, options) {
@@ -76,6 +77,9 @@ impl<S: Storage + ?Sized> Storage for Unsynced<S> {
     }
     fn as_file(&self) -> Option<&std::fs::File> {
         self.0.as_file()
+    }
+    fn lock(&self, mode: LockMode) -> Result<()> {
+        self.0.lock(mode)
     }
     fn shares_extents_with(&self, src: &dyn Storage) -> bool {
         self.0.shares_extents_with(src)
