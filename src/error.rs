@@ -201,6 +201,21 @@ pub enum Error {
         shared: bool,
     },
 
+    /// An image outside the chain being merged depends on the image a merge would change
+    /// (`direct`: uses it as its backing file; otherwise further down its chain), so what
+    /// it shows would change: the classic way to corrupt linked clones.
+    #[error(
+        "is {} {}; committing would change what it shows",
+        if *direct { "the backing file of" } else { "in the backing chain of" },
+        dependent.display()
+    )]
+    HasDependents {
+        /// The image that would change.
+        dependent: PathBuf,
+        /// Whether it uses the image as its backing file directly.
+        direct: bool,
+    },
+
     /// The image's corrupt bit is set: it may be read, but not written until `check -r
     /// all` ([`crate::Image::repair`]) repairs it.
     #[error("the image is marked corrupt (run check -r all to repair it)")]

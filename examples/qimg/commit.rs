@@ -31,6 +31,13 @@ pub struct Args {
     /// Change nothing; print how many bytes of data and of zeros would be copied.
     #[arg(long = "dry-run")]
     dry_run: bool,
+    /// Commit even when images outside the chain use the base and would change.
+    #[arg(long)]
+    force: bool,
+    /// Also look in DIR for images that use the base (besides the directories of the
+    /// chain's images); repeatable.
+    #[arg(long = "also-in", value_name = "DIR")]
+    also_in: Vec<PathBuf>,
     /// The image the command starts from.
     file: PathBuf,
 }
@@ -41,6 +48,8 @@ pub fn run(args: Args) -> Result<u8> {
         base: args.base.map(PathBuf::from),
         top: args.top.map(PathBuf::from),
         keep: args.keep,
+        force: args.force,
+        also_in: args.also_in,
         merge: MergeOptions {
             dry_run: args.dry_run,
             chain: crate::common::chain_defaults(),
@@ -50,7 +59,13 @@ pub fn run(args: Args) -> Result<u8> {
     let bar = progress_bar(args.progress && !args.quiet, 0);
     let result = ops::commit(&args.file, &options, &mut merge_progress(&bar));
     bar.finish_and_clear();
-    let report = result.map_err(|e| merge_error(e, &args.file))?;
+    let report = result.map_err(|e| {
+        if matches!(e.root(), qcow2_engine::Error::HasDependents { .. }) {
+            anyhow::anyhow!("{} (use qimg remove, or --force)", e.report())
+        } else {
+            merge_error(e, &args.file)
+        }
+    })?;
     if args.dry_run {
         print_dry_run(&report);
     } else if !args.quiet {

@@ -20,6 +20,7 @@ mod pull;
 mod rebase;
 mod resize;
 mod snapshot;
+mod tree;
 
 use std::process::ExitCode;
 
@@ -75,6 +76,8 @@ enum Command {
     Resize(resize::Args),
     /// Change a qcow2 image's options in place.
     Amend(amend::Args),
+    /// Show the images in directories as a forest, each under its backing file.
+    Tree(tree::Args),
 }
 
 fn main() -> ExitCode {
@@ -103,6 +106,7 @@ fn main() -> ExitCode {
         Command::Rebase(args) => (rebase::run(args), 1),
         Command::Resize(args) => (resize::run(args), 1),
         Command::Amend(args) => (amend::run(args), 1),
+        Command::Tree(args) => (tree::run(args), 1),
     };
     match result {
         Ok(code) => ExitCode::from(code),

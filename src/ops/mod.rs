@@ -1,5 +1,5 @@
 //! Operations over whole chains: map, checksum, compare, convert, info, measure, du, and the
-//! merges (commit, pull, rebase).
+//! merges (commit, pull, rebase), and trees of images (who uses whom as backing file).
 
 mod bytes;
 mod checksum;
@@ -12,6 +12,7 @@ mod map;
 mod measure;
 mod merge;
 mod read_ahead;
+mod tree;
 
 pub use crate::progress::Progress;
 pub use checksum::checksum;
@@ -22,3 +23,4 @@ pub use info::{ImageInfo, Qcow2Info, SnapshotInfo, chain_info, info};
 pub use map::{MapEntries, MapEntry, map, map_range};
 pub use measure::{Measurement, measure_chain, measure_size};
 pub use merge::{CommitOptions, MergeOptions, MergeReport, StorageCopy, commit, pull, rebase};
+pub use tree::{Forest, TreeImage, TreeOptions};

@@ -37,6 +37,7 @@ pub(crate) use layout::{Layout, LayoutOptions};
 pub use lookup::Runs;
 pub use mapping::{Mapping, Run};
 pub(crate) use mapping::{RunCursor, fill_by_runs};
+pub(crate) use open::Headers;
 pub(crate) use read::check_run_buffer;
 pub use reference::{Owner, ReferenceKind};
 pub use space::{ImageSpace, OwnerSpace};

@@ -127,14 +127,68 @@ impl Image {
         let file_len = storage
             .len()
             .map_err(|e| Error::io("reading file length", e))?;
+        let Headers {
+            header,
+            extensions,
+            backing_file,
+        } = Headers::read(&*storage, file_len)?;
+        let geometry = Geometry::new(header.cluster_bits, header.extended_l2());
+        let l1_bytes = read_exact(
+            &*storage,
+            "L1 table",
+            header.l1_table_offset,
+            u64::from(header.l1_size) * 8,
+            file_len,
+        )?;
+        let l1 = format::decode_u64_table(&l1_bytes);
+        let snapshots = read_snapshot_table(&*storage, &header, file_len)?;
+        let tables = (options.l2_cache_bytes / header.cluster_size()).max(4) as usize;
+        Ok(Image {
+            name,
+            storage,
+            data_file,
+            geometry,
+            external_data_file: header
+                .incompatible_features
+                .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE),
+            meta: RwLock::new(Meta {
+                header,
+                extensions,
+                backing_file,
+                l1,
+                snapshots,
+            }),
+            l2_cache: L2Cache::new(tables),
+            file_len: AtomicU64::new(file_len),
+            last_compressed: Mutex::new(None),
+            io_lock: RwLock::new(()),
+            writer: None,
+            overlap: RwLock::new(Default::default()),
+        })
+    }
+}
+
+/// What an image says about itself before any table is read: the header, its extensions
+/// (validated, features checked) and the backing file's name. Bounded: at most one
+/// cluster (2 MiB) and the name (1023 bytes) are read, whatever the header claims.
+#[derive(Debug, Clone)]
+pub(crate) struct Headers {
+    pub(crate) header: Header,
+    pub(crate) extensions: HeaderExtensions,
+    pub(crate) backing_file: Option<String>,
+}
+
+impl Headers {
+    /// Reads and checks the headers of the qcow2 image in `storage` (`file_len` bytes).
+    pub(crate) fn read(storage: &dyn Storage, file_len: u64) -> Result<Headers> {
         // The header and its extensions live in the first cluster; read what is there
         // (at most 2 MiB) and let decode say what is missing.
-        let first = read_exact(&*storage, "header", 0, file_len.min(512), file_len)?;
+        let first = read_exact(storage, "header", 0, file_len.min(512), file_len)?;
         let probe = Header::decode(&first);
         let header = match probe {
             Ok(h) => h,
             Err(Error::Truncated { .. }) if file_len > 512 => Header::decode(&read_exact(
-                &*storage,
+                storage,
                 "header",
                 0,
                 file_len.min(1 << format::MAX_CLUSTER_BITS),
@@ -144,7 +198,7 @@ impl Image {
         };
         let cluster_size = header.cluster_size();
         let first_cluster = read_exact(
-            &*storage,
+            storage,
             "header cluster",
             0,
             file_len.min(cluster_size),
@@ -171,7 +225,7 @@ impl Image {
         // An empty name is no backing file, as QEMU reads it.
         let backing_file = if header.backing_file_offset != 0 && header.backing_file_size != 0 {
             let raw = read_exact(
-                &*storage,
+                storage,
                 "backing file name",
                 header.backing_file_offset,
                 header.backing_file_size.into(),
@@ -195,39 +249,23 @@ impl Image {
         } else {
             None
         };
-        let geometry = Geometry::new(header.cluster_bits, header.extended_l2());
-        let l1_bytes = read_exact(
-            &*storage,
-            "L1 table",
-            header.l1_table_offset,
-            u64::from(header.l1_size) * 8,
-            file_len,
-        )?;
-        let l1 = format::decode_u64_table(&l1_bytes);
-        let snapshots = read_snapshot_table(&*storage, &header, file_len)?;
-        let tables = (options.l2_cache_bytes / cluster_size).max(4) as usize;
-        Ok(Image {
-            name,
-            storage,
-            data_file,
-            geometry,
-            external_data_file: header
-                .incompatible_features
-                .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE),
-            meta: RwLock::new(Meta {
-                header,
-                extensions,
-                backing_file,
-                l1,
-                snapshots,
-            }),
-            l2_cache: L2Cache::new(tables),
-            file_len: AtomicU64::new(file_len),
-            last_compressed: Mutex::new(None),
-            io_lock: RwLock::new(()),
-            writer: None,
-            overlap: RwLock::new(Default::default()),
+        Ok(Headers {
+            header,
+            extensions,
+            backing_file,
         })
+    }
+
+    /// The names of the image's internal snapshots, read from its snapshot table.
+    pub(crate) fn snapshot_names(
+        &self,
+        storage: &dyn Storage,
+        file_len: u64,
+    ) -> Result<Vec<String>> {
+        Ok(read_snapshot_table(storage, &self.header, file_len)?
+            .into_iter()
+            .map(|s| s.name)
+            .collect())
     }
 }
 

@@ -14,6 +14,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub mod holder;
 pub mod ops;
 
 use qcow2_engine::{Chain, ChainRun, Layer, Mapping};

@@ -39,6 +39,7 @@ impl Op {
                     top: top.map(p),
                     keep,
                     merge: options.clone(),
+                    ..CommitOptions::default()
                 },
                 &mut progress,
             ),

@@ -1,11 +1,14 @@
 //! Commit: the data of the layers above a base goes down into it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::chain::Chain;
 use crate::error::{Error, Result};
 use crate::layers::Layer;
 use crate::progress::{Progress, Tracker};
+use crate::storage::Locking;
+
+use crate::ops::tree::{Forest, TreeOptions};
 
 use super::backing::{open, repoint_options, set_backing};
 use super::copy::copy_decided;
@@ -46,6 +49,9 @@ pub fn commit(
             layer_name(top)
         ))
         .in_file(path));
+    }
+    if !options.force {
+        refuse_changing_what_others_show(&chain, top, base, options)?;
     }
     let keep = options.keep || options.base.is_some() || top > 0;
     // A middle range goes down as its top layer shows it: up to that layer's size,
@@ -135,4 +141,56 @@ fn make_empty(chain: &Chain, size: u64) -> Result<()> {
         Layer::Qcow2(image) => image.discard_whole(0, size),
         Layer::Raw(_) => Err(Error::Unsupported("emptying a raw image")),
     }
+}
+
+/// Refuses a commit into `base` that would change what an image outside the chain shows:
+/// one whose backing chain holds the base but not the merge's top (a sibling of a layer
+/// being merged, or any image on the base). Images on the top see the same afterwards.
+/// Looks in the directories of the chain's images and [`CommitOptions::also_in`]; with a
+/// custom opener there are no host directories to look in, and nothing is refused.
+fn refuse_changing_what_others_show(
+    chain: &Chain,
+    top: usize,
+    base: usize,
+    options: &CommitOptions,
+) -> Result<()> {
+    if options.merge.chain.opener.is_some() {
+        return Ok(());
+    }
+    let layers = &chain.layers()[..=base];
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for layer in layers {
+        let dir = layer.name().parent().unwrap_or(Path::new("")).to_path_buf();
+        if !dirs.contains(&dir) {
+            dirs.push(dir);
+        }
+    }
+    dirs.extend(options.also_in.iter().cloned());
+    let scan = TreeOptions {
+        // A header is all that is read: images a VM is writing are looked at too.
+        locking: Locking::ForceShare,
+        ..TreeOptions::default()
+    };
+    let forest = Forest::scan(&dirs, &scan)?;
+    let (Some(base_at), Some(top_at)) = (
+        forest.find(layers[base].name()),
+        forest.find(layers[top].name()),
+    ) else {
+        return Ok(());
+    };
+    let in_chain: Vec<usize> = layers
+        .iter()
+        .filter_map(|l| forest.find(l.name()))
+        .collect();
+    for dependent in forest.dependents(base_at) {
+        if in_chain.contains(&dependent) || forest.chain_of(dependent).any(|i| i == top_at) {
+            continue;
+        }
+        return Err(Error::HasDependents {
+            dependent: forest.images()[dependent].path.clone(),
+            direct: forest.parent(dependent) == Some(base_at),
+        }
+        .in_file(layers[base].name()));
+    }
+    Ok(())
 }

@@ -93,6 +93,12 @@ pub struct CommitOptions {
     /// Keep the committed image's data (`-d`); implied by `base` or a `top` below the
     /// starting image, as in qemu-img.
     pub keep: bool,
+    /// Commit even when images outside the chain depend on the base and would change
+    /// (see [`crate::Error::HasDependents`]); qemu-img never looks.
+    pub force: bool,
+    /// More directories to look for images depending on the base in, besides those of
+    /// the chain's images.
+    pub also_in: Vec<PathBuf>,
     /// Shared options.
     pub merge: MergeOptions,
 }
