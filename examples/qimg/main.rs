@@ -18,6 +18,7 @@ mod map;
 mod measure;
 mod pull;
 mod rebase;
+mod remove;
 mod resize;
 mod snapshot;
 mod tree;
@@ -72,6 +73,8 @@ enum Command {
     Pull(pull::Args),
     /// Change an image's backing file.
     Rebase(rebase::Args),
+    /// Delete an external snapshot from a tree: its users keep what they show.
+    Remove(remove::Args),
     /// Change an image's virtual size.
     Resize(resize::Args),
     /// Change a qcow2 image's options in place.
@@ -104,6 +107,7 @@ fn main() -> ExitCode {
         Command::Commit(args) => (commit::run(args), 1),
         Command::Pull(args) => (pull::run(args), 1),
         Command::Rebase(args) => (rebase::run(args), 1),
+        Command::Remove(args) => (remove::run(args), 1),
         Command::Resize(args) => (resize::run(args), 1),
         Command::Amend(args) => (amend::run(args), 1),
         Command::Tree(args) => (tree::run(args), 1),

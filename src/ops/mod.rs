@@ -22,5 +22,8 @@ pub use du::{LayerSpace, SnapshotSpace, SpaceReport, du};
 pub use info::{ImageInfo, Qcow2Info, SnapshotInfo, chain_info, info};
 pub use map::{MapEntries, MapEntry, map, map_range};
 pub use measure::{Measurement, measure_chain, measure_size};
-pub use merge::{CommitOptions, MergeOptions, MergeReport, StorageCopy, commit, pull, rebase};
+pub use merge::{
+    CommitOptions, MergeOptions, MergeReport, RemoveMethod, RemoveOptions, RemoveReport,
+    StorageCopy, commit, pull, rebase, remove,
+};
 pub use tree::{Forest, TreeImage, TreeOptions};

@@ -177,6 +177,29 @@ impl Opener for MemOpener {
     fn canonicalize(&self, path: &Path) -> io::Result<PathBuf> {
         Ok(normalize(path))
     }
+
+    fn read_dir(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
+        let dir = normalize(dir);
+        if self.get(&dir).is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotADirectory,
+                "not a directory",
+            ));
+        }
+        // Directories exist only as the names their files have: the files right in `dir`.
+        Ok(self
+            .files()
+            .into_iter()
+            .map(|(path, _)| path)
+            .filter(|path| path.parent() == Some(dir.as_path()))
+            .collect())
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        self.remove(path)
+            .map(drop)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such file in memory"))
+    }
 }
 
 #[cfg(test)]

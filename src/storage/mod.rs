@@ -24,5 +24,5 @@ pub(crate) use lock::FileLock;
 pub use lock::{LockMode, Locking, Permissions};
 pub use memory::{MemOpener, MemStorage};
 pub use opener::{FileInfo, Opener};
-pub(crate) use opener::{canonicalize_with, open_with, stat_with};
+pub(crate) use opener::{canonicalize_with, open_with, read_dir_with, remove_file_with, stat_with};
 pub(crate) use zeros::write_zeros;

@@ -54,6 +54,21 @@ pub trait Opener: Send + Sync {
     fn canonicalize(&self, path: &Path) -> io::Result<PathBuf> {
         std::fs::canonicalize(path)
     }
+
+    /// The files and directories in directory `dir`, each as `dir` joined with its name,
+    /// for finding the images that use one as backing file ([`crate::ops::Forest`]).
+    /// Default: [`io::ErrorKind::Unsupported`] (such openers cannot be searched).
+    fn read_dir(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
+        let _ = dir;
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
+    /// Deletes the file at `path` (a layer [`crate::ops::remove`] took out of every
+    /// chain). Default: [`io::ErrorKind::Unsupported`] (the file is left).
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        let _ = path;
+        Err(io::ErrorKind::Unsupported.into())
+    }
 }
 
 /// Opens `path` with `opener`, or as a [`FileStorage`] without one.
@@ -81,5 +96,34 @@ pub(crate) fn canonicalize_with(opener: Option<&dyn Opener>, path: &Path) -> io:
     match opener {
         Some(o) => o.canonicalize(path),
         None => std::fs::canonicalize(path),
+    }
+}
+
+/// [`Opener::read_dir`] of `opener`, or the host directory's entries (sorted by name)
+/// without one.
+pub(crate) fn read_dir_with(opener: Option<&dyn Opener>, dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut entries = match opener {
+        Some(o) => o.read_dir(dir)?,
+        None => {
+            // The empty name is the current directory; its entries keep bare names.
+            let listing = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            std::fs::read_dir(listing)?
+                .map(|entry| entry.map(|e| dir.join(e.file_name())))
+                .collect::<io::Result<Vec<_>>>()?
+        }
+    };
+    entries.sort();
+    Ok(entries)
+}
+
+/// [`Opener::remove_file`] of `opener`, or [`std::fs::remove_file`] without one.
+pub(crate) fn remove_file_with(opener: Option<&dyn Opener>, path: &Path) -> io::Result<()> {
+    match opener {
+        Some(o) => o.remove_file(path),
+        None => std::fs::remove_file(path),
     }
 }

@@ -146,17 +146,15 @@ fn make_empty(chain: &Chain, size: u64) -> Result<()> {
 /// Refuses a commit into `base` that would change what an image outside the chain shows:
 /// one whose backing chain holds the base but not the merge's top (a sibling of a layer
 /// being merged, or any image on the base). Images on the top see the same afterwards.
-/// Looks in the directories of the chain's images and [`CommitOptions::also_in`]; with a
-/// custom opener there are no host directories to look in, and nothing is refused.
+/// Looks in the directories of the chain's images and [`CommitOptions::also_in`]; an
+/// opener that cannot list directories ([`crate::storage::Opener::read_dir`]) has none
+/// to look in, and nothing is refused.
 fn refuse_changing_what_others_show(
     chain: &Chain,
     top: usize,
     base: usize,
     options: &CommitOptions,
 ) -> Result<()> {
-    if options.merge.chain.opener.is_some() {
-        return Ok(());
-    }
     let layers = &chain.layers()[..=base];
     let mut dirs: Vec<PathBuf> = Vec::new();
     for layer in layers {
@@ -166,12 +164,11 @@ fn refuse_changing_what_others_show(
         }
     }
     dirs.extend(options.also_in.iter().cloned());
-    let scan = TreeOptions {
-        // A header is all that is read: images a VM is writing are looked at too.
-        locking: Locking::ForceShare,
-        ..TreeOptions::default()
+    let forest = match dependents_scan(&dirs, &options.merge) {
+        Ok(forest) => forest,
+        Err(e) if e.io_kind() == Some(std::io::ErrorKind::Unsupported) => return Ok(()),
+        Err(e) => return Err(e),
     };
-    let forest = Forest::scan(&dirs, &scan)?;
     let (Some(base_at), Some(top_at)) = (
         forest.find(layers[base].name()),
         forest.find(layers[top].name()),
@@ -193,4 +190,15 @@ fn refuse_changing_what_others_show(
         .in_file(layers[base].name()));
     }
     Ok(())
+}
+
+/// The images in `dirs`, read to find which use which as backing file before a merge
+/// changes one: only headers are read, sharing every image (a VM's image is read too).
+pub(super) fn dependents_scan(dirs: &[PathBuf], options: &MergeOptions) -> Result<Forest> {
+    let scan = TreeOptions {
+        locking: Locking::ForceShare,
+        opener: options.chain.opener.clone(),
+        ..TreeOptions::default()
+    };
+    Forest::scan(dirs, &scan)
 }

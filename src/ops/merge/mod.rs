@@ -1,5 +1,6 @@
-//! Merging chains: commit (push overlay data down), pull (bring backing data up) and
-//! rebase, as `qemu-img commit`, libvirt `blockcommit`/`blockpull` and `qemu-img rebase`.
+//! Merging chains: commit (push overlay data down), pull (bring backing data up), rebase,
+//! as `qemu-img commit`, libvirt `blockcommit`/`blockpull` and `qemu-img rebase`, and
+//! remove (an external snapshot out of a tree of images, by commits and pulls).
 //!
 //! All of them are one pass over the chain's resolved runs: each guest range is read
 //! once, from the layer that decides it, however deep the chain, and written to the
@@ -30,6 +31,7 @@ mod options;
 mod plan;
 mod pull;
 mod rebase;
+mod remove;
 mod resume;
 mod sink;
 
@@ -37,3 +39,4 @@ pub use commit::commit;
 pub use options::{CommitOptions, MergeOptions, MergeReport, StorageCopy};
 pub use pull::pull;
 pub use rebase::rebase;
+pub use remove::{RemoveMethod, RemoveOptions, RemoveReport, remove};

@@ -2,16 +2,28 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::storage::FileInfo;
+use crate::storage::{Opener, stat_with};
 
 use super::scan::{TreeImage, TreeOptions, files_in, too_many};
 
+impl std::fmt::Debug for Forest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forest")
+            .field("images", &self.images)
+            .field("parents", &self.parents)
+            .field("skipped", &self.skipped)
+            .finish()
+    }
+}
+
 /// Images and their backing files: a forest whose roots have no backing file (or one
 /// that could not be read), each image under the image it uses as backing file.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Forest {
+    opener: Option<Arc<dyn Opener>>,
     images: Vec<TreeImage>,
     parents: Vec<Option<usize>>,
     children: Vec<Vec<usize>>,
@@ -25,16 +37,19 @@ impl Forest {
     /// a backing chain that loops is cut where it comes back, and listed there too.
     pub fn scan(paths: &[impl AsRef<Path>], options: &TreeOptions) -> Result<Forest> {
         let paths: Vec<PathBuf> = paths.iter().map(|p| p.as_ref().to_path_buf()).collect();
-        let mut forest = Forest::default();
+        let mut forest = Forest {
+            opener: options.opener.clone(),
+            ..Forest::default()
+        };
         let mut by_id: HashMap<(u64, u64), usize> = HashMap::new();
-        for file in files_in(&paths, options.max_images)? {
+        for file in files_in(&paths, options)? {
             forest.add(&file, options, &mut by_id)?;
         }
         // Backing files outside the directories, level by level (each file once).
         let mut next = 0;
         while next < forest.images.len() {
             if let Some(backing) = forest.images[next].backing_path.clone() {
-                if let Ok(info) = FileInfo::of_host_file(&backing) {
+                if let Ok(info) = stat_with(options.opener(), &backing) {
                     if !by_id.contains_key(&info.id) {
                         forest.add(&backing, options, &mut by_id)?;
                     }
@@ -76,7 +91,7 @@ impl Forest {
             let parent = self.images[i]
                 .backing_path
                 .as_deref()
-                .and_then(|b| FileInfo::of_host_file(b).ok())
+                .and_then(|b| stat_with(self.opener.as_deref(), b).ok())
                 .and_then(|info| by_id.get(&info.id).copied());
             self.parents[i] = parent;
         }
@@ -133,7 +148,7 @@ impl Forest {
 
     /// Which image is the file at `path` (the same file, whatever name reaches it).
     pub fn find(&self, path: impl AsRef<Path>) -> Option<usize> {
-        let id = FileInfo::of_host_file(path).ok()?.id;
+        let id = stat_with(self.opener.as_deref(), path.as_ref()).ok()?.id;
         self.images.iter().position(|image| image.id == id)
     }
 

@@ -1,16 +1,18 @@
 //! Finding images and reading what each says about itself and its backing file: headers
 //! only, so a directory of big images, or of hostile ones, costs a few reads per file.
 
+use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::layers::Format;
 use crate::names::{backing_path_name, resolve_relative};
 use crate::qcow2::Headers;
-use crate::storage::{FileInfo, FileStorage, Locking, Storage};
+use crate::storage::{Locking, Opener, open_with, read_dir_with, stat_with};
 
 /// How [`super::Forest::scan`] looks.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct TreeOptions {
     /// QEMU's locks on each file while its headers are read (default [`Locking::On`], as
     /// `qemu-img info`; [`Locking::ForceShare`] reads images a VM is writing).
@@ -18,6 +20,9 @@ pub struct TreeOptions {
     /// The most images a scan reads, counting backing files outside the directories
     /// (default 100 000): a directory holding more is refused, not read for hours.
     pub max_images: usize,
+    /// Lists directories and opens files (default `None`: the host's); an opener that
+    /// cannot list ([`Opener::read_dir`]) cannot be searched.
+    pub opener: Option<Arc<dyn Opener>>,
 }
 
 impl Default for TreeOptions {
@@ -25,7 +30,24 @@ impl Default for TreeOptions {
         TreeOptions {
             locking: Locking::On,
             max_images: 100_000,
+            opener: None,
         }
+    }
+}
+
+impl std::fmt::Debug for TreeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TreeOptions")
+            .field("locking", &self.locking)
+            .field("max_images", &self.max_images)
+            .field("opener", &self.opener.as_ref().map(|_| "custom"))
+            .finish()
+    }
+}
+
+impl TreeOptions {
+    pub(super) fn opener(&self) -> Option<&dyn Opener> {
+        self.opener.as_deref()
     }
 }
 
@@ -56,7 +78,7 @@ impl TreeImage {
     /// FIFOs, sockets, devices are left alone).
     pub(super) fn read(path: &Path, options: &TreeOptions) -> Result<Option<TreeImage>> {
         let info =
-            FileInfo::of_host_file(path).map_err(|e| Error::io("opening", e).in_file(path))?;
+            stat_with(options.opener(), path).map_err(|e| Error::io("opening", e).in_file(path))?;
         if !info.regular {
             return Ok(None);
         }
@@ -67,14 +89,14 @@ impl TreeImage {
 }
 
 fn read_image(path: &Path, id: (u64, u64), options: &TreeOptions) -> Result<TreeImage> {
-    let storage = FileStorage::open(path, false).map_err(|e| Error::io("opening", e))?;
+    let storage = open_with(options.opener(), path, false).map_err(|e| Error::io("opening", e))?;
     if let Some(mode) = options.locking.mode(false)? {
         storage.lock(mode)?;
     }
     let len = storage
         .len()
         .map_err(|e| Error::io("reading file length", e))?;
-    let format = Format::probe(&storage)?;
+    let format = Format::probe(&*storage)?;
     let actual_size = storage.allocated_size().unwrap_or(len);
     let mut image = TreeImage {
         path: path.to_path_buf(),
@@ -87,9 +109,9 @@ fn read_image(path: &Path, id: (u64, u64), options: &TreeOptions) -> Result<Tree
         backing_path: None,
     };
     if format == Format::Qcow2 {
-        let headers = Headers::read(&storage, len)?;
+        let headers = Headers::read(&*storage, len)?;
         image.virtual_size = headers.header.size;
-        image.snapshots = headers.snapshot_names(&storage, len)?;
+        image.snapshots = headers.snapshot_names(&*storage, len)?;
         image.backing_path = headers
             .backing_file
             .as_deref()
@@ -102,33 +124,20 @@ fn read_image(path: &Path, id: (u64, u64), options: &TreeOptions) -> Result<Tree
 
 /// The files to read: each directory's entries (sorted by name; not recursive) and each
 /// file named, at most `max` of them.
-pub(super) fn files_in(paths: &[PathBuf], max: usize) -> Result<Vec<PathBuf>> {
+pub(super) fn files_in(paths: &[PathBuf], options: &TreeOptions) -> Result<Vec<PathBuf>> {
+    let max = options.max_images;
     let mut files = Vec::new();
     for path in paths {
-        // The empty name is the current directory (the parent of a bare file name), and
-        // its files keep bare names.
-        let listing = if path.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            path.as_path()
-        };
-        let meta = std::fs::metadata(listing).map_err(|e| Error::io("opening", e).in_file(path))?;
-        if !meta.is_dir() {
-            files.push(path.clone());
-            continue;
-        }
-        let mut names = Vec::new();
-        for entry in
-            std::fs::read_dir(listing).map_err(|e| Error::io("listing", e).in_file(path))?
-        {
-            let entry = entry.map_err(|e| Error::io("listing", e).in_file(path))?;
-            names.push(entry.file_name());
-            if files.len() + names.len() > max {
-                return Err(too_many(max).in_file(path));
+        match read_dir_with(options.opener(), path) {
+            Ok(entries) => {
+                if files.len() + entries.len() > max {
+                    return Err(too_many(max).in_file(path));
+                }
+                files.extend(entries);
             }
+            Err(e) if e.kind() == io::ErrorKind::NotADirectory => files.push(path.clone()),
+            Err(e) => return Err(Error::io("listing", e).in_file(path)),
         }
-        names.sort();
-        files.extend(names.into_iter().map(|name| path.join(name)));
     }
     Ok(files)
 }
