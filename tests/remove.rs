@@ -185,6 +185,28 @@ fn refusals_name_the_layer_and_change_nothing() {
         .map(|i| std::fs::read(s.path(i)).unwrap())
         .collect();
     assert!(after == before, "a refused remove changed an image");
+
+    // Internal snapshots: the layer's would be deleted with it; a user's would read a
+    // new backing file after a pull.
+    for (image, expected) in [
+        (
+            "mid.qcow2",
+            "it holds internal snapshots (s) that deleting it would lose",
+        ),
+        (
+            "top.qcow2",
+            "top.qcow2 holds internal snapshots, which would show something else",
+        ),
+    ] {
+        s.qemu_img(&["snapshot", "-c", "s", image]);
+        let before = std::fs::read(s.path(image)).unwrap();
+        let out = s.qimg_output(&["remove", "mid.qcow2"]);
+        assert_one_line_failure(&out, image);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{image}: {stderr}");
+        assert_eq!(std::fs::read(s.path(image)).unwrap(), before);
+        s.qemu_img(&["snapshot", "-d", "s", image]);
+    }
 }
 
 #[test]

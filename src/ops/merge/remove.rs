@@ -216,6 +216,14 @@ fn plan(layer: &Path, options: &RemoveOptions) -> Result<Plan> {
         )
         .in_file(layer));
     }
+    if !options.keep && !image.snapshots.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "it holds internal snapshots ({}) that deleting it would lose; delete them first, \
+             or keep the file",
+            image.snapshots.join(", ")
+        ))
+        .in_file(layer));
+    }
     let method = match backing {
         // A backing file no longer than the layer shows nothing past the layer's end, so
         // users re-pointed at it see there what the layer showed them: zeros.
@@ -227,6 +235,22 @@ fn plan(layer: &Path, options: &RemoveOptions) -> Result<Plan> {
         }
         _ => RemoveMethod::PullUp,
     };
+    if method == RemoveMethod::PullUp {
+        // Pulling writes only a user's active layer: its internal snapshots would read
+        // what they did not allocate from the new backing file, and show something else.
+        if let Some(&c) = forest
+            .children(at)
+            .iter()
+            .find(|&&c| !forest.images()[c].snapshots.is_empty())
+        {
+            return Err(Error::InvalidArgument(format!(
+                "{} holds internal snapshots, which would show something else once its \
+                 backing file changes",
+                forest.images()[c].path.display()
+            ))
+            .in_file(layer));
+        }
+    }
     Ok(Plan {
         method,
         backing: backing.map(|b| forest.images()[b].path.clone()),
