@@ -296,14 +296,16 @@ fn a_remove_stopped_before_deleting_the_layer_finishes_from_its_journal() {
     snapshot_views(&s);
     let hex = |p: &str| p.bytes().map(|b| format!("{b:02x}")).collect::<String>();
     let dir = s.dir().display().to_string();
+    let body = format!(
+        "qimg remove journal 1\ncommit\nbacking {}\ndependent {}\ndependent {}\n",
+        hex(&format!("{dir}/base.qcow2")),
+        hex(&format!("{dir}/top.qcow2")),
+        hex(&format!("{dir}/top2.qcow2")),
+    );
+    let crc = crc32fast::hash(body.as_bytes());
     std::fs::write(
         s.path(".mid.qcow2.qimg-remove"),
-        format!(
-            "qimg remove journal 1\ncommit\nbacking {}\ndependent {}\ndependent {}\n",
-            hex(&format!("{dir}/base.qcow2")),
-            hex(&format!("{dir}/top.qcow2")),
-            hex(&format!("{dir}/top2.qcow2")),
-        ),
+        format!("{body}end {crc:08x}\n"),
     )
     .unwrap();
     // The state the journal describes: mid's data in base, both users re-pointed.

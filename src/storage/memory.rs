@@ -195,6 +195,10 @@ impl Opener for MemOpener {
             .collect())
     }
 
+    fn create(&self, path: &Path) -> io::Result<Box<dyn Storage>> {
+        Ok(Box::new(MemOpener::create(self, path)))
+    }
+
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         self.remove(path)
             .map(drop)

@@ -64,8 +64,16 @@ pub trait Opener: Send + Sync {
     }
 
     /// Deletes the file at `path` (a layer [`crate::ops::remove`] took out of every
-    /// chain). Default: [`io::ErrorKind::Unsupported`] (the file is left).
+    /// chain, its journal). Default: [`io::ErrorKind::Unsupported`] (the file is left).
     fn remove_file(&self, path: &Path) -> io::Result<()> {
+        let _ = path;
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
+    /// Creates the file at `path` empty (or empties it), for writing: the journal that
+    /// lets an interrupted [`crate::ops::remove`] be finished. Default:
+    /// [`io::ErrorKind::Unsupported`] (removes through such an opener keep no journal).
+    fn create(&self, path: &Path) -> io::Result<Box<dyn Storage>> {
         let _ = path;
         Err(io::ErrorKind::Unsupported.into())
     }

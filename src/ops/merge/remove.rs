@@ -8,9 +8,9 @@
 //! Each step is a merge ([`super::commit`] of the layer as a middle range, or
 //! [`super::pull`] into each user) and keeps what every image shows at every moment.
 //! Before the first change the plan is written to a journal beside the layer
-//! (`.NAME.qimg-remove`, host files only), so running the same command again after an
-//! interruption goes on with the same plan, even once every user has been re-pointed and
-//! only deleting the layer was left; the journal goes last.
+//! (`.NAME.qimg-remove`; through an opener, when it can create files), so running the
+//! same command again after an interruption goes on with the same plan, even once every
+//! user has been re-pointed and only deleting the layer was left; the journal goes last.
 
 use std::io::{self, Write as _};
 use std::os::unix::ffi::OsStrExt;
@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use crate::chain::{Chain, ChainOptions};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
-use crate::storage::remove_file_with;
+use crate::storage::{Opener, open_with, remove_file_with};
 
 use super::backing::{open, repoint_options, set_backing};
 use super::commit::{commit, dependents_scan};
@@ -79,14 +79,14 @@ pub fn remove(
     progress: Progress<'_>,
 ) -> Result<RemoveReport> {
     let layer = layer.as_ref();
-    let host = options.merge.chain.opener.is_none();
-    let journal = host.then(|| journal_path(layer));
-    let plan = match journal.as_deref().map(read_journal).transpose()?.flatten() {
+    let opener = options.merge.chain.opener.as_deref();
+    let journal = journal_path(layer);
+    let plan = match read_journal(opener, &journal)? {
         Some(plan) => plan,
         None => {
             let plan = plan(layer, options)?;
-            if let (Some(journal), false) = (&journal, options.merge.dry_run) {
-                write_journal(journal, &plan).map_err(|e| {
+            if !options.merge.dry_run {
+                write_journal(opener, &journal, &plan).map_err(|e| {
                     Error::io(format!("writing the journal {}", journal.display()), e)
                         .in_file(layer)
                 })?;
@@ -165,11 +165,9 @@ pub fn remove(
                 Err(e) => return Err(Error::io("deleting", e).in_file(layer)),
             }
         }
-        if let Some(journal) = &journal {
-            remove_journal(journal).map_err(|e| {
-                Error::io(format!("removing the journal {}", journal.display()), e).in_file(layer)
-            })?;
-        }
+        remove_journal(opener, &journal).map_err(|e| {
+            Error::io(format!("removing the journal {}", journal.display()), e).in_file(layer)
+        })?;
     }
     progress(steps * STEP, steps * STEP);
     Ok(RemoveReport {
@@ -291,6 +289,8 @@ fn journal_path(layer: &Path) -> PathBuf {
 }
 
 const JOURNAL_HEADER: &str = "qimg remove journal 1";
+/// A journal is a few lines per user; anything much larger is no journal of ours.
+const MAX_JOURNAL_BYTES: u64 = 1 << 20;
 
 /// Paths are written as hex of their bytes: any byte may be in a name, newlines too.
 fn hex(path: &Path) -> String {
@@ -312,7 +312,9 @@ fn unhex(text: &str) -> Option<PathBuf> {
     Some(PathBuf::from(std::ffi::OsStr::from_bytes(&bytes)))
 }
 
-fn write_journal(path: &Path, plan: &Plan) -> io::Result<()> {
+/// The journal's text: the plan, then a CRC-32 of everything before it, so that a
+/// journal cut short by a crash reads as none.
+fn encode(plan: &Plan) -> String {
     let mut text = format!("{JOURNAL_HEADER}\n");
     text.push_str(match plan.method {
         RemoveMethod::CommitDown => "commit\n",
@@ -325,53 +327,103 @@ fn write_journal(path: &Path, plan: &Plan) -> io::Result<()> {
     for dependent in &plan.dependents {
         text.push_str(&format!("dependent {}\n", hex(dependent)));
     }
-    // Written whole and durable under another name, then renamed: a crash leaves either
-    // no journal or a complete one.
-    let partial = path.with_extension("partial");
-    let mut file = std::fs::File::create(&partial)?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&partial, path)?;
-    sync_dir(path)
+    let crc = crc32fast::hash(text.as_bytes());
+    text.push_str(&format!("end {crc:08x}\n"));
+    text
 }
 
-fn read_journal(path: &Path) -> Result<Option<Plan>> {
-    let text = match std::fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io("reading the remove journal", e).in_file(path)),
-    };
-    let damaged = || Error::InvalidArgument("a damaged remove journal".into()).in_file(path);
-    let text = String::from_utf8(text).map_err(|_| damaged())?;
-    let mut lines = text.lines();
-    if lines.next() != Some(JOURNAL_HEADER) {
-        return Err(damaged());
+/// The plan in a journal's text; `None` unless it is whole and intact.
+fn decode(text: &[u8]) -> Option<Plan> {
+    let text = std::str::from_utf8(text).ok()?;
+    let body_end = text.rfind("end ")?;
+    let (body, end) = text.split_at(body_end);
+    let crc = u32::from_str_radix(end.strip_prefix("end ")?.strip_suffix('\n')?, 16).ok()?;
+    if crc32fast::hash(body.as_bytes()) != crc {
+        return None;
     }
-    let method = match lines.next() {
-        Some("commit") => RemoveMethod::CommitDown,
-        Some("pull") => RemoveMethod::PullUp,
-        _ => return Err(damaged()),
+    let mut lines = body.lines();
+    if lines.next()? != JOURNAL_HEADER {
+        return None;
+    }
+    let method = match lines.next()? {
+        "commit" => RemoveMethod::CommitDown,
+        "pull" => RemoveMethod::PullUp,
+        _ => return None,
     };
-    let backing = match lines.next().and_then(|l| l.strip_prefix("backing ")) {
-        Some("") => None,
-        Some(h) => Some(unhex(h).ok_or_else(damaged)?),
-        None => return Err(damaged()),
+    let backing = match lines.next()?.strip_prefix("backing ")? {
+        "" => None,
+        h => Some(unhex(h)?),
     };
     let dependents = lines
         .map(|l| l.strip_prefix("dependent ").and_then(unhex))
-        .collect::<Option<Vec<_>>>()
-        .ok_or_else(damaged)?;
-    Ok(Some(Plan {
+        .collect::<Option<Vec<_>>>()?;
+    Some(Plan {
         method,
         backing,
         dependents,
-    }))
+    })
 }
 
-fn remove_journal(path: &Path) -> io::Result<()> {
-    match std::fs::remove_file(path) {
-        Ok(()) => sync_dir(path),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+/// Writes the journal durably; `false` when the opener cannot create files (no journal).
+fn write_journal(opener: Option<&dyn Opener>, path: &Path, plan: &Plan) -> io::Result<bool> {
+    let text = encode(plan);
+    match opener {
+        None => {
+            // Whole and durable under another name, then renamed: a crash leaves no
+            // journal or a complete one.
+            let partial = path.with_extension("partial");
+            let mut file = std::fs::File::create(&partial)?;
+            file.write_all(text.as_bytes())?;
+            file.sync_all()?;
+            std::fs::rename(&partial, path)?;
+            sync_dir(path)?;
+        }
+        Some(opener) => {
+            // No rename here: a journal cut short fails its CRC and reads as none, and
+            // nothing changes before it is whole and flushed.
+            let file = match opener.create(path) {
+                Ok(file) => file,
+                Err(e) if e.kind() == io::ErrorKind::Unsupported => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            file.write_at(text.as_bytes(), 0)?;
+            file.flush()?;
+        }
+    }
+    Ok(true)
+}
+
+/// The plan of an interrupted remove of the layer, if a whole journal is there.
+fn read_journal(opener: Option<&dyn Opener>, path: &Path) -> Result<Option<Plan>> {
+    let file = match open_with(opener, path, false) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io("opening the remove journal", e).in_file(path)),
+    };
+    let len = file
+        .len()
+        .map_err(|e| Error::io("reading the remove journal", e).in_file(path))?;
+    if len > MAX_JOURNAL_BYTES {
+        return Ok(None);
+    }
+    let mut text = vec![0u8; len as usize];
+    file.read_at(&mut text, 0)
+        .map_err(|e| Error::io("reading the remove journal", e).in_file(path))?;
+    Ok(decode(&text))
+}
+
+fn remove_journal(opener: Option<&dyn Opener>, path: &Path) -> io::Result<()> {
+    match remove_file_with(opener, path) {
+        Ok(()) if opener.is_none() => sync_dir(path),
+        Ok(()) => Ok(()),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::Unsupported
+            ) =>
+        {
+            Ok(())
+        }
         Err(e) => Err(e),
     }
 }
@@ -390,7 +442,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_journal_reads_back_what_was_written_whatever_the_names() {
+    fn the_journal_reads_back_what_was_written_and_a_cut_one_reads_as_none() {
         let dir = tempfile::tempdir().unwrap();
         let journal = journal_path(&dir.path().join("mid.qcow2"));
         assert!(journal.ends_with(".mid.qcow2.qimg-remove"));
@@ -399,11 +451,16 @@ mod tests {
             backing: Some(PathBuf::from("dir/base\n.qcow2")),
             dependents: vec![PathBuf::from("a.qcow2"), PathBuf::from("b b.qcow2")],
         };
-        write_journal(&journal, &plan).unwrap();
-        assert_eq!(read_journal(&journal).unwrap(), Some(plan));
-        std::fs::write(&journal, "qimg remove journal 1\ncommit\nbacking zz\n").unwrap();
-        assert!(read_journal(&journal).is_err());
-        remove_journal(&journal).unwrap();
-        assert_eq!(read_journal(&journal).unwrap(), None);
+        assert!(write_journal(None, &journal, &plan).unwrap());
+        assert_eq!(read_journal(None, &journal).unwrap(), Some(plan.clone()));
+        let text = encode(&plan);
+        for cut in 0..text.len() {
+            assert_eq!(decode(&text.as_bytes()[..cut]), None, "cut at {cut}");
+        }
+        let mut flipped = text.into_bytes();
+        flipped[25] ^= 1;
+        assert_eq!(decode(&flipped), None);
+        remove_journal(None, &journal).unwrap();
+        assert_eq!(read_journal(None, &journal).unwrap(), None);
     }
 }
