@@ -74,6 +74,7 @@ fn all_writers_are_refused(s: &Scratch) {
         // Readers of the base refuse to share write: the holder writes it.
         (&["commit", "top.qcow2"], base, sw),
         (&["pull", "top.qcow2"], base, sw),
+        (&["remove", "--keep", "base.qcow2"], base, sw),
         (&["info", "base.qcow2"], base, sw),
         (&["check", "base.qcow2"], base, sw),
         (&["map", "top.qcow2"], base, sw),
@@ -82,6 +83,10 @@ fn all_writers_are_refused(s: &Scratch) {
         refused(s, args, file, lock);
     }
     assert!(bytes(s) == before, "a refused command changed an image");
+    assert!(
+        !s.path(".base.qcow2.qimg-remove").exists(),
+        "a refused remove left its journal"
+    );
     // -U shares everything: reading works while the holder writes.
     s.qimg(&["info", "-U", "top.qcow2"]);
     s.qimg(&["map", "-U", "top.qcow2"]);

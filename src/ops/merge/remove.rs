@@ -86,6 +86,7 @@ pub fn remove(
         None => {
             let plan = plan(layer, options)?;
             if !options.merge.dry_run {
+                preflight(&options.merge.chain, &plan)?;
                 write_journal(opener, &journal, &plan).map_err(|e| {
                     Error::io(format!("writing the journal {}", journal.display()), e)
                         .in_file(layer)
@@ -254,6 +255,21 @@ fn plan(layer: &Path, options: &RemoveOptions) -> Result<Plan> {
         backing: backing.map(|b| forest.images()[b].path.clone()),
         dependents,
     })
+}
+
+/// Opens every image the plan writes, for writing, and drops it: another process using
+/// one (QEMU's locks), or an image marked corrupt, is refused before the journal is
+/// written and anything changes.
+fn preflight(options: &ChainOptions, plan: &Plan) -> Result<()> {
+    let written = plan.dependents.iter().chain(match plan.method {
+        RemoveMethod::CommitDown => plan.backing.as_ref(),
+        RemoveMethod::PullUp => None,
+    });
+    for image in written {
+        let chain = open(options, image, true, false)?;
+        chain.ensure_writable()?;
+    }
+    Ok(())
 }
 
 /// Whether the image at `dependent` uses `layer` as its backing file.
