@@ -16,6 +16,7 @@
 # each remove, top.qcow2 must compare equal to the pristine chain's top (qemu-img compare)
 # or the script fails. Prints, per case, the median seconds of each and their ratio
 # (remove_s / merge_s: at most about 1 means remove costs no more than the merge).
+# KEEP=1 compares `remove --keep` with the merge alone (no deletion on either side).
 # Environment: SHARED (holds bench/mkchain.sh; default ../shared), QIMG (a built qimg;
 # default: cargo build --release --example qimg), TMPDIR, TOUCH_GIB.
 set -euo pipefail
@@ -71,6 +72,8 @@ timed() {
 
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
+rm_mid="&& rm mid.qcow2"
+[ -z "${KEEP:-}" ] || rm_mid=""
 printf '%-6s %-8s %10s %10s %8s\n' case scale remove_s merge_s ratio
 for case in down up; do
 	removes=()
@@ -80,15 +83,15 @@ for case in down up; do
 			fresh "$case"
 			if [ "$order" = remove ]; then
 				log "$case run $i: remove"
-				removes+=("$(timed "$QIMG" remove -q mid.qcow2)")
+				removes+=("$(timed "$QIMG" remove -q ${KEEP:+--keep} mid.qcow2)")
 				qemu-img compare -q "$work/run/top.qcow2" "$work/top.raw" ||
 					{ log "$case: top.qcow2 changed"; exit 1; }
 			elif [ "$case" = down ]; then
 				log "$case run $i: commit -t"
-				merges+=("$(timed bash -c "'$QIMG' commit -q -t mid.qcow2 top.qcow2 && rm mid.qcow2")")
+				merges+=("$(timed bash -c "'$QIMG' commit -q -t mid.qcow2 top.qcow2 $rm_mid")")
 			else
 				log "$case run $i: pull -b"
-				merges+=("$(timed bash -c "'$QIMG' pull -q -b base.qcow2 top.qcow2 && rm mid.qcow2")")
+				merges+=("$(timed bash -c "'$QIMG' pull -q -b base.qcow2 top.qcow2 $rm_mid")")
 			fi
 		done
 	done
