@@ -164,9 +164,17 @@ pub enum Error {
         reason: &'static str,
     },
 
-    /// A format name that is neither `qcow2` nor `raw`.
+    /// A format name qemu-img does not know (see [`crate::Format::from_name`]).
     #[error("unsupported image format {0:?}")]
     UnsupportedFormat(String),
+
+    /// An image of a format qemu-img knows and probes (vmdk, vdi, ...) that this crate
+    /// recognises but does not open: only qcow2 and raw images can be layers.
+    #[error("{format} images are not supported")]
+    FormatNotSupported {
+        /// qemu-img's name of the format (`vmdk`).
+        format: &'static str,
+    },
 
     /// A backing file (named by the image this error is in) could not be opened: missing
     /// when the source's kind is [`io::ErrorKind::NotFound`].

@@ -34,8 +34,9 @@ impl std::fmt::Debug for Chain {
 
 impl Chain {
     /// Opens the image at `path` and its whole backing chain, read-only. The top image's
-    /// format is probed as qemu-img probes it: a file that is not qcow2 opens as raw (use
-    /// [`ChainOptions::qcow2`] to refuse that).
+    /// format is probed as qemu-img probes it ([`Format::probe`]): a file of no format
+    /// qemu-img knows opens as raw (use [`ChainOptions::qcow2`] to refuse that), one of a
+    /// format other than qcow2 and raw is refused.
     pub fn open(path: impl AsRef<Path>) -> Result<Chain> {
         Chain::open_with(path, &ChainOptions::default())
     }
@@ -48,7 +49,9 @@ impl Chain {
         Ok(chain)
     }
 
-    /// Opens the image at `path` and its backing chain with `options`.
+    /// Opens the image at `path` and its backing chain with `options`. An image of a
+    /// format this crate does not open, the top image or a backing file, given or probed,
+    /// is refused by name ([`Error::FormatNotSupported`]).
     pub fn open_with(path: impl AsRef<Path>, options: &ChainOptions) -> Result<Chain> {
         let path = path.as_ref();
         let opener = options.opener.as_deref();

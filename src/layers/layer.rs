@@ -19,7 +19,9 @@ pub enum Layer {
 }
 
 impl Layer {
-    /// Opens the file at `path` as `format`, or probes the format when `None`.
+    /// Opens the file at `path` as `format`, or probes the format when `None` (as
+    /// qemu-img: see [`Format::probe`]). A format this crate does not open, given or
+    /// probed, is refused ([`crate::Error::FormatNotSupported`], naming the file).
     pub fn open(
         path: impl AsRef<Path>,
         format: Option<Format>,
@@ -28,8 +30,8 @@ impl Layer {
         let path = path.as_ref();
         let storage = options.open_storage(path, options.writable)?;
         let format = match format {
-            Some(f) => f,
-            None => Format::probe(&*storage).map_err(|e| e.in_file(path))?,
+            Some(format) => format,
+            None => Format::probe(&*storage, path).map_err(|e| e.in_file(path))?,
         };
         Ok(match format {
             Format::Qcow2 => {
@@ -37,6 +39,7 @@ impl Layer {
                 Layer::Qcow2(Image::open_with(path, options)?)
             }
             Format::Raw => Layer::Raw(RawImage::from_storage(storage, path)?),
+            other => return Err(other.not_supported().in_file(path)),
         })
     }
 

@@ -132,7 +132,10 @@ pub(crate) fn header_cases(f: &Arc<Fixture>, full: bool) -> Vec<Case> {
             // Values the limits refuse by name, whatever else the image holds.
             let refused = match field {
                 ClusterBits if !(9..=21).contains(&value) => Some("cluster_bits"),
-                Version if value != 2 && value != 3 => Some("version"),
+                // As qemu-img probes: version 1 is a qcow (version 1) image, version 0 no
+                // format (raw); later ones are qcow2 images that the limits refuse.
+                Version if value == 1 => Some("qcow images are not supported"),
+                Version if value > 3 => Some("version"),
                 L1Size if value > 4 << 20 => Some("l1_size"),
                 RefcountTableClusters if value * cluster > 8 << 20 => {
                     Some("refcount_table_clusters")
