@@ -6,7 +6,7 @@ use crate::error::Result;
 use crate::names::resolve_relative;
 use crate::qcow2::{Image, ImageOptions, Run};
 
-use super::{Format, RawImage};
+use super::{ForeignImage, Format, RawImage};
 
 /// One layer of a chain.
 #[derive(Debug)]
@@ -16,6 +16,16 @@ pub enum Layer {
     Qcow2(Image),
     /// A raw image (only ever the bottom layer).
     Raw(RawImage),
+}
+
+/// What opening a file found: a layer, or an image of a format this crate does not open.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // short-lived: turned into a layer or an error at once
+pub(crate) enum Opened {
+    /// A qcow2 or raw layer.
+    Layer(Layer),
+    /// A file of another format qemu-img knows.
+    Foreign(ForeignImage),
 }
 
 impl Layer {
@@ -28,6 +38,19 @@ impl Layer {
         options: &ImageOptions,
     ) -> Result<Layer> {
         let path = path.as_ref();
+        match Layer::open_or_describe(path, format, options)? {
+            Opened::Layer(layer) => Ok(layer),
+            Opened::Foreign(image) => Err(image.format.not_supported().in_file(path)),
+        }
+    }
+
+    /// As [`Layer::open`], but a file of a format this crate does not open is described
+    /// ([`ForeignImage`]) instead of refused.
+    pub(crate) fn open_or_describe(
+        path: &Path,
+        format: Option<Format>,
+        options: &ImageOptions,
+    ) -> Result<Opened> {
         let storage = options.open_storage(path, options.writable)?;
         let format = match format {
             Some(format) => format,
@@ -36,10 +59,10 @@ impl Layer {
         Ok(match format {
             Format::Qcow2 => {
                 drop(storage);
-                Layer::Qcow2(Image::open_with(path, options)?)
+                Opened::Layer(Layer::Qcow2(Image::open_with(path, options)?))
             }
-            Format::Raw => Layer::Raw(RawImage::from_storage(storage, path)?),
-            other => return Err(other.not_supported().in_file(path)),
+            Format::Raw => Opened::Layer(Layer::Raw(RawImage::from_storage(storage, path)?)),
+            other => Opened::Foreign(ForeignImage::from_storage(&*storage, path, other)?),
         })
     }
 

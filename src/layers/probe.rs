@@ -126,8 +126,14 @@ fn score(matched: bool, score: u32) -> u32 {
     clippy::little_endian_bytes,
     reason = "vdi, qed, parallels and bochs fields"
 )]
-fn le32(buf: &[u8], at: usize) -> u32 {
+pub(super) fn le32(buf: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(buf[at..at + 4].try_into().expect("four bytes"))
+}
+
+/// Little-endian u64 at `at` (see [`le32`]).
+#[expect(clippy::little_endian_bytes, reason = "vmdk, vdi and qed fields")]
+pub(super) fn le64(buf: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(buf[at..at + 8].try_into().expect("eight bytes"))
 }
 
 /// Whether the C string at `at` is exactly `text` (what `strcmp(field, text) == 0` asks of
