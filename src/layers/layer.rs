@@ -45,25 +45,42 @@ impl Layer {
     }
 
     /// As [`Layer::open`], but a file of a format this crate does not open is described
-    /// ([`ForeignImage`]) instead of refused.
+    /// ([`ForeignImage`]) instead of refused. A raw image whose format was probed keeps
+    /// QEMU's guard on its first sector ([`RawImage::is_probed`]).
     pub(crate) fn open_or_describe(
         path: &Path,
         format: Option<Format>,
         options: &ImageOptions,
     ) -> Result<Opened> {
         let storage = options.open_storage(path, options.writable)?;
-        let format = match format {
-            Some(format) => format,
-            None => Format::probe(&*storage, path).map_err(|e| e.in_file(path))?,
+        let (format, probed) = match format {
+            Some(format) => (format, false),
+            None => (
+                Format::probe(&*storage, path).map_err(|e| e.in_file(path))?,
+                true,
+            ),
         };
         Ok(match format {
             Format::Qcow2 => {
                 drop(storage);
                 Opened::Layer(Layer::Qcow2(Image::open_with(path, options)?))
             }
-            Format::Raw => Opened::Layer(Layer::Raw(RawImage::from_storage(storage, path)?)),
+            Format::Raw => {
+                let raw = RawImage::from_storage(storage, path)?;
+                Opened::Layer(Layer::Raw(if probed { raw.mark_probed() } else { raw }))
+            }
             other => Opened::Foreign(ForeignImage::from_storage(&*storage, path, other)?),
         })
+    }
+
+    /// The format to reopen this layer's file as, so that it opens as it did: its format,
+    /// or `None` for a raw image whose format was probed (probing it again keeps its
+    /// guard, [`RawImage::is_probed`]).
+    pub fn reopen_format(&self) -> Option<Format> {
+        match self {
+            Layer::Raw(r) if r.is_probed() => None,
+            other => Some(other.format()),
+        }
     }
 
     /// The layer's format.

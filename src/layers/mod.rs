@@ -12,4 +12,5 @@ pub use foreign::{ForeignImage, header_virtual_size};
 pub use format::Format;
 pub use layer::Layer;
 pub(crate) use layer::Opened;
+pub(crate) use probe::PROBE_BYTES;
 pub use raw::RawImage;
