@@ -7,6 +7,8 @@
 #   corpus/check/seed-*.qcow2            the same images, for the check target
 #   corpus/header_decode/seed-*.qcow2    their first cluster (header and extensions)
 #   corpus/snapshot_table/seed-*.bin     the snapshot tables of the images that have one
+#   corpus/probe/seed-*                  the first sector of an image of each format
+#                                        qemu-img probes (bochs and cloop made by hand)
 #
 # Only files named seed-* are replaced; regression inputs from fixed crashes (other names)
 # are kept. Snapshot dates differ between runs, so regenerated seeds are not
@@ -106,5 +108,32 @@ for name in "${images[@]}"; do
 			skip=$(($(be "$img" 64 8) / cluster)) count=1 status=none
 	fi
 done
+
+# Probe seeds: the first sector (all probing reads) of an image of each format qemu-img
+# probes; qemu-img creates all but dmg (known by name only), cloop and bochs, whose
+# headers are written here as their QEMU drivers read them.
+mkdir -p "$corpus/probe"
+rm -f "$corpus/probe"/seed-*
+probe_seed() { # probe_seed NAME FILE : the first 512 bytes of FILE
+	head -c 512 "$2" >"$corpus/probe/seed-$1"
+}
+for fmt in qcow vmdk vdi vhdx vpc qed parallels; do
+	qemu-img create -q -f "$fmt" "probe.$fmt" 1M
+	probe_seed "$fmt" "probe.$fmt"
+done
+qemu-img create -q -f vmdk -o subformat=monolithicFlat probe-flat.vmdk 1M
+probe_seed vmdk-descriptor probe-flat.vmdk
+qemu-img create -q --object secret,id=sec0,data=abc -f luks -o key-secret=sec0 probe.luks 1M
+probe_seed luks probe.luks
+probe_seed qcow2 plain.qcow2
+printf '#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n' \
+	>probe.cloop
+probe_seed cloop probe.cloop
+{
+	printf 'Bochs Virtual HD Image\0\0\0\0\0\0\0\0\0\0'
+	printf 'Redolog\0\0\0\0\0\0\0\0\0Growing\0\0\0\0\0\0\0\0\0'
+	printf '\0\0\2\0'
+} >probe.bochs
+probe_seed bochs probe.bochs
 
 ls -l "$corpus"/*/seed-* | awk '{ print $5, $NF }'

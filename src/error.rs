@@ -164,9 +164,30 @@ pub enum Error {
         reason: &'static str,
     },
 
-    /// A format name that is neither `qcow2` nor `raw`.
+    /// A format name qemu-img does not know (see [`crate::Format::from_name`]).
     #[error("unsupported image format {0:?}")]
     UnsupportedFormat(String),
+
+    /// An image of a format qemu-img knows and probes (vmdk, vdi, ...) that this crate
+    /// recognises but does not open: only qcow2 and raw images can be layers.
+    #[error("{format} images are not supported")]
+    FormatNotSupported {
+        /// qemu-img's name of the format (`vmdk`).
+        format: &'static str,
+    },
+
+    /// A write to a raw image whose format was probed would change its first sector so
+    /// that it probes as another format (QEMU's raw driver refuses it too: a guest must
+    /// not turn its disk into, say, a qcow2 image naming a host file as backing file).
+    /// Opening the image explicitly as raw allows it.
+    #[error(
+        "a write would make this probed raw image look like a {format} image; open it \
+         with -f raw to allow it"
+    )]
+    ProbedRawWrite {
+        /// qemu-img's name of the format the first sector would probe as.
+        format: &'static str,
+    },
 
     /// A backing file (named by the image this error is in) could not be opened: missing
     /// when the source's kind is [`io::ErrorKind::NotFound`].

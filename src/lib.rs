@@ -96,7 +96,7 @@ pub mod testing;
 pub use chain::{BackingPolicy, Chain, ChainOptions, ChainReader, ChainRun};
 pub use create::{CreateOptions, create, create_on};
 pub use error::{Error, Report, Result};
-pub use layers::{Format, Layer, RawImage};
+pub use layers::{ForeignImage, Format, Layer, RawImage};
 pub use progress::Progress;
 pub use qcow2::{
     CheckReport, Compat, Finding, Image, ImageOptions, Mapping, Preallocation, RepairMode, Run,

@@ -9,7 +9,10 @@
 //! [`ops`] is different: its input is a program ([`OpsProgram`]) of operations on a chain
 //! held in memory, checked against a model after every step.
 
+use std::path::Path;
+
 use crate::format::{Header, HeaderExtensions, SnapshotEntry};
+use crate::layers::{Format, PROBE_BYTES, RawImage, header_virtual_size};
 use crate::qcow2::{Image, ImageOptions, Mapping, RepairMode, Run};
 use crate::storage::MemStorage;
 
@@ -28,6 +31,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("snapshot_table", snapshot_table),
     ("check", check),
     ("ops", ops),
+    ("probe", probe),
 ];
 
 /// How much of the guest range [`open_and_read`] reads: an image may claim exabytes.
@@ -213,4 +217,51 @@ pub fn check(data: &[u8]) {
             );
         }
     }
+}
+
+/// Probes `data` as a file's first bytes ([`Format::probe_bytes`], and [`Format::probe`]
+/// over a storage holding them), reads every format's header sizes from it and writes its
+/// first sector into a probed raw image. Probing never fails and looks at the first 512
+/// bytes only, a short file as if padded with zeros; a name ending `.dmg` turns only what
+/// scores below 2 (raw, and cloop, which ties and comes later) into dmg; and the raw
+/// image's guard refuses the sector exactly when it probes as another format.
+pub fn probe(data: &[u8]) {
+    let found = Format::probe_bytes(data, None);
+    let stored = MemStorage::from_bytes(data.to_vec());
+    assert_eq!(
+        Format::probe(&stored, Path::new("fuzz-input")).expect("probing a storage in memory"),
+        found
+    );
+    if data.is_empty() {
+        assert_eq!(found, Format::Raw, "an empty file is raw");
+        return;
+    }
+    let first = &data[..data.len().min(PROBE_BYTES)];
+    let mut padded = [0u8; PROBE_BYTES];
+    padded[..first.len()].copy_from_slice(first);
+    assert_eq!(
+        Format::probe_bytes(&padded, None),
+        found,
+        "bytes past the first sector, or zeros past a short file's end, changed the probe"
+    );
+    let named = Format::probe_bytes(data, Some(Path::new("fuzz-input.dmg")));
+    let expected = match found {
+        Format::Raw | Format::Cloop => Format::Dmg,
+        other => other,
+    };
+    assert_eq!(named, expected, "a .dmg name");
+    for format in Format::ALL {
+        let _ = header_virtual_size(format, &padded, data.len() as u64);
+    }
+    let raw = RawImage::from_storage(
+        Box::new(MemStorage::from_bytes(vec![0; 2 * PROBE_BYTES])),
+        "fuzz-input",
+    )
+    .expect("a raw image in memory")
+    .mark_probed();
+    assert_eq!(
+        raw.write_at(&padded, 0).is_ok(),
+        found == Format::Raw,
+        "the probed raw image's guard on a sector probing as {found:?}"
+    );
 }

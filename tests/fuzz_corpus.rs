@@ -108,6 +108,54 @@ fn ops_harness_runs_pseudo_random_programs() {
     }
 }
 
+/// The `probe` harness over the probe seeds damaged at random (a fixed seed): bytes of the
+/// first sector flipped, set to the values the rules compare with (`\n`, `#`, space,
+/// NUL) and files cut short, so that every rule sees near misses, without libFuzzer.
+#[test]
+fn probe_harness_runs_damaged_seeds() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/probe");
+    let mut seeds: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("seed-")
+        })
+        .collect();
+    seeds.sort();
+    assert!(seeds.len() >= 12, "probe seeds: {seeds:?}");
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    for seed in &seeds {
+        let original = std::fs::read(seed).unwrap();
+        for _ in 0..500 {
+            let mut data = original.clone();
+            for _ in 0..1 + next() % 4 {
+                let at = (next() % 600) as usize;
+                if at < data.len() {
+                    let special = [b'\n', b'#', b' ', 0, b'\r'];
+                    data[at] = match next() % 3 {
+                        0 => special[(next() % 5) as usize],
+                        1 => data[at] ^ (1 << (next() % 8)),
+                        _ => next() as u8,
+                    };
+                }
+            }
+            if next() % 4 == 0 {
+                data.truncate((next() % 600) as usize);
+            }
+            qcow2_engine::testing::probe(&data);
+        }
+    }
+}
+
 /// The hand-made seeds of the `ops` target (`fuzz/corpus/ops/seed-*`): each operation,
 /// refused ones included, on the image kinds that make a difference.
 fn ops_seeds() -> Vec<(&'static str, qcow2_engine::testing::OpsProgram)> {

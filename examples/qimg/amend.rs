@@ -151,7 +151,8 @@ mod tests {
             "size=1000",
             "size=0",
             "size=abc",
-            "backing_fmt=vmdk",
+            // vmdk is a format qemu-img knows: stored, and refused when the chain opens.
+            "backing_fmt=vmdk4",
             "cluster_size=4k",
             "extended_l2=on",
             "data_file=x",

@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
-use qcow2_engine::storage::FileStorage;
 use qcow2_engine::{CheckReport, Format, Image, ImageOptions, RepairMode, Severity};
 use serde_json::{Map, Value, json};
 
@@ -46,15 +45,7 @@ const NOT_SUPPORTED: u8 = 63;
 
 /// Runs `qimg check`.
 pub fn run(args: Args) -> Result<u8> {
-    let format = match args.format {
-        Some(f) => f,
-        None => {
-            let storage = FileStorage::open(&args.file, false)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
-            Format::probe(&storage)?
-        }
-    };
-    if format == Format::Raw {
+    if Format::for_file(&args.file, args.format)? == Format::Raw {
         eprintln!(
             "qimg: {}: this image format does not support checks",
             args.file.display()

@@ -47,11 +47,9 @@ pub struct Args {
 /// Turns the arguments into the library's options, refusing what qemu-img refuses.
 fn options(args: &Args) -> Result<(CreateOptions, ConvertOptions)> {
     let dst = args.dst.display();
-    let format = match args.output_format.as_str() {
-        "raw" => Format::Raw,
-        "qcow2" => Format::Qcow2,
-        other => bail!("{dst}: unknown output format {other:?}"),
-    };
+    // The library refuses the formats it recognises but cannot write.
+    let format =
+        Format::from_name(&args.output_format).map_err(|e| anyhow::anyhow!("{dst}: {e}"))?;
     let mut create = CreateOptions {
         format,
         ..CreateOptions::default()

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use qcow2_engine::ops::{self, ImageInfo, SnapshotInfo};
-use qcow2_engine::{Chain, ChainOptions, Format};
+use qcow2_engine::{ChainOptions, Format};
 use serde::Serialize;
 
 use crate::common::{Output, parse_format};
@@ -38,12 +38,7 @@ pub fn run(args: Args) -> Result<u8> {
         locking: crate::common::locking(args.force_share),
         ..crate::common::chain_defaults()
     };
-    let chain = Chain::open_with(&args.file, &options)?;
-    let infos = if args.backing_chain {
-        ops::chain_info(&chain)?
-    } else {
-        vec![ops::info(chain.top())?]
-    };
+    let infos = ops::open_info(&args.file, &options)?;
     match args.output {
         Output::Json => {
             let json: Vec<JsonInfo> = infos.iter().map(JsonInfo::from).collect();
@@ -77,8 +72,8 @@ struct JsonInfo {
     backing_filename_format: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     snapshots: Vec<JsonSnapshot>,
-    #[serde(rename = "virtual-size")]
-    virtual_size: u64,
+    #[serde(rename = "virtual-size", skip_serializing_if = "Option::is_none")]
+    virtual_size: Option<u64>,
     filename: String,
     #[serde(rename = "cluster-size", skip_serializing_if = "Option::is_none")]
     cluster_size: Option<u64>,
@@ -242,11 +237,9 @@ impl From<&SnapshotInfo> for JsonSnapshot {
 fn print_human(info: &ImageInfo) {
     println!("image: {}", info.filename.display());
     println!("file format: {}", info.format.name());
-    println!(
-        "virtual size: {} ({} bytes)",
-        size_to_str(info.virtual_size),
-        info.virtual_size
-    );
+    if let Some(size) = info.virtual_size {
+        println!("virtual size: {} ({size} bytes)", size_to_str(size));
+    }
     if let Some(actual) = info.actual_size {
         println!("disk size: {}", size_to_str(actual));
     }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::layers::{Format, Layer};
+use crate::layers::{ForeignImage, Format, Layer, Opened};
 use crate::names::{backing_path_name, resolve_relative};
 use crate::qcow2::ImageOptions;
 use crate::storage::{FileInfo, Opener, canonicalize_with, stat_with};
@@ -34,8 +34,9 @@ impl std::fmt::Debug for Chain {
 
 impl Chain {
     /// Opens the image at `path` and its whole backing chain, read-only. The top image's
-    /// format is probed as qemu-img probes it: a file that is not qcow2 opens as raw (use
-    /// [`ChainOptions::qcow2`] to refuse that).
+    /// format is probed as qemu-img probes it ([`Format::probe`]): a file of no format
+    /// qemu-img knows opens as raw (use [`ChainOptions::qcow2`] to refuse that), one of a
+    /// format other than qcow2 and raw is refused.
     pub fn open(path: impl AsRef<Path>) -> Result<Chain> {
         Chain::open_with(path, &ChainOptions::default())
     }
@@ -48,76 +49,22 @@ impl Chain {
         Ok(chain)
     }
 
-    /// Opens the image at `path` and its backing chain with `options`.
+    /// Opens the image at `path` and its backing chain with `options`. An image of a
+    /// format this crate does not open, the top image or a backing file, given or probed,
+    /// is refused by name ([`Error::FormatNotSupported`]).
     pub fn open_with(path: impl AsRef<Path>, options: &ChainOptions) -> Result<Chain> {
-        let path = path.as_ref();
-        let opener = options.opener.as_deref();
-        let mut seen = HashSet::new();
-        let mut warnings = Vec::new();
-        let mut layers: Vec<Layer> = Vec::new();
-        let mut next = Some((path.to_path_buf(), options.format));
-        while let Some((layer_path, format)) = next.take() {
-            if layers.len() >= options.max_depth.max(1) {
-                return Err(Error::ChainTooDeep {
-                    limit: options.max_depth,
-                }
-                .in_file(path));
-            }
-            let info = stat_with(opener, &layer_path).map_err(|e| match layers.last() {
-                // Name the image that refers to the missing backing file, as qemu-img does.
-                Some(overlay) => Error::BackingFile {
-                    path: layer_path.clone(),
-                    source: e,
-                }
-                .in_file(overlay.name()),
-                None => Error::io("opening", e).in_file(&layer_path),
-            })?;
-            if !seen.insert(info.id) {
-                return Err(Error::BackingLoop { path: layer_path }.in_file(path));
-            }
-            if let Some(overlay) = layers.last() {
-                options
-                    .backing_policy
-                    .check(&layer_path, &info, opener)
-                    .map_err(|e| e.in_file(overlay.name()))?;
-            }
-            let image_options = options.image_options(layers.is_empty());
-            let layer = match Layer::open(&layer_path, format, &image_options) {
-                Err(e) if image_options.writable && is_marked_corrupt(&e) => {
-                    warnings.push(format!(
-                        "{}: image is marked corrupt: opened read-only",
-                        layer_path.display()
-                    ));
-                    let read_only = ImageOptions {
-                        writable: false,
-                        ..image_options
-                    };
-                    Layer::open(&layer_path, format, &read_only)?
-                }
-                other => other?,
-            };
-            options
-                .backing_policy
-                .check_data_file(&layer, opener)
-                .map_err(|e| e.in_file(layer.name()))?;
-            if !options.no_backing {
-                if let Some((name, fmt)) = layer.backing() {
-                    let overlay = layer.name();
-                    let name = backing_path_name(&name).map_err(|e| e.in_file(overlay))?;
-                    let fmt = fmt
-                        .map(|f| Format::from_name(&f))
-                        .transpose()
-                        .map_err(|e| e.in_file(overlay))?;
-                    next = Some((resolve_relative(overlay, name), fmt));
-                }
-            }
-            layers.push(layer);
-        }
-        Ok(Chain {
-            layers,
-            warnings,
-            opener: options.opener.clone(),
-        })
+        let (chain, _) = open_layers(path.as_ref(), options, ForeignImages::Refuse)?;
+        Ok(chain.expect("a chain without foreign images has a layer"))
+    }
+
+    /// As [`Chain::open_with`], but a file of a format this crate does not open ends the
+    /// chain, described, instead of failing: what `qemu-img info` shows. The chain is
+    /// `None` when the image itself is of such a format.
+    pub(crate) fn open_until_foreign(
+        path: &Path,
+        options: &ChainOptions,
+    ) -> Result<(Option<Chain>, Option<ForeignImage>)> {
+        open_layers(path, options, ForeignImages::EndTheChain)
     }
 
     /// A chain of already open layers, top first. Fails when `layers` is empty.
@@ -165,6 +112,104 @@ impl Chain {
     pub fn size(&self) -> u64 {
         self.top().size()
     }
+}
+
+/// What opening a chain does with a file of a format this crate does not open.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ForeignImages {
+    /// Fail, naming the file.
+    Refuse,
+    /// Stop there and describe it.
+    EndTheChain,
+}
+
+/// Opens the chain at `path` (see [`Chain::open_with`]); `foreign` says what a file of a
+/// format this crate does not open does. `None` for the chain only when the top image is
+/// such a file.
+fn open_layers(
+    path: &Path,
+    options: &ChainOptions,
+    foreign: ForeignImages,
+) -> Result<(Option<Chain>, Option<ForeignImage>)> {
+    let opener = options.opener.as_deref();
+    let mut seen = HashSet::new();
+    let mut warnings = Vec::new();
+    let mut layers: Vec<Layer> = Vec::new();
+    let mut foreign_image = None;
+    let mut next = Some((path.to_path_buf(), options.format));
+    while let Some((layer_path, format)) = next.take() {
+        if layers.len() >= options.max_depth.max(1) {
+            return Err(Error::ChainTooDeep {
+                limit: options.max_depth,
+            }
+            .in_file(path));
+        }
+        let info = stat_with(opener, &layer_path).map_err(|e| match layers.last() {
+            // Name the image that refers to the missing backing file, as qemu-img does.
+            Some(overlay) => Error::BackingFile {
+                path: layer_path.clone(),
+                source: e,
+            }
+            .in_file(overlay.name()),
+            None => Error::io("opening", e).in_file(&layer_path),
+        })?;
+        if !seen.insert(info.id) {
+            return Err(Error::BackingLoop { path: layer_path }.in_file(path));
+        }
+        if let Some(overlay) = layers.last() {
+            options
+                .backing_policy
+                .check(&layer_path, &info, opener)
+                .map_err(|e| e.in_file(overlay.name()))?;
+        }
+        let image_options = options.image_options(layers.is_empty());
+        let opened = match Layer::open_or_describe(&layer_path, format, &image_options) {
+            Err(e) if image_options.writable && is_marked_corrupt(&e) => {
+                warnings.push(format!(
+                    "{}: image is marked corrupt: opened read-only",
+                    layer_path.display()
+                ));
+                let read_only = ImageOptions {
+                    writable: false,
+                    ..image_options
+                };
+                Layer::open_or_describe(&layer_path, format, &read_only)?
+            }
+            other => other?,
+        };
+        let layer = match opened {
+            Opened::Layer(layer) => layer,
+            Opened::Foreign(image) if foreign == ForeignImages::EndTheChain => {
+                foreign_image = Some(image);
+                break;
+            }
+            Opened::Foreign(image) => {
+                return Err(image.format.not_supported().in_file(&layer_path));
+            }
+        };
+        options
+            .backing_policy
+            .check_data_file(&layer, opener)
+            .map_err(|e| e.in_file(layer.name()))?;
+        if !options.no_backing {
+            if let Some((name, fmt)) = layer.backing() {
+                let overlay = layer.name();
+                let name = backing_path_name(&name).map_err(|e| e.in_file(overlay))?;
+                let fmt = fmt
+                    .map(|f| Format::from_name(&f))
+                    .transpose()
+                    .map_err(|e| e.in_file(overlay))?;
+                next = Some((resolve_relative(overlay, name), fmt));
+            }
+        }
+        layers.push(layer);
+    }
+    let chain = (!layers.is_empty()).then(|| Chain {
+        layers,
+        warnings,
+        opener: options.opener.clone(),
+    });
+    Ok((chain, foreign_image))
 }
 
 fn is_marked_corrupt(e: &Error) -> bool {

@@ -9,9 +9,9 @@ use crate::storage::{Locking, Opener};
 use super::BackingPolicy;
 
 /// How to open a chain. The defaults open every layer read-only, probe the top image's
-/// format (a file that is not qcow2 opens as raw, as qemu-img does) and accept every
-/// backing file the images name; [`ChainOptions::qcow2`] refuses anything but qcow2 at
-/// the top.
+/// format (a file of no format qemu-img knows opens as raw, as in qemu-img; see
+/// [`Format::probe`]) and accept every backing file the images name;
+/// [`ChainOptions::qcow2`] refuses anything but qcow2 at the top.
 #[derive(Clone)]
 pub struct ChainOptions {
     /// The top image's format; probed when `None`.

@@ -66,6 +66,8 @@ fn create_files(
                 }
             }
         }
+        // `resolve` validated the options: no other format gets this far.
+        other => return Err(other.not_supported().in_file(path)),
     }
     storage
         .flush()
@@ -89,6 +91,7 @@ pub fn create_on(storage: &dyn Storage, options: &CreateOptions) -> Result<()> {
             options.preallocation,
             false,
         )?,
+        other => return Err(other.not_supported()),
     }
     storage.flush().map_err(|e| Error::io("flushing", e))
 }

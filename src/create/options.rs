@@ -109,8 +109,10 @@ impl CreateOptions {
     /// Checks the options alone, as qemu-img does before creating anything. Does no I/O:
     /// whether the backing file opens is checked by [`create`].
     pub fn validate(&self) -> Result<()> {
-        if self.format == Format::Raw {
-            return self.validate_raw();
+        match self.format {
+            Format::Raw => return self.validate_raw(),
+            Format::Qcow2 => {}
+            other => return Err(other.not_supported()),
         }
         let cs = self.cluster_size;
         if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
@@ -284,6 +286,7 @@ impl CreateOptions {
         let size = match self.format {
             Format::Raw => size,
             Format::Qcow2 => self.check_qcow2_size(size)?,
+            other => return Err(other.not_supported()),
         };
         Ok(Resolved {
             size,

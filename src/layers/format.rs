@@ -1,51 +1,143 @@
-//! The formats a layer can have, and telling them apart by a file's first bytes.
+//! The formats qemu-img knows by a file's first bytes, and which of them a layer can have.
 
 use crate::error::{Error, Result};
-use crate::storage::Storage;
 
-/// Image formats a layer can have.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Image formats: the two a layer can have (qcow2, raw) and every other format qemu-img
+/// recognises when it probes a file, so that such a file is named rather than read as raw
+/// bytes. Only [`Format::is_supported`] formats open; the others are refused with
+/// [`Error::FormatNotSupported`].
+///
+/// Non-exhaustive: qemu-img may learn to probe more formats, and naming them must not break
+/// callers. Match on the formats you handle and treat the rest as not supported (or ask
+/// [`Format::is_supported`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Format {
     /// qcow2 (versions 2 and 3).
     Qcow2,
     /// A raw disk image: guest offset = file offset.
     Raw,
+    /// QEMU's first copy-on-write format (qcow version 1).
+    Qcow,
+    /// VMware's format: sparse extents (`KDMV`, and the older `COWD`) and text descriptors.
+    Vmdk,
+    /// VirtualBox's format.
+    Vdi,
+    /// Hyper-V's format.
+    Vhdx,
+    /// Virtual PC's format (VHD), dynamic or differencing (a fixed VHD has no header
+    /// before its data and probes as raw, as in qemu-img).
+    Vpc,
+    /// QEMU Enhanced Disk.
+    Qed,
+    /// A LUKS (version 1) encrypted volume.
+    Luks,
+    /// Parallels' format.
+    Parallels,
+    /// An Apple disk image, known only by a name ending in `.dmg`.
+    Dmg,
+    /// A compressed loop image.
+    Cloop,
+    /// Bochs' growing image.
+    Bochs,
 }
 
 impl Format {
-    /// The name qemu-img uses.
+    /// Every format, those a layer can have first.
+    pub const ALL: [Format; 13] = [
+        Format::Qcow2,
+        Format::Raw,
+        Format::Qcow,
+        Format::Vmdk,
+        Format::Vdi,
+        Format::Vhdx,
+        Format::Vpc,
+        Format::Qed,
+        Format::Luks,
+        Format::Parallels,
+        Format::Dmg,
+        Format::Cloop,
+        Format::Bochs,
+    ];
+
+    /// The name qemu-img uses (`-f`, `file format:`, JSON `format`).
     pub fn name(self) -> &'static str {
         match self {
             Format::Qcow2 => "qcow2",
             Format::Raw => "raw",
+            Format::Qcow => "qcow",
+            Format::Vmdk => "vmdk",
+            Format::Vdi => "vdi",
+            Format::Vhdx => "vhdx",
+            Format::Vpc => "vpc",
+            Format::Qed => "qed",
+            Format::Luks => "luks",
+            Format::Parallels => "parallels",
+            Format::Dmg => "dmg",
+            Format::Cloop => "cloop",
+            Format::Bochs => "bochs",
         }
     }
 
-    /// Parses a format name (`qcow2` or `raw`).
+    /// Parses one of qemu-img's format names (any of [`Format::ALL`]); other names are
+    /// [`Error::UnsupportedFormat`].
     pub fn from_name(name: &str) -> Result<Format> {
-        match name {
-            "qcow2" => Ok(Format::Qcow2),
-            "raw" => Ok(Format::Raw),
-            other => Err(Error::UnsupportedFormat(other.to_owned())),
+        Format::ALL
+            .into_iter()
+            .find(|f| f.name() == name)
+            .ok_or_else(|| Error::UnsupportedFormat(name.to_owned()))
+    }
+
+    /// Whether an image of this format can be opened (as a layer, created, converted to):
+    /// qcow2 and raw.
+    pub fn is_supported(self) -> bool {
+        matches!(self, Format::Qcow2 | Format::Raw)
+    }
+
+    /// This format when it can be opened, else [`Error::FormatNotSupported`] naming it.
+    pub fn require_supported(self) -> Result<Format> {
+        if self.is_supported() {
+            Ok(self)
+        } else {
+            Err(self.not_supported())
         }
     }
 
-    /// Guesses the format of a file from its first bytes, as qemu-img does for qcow2/raw.
-    pub fn probe(storage: &dyn Storage) -> Result<Format> {
-        let len = storage
-            .len()
-            .map_err(|e| Error::io("reading file length", e))?;
-        if len < 4 {
-            return Ok(Format::Raw);
+    /// The error refusing an image of this format.
+    pub(crate) fn not_supported(self) -> Error {
+        Error::FormatNotSupported {
+            format: self.name(),
         }
-        let mut magic = [0u8; 4];
-        storage
-            .read_at(&mut magic, 0)
-            .map_err(|e| Error::io("reading magic", e))?;
-        Ok(if u32::from_be_bytes(magic) == crate::format::QCOW2_MAGIC {
-            Format::Qcow2
-        } else {
-            Format::Raw
-        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_name_parses_back_and_others_are_unknown() {
+        for format in Format::ALL {
+            assert_eq!(Format::from_name(format.name()).unwrap(), format);
+        }
+        assert!(matches!(
+            Format::from_name("vmdk4"),
+            Err(Error::UnsupportedFormat(_))
+        ));
+        assert!(matches!(
+            Format::from_name("QCOW2"),
+            Err(Error::UnsupportedFormat(_))
+        ));
+    }
+
+    #[test]
+    fn only_qcow2_and_raw_are_supported() {
+        let supported: Vec<Format> = Format::ALL
+            .into_iter()
+            .filter(|f| f.is_supported())
+            .collect();
+        assert_eq!(supported, [Format::Qcow2, Format::Raw]);
+        let e = Format::Vmdk.require_supported().unwrap_err();
+        assert_eq!(e.to_string(), "vmdk images are not supported");
     }
 }

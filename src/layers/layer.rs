@@ -6,7 +6,7 @@ use crate::error::Result;
 use crate::names::resolve_relative;
 use crate::qcow2::{Image, ImageOptions, Run};
 
-use super::{Format, RawImage};
+use super::{ForeignImage, Format, RawImage};
 
 /// One layer of a chain.
 #[derive(Debug)]
@@ -18,26 +18,69 @@ pub enum Layer {
     Raw(RawImage),
 }
 
+/// What opening a file found: a layer, or an image of a format this crate does not open.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // short-lived: turned into a layer or an error at once
+pub(crate) enum Opened {
+    /// A qcow2 or raw layer.
+    Layer(Layer),
+    /// A file of another format qemu-img knows.
+    Foreign(ForeignImage),
+}
+
 impl Layer {
-    /// Opens the file at `path` as `format`, or probes the format when `None`.
+    /// Opens the file at `path` as `format`, or probes the format when `None` (as
+    /// qemu-img: see [`Format::probe`]). A format this crate does not open, given or
+    /// probed, is refused ([`crate::Error::FormatNotSupported`], naming the file).
     pub fn open(
         path: impl AsRef<Path>,
         format: Option<Format>,
         options: &ImageOptions,
     ) -> Result<Layer> {
         let path = path.as_ref();
+        match Layer::open_or_describe(path, format, options)? {
+            Opened::Layer(layer) => Ok(layer),
+            Opened::Foreign(image) => Err(image.format.not_supported().in_file(path)),
+        }
+    }
+
+    /// As [`Layer::open`], but a file of a format this crate does not open is described
+    /// ([`ForeignImage`]) instead of refused. A raw image whose format was probed keeps
+    /// QEMU's guard on its first sector ([`RawImage::is_probed`]).
+    pub(crate) fn open_or_describe(
+        path: &Path,
+        format: Option<Format>,
+        options: &ImageOptions,
+    ) -> Result<Opened> {
         let storage = options.open_storage(path, options.writable)?;
-        let format = match format {
-            Some(f) => f,
-            None => Format::probe(&*storage).map_err(|e| e.in_file(path))?,
+        let (format, probed) = match format {
+            Some(format) => (format, false),
+            None => (
+                Format::probe(&*storage, path).map_err(|e| e.in_file(path))?,
+                true,
+            ),
         };
         Ok(match format {
             Format::Qcow2 => {
                 drop(storage);
-                Layer::Qcow2(Image::open_with(path, options)?)
+                Opened::Layer(Layer::Qcow2(Image::open_with(path, options)?))
             }
-            Format::Raw => Layer::Raw(RawImage::from_storage(storage, path)?),
+            Format::Raw => {
+                let raw = RawImage::from_storage(storage, path)?;
+                Opened::Layer(Layer::Raw(if probed { raw.mark_probed() } else { raw }))
+            }
+            other => Opened::Foreign(ForeignImage::from_storage(&*storage, path, other)?),
         })
+    }
+
+    /// The format to reopen this layer's file as, so that it opens as it did: its format,
+    /// or `None` for a raw image whose format was probed (probing it again keeps its
+    /// guard, [`RawImage::is_probed`]).
+    pub fn reopen_format(&self) -> Option<Format> {
+        match self {
+            Layer::Raw(r) if r.is_probed() => None,
+            other => Some(other.format()),
+        }
     }
 
     /// The layer's format.

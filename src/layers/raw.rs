@@ -6,6 +6,8 @@ use crate::error::{Error, Result};
 use crate::qcow2::{Mapping, Run, check_run_buffer};
 use crate::storage::{Extent, Storage, write_zeros};
 
+use super::{Format, PROBE_BYTES};
+
 /// A raw image layer.
 pub struct RawImage {
     name: PathBuf,
@@ -14,6 +16,9 @@ pub struct RawImage {
     size: u64,
     /// The file's length.
     file_len: u64,
+    /// The format was probed, not given: writes must not make the file probe as another
+    /// format (see [`RawImage::is_probed`]).
+    probed: bool,
 }
 
 impl std::fmt::Debug for RawImage {
@@ -21,6 +26,7 @@ impl std::fmt::Debug for RawImage {
         f.debug_struct("RawImage")
             .field("name", &self.name)
             .field("size", &self.size)
+            .field("probed", &self.probed)
             .finish_non_exhaustive()
     }
 }
@@ -38,7 +44,25 @@ impl RawImage {
             storage,
             size: file_len.div_ceil(512) * 512,
             file_len,
+            probed: false,
         })
+    }
+
+    /// This image, its format having been probed rather than given.
+    pub(crate) fn mark_probed(self) -> RawImage {
+        RawImage {
+            probed: true,
+            ..self
+        }
+    }
+
+    /// Whether the image's format was probed (opened without saying it is raw). Then, as
+    /// in QEMU, a write that would make its first sector probe as another format is
+    /// refused ([`Error::ProbedRawWrite`]): a guest must not turn its disk into an image
+    /// of another format (say qcow2 naming a host file as its backing file) that the next
+    /// probe would believe. Opening it as [`Format::Raw`] lifts the guard.
+    pub fn is_probed(&self) -> bool {
+        self.probed
     }
 
     /// The name given at open.
@@ -83,9 +107,53 @@ impl RawImage {
 
     pub(crate) fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check(offset, buf.len() as u64)?;
+        self.check_first_sector(offset, buf.len() as u64, |part| {
+            part.copy_from_slice(&buf[..part.len()]);
+            Ok(())
+        })?;
         self.storage
             .write_at(buf, offset)
             .map_err(|e| Error::io(format!("writing at {offset:#x}"), e).in_file(&self.name))
+    }
+
+    /// Refuses a write of `len` bytes at `offset` that would make the first sector of a
+    /// probed image probe as another format, as QEMU's raw driver does (`raw_co_pwritev`
+    /// in block/raw-format.c): a write touching the first 512 bytes is checked with the
+    /// probe (no file name, so never dmg) on the sector as it would be, the old bytes
+    /// (zeros past the end of the file) under the new ones, which `fill` writes into the
+    /// part of the sector the write covers. (QEMU sees the whole sector: a probed raw
+    /// image takes requests in whole sectors, and a partial one is read, merged and
+    /// written whole. Zero writes are checked too: in QEMU a partial one is such a merged
+    /// write, and a whole zero sector probes as raw anyway.)
+    fn check_first_sector(
+        &self,
+        offset: u64,
+        len: u64,
+        fill: impl FnOnce(&mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        if !self.probed || len == 0 || offset >= PROBE_BYTES as u64 {
+            return Ok(());
+        }
+        let mut sector = [0u8; PROBE_BYTES];
+        // The current length: a write in the last partial sector may have grown the file.
+        let file_len = self
+            .storage
+            .len()
+            .map_err(|e| Error::io("reading file length", e).in_file(&self.name))?;
+        let have = file_len.min(PROBE_BYTES as u64) as usize;
+        self.storage
+            .read_at(&mut sector[..have], 0)
+            .map_err(|e| Error::io("reading the first sector", e).in_file(&self.name))?;
+        let start = offset as usize;
+        let end = offset.saturating_add(len).min(PROBE_BYTES as u64) as usize;
+        fill(&mut sector[start..end])?;
+        match Format::probe_bytes(&sector, None) {
+            Format::Raw => Ok(()),
+            other => Err(Error::ProbedRawWrite {
+                format: other.name(),
+            }
+            .in_file(&self.name)),
+        }
     }
 
     pub(crate) fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
@@ -179,6 +247,11 @@ impl RawImage {
         offset: u64,
     ) -> Result<()> {
         self.check(offset, len)?;
+        self.check_first_sector(offset, len, |part| {
+            src.read_at(part, src_offset).map_err(|e| {
+                Error::io(format!("reading {}", src_name.display()), e).in_file(src_name)
+            })
+        })?;
         self.storage
             .copy_from(src, src_offset, offset, len)
             .map_err(|e| {
@@ -196,5 +269,113 @@ impl RawImage {
         self.storage
             .start_writeback()
             .map_err(|e| Error::io("writing back", e).in_file(&self.name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemStorage;
+
+    const QCOW2_HEADER: &[u8] = b"QFI\xfb\0\0\0\x03";
+
+    fn image(bytes: Vec<u8>, probed: bool) -> RawImage {
+        let raw =
+            RawImage::from_storage(Box::new(MemStorage::from_bytes(bytes)), "disk.img").unwrap();
+        if probed { raw.mark_probed() } else { raw }
+    }
+
+    fn first_bytes(raw: &RawImage, n: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; n];
+        raw.storage().read_at(&mut buf, 0).unwrap();
+        buf
+    }
+
+    #[test]
+    fn a_probed_image_refuses_a_first_sector_of_another_format() {
+        let raw = image(vec![0; 4096], true);
+        let e = raw.write_at(QCOW2_HEADER, 0).unwrap_err();
+        assert!(matches!(
+            e.root(),
+            Error::ProbedRawWrite { format: "qcow2" }
+        ));
+        assert_eq!(
+            e.report().to_string(),
+            "disk.img: a write would make this probed raw image look like a qcow2 image; \
+             open it with -f raw to allow it"
+        );
+        assert_eq!(first_bytes(&raw, 8), [0; 8], "nothing written");
+        // The same bytes past the first sector change nothing the probe sees.
+        raw.write_at(QCOW2_HEADER, 512).unwrap();
+        // A write that keeps the sector raw passes.
+        raw.write_at(b"hello", 0).unwrap();
+    }
+
+    #[test]
+    fn the_check_sees_the_sector_as_it_would_be() {
+        // The magic alone probes as raw (version 0); the version completing it does not.
+        let raw = image(vec![0; 4096], true);
+        raw.write_at(&QCOW2_HEADER[..4], 0).unwrap();
+        let e = raw.write_at(&QCOW2_HEADER[4..], 4).unwrap_err();
+        assert!(matches!(
+            e.root(),
+            Error::ProbedRawWrite { format: "qcow2" }
+        ));
+        // Zero writes too: zeroing a byte of LUKS version 0x0101 makes version 1.
+        let raw = image(
+            [b"LUKS\xba\xbe\x01\x01".as_slice(), &[0; 504]].concat(),
+            true,
+        );
+        let e = raw.write_zeroes(6, 1).unwrap_err();
+        assert!(matches!(e.root(), Error::ProbedRawWrite { format: "luks" }));
+        // A whole zero sector is raw.
+        raw.write_zeroes(0, 512).unwrap();
+    }
+
+    #[test]
+    fn a_short_file_reads_zeros_past_its_end() {
+        let raw = image(b"QFI\xfb".to_vec(), true);
+        assert_eq!(raw.size(), 512);
+        let e = raw.write_at(&[0, 0, 0, 2], 4).unwrap_err();
+        assert!(matches!(
+            e.root(),
+            Error::ProbedRawWrite { format: "qcow2" }
+        ));
+    }
+
+    #[test]
+    fn no_name_so_never_dmg() {
+        let raw = RawImage::from_storage(Box::new(MemStorage::from_bytes(vec![0; 512])), "x.dmg")
+            .unwrap()
+            .mark_probed();
+        raw.write_at(b"anything", 0).unwrap();
+    }
+
+    #[test]
+    fn an_image_opened_as_raw_writes_anything() {
+        let raw = image(vec![0; 4096], false);
+        raw.write_at(QCOW2_HEADER, 0).unwrap();
+        assert_eq!(first_bytes(&raw, 8), QCOW2_HEADER);
+    }
+
+    #[test]
+    fn copies_are_checked_with_the_bytes_they_copy() {
+        let src = MemStorage::from_bytes([QCOW2_HEADER, &[0; 504]].concat());
+        let raw = image(vec![0; 4096], true);
+        let e = raw
+            .copy_from(&src, Path::new("src.img"), 0, 512, 0)
+            .unwrap_err();
+        assert!(matches!(
+            e.root(),
+            Error::ProbedRawWrite { format: "qcow2" }
+        ));
+        // From an offset of the source that holds no header: allowed.
+        raw.copy_from(&src, Path::new("src.img"), 8, 504, 0)
+            .unwrap();
+        // Only the header's first eight bytes: enough.
+        let e = raw
+            .copy_from(&src, Path::new("src.img"), 0, 8, 0)
+            .unwrap_err();
+        assert!(matches!(e.root(), Error::ProbedRawWrite { .. }));
     }
 }

@@ -3,12 +3,12 @@
 //! Formatting (human text, JSON keys and their order) is the caller's business; this module
 //! only gathers what qemu-img shows, with the same meaning.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use crate::chain::Chain;
+use crate::chain::{Chain, ChainOptions};
 use crate::error::Result;
 use crate::format::SnapshotEntry;
-use crate::layers::{Format, Layer};
+use crate::layers::{ForeignImage, Format, Layer};
 use crate::names::resolve_relative;
 
 /// What `qemu-img info` says about one image.
@@ -18,8 +18,10 @@ pub struct ImageInfo {
     pub filename: PathBuf,
     /// The image's format (`format`).
     pub format: Format,
-    /// Guest-visible size in bytes (`virtual-size`).
-    pub virtual_size: u64,
+    /// Guest-visible size in bytes (`virtual-size`): always known for qcow2 and raw; for
+    /// the formats this crate only recognises, where the first sector states it (see
+    /// [`crate::layers::header_virtual_size`]).
+    pub virtual_size: Option<u64>,
     /// Bytes the file occupies on disk, `st_blocks * 512` (`actual-size`).
     pub actual_size: Option<u64>,
     /// Length of the image file in bytes (the protocol node's `virtual-size`).
@@ -38,6 +40,33 @@ pub struct ImageInfo {
     pub snapshots: Vec<SnapshotInfo>,
     /// qcow2-specific facts (`format-specific`).
     pub qcow2: Option<Qcow2Info>,
+}
+
+impl ImageInfo {
+    /// The facts of an image that has nothing but a format and sizes to show: a raw
+    /// image, or one of a format this crate only recognises.
+    fn sizes_only(
+        filename: PathBuf,
+        format: Format,
+        virtual_size: Option<u64>,
+        actual_size: Option<u64>,
+        file_length: u64,
+    ) -> ImageInfo {
+        ImageInfo {
+            filename,
+            format,
+            virtual_size,
+            actual_size,
+            file_length,
+            cluster_size: None,
+            backing_filename: None,
+            full_backing_filename: None,
+            backing_filename_format: None,
+            dirty: false,
+            snapshots: Vec::new(),
+            qcow2: None,
+        }
+    }
 }
 
 /// One internal snapshot, as `qemu-img info` lists it.
@@ -109,27 +138,20 @@ impl Qcow2Info {
 /// The facts about one layer.
 pub fn info(layer: &Layer) -> Result<ImageInfo> {
     Ok(match layer {
-        Layer::Raw(raw) => ImageInfo {
-            filename: raw.name().to_path_buf(),
-            format: Format::Raw,
-            virtual_size: raw.size(),
-            actual_size: raw.allocated_size(),
-            file_length: raw.file_len(),
-            cluster_size: None,
-            backing_filename: None,
-            full_backing_filename: None,
-            backing_filename_format: None,
-            dirty: false,
-            snapshots: Vec::new(),
-            qcow2: None,
-        },
+        Layer::Raw(raw) => ImageInfo::sizes_only(
+            raw.name().to_path_buf(),
+            Format::Raw,
+            Some(raw.size()),
+            raw.allocated_size(),
+            raw.file_len(),
+        ),
         Layer::Qcow2(image) => {
             let header = image.header();
             let v3 = header.version >= 3;
             ImageInfo {
                 filename: image.name().to_path_buf(),
                 format: Format::Qcow2,
-                virtual_size: image.size(),
+                virtual_size: Some(image.size()),
                 actual_size: image.allocated_size(),
                 file_length: image.file_len(),
                 cluster_size: Some(image.cluster_size()),
@@ -163,4 +185,31 @@ pub fn info(layer: &Layer) -> Result<ImageInfo> {
 /// The facts about every layer of `chain`, top first (`qemu-img info --backing-chain`).
 pub fn chain_info(chain: &Chain) -> Result<Vec<ImageInfo>> {
     chain.layers().iter().map(info).collect()
+}
+
+/// What can be said of an image of a format this crate recognises but does not open: its
+/// format and sizes, nothing of its content or backing file.
+pub fn foreign_info(image: &ForeignImage) -> ImageInfo {
+    ImageInfo::sizes_only(
+        image.name.clone(),
+        image.format,
+        image.virtual_size,
+        image.allocated_size,
+        image.file_len,
+    )
+}
+
+/// Opens the image at `path` with `options` and describes it and, unless
+/// `options.no_backing`, its backing chain, top first: `qemu-img info` (with
+/// `--backing-chain` when the backing files are opened). An image of a format this crate
+/// recognises but does not open is described ([`foreign_info`]) where every other
+/// operation refuses it; it ends the chain.
+pub fn open_info(path: impl AsRef<Path>, options: &ChainOptions) -> Result<Vec<ImageInfo>> {
+    let (chain, foreign) = Chain::open_until_foreign(path.as_ref(), options)?;
+    let mut infos = match &chain {
+        Some(chain) => chain_info(chain)?,
+        None => Vec::new(),
+    };
+    infos.extend(foreign.as_ref().map(foreign_info));
+    Ok(infos)
 }

@@ -67,6 +67,7 @@ pub fn measure_size(size: u64, options: &CreateOptions) -> Result<Measurement> {
                 bitmaps: None,
             })
         }
+        other => Err(other.not_supported()),
     }
 }
 
@@ -107,8 +108,10 @@ pub fn measure_chain(chain: &Chain, options: &CreateOptions) -> Result<Measureme
 /// (16 bits with compat 0.10), extended L2 cluster size, and a size whose L1 table fits.
 /// Options that only matter at creation (lazy refcounts, data file) are not checked.
 fn check_options(options: &CreateOptions, size: u64) -> Result<()> {
-    if options.format == Format::Raw {
-        return Ok(());
+    match options.format {
+        Format::Raw => return Ok(()),
+        Format::Qcow2 => {}
+        other => return Err(other.not_supported()),
     }
     let checked = CreateOptions {
         size: Some(size),

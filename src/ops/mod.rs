@@ -19,7 +19,7 @@ pub use checksum::checksum;
 pub use compare::{Comparison, compare};
 pub use convert::{ConvertOptions, convert, convert_to_qcow2, convert_to_raw};
 pub use du::{LayerSpace, SnapshotSpace, SpaceReport, du};
-pub use info::{ImageInfo, Qcow2Info, SnapshotInfo, chain_info, info};
+pub use info::{ImageInfo, Qcow2Info, SnapshotInfo, chain_info, foreign_info, info, open_info};
 pub use map::{MapEntries, MapEntry, map, map_range};
 pub use measure::{Measurement, measure_chain, measure_size};
 pub use merge::{

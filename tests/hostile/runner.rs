@@ -44,6 +44,9 @@ pub(crate) enum Expect {
     ChainFails(&'static str),
     /// Every command fails, saying this.
     Fails(&'static str),
+    /// The image probes as a format qimg recognises but does not open: `info` names it,
+    /// every other command fails saying this.
+    Foreign(&'static str),
 }
 
 type Setup = Box<dyn Fn(&Path) -> String + Send + Sync>;
@@ -244,6 +247,9 @@ pub(crate) fn run_case(case: &Case, work: &Path, tally: &Mutex<Tally>) {
                 Expect::ChainFails(what) if opens_chain => {
                     fail(format!("succeeded; expected an error about {what}"))
                 }
+                Expect::Foreign(what) if command[0] != "info" => {
+                    fail(format!("succeeded; expected an error about {what}"))
+                }
                 _ => {}
             }
         } else {
@@ -267,7 +273,12 @@ pub(crate) fn run_case(case: &Case, work: &Path, tally: &Mutex<Tally>) {
                 Expect::Success
                     if command == &["map", "{img}"] && stderr.contains("compressed clusters") => {}
                 Expect::Success => fail(format!("failed; expected success: {stderr}")),
-                Expect::Fails(what) | Expect::ChainFails(what) if !stderr.contains(what) => {
+                Expect::Foreign(_) if command[0] == "info" => {
+                    fail(format!("info does not name the format: {stderr}"))
+                }
+                Expect::Fails(what) | Expect::ChainFails(what) | Expect::Foreign(what)
+                    if !stderr.contains(what) =>
+                {
                     fail(format!("error does not say {what:?}: {stderr}"))
                 }
                 _ => {}

@@ -48,5 +48,6 @@ pub fn convert(
             }
             Ok(())
         }
+        other => Err(other.not_supported().in_file(dst)),
     }
 }

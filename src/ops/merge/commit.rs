@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::chain::Chain;
+use crate::chain::{Chain, ChainOptions};
 use crate::error::{Error, Result};
 use crate::layers::Layer;
 use crate::progress::{Progress, Tracker};
@@ -78,8 +78,20 @@ pub fn commit(
         tracker.finish()?;
         return Ok(out.report);
     }
-    let base_path = chain.layers()[base].name().to_path_buf();
-    let base_chain = open(open_options, &base_path, true, false)?;
+    let base_layer = &chain.layers()[base];
+    let base_path = base_layer.name().to_path_buf();
+    // As the chain opened it: a raw base named by its backing format is written freely,
+    // a probed one keeps the guard on its first sector (QEMU's commit writes the node the
+    // chain opened).
+    let base_chain = Chain::open_with(
+        &base_path,
+        &ChainOptions {
+            writable: true,
+            no_backing: false,
+            format: base_layer.reopen_format(),
+            ..open_options.clone()
+        },
+    )?;
     let needed = chain.layers()[top].size();
     if base_chain.size() < needed {
         base_chain.resize(needed.div_ceil(512) * 512, false)?;

@@ -96,7 +96,7 @@ fn read_image(path: &Path, id: (u64, u64), options: &TreeOptions) -> Result<Tree
     let len = storage
         .len()
         .map_err(|e| Error::io("reading file length", e))?;
-    let format = Format::probe(&*storage)?;
+    let format = Format::probe(&*storage, path)?;
     let actual_size = storage.allocated_size().unwrap_or(len);
     let mut image = TreeImage {
         path: path.to_path_buf(),
