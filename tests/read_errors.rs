@@ -94,12 +94,18 @@ fn image_cut_in_the_middle_of_the_header() {
         s.create("img.qcow2", &format!("compat={compat}"), 1 << 20);
         s.truncate("img.qcow2", cut);
         let path = s.path("img.qcow2");
-        // Probing sees the magic; forcing qcow2 must fail the same way.
-        assert_error(
-            Chain::open(&path),
-            &path,
-            &["header", "past the end of the file"],
-        );
+        // Probing sees the magic and a version; forcing qcow2 must fail the same way. With
+        // the magic alone the version reads as 0, and qemu-img probes it as raw.
+        if cut >= 8 {
+            assert_error(
+                Chain::open(&path),
+                &path,
+                &["header", "past the end of the file"],
+            );
+        } else {
+            let chain = Chain::open(&path).unwrap();
+            assert_eq!(chain.top().format(), qcow2_engine::Format::Raw);
+        }
         assert_error(open_as_qcow2(&path), &path, &["header", "past the end"]);
     }
 }

@@ -42,6 +42,10 @@ impl Run {
         };
         let options = CommitOptions {
             keep,
+            // The program models its chain alone: images it left behind in the file
+            // system (re-pointed away, never deleted) may still use a layer, and would make
+            // the commit refuse. Refusals are tested in tests/tree_props.rs.
+            force: true,
             merge: self.merge_options(mode),
             ..options
         };
