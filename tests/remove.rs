@@ -382,3 +382,35 @@ fn remove_runs_in_memory_through_a_mem_opener() {
     let chain = Chain::open_with("vm/a.qcow2", &chain_options).unwrap();
     assert_eq!(chain.layers().len(), 2);
 }
+
+/// A journal a crash left behind for an older file of the same name does not steer a new
+/// remove: its users are not the layer's users now, so the plan is made afresh.
+#[test]
+fn a_stale_journal_is_ignored() {
+    let s = Scratch::new();
+    tree(&s, false, "");
+    snapshot_views(&s);
+    let hex = |p: &str| p.bytes().map(|b| format!("{b:02x}")).collect::<String>();
+    let dir = s.dir().display().to_string();
+    // An old remove of another mid.qcow2, whose only user was gone.qcow2.
+    let body = format!(
+        "qimg remove journal 1\npull\nbacking {}\ndependent {}\n",
+        hex(&format!("{dir}/base.qcow2")),
+        hex(&format!("{dir}/gone.qcow2")),
+    );
+    let crc = crc32fast::hash(body.as_bytes());
+    std::fs::write(
+        s.path(".mid.qcow2.qimg-remove"),
+        format!("{body}end {crc:08x}\n"),
+    )
+    .unwrap();
+    let report = remove(&s, "mid.qcow2", &RemoveOptions::default()).unwrap();
+    assert_eq!(report.method, RemoveMethod::CommitDown);
+    assert_eq!(report.dependents.len(), 2);
+    for top in ["top.qcow2", "top2.qcow2"] {
+        assert_eq!(backing_of(&s, top).as_deref(), Some("base.qcow2"));
+    }
+    assert!(!s.path("mid.qcow2").exists());
+    assert!(!s.path(".mid.qcow2.qimg-remove").exists());
+    assert_views(&s, "stale journal");
+}

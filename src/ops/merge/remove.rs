@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use crate::chain::{Chain, ChainOptions};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
-use crate::storage::{Opener, open_with, remove_file_with};
+use crate::storage::{Opener, open_with, remove_file_with, stat_with};
 
 use super::backing::{open, repoint_options, set_backing};
 use super::commit::{commit, dependents_scan};
@@ -81,7 +81,11 @@ pub fn remove(
     let layer = layer.as_ref();
     let opener = options.merge.chain.opener.as_deref();
     let journal = journal_path(layer);
-    let plan = match read_journal(opener, &journal)? {
+    let from_journal = match read_journal(opener, &journal)? {
+        Some(plan) if journal_holds(layer, &plan, options)? => Some(plan),
+        _ => None,
+    };
+    let plan = match from_journal {
         Some(plan) => plan,
         None => {
             let plan = plan(layer, options)?;
@@ -161,7 +165,9 @@ pub fn remove(
     if !merge.dry_run {
         if !options.keep {
             match remove_file_with(merge.chain.opener.as_deref(), layer) {
+                // Gone already: a rerun after the deletion, before the journal went.
                 Ok(()) => deleted = true,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => deleted = true,
                 Err(e) if e.kind() == io::ErrorKind::Unsupported => {}
                 Err(e) => return Err(Error::io("deleting", e).in_file(layer)),
             }
@@ -255,6 +261,35 @@ fn plan(layer: &Path, options: &RemoveOptions) -> Result<Plan> {
         backing: backing.map(|b| forest.images()[b].path.clone()),
         dependents,
     })
+}
+
+/// Whether a journal found beside the layer is this remove's: every image that uses the
+/// layer now is one of the journal's users, and the layer still sits on the journal's
+/// backing file (or the layer is gone, and only the journal was left). A journal a crash
+/// left behind for an older file of the same name fails this, and a fresh plan is made.
+fn journal_holds(layer: &Path, plan: &Plan, options: &RemoveOptions) -> Result<bool> {
+    let chain = &options.merge.chain;
+    if let Err(e) = stat_with(chain.opener.as_deref(), layer) {
+        return Ok(e.kind() == io::ErrorKind::NotFound);
+    }
+    let dir = layer.parent().unwrap_or(Path::new("")).to_path_buf();
+    let mut dirs = vec![dir];
+    dirs.extend(options.also_in.iter().cloned());
+    let forest = dependents_scan(&dirs, &options.merge)?;
+    let Some(at) = forest.find(layer) else {
+        return Ok(false);
+    };
+    let listed: Vec<usize> = plan
+        .dependents
+        .iter()
+        .filter_map(|d| forest.find(d))
+        .collect();
+    let same_backing = match (&plan.backing, forest.parent(at)) {
+        (None, None) => true,
+        (Some(b), Some(p)) => forest.find(b) == Some(p),
+        _ => false,
+    };
+    Ok(same_backing && forest.children(at).iter().all(|c| listed.contains(c)))
 }
 
 /// Opens every image the plan writes, for writing, and drops it: another process using
