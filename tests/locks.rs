@@ -5,16 +5,10 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::holder::{Holder, locked_bytes};
 use common::{Scratch, assert_one_line_failure, qimg_path};
 use qcow2_engine::ops::{self, CommitOptions};
 use qcow2_engine::{Chain, ChainOptions, CreateOptions, Error, Image, ImageOptions, Locking};
-
-fn tool(name: &str) -> &'static Path {
-    Box::leak(Path::new(name).to_path_buf().into_boxed_path())
-}
 
 /// base.qcow2 <- top.qcow2, both with data.
 fn images(s: &Scratch) {
@@ -131,7 +125,7 @@ fn while_qemu_io_writes_an_image_nothing_else_writes_or_reads_it() {
     images(&s);
     let holder = Holder::start(
         &s,
-        tool("qemu-io"),
+        "qemu-io",
         &["-c", "sleep 20000", "base.qcow2"],
         "base.qcow2",
         101,
@@ -150,7 +144,7 @@ fn while_qemu_nbd_or_qemu_storage_daemon_serves_an_image_nothing_else_writes_it(
     let socket = s.path("nbd.sock").display().to_string();
     let holder = Holder::start(
         &s,
-        tool("qemu-nbd"),
+        "qemu-nbd",
         &["-k", &socket, "-f", "qcow2", "base.qcow2"],
         "base.qcow2",
         101,
@@ -160,7 +154,7 @@ fn while_qemu_nbd_or_qemu_storage_daemon_serves_an_image_nothing_else_writes_it(
 
     let holder = Holder::start(
         &s,
-        tool("qemu-storage-daemon"),
+        "qemu-storage-daemon",
         &[
             "--blockdev",
             "driver=file,node-name=file0,filename=base.qcow2",
@@ -176,7 +170,7 @@ fn while_qemu_nbd_or_qemu_storage_daemon_serves_an_image_nothing_else_writes_it(
     // A read-only export shares reading, not writing.
     let holder = Holder::start(
         &s,
-        tool("qemu-nbd"),
+        "qemu-nbd",
         &["-r", "-k", &socket, "-f", "qcow2", "base.qcow2"],
         "base.qcow2",
         100,

@@ -287,6 +287,28 @@ fn an_interrupted_remove_is_completed_by_running_it_again() {
     }
 }
 
+/// Writes the journal of a remove of mid.qcow2 by hand, in the format documented in
+/// `ops/merge/remove.rs`: `method` ("commit" or "pull"), names in the scratch directory.
+fn write_journal(s: &Scratch, method: &str, backing: &str, dependents: &[&str]) {
+    let hex = |name: &str| {
+        let path = s.path(name).display().to_string();
+        path.bytes().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let mut body = format!(
+        "qimg remove journal 1\n{method}\nbacking {}\n",
+        hex(backing)
+    );
+    for dependent in dependents {
+        body.push_str(&format!("dependent {}\n", hex(dependent)));
+    }
+    let crc = crc32fast::hash(body.as_bytes());
+    std::fs::write(
+        s.path(".mid.qcow2.qimg-remove"),
+        format!("{body}end {crc:08x}\n"),
+    )
+    .unwrap();
+}
+
 /// Every user re-pointed, the layer not yet deleted (a crash between the two): the
 /// journal lets the same command finish instead of refusing a layer nobody uses.
 #[test]
@@ -294,20 +316,7 @@ fn a_remove_stopped_before_deleting_the_layer_finishes_from_its_journal() {
     let s = Scratch::new();
     tree(&s, false, "");
     snapshot_views(&s);
-    let hex = |p: &str| p.bytes().map(|b| format!("{b:02x}")).collect::<String>();
-    let dir = s.dir().display().to_string();
-    let body = format!(
-        "qimg remove journal 1\ncommit\nbacking {}\ndependent {}\ndependent {}\n",
-        hex(&format!("{dir}/base.qcow2")),
-        hex(&format!("{dir}/top.qcow2")),
-        hex(&format!("{dir}/top2.qcow2")),
-    );
-    let crc = crc32fast::hash(body.as_bytes());
-    std::fs::write(
-        s.path(".mid.qcow2.qimg-remove"),
-        format!("{body}end {crc:08x}\n"),
-    )
-    .unwrap();
+    write_journal(&s, "commit", "base.qcow2", &["top.qcow2", "top2.qcow2"]);
     // The state the journal describes: mid's data in base, both users re-pointed.
     s.qemu_img(&["commit", "-d", "mid.qcow2"]);
     for top in ["top.qcow2", "top2.qcow2"] {
@@ -390,20 +399,8 @@ fn a_stale_journal_is_ignored() {
     let s = Scratch::new();
     tree(&s, false, "");
     snapshot_views(&s);
-    let hex = |p: &str| p.bytes().map(|b| format!("{b:02x}")).collect::<String>();
-    let dir = s.dir().display().to_string();
     // An old remove of another mid.qcow2, whose only user was gone.qcow2.
-    let body = format!(
-        "qimg remove journal 1\npull\nbacking {}\ndependent {}\n",
-        hex(&format!("{dir}/base.qcow2")),
-        hex(&format!("{dir}/gone.qcow2")),
-    );
-    let crc = crc32fast::hash(body.as_bytes());
-    std::fs::write(
-        s.path(".mid.qcow2.qimg-remove"),
-        format!("{body}end {crc:08x}\n"),
-    )
-    .unwrap();
+    write_journal(&s, "pull", "base.qcow2", &["gone.qcow2"]);
     let report = remove(&s, "mid.qcow2", &RemoveOptions::default()).unwrap();
     assert_eq!(report.method, RemoveMethod::CommitDown);
     assert_eq!(report.dependents.len(), 2);

@@ -18,9 +18,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use common::Scratch;
+use common::power::{Switch, SwitchedDisk};
 use qcow2_engine::ChainOptions;
 use qcow2_engine::ops::{self, MergeOptions, RemoveOptions};
-use qcow2_engine::storage::{Extent, FaultStorage, Opener, Storage, Unflushed};
+use qcow2_engine::storage::{FaultStorage, Opener, Storage, Unflushed};
 
 /// The files of one directory on disks behind one power switch.
 struct Disks {
@@ -41,18 +42,6 @@ impl Disks {
             ),
             power: Mutex::new((0, crash_at, false)),
         })
-    }
-
-    /// Counts one write; at the crash point every disk loses power.
-    fn wrote(&self) {
-        let mut power = self.power.lock().unwrap();
-        power.0 += 1;
-        if power.1 == Some(power.0) {
-            power.2 = true;
-            for disk in self.files.lock().unwrap().values() {
-                disk.crash_after(disk.writes());
-            }
-        }
     }
 
     fn crashed(&self) -> bool {
@@ -87,33 +76,17 @@ impl Disks {
     }
 }
 
-struct Disk {
-    fault: Arc<FaultStorage>,
-    disks: Arc<Disks>,
-}
-
-impl Storage for Disk {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.fault.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.fault.write_at(buf, offset)?;
-        self.disks.wrote();
-        Ok(())
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.fault.flush()
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.fault.len()
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.fault.set_len(len)?;
-        self.disks.wrote();
-        Ok(())
-    }
-    fn extent(&self, offset: u64, max_len: u64) -> io::Result<Extent> {
-        self.fault.extent(offset, max_len)
+impl Switch for Disks {
+    /// Counts one write; at the crash point every disk loses power.
+    fn wrote(&self) {
+        let mut power = self.power.lock().unwrap();
+        power.0 += 1;
+        if power.1 == Some(power.0) {
+            power.2 = true;
+            for disk in self.files.lock().unwrap().values() {
+                disk.crash_after(disk.writes());
+            }
+        }
     }
 }
 
@@ -124,9 +97,9 @@ impl Opener for DisksOpener {
         let name = self.0.name(path)?;
         let fault = self.0.files.lock().unwrap().get(&name).cloned();
         let fault = fault.ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, name))?;
-        Ok(Box::new(Disk {
+        Ok(Box::new(SwitchedDisk {
             fault,
-            disks: self.0.clone(),
+            switch: self.0.clone(),
         }))
     }
 
@@ -165,9 +138,9 @@ impl Opener for DisksOpener {
         let fault = Arc::new(FaultStorage::from_bytes(Vec::new()));
         self.0.files.lock().unwrap().insert(name, fault.clone());
         self.0.wrote();
-        Ok(Box::new(Disk {
+        Ok(Box::new(SwitchedDisk {
             fault,
-            disks: self.0.clone(),
+            switch: self.0.clone(),
         }))
     }
 }

@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::holder::Holder;
 use common::{Scratch, assert_one_line_failure};
 use qcow2_engine::ops::{self, CommitOptions, Forest, TreeOptions};
@@ -293,7 +291,7 @@ fn images_in_use_are_read_sharing_them() {
     tree(&s);
     let vm = Holder::start(
         &s,
-        Path::new("qemu-io"),
+        "qemu-io",
         &["-c", "sleep 20000", "other.qcow2"],
         "other.qcow2",
         101,

@@ -30,7 +30,7 @@ impl FileInfo {
 }
 
 /// Opens the storage behind a file name. Images and chains open their files (and external
-/// data files) through one when [`crate::ImageOptions::opener`] names it, and as
+/// data files) through one when their options name one (`ImageOptions::opener`), and as
 /// [`FileStorage`]s otherwise: tests put every image of an operation in a
 /// [`FaultStorage`] this way, or a whole chain in memory ([`MemOpener`]).
 ///
@@ -49,29 +49,29 @@ pub trait Opener: Send + Sync {
     }
 
     /// The absolute name of `path` with links and `..` resolved: what
-    /// [`crate::BackingPolicy::confine_to`] compares, and the name a merge stores for a
+    /// a backing policy's `confine_to` compares, and the name a merge stores for a
     /// backing file in another directory. Default: [`std::fs::canonicalize`].
     fn canonicalize(&self, path: &Path) -> io::Result<PathBuf> {
         std::fs::canonicalize(path)
     }
 
     /// The files and directories in directory `dir`, each as `dir` joined with its name,
-    /// for finding the images that use one as backing file ([`crate::ops::Forest`]).
+    /// for finding the images that use one as backing file (the tree scan of `ops`).
     /// Default: [`io::ErrorKind::Unsupported`] (such openers cannot be searched).
     fn read_dir(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
         let _ = dir;
         Err(io::ErrorKind::Unsupported.into())
     }
 
-    /// Deletes the file at `path` (a layer [`crate::ops::remove`] took out of every
-    /// chain, its journal). Default: [`io::ErrorKind::Unsupported`] (the file is left).
+    /// Deletes the file at `path` (a layer `ops::remove` took out of every chain, its
+    /// journal). Default: [`io::ErrorKind::Unsupported`] (the file is left).
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         let _ = path;
         Err(io::ErrorKind::Unsupported.into())
     }
 
     /// Creates the file at `path` empty (or empties it), for writing: the journal that
-    /// lets an interrupted [`crate::ops::remove`] be finished. Default:
+    /// lets an interrupted `ops::remove` be finished. Default:
     /// [`io::ErrorKind::Unsupported`] (removes through such an opener keep no journal).
     fn create(&self, path: &Path) -> io::Result<Box<dyn Storage>> {
         let _ = path;
@@ -108,8 +108,13 @@ pub(crate) fn canonicalize_with(opener: Option<&dyn Opener>, path: &Path) -> io:
 }
 
 /// [`Opener::read_dir`] of `opener`, or the host directory's entries (sorted by name)
-/// without one.
-pub(crate) fn read_dir_with(opener: Option<&dyn Opener>, dir: &Path) -> io::Result<Vec<PathBuf>> {
+/// without one; from the host, at most `limit + 1` of them are read, so a caller bounded by
+/// `limit` learns there are more without holding a huge directory in memory.
+pub(crate) fn read_dir_with(
+    opener: Option<&dyn Opener>,
+    dir: &Path,
+    limit: usize,
+) -> io::Result<Vec<PathBuf>> {
     let mut entries = match opener {
         Some(o) => o.read_dir(dir)?,
         None => {
@@ -120,6 +125,7 @@ pub(crate) fn read_dir_with(opener: Option<&dyn Opener>, dir: &Path) -> io::Resu
                 dir
             };
             std::fs::read_dir(listing)?
+                .take(limit.saturating_add(1))
                 .map(|entry| entry.map(|e| dir.join(e.file_name())))
                 .collect::<io::Result<Vec<_>>>()?
         }

@@ -37,7 +37,14 @@ pub struct Holder {
 impl Holder {
     /// Starts `program args...` in `s` and waits (at most 20 s) until `file` has lock byte
     /// `byte` (101: someone holds write; 100: someone reads).
-    pub fn start(s: &Scratch, program: &Path, args: &[&str], file: &str, byte: u64) -> Holder {
+    pub fn start(
+        s: &Scratch,
+        program: impl AsRef<Path>,
+        args: &[&str],
+        file: &str,
+        byte: u64,
+    ) -> Holder {
+        let program = program.as_ref();
         let label = format!("{} {}", program.display(), args.join(" "));
         let child = Command::new(program)
             .args(args)

@@ -16,6 +16,7 @@ use std::process::Command;
 
 pub mod holder;
 pub mod ops;
+pub mod power;
 
 use qcow2_engine::{Chain, ChainRun, Layer, Mapping};
 

@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 
 use qcow2_engine::ChainOptions;
 use qcow2_engine::ops::MergeOptions;
-use qcow2_engine::storage::{Extent, FaultStorage, Opener, Storage};
+use qcow2_engine::storage::{FaultStorage, Opener, Storage};
+
+use crate::common::power::{Switch, SwitchedDisk};
 
 /// The disks of one machine, one per image, and one power switch: the `crash_at`-th write
 /// to any of them is the last before the power goes.
@@ -39,17 +41,6 @@ impl Machine {
         })
     }
 
-    /// Counts one write; at the crash point every disk loses power.
-    fn wrote(&self) {
-        let mut p = self.power.lock().unwrap();
-        p.writes += 1;
-        if p.crash_at == Some(p.writes) {
-            for (_, d) in &self.disks {
-                d.crash_after(d.writes());
-            }
-        }
-    }
-
     pub(crate) fn writes(&self) -> u64 {
         self.power.lock().unwrap().writes
     }
@@ -70,34 +61,16 @@ impl Machine {
     }
 }
 
-/// One image's disk: a `FaultStorage` whose writes count on the machine's switch.
-struct Disk {
-    fault: Arc<FaultStorage>,
-    machine: Arc<Machine>,
-}
-
-impl Storage for Disk {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.fault.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.fault.write_at(buf, offset)?;
-        self.machine.wrote();
-        Ok(())
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.fault.flush()
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.fault.len()
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.fault.set_len(len)?;
-        self.machine.wrote();
-        Ok(())
-    }
-    fn extent(&self, offset: u64, max_len: u64) -> io::Result<Extent> {
-        self.fault.extent(offset, max_len)
+impl Switch for Machine {
+    /// Counts one write; at the crash point every disk loses power.
+    fn wrote(&self) {
+        let mut p = self.power.lock().unwrap();
+        p.writes += 1;
+        if p.crash_at == Some(p.writes) {
+            for (_, d) in &self.disks {
+                d.crash_after(d.writes());
+            }
+        }
     }
 }
 
@@ -118,9 +91,9 @@ impl Opener for MachineOpener {
                     format!("{} is not on the machine", path.display()),
                 )
             })?;
-        Ok(Box::new(Disk {
+        Ok(Box::new(SwitchedDisk {
             fault: fault.clone(),
-            machine: self.0.clone(),
+            switch: self.0.clone(),
         }))
     }
 }

@@ -95,22 +95,37 @@ impl Forest {
                 .and_then(|info| by_id.get(&info.id).copied());
             self.parents[i] = parent;
         }
-        for i in 0..n {
-            // A chain longer than the number of images has come back on itself.
-            let mut at = i;
-            for _ in 0..=n {
+        // Loops, each image walked once: a walk up the parents that comes back to an image
+        // it passed is cut before that image (hostile directories may hold long chains).
+        #[derive(Clone, Copy, PartialEq)]
+        enum Walk {
+            Unseen,
+            OnPath,
+            Done,
+        }
+        let mut walk = vec![Walk::Unseen; n];
+        let mut path = Vec::new();
+        for start in 0..n {
+            let mut at = start;
+            while walk[at] == Walk::Unseen {
+                walk[at] = Walk::OnPath;
+                path.push(at);
                 match self.parents[at] {
-                    Some(p) if p == i => {
-                        self.parents[i] = None;
-                        self.skipped.push(
-                            Error::InvalidArgument("its backing chain loops back to it".into())
-                                .in_file(&self.images[i].path),
-                        );
-                        break;
-                    }
                     Some(p) => at = p,
                     None => break,
                 }
+            }
+            if walk[at] == Walk::OnPath && self.parents[at].is_some() {
+                if let Some(&last) = path.last() {
+                    self.parents[last] = None;
+                    self.skipped.push(
+                        Error::InvalidArgument("its backing chain loops back to it".into())
+                            .in_file(&self.images[last].path),
+                    );
+                }
+            }
+            for i in path.drain(..) {
+                walk[i] = Walk::Done;
             }
         }
         self.children = vec![Vec::new(); n];

@@ -128,7 +128,7 @@ pub(super) fn files_in(paths: &[PathBuf], options: &TreeOptions) -> Result<Vec<P
     let max = options.max_images;
     let mut files = Vec::new();
     for path in paths {
-        match read_dir_with(options.opener(), path) {
+        match read_dir_with(options.opener(), path, max.saturating_sub(files.len())) {
             Ok(entries) => {
                 if files.len() + entries.len() > max {
                     return Err(too_many(max).in_file(path));
