@@ -257,6 +257,15 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
+    /// A persistent bitmap operation was refused.
+    #[error("bitmap '{name}': {reason}")]
+    Bitmap {
+        /// The bitmap's name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+
     /// A long operation was stopped by its progress callback.
     #[error("operation cancelled")]
     Cancelled,

@@ -99,8 +99,8 @@ pub use error::{Error, Report, Result};
 pub use layers::{ForeignImage, Format, Layer, RawImage};
 pub use progress::Progress;
 pub use qcow2::{
-    CheckReport, Compat, Finding, Image, ImageOptions, Mapping, Preallocation, RepairMode, Run,
-    Severity,
+    BitmapInfo, CheckReport, Compat, DirtyBitmap, DirtyRuns, Finding, Image, ImageOptions, Mapping,
+    Preallocation, RepairMode, Run, Severity,
 };
 pub use storage::Locking;
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use qcow2_engine::ops::{self, ImageInfo, SnapshotInfo};
-use qcow2_engine::{ChainOptions, Format};
+use qcow2_engine::{BitmapInfo, ChainOptions, Format};
 use serde::Serialize;
 
 use crate::common::{Output, parse_format};
@@ -154,6 +154,8 @@ struct JsonQcow2 {
     compression_type: &'static str,
     #[serde(rename = "lazy-refcounts", skip_serializing_if = "Option::is_none")]
     lazy_refcounts: Option<bool>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    bitmaps: Vec<JsonBitmap>,
     #[serde(rename = "refcount-bits")]
     refcount_bits: u32,
     #[serde(rename = "data-file", skip_serializing_if = "Option::is_none")]
@@ -164,6 +166,36 @@ struct JsonQcow2 {
     corrupt: Option<bool>,
     #[serde(rename = "extended-l2", skip_serializing_if = "Option::is_none")]
     extended_l2: Option<bool>,
+}
+
+/// One persistent bitmap, as qemu-img lists it.
+#[derive(Serialize)]
+struct JsonBitmap {
+    flags: Vec<&'static str>,
+    name: String,
+    granularity: u64,
+}
+
+impl From<&BitmapInfo> for JsonBitmap {
+    fn from(b: &BitmapInfo) -> JsonBitmap {
+        JsonBitmap {
+            flags: bitmap_flags(b),
+            name: b.name.clone(),
+            granularity: b.granularity,
+        }
+    }
+}
+
+/// The flags qemu-img shows, in its order.
+fn bitmap_flags(b: &BitmapInfo) -> Vec<&'static str> {
+    let mut flags = Vec::new();
+    if b.in_use {
+        flags.push("in-use");
+    }
+    if b.enabled {
+        flags.push("auto");
+    }
+    flags
 }
 
 impl From<&ImageInfo> for JsonInfo {
@@ -201,6 +233,7 @@ impl From<&ImageInfo> for JsonInfo {
                         compat: q.compat,
                         compression_type: q.compression_type,
                         lazy_refcounts: v3.then_some(q.lazy_refcounts),
+                        bitmaps: q.bitmaps.iter().map(JsonBitmap::from).collect(),
                         refcount_bits: q.refcount_bits,
                         data_file: q.data_file.clone(),
                         data_file_raw: q.data_file.as_ref().map(|_| q.data_file_raw),
@@ -269,6 +302,18 @@ fn print_human(info: &ImageInfo) {
         println!("    compression type: {}", q.compression_type);
         if q.is_v3() {
             println!("    lazy refcounts: {}", q.lazy_refcounts);
+        }
+        if !q.bitmaps.is_empty() {
+            println!("    bitmaps:");
+            for (i, b) in q.bitmaps.iter().enumerate() {
+                println!("        [{i}]:");
+                println!("            flags:");
+                for (j, flag) in bitmap_flags(b).iter().enumerate() {
+                    println!("                [{j}]: {flag}");
+                }
+                println!("            name: {}", b.name);
+                println!("            granularity: {}", b.granularity);
+            }
         }
         println!("    refcount bits: {}", q.refcount_bits);
         if let Some(data_file) = &q.data_file {

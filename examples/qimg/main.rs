@@ -4,6 +4,7 @@
 //! library options, calls one operation and prints the result.
 
 mod amend;
+mod bitmap;
 mod check;
 mod checksum;
 mod commit;
@@ -81,6 +82,8 @@ enum Command {
     Amend(amend::Args),
     /// Show the images in directories as a forest, each under its backing file.
     Tree(tree::Args),
+    /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps.
+    Bitmap(bitmap::Args),
 }
 
 fn main() -> ExitCode {
@@ -111,6 +114,7 @@ fn main() -> ExitCode {
         Command::Resize(args) => (resize::run(args), 1),
         Command::Amend(args) => (amend::run(args), 1),
         Command::Tree(args) => (tree::run(args), 1),
+        Command::Bitmap(args) => (bitmap::run(args), 1),
     };
     match result {
         Ok(code) => ExitCode::from(code),

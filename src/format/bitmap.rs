@@ -233,6 +233,23 @@ pub fn decode_bitmap_directory(
     Ok(entries)
 }
 
+/// Encodes a bitmap directory: the entries one after the other.
+pub fn encode_bitmap_directory(entries: &[BitmapDirectoryEntry]) -> Vec<u8> {
+    entries
+        .iter()
+        .flat_map(BitmapDirectoryEntry::encode)
+        .collect()
+}
+
+/// Entries of the bitmap table of a bitmap over `disk_size` bytes at `1 <<
+/// granularity_bits` bytes per bit, in an image of `cluster_size`-byte clusters: one per
+/// cluster of bitmap data (spec: "Bitmap table"), as QEMU requires of every bitmap it
+/// loads.
+pub fn bitmap_table_size(disk_size: u64, granularity_bits: u8, cluster_size: u64) -> u64 {
+    let data_bytes = disk_size.div_ceil(1 << granularity_bits).div_ceil(8);
+    data_bytes.div_ceil(cluster_size).max(1)
+}
+
 /// A raw bitmap table entry.
 ///
 /// ```text
@@ -284,10 +301,15 @@ mod tests {
     }
 
     fn directory(entries: &[BitmapDirectoryEntry]) -> Vec<u8> {
-        entries
-            .iter()
-            .flat_map(BitmapDirectoryEntry::encode)
-            .collect()
+        encode_bitmap_directory(entries)
+    }
+
+    #[test]
+    fn a_table_has_one_entry_per_cluster_of_bitmap_data() {
+        // 1 TiB at 64 KiB per bit: 2 MiB of bits, 32 clusters of 64 KiB.
+        assert_eq!(bitmap_table_size(1 << 40, 16, CS), 32);
+        assert_eq!(bitmap_table_size((1 << 40) + 1, 16, CS), 33);
+        assert_eq!(bitmap_table_size(512, 9, 512), 1);
     }
 
     /// The field the decoder blames for `dir` holding `nb` entries.

@@ -12,7 +12,10 @@ mod limits;
 mod refcount;
 mod snapshot;
 
-pub use bitmap::{BitmapDirectoryEntry, BitmapFlags, BitmapTableEntry, decode_bitmap_directory};
+pub use bitmap::{
+    BitmapDirectoryEntry, BitmapFlags, BitmapTableEntry, bitmap_table_size,
+    decode_bitmap_directory, encode_bitmap_directory,
+};
 pub(crate) use bytes::{be16, be32, be64, put_be16, put_be32, put_be64};
 pub use bytes::{decode_u64_table, encode_u64_table};
 pub use entries::{ClusterDescriptor, CompressedDescriptor, L1Entry, L2Entry, SubclusterBitmap};

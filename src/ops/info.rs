@@ -10,6 +10,7 @@ use crate::error::Result;
 use crate::format::SnapshotEntry;
 use crate::layers::{ForeignImage, Format, Layer};
 use crate::names::resolve_relative;
+use crate::qcow2::BitmapInfo;
 
 /// What `qemu-img info` says about one image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,6 +127,8 @@ pub struct Qcow2Info {
     pub data_file: Option<String>,
     /// Whether the data file is raw-consistent (`data-file-raw`, shown with `data-file`).
     pub data_file_raw: bool,
+    /// Persistent bitmaps (`bitmaps`; qemu-img omits the key when there are none).
+    pub bitmaps: Vec<BitmapInfo>,
 }
 
 impl Qcow2Info {
@@ -176,6 +179,7 @@ pub fn info(layer: &Layer) -> Result<ImageInfo> {
                     extended_l2: header.extended_l2(),
                     data_file: image.data_file_name(),
                     data_file_raw: image.data_file_raw(),
+                    bitmaps: image.bitmaps()?,
                 }),
             }
         }

@@ -22,7 +22,6 @@
 use crate::chain::Chain;
 use crate::create::CreateOptions;
 use crate::error::Result;
-use crate::format::decode_bitmap_directory;
 use crate::layers::{Format, Layer};
 use crate::qcow2::{Compat, Image, Preallocation};
 
@@ -194,19 +193,7 @@ fn refcount_metadata_clusters(clusters: u64, cs: u64, refcount_bits: u32) -> u64
 /// `size`) into an image with `cs`-byte clusters: each bitmap's data and table clusters,
 /// and the directory in whole clusters.
 fn bitmaps_size(image: &Image, size: u64, cs: u64) -> Result<u64> {
-    let Some(ext) = image.extensions().bitmaps() else {
-        return Ok(0);
-    };
-    let dir = image
-        .read_metadata("bitmap directory", ext.directory_offset, ext.directory_size)
-        .map_err(|e| image.name_error(e))?;
-    let entries = decode_bitmap_directory(
-        &dir,
-        ext.directory_offset,
-        ext.nb_bitmaps,
-        image.cluster_size(),
-    )
-    .map_err(|e| image.name_error(e))?;
+    let entries = image.bitmap_directory()?;
     let mut total = 0u64;
     let mut dir_size = 0u64;
     for entry in entries {

@@ -170,27 +170,8 @@ impl Image {
                 .list
                 .insert(0, HeaderExtension::BackingFormat(f));
         }
-        let cs = self.cluster_size();
-        let backing = meta.backing_file.clone();
-        let extensions = meta.extensions.clone();
-        let cluster = format::encode_header_cluster(
-            &mut meta.header,
-            &extensions,
-            backing.as_deref(),
-            cs,
-        )
-        .ok_or_else(|| {
-            Error::InvalidArgument(
-                "the header, its extensions and the backing file name do not fit in the first cluster"
-                    .into(),
-            )
-        })?;
         drop(meta);
-        let used = cluster.len();
-        self.storage
-            .write_at(&cluster[..used], 0)
-            .map_err(|e| Error::io("writing the header cluster", e))?;
-        self.sync()
+        self.write_header_cluster()
     }
 
     /// Turns lazy refcounts on or off; off writes the lagging refcounts first.

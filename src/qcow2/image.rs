@@ -12,6 +12,7 @@ use crate::format::{
 };
 use crate::storage::{Locking, Opener, Storage};
 
+use super::bitmaps::BitmapSet;
 use super::l2cache::L2Cache;
 use super::overlap_map::MetadataMap;
 use super::write::Writer;
@@ -99,6 +100,8 @@ pub struct Image {
     pub(crate) writer: Option<Mutex<Writer>>,
     /// Where metadata lives, for the overlap checks before writes (`overlap.rs`).
     pub(crate) overlap: RwLock<MetadataMap>,
+    /// Persistent bitmaps kept valid by the writes of a writable image (`bitmaps/`).
+    pub(crate) bitmaps: RwLock<BitmapSet>,
 }
 
 /// The parts of an image that metadata changes rewrite.

@@ -6,6 +6,7 @@
 //! ARCHITECTURE.md names the file of each part.
 
 mod amend;
+mod bitmaps;
 mod check;
 mod compress;
 mod image;
@@ -29,6 +30,7 @@ mod stored_refcounts;
 mod write;
 
 pub use amend::AmendOptions;
+pub use bitmaps::{BitmapInfo, DirtyBitmap, DirtyRuns};
 pub use check::{CheckReport, Finding, RepairMode, Severity};
 pub use compress::compress_cluster;
 pub use image::{Image, ImageOptions};

@@ -164,6 +164,7 @@ impl Image {
             io_lock: RwLock::new(()),
             writer: None,
             overlap: RwLock::new(Default::default()),
+            bitmaps: RwLock::new(Default::default()),
         })
     }
 }

@@ -253,9 +253,11 @@ impl Image {
         Ok(())
     }
 
-    /// Bitmap directory, bitmap tables and their data clusters (spec: "Bitmaps").
+    /// Bitmap directory, bitmap tables and their data clusters (spec: "Bitmaps"), when
+    /// QEMU reads them: with the autoclear bit clear, they are stale and their clusters
+    /// leaked, as `qemu-img check` counts them.
     fn walk_bitmaps(&self, visit: &mut dyn FnMut(Event), refer: &mut RefFn<'_>) -> Result<()> {
-        let Some(ext) = self.extensions().bitmaps() else {
+        let Some(ext) = self.live_bitmaps_extension() else {
             return Ok(());
         };
         let cs = self.cluster_size();

@@ -65,12 +65,19 @@ impl Image {
                     "size {new_size} needs an L1 table larger than QEMU's 32 MiB limit"
                 ))
             })?;
+        if new_size < old_size && !allow_shrink {
+            return Err(Error::InvalidArgument(
+                "shrinking an image can lose data: allow it explicitly (--shrink)".into(),
+            ));
+        }
+        // Every bitmap follows the new size (QEMU resizes them all): loaded and marked in
+        // use before the size changes, stored with new tables on close.
+        {
+            let _io = self.io_lock.write().unwrap_or_else(PoisonError::into_inner);
+            let mut w = self.writer()?;
+            self.load_all_bitmaps(&mut w)?;
+        }
         if new_size < old_size {
-            if !allow_shrink {
-                return Err(Error::InvalidArgument(
-                    "shrinking an image can lose data: allow it explicitly (--shrink)".into(),
-                ));
-            }
             // Whole clusters past the new end lose their data and host clusters, the
             // partial last one included (whole, as in QEMU: a compressed cluster's
             // subclusters cannot go alone).
@@ -79,6 +86,7 @@ impl Image {
                 self.unallocate(lo, old_size.div_ceil(cs) * cs)?;
             }
             self.set_size(new_size, None)?;
+            self.resize_bitmaps(new_size);
             return self.set_data_file_len(new_size);
         }
         self.set_data_file_len(new_size)?;
@@ -88,6 +96,7 @@ impl Image {
         } else {
             self.set_size(new_size, None)?;
         }
+        self.resize_bitmaps(new_size);
         // The new area must read as zeros: a partial last cluster may hold old bytes past
         // the old end, and a longer backing file would show through.
         let tail_end = new_size.min(old_size.div_ceil(cs) * cs);

@@ -48,6 +48,13 @@ impl Image {
     pub fn snapshot_apply(&self, id_or_name: &str) -> Result<()> {
         self.find_snapshot(id_or_name)
             .map_err(|e| self.name_error(e))?;
+        // The bitmaps would have to take the snapshot's whole difference; QEMU refuses
+        // ("Device has active dirty bitmaps"), and so do we.
+        if !self.bitmap_set().bitmaps.is_empty() {
+            return Err(self.name_error(Error::Unsupported(
+                "applying a snapshot to an image with persistent bitmaps (remove them first)",
+            )));
+        }
         self.snapshot_op(
             |w| {
                 let index = self.find_snapshot(id_or_name)?;

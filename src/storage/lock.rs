@@ -346,11 +346,16 @@ mod tests {
 
     /// The bytes of `path` locked by anyone, one by one (`/proc/locks` merges neighbours).
     fn locks_on(path: &std::path::Path) -> Vec<String> {
-        let ino = std::fs::metadata(path).unwrap().ino();
+        let meta = std::fs::metadata(path).unwrap();
+        // /proc/locks names a file as MAJOR:MINOR:INODE (device numbers in hex): the
+        // inode alone may match a file of another file system.
+        let dev = meta.dev();
+        let (major, minor) = ((dev >> 8) & 0xfff, (dev & 0xff) | ((dev >> 12) & 0xfff00));
+        let id = format!(" {major:02x}:{minor:02x}:{} ", meta.ino());
         let locks = std::fs::read_to_string("/proc/locks").unwrap();
         let mut out: Vec<String> = locks
             .lines()
-            .filter(|l| l.contains(&format!(":{ino} ")))
+            .filter(|l| l.contains(&id))
             .flat_map(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();
                 let start: u64 = f[f.len() - 2].parse().unwrap();

@@ -51,6 +51,32 @@ impl Image {
             .map_err(|e| Error::io("writing the header", e))
     }
 
+    /// Writes the first cluster as it stands in memory — header, extensions, backing file
+    /// name — in one write, and flushes: the one step that switches extensions (a new
+    /// bitmap directory, a backing format) at once.
+    pub(crate) fn write_header_cluster(&self) -> Result<()> {
+        let mut meta = self.meta_mut();
+        let backing = meta.backing_file.clone();
+        let extensions = meta.extensions.clone();
+        let cluster = format::encode_header_cluster(
+            &mut meta.header,
+            &extensions,
+            backing.as_deref(),
+            self.cluster_size(),
+        )
+        .ok_or_else(|| {
+            Error::InvalidArgument(
+                "the header, its extensions and the backing file name do not fit in the first cluster"
+                    .into(),
+            )
+        })?;
+        drop(meta);
+        self.storage
+            .write_at(&cluster, 0)
+            .map_err(|e| Error::io("writing the header cluster", e))?;
+        self.sync()
+    }
+
     /// Writes every metadata change in the crash-safe order (see the module docs).
     pub(crate) fn checkpoint(&self, w: &mut Writer) -> Result<()> {
         self.publish_table_move(w)?;
@@ -179,6 +205,7 @@ impl Image {
 
     fn close_locked(&self, w: &mut Writer) -> Result<()> {
         self.checkpoint(w)?;
+        self.store_bitmaps(w)?;
         if w.lazy && self.is_dirty() {
             w.refcounts.write_dirty(&*self.storage)?;
             self.sync()?;

@@ -12,7 +12,8 @@ impl Image {
     /// Stores one compressed cluster (from [`crate::qcow2::compress_cluster`]) for the guest
     /// cluster at `offset`, packed after the previous one as QEMU packs them.
     pub(crate) fn write_compressed(&self, offset: u64, compressed: &[u8]) -> Result<()> {
-        self.write_compressed_inner(offset, compressed)
+        self.mark_dirty(offset, self.cluster_size())
+            .and_then(|()| self.write_compressed_inner(offset, compressed))
             .map_err(|e| self.name_error(e))
     }
 

@@ -24,7 +24,8 @@ impl Image {
         offset: u64,
         backing: BackingRead<'_>,
     ) -> Result<()> {
-        self.write_inner(Source::Bytes(buf), offset, backing)
+        self.mark_dirty(offset, buf.len() as u64)
+            .and_then(|()| self.write_inner(Source::Bytes(buf), offset, backing))
             .map_err(|e| self.name_error(e))
     }
 
@@ -48,7 +49,8 @@ impl Image {
             offset: src_offset,
             len,
         };
-        self.write_inner(source, offset, backing)
+        self.mark_dirty(offset, len)
+            .and_then(|()| self.write_inner(source, offset, backing))
             .map_err(|e| self.name_error(e))
     }
 

@@ -45,8 +45,12 @@ impl Image {
         {
             self.recover_dirty()?;
         }
-        // Autoclear bits this crate does not maintain must be cleared before writing.
-        let keep = AutoclearFeatures::DATA_FILE_RAW;
+        // Autoclear bits this crate does not maintain must be cleared before writing;
+        // bitmaps it maintains (when QEMU would read them).
+        let mut keep = AutoclearFeatures::DATA_FILE_RAW;
+        if self.live_bitmaps_extension().is_some() {
+            keep |= AutoclearFeatures::BITMAPS;
+        }
         if header.autoclear_features.bits() & !keep.bits() != 0 {
             let _io = self.io_lock.write().unwrap_or_else(PoisonError::into_inner);
             let mut w = self.writer()?;
@@ -54,10 +58,10 @@ impl Image {
             w.header_dirty = true;
             self.checkpoint(&mut w)?;
         }
-        Ok(())
+        self.start_bitmaps()
     }
 
-    pub(super) fn ensure_writable(&self) -> Result<()> {
+    pub(crate) fn ensure_writable(&self) -> Result<()> {
         if self.writer.is_some() && self.is_corrupt() {
             return Err(Error::MarkedCorrupt);
         }
@@ -86,7 +90,7 @@ impl Image {
         Ok(())
     }
 
-    pub(super) fn io_error(&self, what: &str, at: u64, e: std::io::Error) -> Error {
+    pub(crate) fn io_error(&self, what: &str, at: u64, e: std::io::Error) -> Error {
         Error::io(format!("{what} at {at:#x}"), e)
     }
 }

@@ -26,7 +26,8 @@ impl Image {
         unmap: bool,
         backing: BackingRead<'_>,
     ) -> Result<()> {
-        self.zero_inner(offset, len, unmap, backing)
+        self.mark_dirty(offset, len)
+            .and_then(|()| self.zero_inner(offset, len, unmap, backing))
             .map_err(|e| self.name_error(e))
     }
 
@@ -127,7 +128,8 @@ impl Image {
     /// through: then nothing changes. Clusters this image does not allocate, without a
     /// backing file, are left as they are. Unaligned head and tail are left alone.
     pub(crate) fn discard_with(&self, offset: u64, len: u64, has_backing: bool) -> Result<()> {
-        self.discard_inner(offset, len, has_backing)
+        self.mark_dirty(offset, len)
+            .and_then(|()| self.discard_inner(offset, len, has_backing))
             .map_err(|e| self.name_error(e))
     }
 

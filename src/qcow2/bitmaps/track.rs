@@ -1,0 +1,229 @@
+//! Keeping bitmaps valid through writes, as QEMU does: an image opened for writing loads
+//! its enabled bitmaps, marks them in use on disk before the first write can happen,
+//! records every guest change in memory, and stores them on close.
+//!
+//! The order is what keeps them honest after a crash: `in_use` is on disk (in a switched
+//! directory, `directory.rs`) before any guest write, and is cleared only by the same
+//! directory switch that publishes the stored contents. A crash in between leaves the
+//! bitmaps in use — inconsistent, as QEMU leaves them — never a clean-looking bitmap that
+//! misses a change. Disabled bitmaps stay on disk as they are until something changes them.
+
+use std::sync::PoisonError;
+
+use crate::error::Result;
+use crate::format::{BitmapDirectoryEntry, BitmapFlags, bitmap_table_size};
+
+use crate::qcow2::image::Image;
+use crate::qcow2::write::Writer;
+
+use super::dirty::DirtyBitmap;
+
+/// The bitmaps of an image opened for writing (empty for a read-only image).
+#[derive(Debug, Default)]
+pub(crate) struct BitmapSet {
+    pub(crate) bitmaps: Vec<Tracked>,
+    /// Every loaded bitmap is marked in use on disk, and something is to be stored on
+    /// close. Guest writes may go ahead only while this holds (or nothing is loaded).
+    pub(super) armed: bool,
+}
+
+/// One bitmap of the directory.
+#[derive(Debug)]
+pub(crate) struct Tracked {
+    /// The entry as the directory on disk has it.
+    pub(super) entry: BitmapDirectoryEntry,
+    /// In use already when the image was opened: its contents cannot be trusted, so it is
+    /// kept as it is (QEMU's "inconsistent") until removed.
+    pub(super) inconsistent: bool,
+    /// Records guest changes (stored with the `auto` flag).
+    pub(super) enabled: bool,
+    /// The contents, once loaded (enabled bitmaps, and those an operation changed). While
+    /// loaded and armed, the bitmap is in use on disk; it is stored on close.
+    pub(super) data: Option<DirtyBitmap>,
+}
+
+impl BitmapSet {
+    /// Whether guest writes change a loaded bitmap.
+    fn tracks_writes(&self) -> bool {
+        self.bitmaps.iter().any(|t| t.enabled && t.data.is_some())
+    }
+
+    pub(super) fn find(&self, name: &str) -> Option<usize> {
+        self.bitmaps.iter().position(|t| t.entry.name == name)
+    }
+}
+
+impl Image {
+    pub(crate) fn bitmap_set(&self) -> std::sync::RwLockReadGuard<'_, BitmapSet> {
+        self.bitmaps.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) fn bitmap_set_mut(&self) -> std::sync::RwLockWriteGuard<'_, BitmapSet> {
+        self.bitmaps.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Loads the directory of an image being opened for writing, and its enabled,
+    /// consistent bitmaps; marks those in use on disk.
+    pub(crate) fn start_bitmaps(&self) -> Result<()> {
+        let entries = self.read_bitmap_directory()?;
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut set = self.bitmap_set_mut();
+        for entry in entries {
+            let inconsistent = entry.flags.contains(BitmapFlags::IN_USE);
+            let enabled = entry.flags.contains(BitmapFlags::AUTO);
+            let data = if enabled && !inconsistent {
+                Some(self.load_bitmap_data(&entry)?)
+            } else {
+                None
+            };
+            set.bitmaps.push(Tracked {
+                entry,
+                inconsistent,
+                enabled,
+                data,
+            });
+        }
+        if set.tracks_writes() {
+            let _io = self.io_lock.write().unwrap_or_else(PoisonError::into_inner);
+            let mut w = self.writer()?;
+            self.arm_bitmaps(&mut w, &mut set)?;
+        }
+        Ok(())
+    }
+
+    /// Marks every loaded bitmap in use on disk (one directory switch), so that what the
+    /// caller changes next may be lost in a crash only as an inconsistent bitmap.
+    pub(super) fn arm_bitmaps(&self, w: &mut Writer, set: &mut BitmapSet) -> Result<()> {
+        if set.armed {
+            return Ok(());
+        }
+        let unmarked = set
+            .bitmaps
+            .iter()
+            .any(|t| t.data.is_some() && !t.entry.flags.contains(BitmapFlags::IN_USE));
+        if unmarked {
+            let entries: Vec<_> = set
+                .bitmaps
+                .iter()
+                .map(|t| {
+                    let mut e = t.entry.clone();
+                    if t.data.is_some() {
+                        e.flags |= BitmapFlags::IN_USE;
+                    }
+                    e
+                })
+                .collect();
+            self.switch_bitmap_directory(w, &entries, &[])?;
+            for (t, e) in set.bitmaps.iter_mut().zip(entries) {
+                t.entry = e;
+            }
+        }
+        set.armed = true;
+        Ok(())
+    }
+
+    /// Records a guest change of `offset..offset + len` in every enabled bitmap; called
+    /// before the change is made. After a close stored the bitmaps, the first change marks
+    /// them in use again.
+    pub(crate) fn mark_dirty(&self, offset: u64, len: u64) -> Result<()> {
+        {
+            let set = self.bitmap_set();
+            if set.bitmaps.is_empty() {
+                return Ok(());
+            }
+            if set.armed || !set.tracks_writes() {
+                mark(&set, offset, len);
+                return Ok(());
+            }
+        }
+        let _io = self.io_lock.write().unwrap_or_else(PoisonError::into_inner);
+        let mut w = self.writer()?;
+        let mut set = self.bitmap_set_mut();
+        self.arm_bitmaps(&mut w, &mut set)?;
+        mark(&set, offset, len);
+        Ok(())
+    }
+
+    /// Loads every consistent bitmap and marks them in use, before an operation that
+    /// changes them all (a resize).
+    pub(crate) fn load_all_bitmaps(&self, w: &mut Writer) -> Result<()> {
+        let mut set = self.bitmap_set_mut();
+        let mut loaded = false;
+        for i in 0..set.bitmaps.len() {
+            let t = &set.bitmaps[i];
+            if t.inconsistent || t.data.is_some() {
+                continue;
+            }
+            let data = self.load_bitmap_data(&t.entry)?;
+            set.bitmaps[i].data = Some(data);
+            loaded = true;
+        }
+        if loaded {
+            set.armed = false;
+        }
+        if set.bitmaps.iter().any(|t| t.data.is_some()) {
+            self.arm_bitmaps(w, &mut set)?;
+        }
+        Ok(())
+    }
+
+    /// Changes the disk size of every loaded bitmap (all of them, after
+    /// [`Image::load_all_bitmaps`]).
+    pub(crate) fn resize_bitmaps(&self, size: u64) {
+        let mut set = self.bitmap_set_mut();
+        for t in &mut set.bitmaps {
+            if let Some(data) = &mut t.data {
+                data.resize(size);
+            }
+        }
+    }
+
+    /// Stores every loaded bitmap that changed into new clusters and clears `in_use`, in
+    /// one directory switch; the clusters their old contents used are freed afterwards.
+    pub(crate) fn store_bitmaps(&self, w: &mut Writer) -> Result<()> {
+        let mut set = self.bitmap_set_mut();
+        if !set.armed {
+            return Ok(());
+        }
+        let cs = self.cluster_size();
+        let mut entries = Vec::with_capacity(set.bitmaps.len());
+        let mut frees = Vec::new();
+        for t in &set.bitmaps {
+            let mut e = t.entry.clone();
+            if let Some(data) = &t.data {
+                let needed = bitmap_table_size(data.size(), data.granularity_bits(), cs);
+                if data.changed() || u64::from(e.table_size) != needed {
+                    frees.extend(self.bitmap_clusters(&e)?);
+                    let stored = self.store_bitmap_data(w, data)?;
+                    e.table_offset = stored.table_offset;
+                    e.table_size = stored.table_size;
+                }
+                e.flags = if t.enabled {
+                    BitmapFlags::AUTO
+                } else {
+                    BitmapFlags::empty()
+                };
+            }
+            entries.push(e);
+        }
+        self.switch_bitmap_directory(w, &entries, &frees)?;
+        for (t, e) in set.bitmaps.iter_mut().zip(entries) {
+            t.entry = e;
+            if let Some(data) = &t.data {
+                data.set_unchanged();
+            }
+        }
+        set.armed = false;
+        Ok(())
+    }
+}
+
+fn mark(set: &BitmapSet, offset: u64, len: u64) {
+    for t in set.bitmaps.iter().filter(|t| t.enabled) {
+        if let Some(data) = &t.data {
+            data.mark(offset, len);
+        }
+    }
+}
