@@ -96,6 +96,8 @@ impl Image {
         } else {
             self.set_size(new_size, None)?;
         }
+        // The new area is clean in every bitmap, as after QEMU's resize (the zeros
+        // written over an old partial cluster below are marked).
         self.resize_bitmaps(new_size);
         // The new area must read as zeros: a partial last cluster may hold old bytes past
         // the old end, and a longer backing file would show through.

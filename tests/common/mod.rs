@@ -14,6 +14,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub mod bitmaps;
 pub mod holder;
 pub mod ops;
 pub mod power;

@@ -13,7 +13,7 @@ use crate::qcow2::image::Image;
 use crate::qcow2::write::Writer;
 
 use super::dirty::DirtyBitmap;
-use super::track::{BitmapSet, Tracked};
+use super::state::{BitmapSet, Tracked};
 
 /// A persistent bitmap as `qemu-img info` lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,8 +7,9 @@ mod data;
 mod directory;
 mod dirty;
 mod manage;
+mod state;
 mod track;
 
 pub use dirty::{DirtyBitmap, DirtyRuns};
 pub use manage::BitmapInfo;
-pub(crate) use track::BitmapSet;
+pub(crate) use state::BitmapSet;

@@ -11,47 +11,12 @@
 use std::sync::PoisonError;
 
 use crate::error::Result;
-use crate::format::{BitmapDirectoryEntry, BitmapFlags, bitmap_table_size};
+use crate::format::{BitmapFlags, bitmap_table_size};
 
 use crate::qcow2::image::Image;
 use crate::qcow2::write::Writer;
 
-use super::dirty::DirtyBitmap;
-
-/// The bitmaps of an image opened for writing (empty for a read-only image).
-#[derive(Debug, Default)]
-pub(crate) struct BitmapSet {
-    pub(crate) bitmaps: Vec<Tracked>,
-    /// Every loaded bitmap is marked in use on disk, and something is to be stored on
-    /// close. Guest writes may go ahead only while this holds (or nothing is loaded).
-    pub(super) armed: bool,
-}
-
-/// One bitmap of the directory.
-#[derive(Debug)]
-pub(crate) struct Tracked {
-    /// The entry as the directory on disk has it.
-    pub(super) entry: BitmapDirectoryEntry,
-    /// In use already when the image was opened: its contents cannot be trusted, so it is
-    /// kept as it is (QEMU's "inconsistent") until removed.
-    pub(super) inconsistent: bool,
-    /// Records guest changes (stored with the `auto` flag).
-    pub(super) enabled: bool,
-    /// The contents, once loaded (enabled bitmaps, and those an operation changed). While
-    /// loaded and armed, the bitmap is in use on disk; it is stored on close.
-    pub(super) data: Option<DirtyBitmap>,
-}
-
-impl BitmapSet {
-    /// Whether guest writes change a loaded bitmap.
-    fn tracks_writes(&self) -> bool {
-        self.bitmaps.iter().any(|t| t.enabled && t.data.is_some())
-    }
-
-    pub(super) fn find(&self, name: &str) -> Option<usize> {
-        self.bitmaps.iter().position(|t| t.entry.name == name)
-    }
-}
+use super::state::{BitmapSet, Tracked};
 
 impl Image {
     pub(crate) fn bitmap_set(&self) -> std::sync::RwLockReadGuard<'_, BitmapSet> {
