@@ -423,3 +423,57 @@ fn bitmaps_a_program_without_support_left_stale_stay_stale() {
     assert_eq!(qemu.status.code(), Some(3), "qemu-img sees leaks");
     assert_eq!(ours.status.code(), Some(3), "and so does qimg");
 }
+
+#[test]
+fn convert_carries_bitmaps_as_qemu_img_convert_bitmaps() {
+    let s = Scratch::new();
+    s.create("src.qcow2", "cluster_size=4096", 16 << 20);
+    s.qemu_img(&["bitmap", "--add", "src.qcow2", "a"]);
+    s.qemu_img(&[
+        "bitmap",
+        "--add",
+        "--disable",
+        "-g",
+        "64k",
+        "src.qcow2",
+        "b",
+    ]);
+    s.run(
+        "qemu-io",
+        &["-c", "write 1M 64k", "-c", "write -z 9M 4k", "src.qcow2"],
+    );
+    let both = |args: &[&str], twin: &str, ours: &str| {
+        let q = s.output(
+            "qemu-img",
+            &[&["convert"], args, &["src.qcow2", twin]].concat(),
+        );
+        let o = s.qimg_output(&[&["convert"], args, &["src.qcow2", ours]].concat());
+        assert_eq!(q.status.code(), o.status.code(), "convert {args:?}: {o:?}");
+        o.status.success()
+    };
+    assert!(both(
+        &["--bitmaps", "-O", "qcow2"],
+        "twin.qcow2",
+        "ours.qcow2"
+    ));
+    assert_twins(&s, "twin.qcow2", "ours.qcow2", "convert --bitmaps");
+    assert!(!both(&["--bitmaps", "-O", "raw"], "twin.raw", "ours.raw"));
+    assert!(!both(
+        &["--skip-broken-bitmaps", "-O", "qcow2"],
+        "t2.qcow2",
+        "o2.qcow2"
+    ));
+    // An in-use bitmap: refused before anything is written, or skipped on request.
+    let out = s.output(
+        "qemu-io",
+        &["-c", "write 0 4k", "-c", "sigraise 9", "src.qcow2"],
+    );
+    assert!(!out.status.success());
+    assert!(!both(&["--bitmaps", "-O", "qcow2"], "t3.qcow2", "o3.qcow2"));
+    assert!(!s.path("o3.qcow2").exists(), "nothing written");
+    let args = ["--bitmaps", "--skip-broken-bitmaps", "-O", "qcow2"];
+    assert!(both(&args, "t4.qcow2", "o4.qcow2"));
+    let o = s.qimg_output(&[&["convert"], &args[..], &["src.qcow2", "o5.qcow2"]].concat());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("Skipping inconsistent bitmap"));
+    assert_twins(&s, "t4.qcow2", "o4.qcow2", "skip broken");
+}

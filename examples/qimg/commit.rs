@@ -50,6 +50,7 @@ pub fn run(args: Args) -> Result<u8> {
         keep: args.keep,
         force: args.force,
         also_in: args.also_in,
+        merge_bitmaps: false,
         merge: MergeOptions {
             dry_run: args.dry_run,
             chain: crate::common::chain_defaults(),

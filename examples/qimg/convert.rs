@@ -38,6 +38,12 @@ pub struct Args {
     /// Open SRC without taking a lock (qimg never locks; accepted for compatibility).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Copy the source's persistent bitmaps (qcow2 output).
+    #[arg(long)]
+    bitmaps: bool,
+    /// With --bitmaps, leave out bitmaps in use (with a warning) instead of failing.
+    #[arg(long)]
+    skip_broken_bitmaps: bool,
     /// Source image.
     src: PathBuf,
     /// Destination file (created or truncated).
@@ -76,9 +82,14 @@ fn options(args: &Args) -> Result<(CreateOptions, ConvertOptions)> {
     if create.backing_file.is_some() && create.backing_format.is_none() {
         bail!("{dst}: Use of backing file requires explicit backing format (use -F FMT)");
     }
+    if args.skip_broken_bitmaps && !args.bitmaps {
+        bail!("Use of --skip-broken-bitmaps requires --bitmaps");
+    }
     let convert = ConvertOptions {
         min_sparse: args.sparse_size,
         compress: args.compress,
+        bitmaps: args.bitmaps,
+        skip_broken_bitmaps: args.skip_broken_bitmaps,
         ..ConvertOptions::default()
     };
     Ok((create, convert))
@@ -88,6 +99,16 @@ fn options(args: &Args) -> Result<(CreateOptions, ConvertOptions)> {
 pub fn run(args: Args) -> Result<u8> {
     let (create, options) = options(&args)?;
     let chain = open_chain(&args.src, args.format, args.force_share)?;
+    if args.skip_broken_bitmaps {
+        if let qcow2_engine::Layer::Qcow2(image) = chain.top() {
+            for bitmap in image.bitmaps()?.iter().filter(|b| b.in_use) {
+                eprintln!(
+                    "qimg: warning: Skipping inconsistent bitmap '{}'",
+                    bitmap.name
+                );
+            }
+        }
+    }
     let bar = progress_bar(args.progress, chain.size());
     let result = ops::convert(&chain, &args.dst, &create, &options, &mut |done, _| {
         bar.set_position(done);

@@ -9,6 +9,7 @@ use crate::layers::Format;
 use crate::progress::Progress;
 use crate::storage::{FileStorage, LockMode, Storage};
 
+use super::bitmaps::{bitmaps_to_copy, copy_bitmaps};
 use super::options::{ConvertOptions, refuse_overwriting_a_source};
 use super::qcow2::convert_to_qcow2;
 use super::raw::convert_to_raw;
@@ -25,8 +26,20 @@ pub fn convert(
     progress: Progress<'_>,
 ) -> Result<()> {
     let dst = dst.as_ref();
+    if options.bitmaps && create_options.format != Format::Qcow2 {
+        return Err(Error::Unsupported("persistent bitmaps in a raw image").in_file(dst));
+    }
     match create_options.format {
-        Format::Qcow2 => convert_to_qcow2(chain, dst, create_options, options, progress),
+        Format::Qcow2 => {
+            // In-use bitmaps are refused before anything is written.
+            let bitmaps = if options.bitmaps {
+                bitmaps_to_copy(chain, options.skip_broken_bitmaps)?
+            } else {
+                Vec::new()
+            };
+            convert_to_qcow2(chain, dst, create_options, options, progress)?;
+            copy_bitmaps(chain, &bitmaps, dst)
+        }
         Format::Raw => {
             if options.compress {
                 return Err(Error::Unsupported("compressed clusters in a raw image").in_file(dst));

@@ -2,6 +2,7 @@
 //! and fills it, as a sparse raw file ([`convert_to_raw`]) or a qcow2 image
 //! ([`convert_to_qcow2`]).
 
+mod bitmaps;
 mod clusters;
 mod dispatch;
 mod options;

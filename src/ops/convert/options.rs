@@ -25,6 +25,12 @@ pub struct ConvertOptions {
     /// convert's default cache mode (`unsafe`) leaves it: the data is in the page cache
     /// and reaches the disk as the kernel writes it back.
     pub sync: bool,
+    /// Carry the source image's persistent bitmaps over (qcow2 output; qemu-img's
+    /// `--bitmaps`). A bitmap in use is refused unless `skip_broken_bitmaps`.
+    pub bitmaps: bool,
+    /// With `bitmaps`, leave out the bitmaps in use instead of refusing
+    /// (`--skip-broken-bitmaps`).
+    pub skip_broken_bitmaps: bool,
 }
 
 impl Default for ConvertOptions {
@@ -35,6 +41,8 @@ impl Default for ConvertOptions {
             compress: false,
             threads: 0,
             sync: false,
+            bitmaps: false,
+            skip_broken_bitmaps: false,
         }
     }
 }

@@ -101,6 +101,9 @@ pub fn commit(
     copy_decided(data, 0, copy, true, &dest, &mut out, &mut tracker)?;
     hide_tail(&chain, top, &dest, &mut out)?;
     let report = out.report;
+    if options.merge_bitmaps {
+        merge_bitmaps(&chain.layers()[top..base], base_chain.top())?;
+    }
     base_chain.close()?;
     drop(base_chain);
     if top > 0 {
@@ -142,6 +145,27 @@ fn hide_tail(chain: &Chain, top: usize, dest: &Dest<'_>, out: &mut Out<'_>) -> R
             .compare(None, from, end - from, &mut bufs.scratch, &mut bufs.todo)?;
     for &(o, l) in &bufs.todo {
         out.zero(o, l)?;
+    }
+    Ok(())
+}
+
+/// Merges the consistent bitmaps of `committed` into the bitmaps of `base` that have the
+/// same name (libvirt's blockcommit; see [`CommitOptions::merge_bitmaps`]).
+fn merge_bitmaps(committed: &[Layer], base: &Layer) -> Result<()> {
+    let Layer::Qcow2(base) = base else {
+        return Ok(());
+    };
+    let targets: Vec<_> = base.bitmaps()?.into_iter().filter(|b| !b.in_use).collect();
+    for layer in committed {
+        let Layer::Qcow2(image) = layer else {
+            continue;
+        };
+        for bitmap in image.bitmaps()?.into_iter().filter(|b| !b.in_use) {
+            if targets.iter().any(|t| t.name == bitmap.name) {
+                let contents = image.load_bitmap(&bitmap.name)?;
+                base.merge_bitmap(&bitmap.name, &contents)?;
+            }
+        }
     }
     Ok(())
 }

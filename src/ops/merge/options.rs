@@ -99,6 +99,12 @@ pub struct CommitOptions {
     /// More directories to look for images depending on the base in, besides those of
     /// the chain's images.
     pub also_in: Vec<PathBuf>,
+    /// Merge each committed layer's persistent bitmaps into the base's bitmap of the same
+    /// name, as libvirt's blockcommit does, so that a backup chain over the base stays
+    /// incremental: the base's bitmap then also holds what changed in the layers above it
+    /// since that bitmap began. (The base's enabled bitmaps record the commit's own writes
+    /// either way.) Bitmaps in use, and names the base lacks, are left alone.
+    pub merge_bitmaps: bool,
     /// Shared options.
     pub merge: MergeOptions,
 }
