@@ -131,6 +131,117 @@ pub fn parse_number(text: &str) -> Result<u64, String> {
     Ok(value)
 }
 
+/// A qemu-img cache mode (`-t`/`-T`), as QEMU's `bdrv_parse_cache_mode` reads it. qimg
+/// takes them as hints: it writes through the page cache in every mode and flushes at
+/// the end of every change; `unsafe` also drops a merge's intermediate checkpoint flushes
+/// (see [`CacheMode::checkpoints`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheMode {
+    /// `none` (or `off`): O_DIRECT in QEMU.
+    None,
+    /// `writeback`: qemu-img's default for most commands.
+    Writeback,
+    /// `writethrough`: a flush after every write in QEMU.
+    Writethrough,
+    /// `directsync`: O_DIRECT and writethrough in QEMU.
+    Directsync,
+    /// `unsafe`: QEMU ignores flushes.
+    Unsafe,
+}
+
+impl CacheMode {
+    /// Whether a merge flushes at its checkpoints (so that an interrupted run keeps what
+    /// it copied): in every mode but `unsafe`, where flushes are what the user gave up.
+    pub fn checkpoints(self) -> bool {
+        self != CacheMode::Unsafe
+    }
+}
+
+/// Parses a `-t`/`-T` cache mode; the message is qemu-img's.
+pub fn parse_cache(text: &str) -> Result<CacheMode, String> {
+    Ok(match text {
+        "none" | "off" => CacheMode::None,
+        "writeback" => CacheMode::Writeback,
+        "writethrough" => CacheMode::Writethrough,
+        "directsync" => CacheMode::Directsync,
+        "unsafe" => CacheMode::Unsafe,
+        _ => return Err(format!("Invalid cache option: {text}")),
+    })
+}
+
+/// Parses a `-r RATE` rate limit in bytes per second, with the size suffixes; the
+/// messages are qemu-img's. 0 means no limit, as in qemu-img.
+pub fn parse_rate(text: &str) -> Result<u64, String> {
+    if text.trim_start().starts_with('-') {
+        return Err(format!(
+            "Invalid rate limit specified. Must be between 0 and {}.",
+            i64::MAX
+        ));
+    }
+    match parse_number(text) {
+        Ok(rate) if rate <= i64::MAX as u64 => Ok(rate),
+        Ok(_) => Err(format!(
+            "Invalid rate limit specified. Must be between 0 and {}.",
+            i64::MAX
+        )),
+        Err(_) => Err(format!("Invalid rate limit specified: '{text}'.")),
+    }
+}
+
+/// Holds an operation to a rate: [`Throttle::pace`] sleeps until `done` bytes are due at
+/// `rate` bytes per second since the throttle started. Driven by progress callbacks, it
+/// paces the part of the guest range an operation went through, which bounds what it
+/// writes (qemu-img's `-r` counts only what it copies, so qimg is the stricter where an
+/// image is sparse).
+pub struct Throttle {
+    rate: u64,
+    start: std::time::Instant,
+}
+
+impl Throttle {
+    /// A throttle to `rate` bytes per second; `None` for 0, which means no limit.
+    pub fn new(rate: u64) -> Option<Throttle> {
+        (rate > 0).then(|| Throttle {
+            rate,
+            start: std::time::Instant::now(),
+        })
+    }
+
+    /// Sleeps until `done` bytes are due.
+    pub fn pace(&self, done: u64) {
+        let due = std::time::Duration::from_secs_f64(done as f64 / self.rate as f64);
+        if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+/// The format `path` opens as under qemu-img's `-f FMT`, for commands whose library
+/// operation probes the format itself: FMT when given (checked by opening the file as
+/// FMT where the probe sees another format, so that a mismatch fails as it does for the
+/// commands that pass `-f` on: `-f qcow2` on a raw file is refused), else the probed
+/// format. `-f raw` on any file gives raw, as in qemu-img, which then sees no backing
+/// file and no snapshots.
+pub fn format_as_given(path: &Path, given: Option<Format>) -> Result<Format> {
+    let probed = Format::for_file(path, None);
+    match given {
+        None => Ok(probed?),
+        Some(format) if format == Format::Raw || probed.as_ref().ok() == Some(&format) => {
+            Ok(format)
+        }
+        Some(format) => {
+            let options = ChainOptions {
+                format: Some(format),
+                no_backing: true,
+                locking: Locking::ForceShare,
+                ..chain_defaults()
+            };
+            Chain::open_with(path, &options)?.close()?;
+            Ok(format)
+        }
+    }
+}
+
 /// Splits qemu-img's `-o` text into `key=value` pairs: comma-separated, `,,` for a literal
 /// comma; a key without `=` is a flag (`on`).
 pub fn split_options(text: &str) -> Result<Vec<(String, String)>, String> {
@@ -302,6 +413,40 @@ mod tests {
         assert_eq!(parse_number("0x1000"), Ok(4096));
         assert!(parse_size("12q").is_err());
         assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn cache_modes_and_rates_parse_as_qemu_img() {
+        assert_eq!(parse_cache("none"), Ok(CacheMode::None));
+        assert_eq!(parse_cache("off"), Ok(CacheMode::None));
+        assert_eq!(parse_cache("unsafe"), Ok(CacheMode::Unsafe));
+        assert_eq!(parse_cache("directsync"), Ok(CacheMode::Directsync));
+        assert_eq!(
+            parse_cache("fast").unwrap_err(),
+            "Invalid cache option: fast"
+        );
+        assert!(!CacheMode::Unsafe.checkpoints() && CacheMode::Writeback.checkpoints());
+        assert_eq!(parse_rate("0"), Ok(0));
+        assert_eq!(parse_rate("1M"), Ok(1 << 20));
+        assert_eq!(parse_rate("512k"), Ok(512 << 10));
+        assert_eq!(
+            parse_rate("1x").unwrap_err(),
+            "Invalid rate limit specified: '1x'."
+        );
+        assert_eq!(
+            parse_rate("-5").unwrap_err(),
+            "Invalid rate limit specified. Must be between 0 and 9223372036854775807."
+        );
+        assert!(parse_rate("8E").is_err());
+    }
+
+    #[test]
+    fn a_throttle_holds_to_its_rate() {
+        assert!(Throttle::new(0).is_none());
+        let throttle = Throttle::new(10 << 20).unwrap();
+        throttle.pace(1 << 20);
+        // 1 MiB at 10 MiB/s: a tenth of a second at least.
+        assert!(throttle.start.elapsed() >= std::time::Duration::from_millis(100));
     }
 
     #[test]
