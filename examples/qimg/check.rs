@@ -156,7 +156,8 @@ fn print_human(report: &CheckReport) {
             report.check_errors
         );
     }
-    if report.total_clusters > 0 {
+    // As qemu-img: no cluster line for an image that allocates nothing.
+    if report.total_clusters > 0 && report.allocated_clusters > 0 {
         let pct = |n: u64, of: u64| {
             if of == 0 {
                 0.0
