@@ -714,3 +714,109 @@ fn errors_name_the_file_on_one_line() {
     assert!(err.starts_with("qimg: nothere.qcow2: "), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+/// `args` with `{}` replaced by `image`.
+fn with_image<'a>(args: &[&'a str], image: &'a str) -> Vec<&'a str> {
+    args.iter()
+        .map(|&a| if a == "{}" { image } else { a })
+        .collect()
+}
+
+#[test]
+fn usage_errors_are_one_line_and_exit_1_as_in_qemu_img() {
+    let dir = tempdir();
+    let d = dir.path();
+    qemu(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "a.qcow2", "1M"],
+    );
+    let before = std::fs::read(d.join("a.qcow2")).unwrap();
+    // (arguments, what qimg's line says)
+    let cases: &[(&[&str], &str)] = &[
+        (&["check", "--bogus", "{}"], "'--bogus'"),
+        (&["check", "-Z", "{}"], "'-Z'"),
+        (&["check", "-T"], "a value is required"),
+        (
+            &["check", "-T", "fast", "{}"],
+            "Invalid source cache option: fast",
+        ),
+        (&["check", "-r", "some", "{}"], "'some'"),
+        (&["check", "--output=xml", "{}"], "'xml'"),
+        (&["check"], "<FILE>"),
+        (&["check", "{}", "b.qcow2"], "'b.qcow2'"),
+        (
+            &["commit", "-r", "1x", "{}"],
+            "Invalid rate limit specified: '1x'.",
+        ),
+        (&["commit", "-r", "-5", "{}"], "Must be between 0 and"),
+        (
+            &["commit", "-t", "fast", "{}"],
+            "Invalid cache option: fast",
+        ),
+        (&["snapshot", "-c"], "-c"),
+        (&["bogus"], "'bogus'"),
+        (&[], "qimg --help"),
+        (&["info"], "<FILE>"),
+    ];
+    for (args, needle) in cases {
+        let args = with_image(args, "a.qcow2");
+        let ours = run("qimg", d, &args);
+        let stderr = String::from_utf8_lossy(&ours.stderr);
+        assert_eq!(ours.status.code(), Some(1), "qimg {args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "qimg {args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("qimg: ") && stderr.contains(needle),
+            "qimg {args:?}: {stderr:?} does not say {needle:?}"
+        );
+        assert!(ours.stdout.is_empty(), "qimg {args:?} printed on stdout");
+        let theirs = run("qemu-img", d, &args);
+        assert_eq!(theirs.status.code(), Some(1), "qemu-img {args:?}");
+    }
+    assert_eq!(std::fs::read(d.join("a.qcow2")).unwrap(), before);
+    // A cache mode check accepts: the same report as qemu-img's.
+    for cache in ["none", "writeback", "writethrough", "directsync", "unsafe"] {
+        let args = ["check", "-T", cache, "a.qcow2"];
+        let ours = run("qimg", d, &args);
+        let theirs = run("qemu-img", d, &args);
+        assert_eq!(ours.status.code(), Some(0), "qimg {args:?}");
+        assert_eq!(theirs.status.code(), Some(0), "qemu-img {args:?}");
+        assert_eq!(ours.stdout, theirs.stdout, "{args:?}");
+    }
+}
+
+#[test]
+fn help_and_version_print_on_stdout_and_exit_0() {
+    let dir = tempdir();
+    let d = dir.path();
+    for args in [
+        &["--help"][..],
+        &["-h"],
+        &["check", "--help"],
+        &["help", "commit"],
+    ] {
+        let out = run("qimg", d, args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage: qimg"),
+            "{args:?}"
+        );
+        assert!(out.stderr.is_empty(), "{args:?}");
+    }
+    // Shaped as qemu-img's: a version line naming the tool, then a line about it.
+    let theirs = run("qemu-img", d, &["--version"]);
+    let theirs = String::from_utf8_lossy(&theirs.stdout);
+    assert!(theirs.starts_with("qemu-img version "), "{theirs}");
+    for flag in ["--version", "-V"] {
+        let ours = run("qimg", d, &[flag]);
+        assert_eq!(ours.status.code(), Some(0));
+        let text = String::from_utf8_lossy(&ours.stdout);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), theirs.lines().count(), "{text}");
+        assert_eq!(
+            lines[0],
+            format!("qimg version {} (qcow2-engine)", env!("CARGO_PKG_VERSION"))
+        );
+        assert!(lines[1].contains("qcow2-engine"), "{text}");
+    }
+}

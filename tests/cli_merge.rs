@@ -558,9 +558,16 @@ fn errors_are_one_line_exit_1_and_change_nothing() {
             qemu_fails(&s, &theirs.iter().map(String::as_str).collect::<Vec<_>>());
         }
     }
-    // Arguments clap refuses exit 2, as qemu-img's usage errors would be exit 1; only
-    // check that they fail.
-    assert!(!s.qimg_output(&["commit"]).status.success());
+    // Usage errors too, as qemu-img's.
+    for args in [&["commit"][..], &["commit", "-t", "fast", "{}/top.qcow2"]] {
+        let ours = in_dir(args, "ours");
+        fails(
+            &s,
+            &ours.iter().map(String::as_str).collect::<Vec<_>>(),
+            if args.len() == 1 { "FILE" } else { "fast" },
+        );
+        qemu_fails(&s, &q(args).iter().map(String::as_str).collect::<Vec<_>>());
+    }
 }
 
 /// Runs `program args` in `dir` as an unprivileged user when we are root (so that file

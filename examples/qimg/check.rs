@@ -6,7 +6,7 @@ use anyhow::{Result, bail};
 use qcow2_engine::{CheckReport, Format, Image, ImageOptions, RepairMode, Severity};
 use serde_json::{Map, Value, json};
 
-use crate::common::{Output, parse_format, print_json};
+use crate::common::{CacheMode, Output, parse_format, parse_source_cache, print_json};
 
 /// `-r leaks|all`.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -29,6 +29,10 @@ pub struct Args {
     /// Format of FILE (probed when absent).
     #[arg(short = 'f', value_parser = parse_format)]
     format: Option<Format>,
+    /// Cache mode (none, writeback, writethrough, directsync, unsafe): accepted as
+    /// qemu-img's; a hint, since a check only reads.
+    #[arg(short = 'T', long = "cache", value_name = "CACHE", value_parser = parse_source_cache)]
+    cache: Option<CacheMode>,
     /// Open read-only sharing the image with every other user, without QEMU's locks'
     /// refusals (the image may change while it is read), as qemu-img -U.
     #[arg(short = 'U', long = "force-share")]
@@ -45,6 +49,7 @@ const NOT_SUPPORTED: u8 = 63;
 
 /// Runs `qimg check`.
 pub fn run(args: Args) -> Result<u8> {
+    let _ = args.cache;
     if Format::for_file(&args.file, args.format)? == Format::Raw {
         eprintln!(
             "qimg: {}: this image format does not support checks",

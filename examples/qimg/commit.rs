@@ -25,7 +25,8 @@ pub struct Args {
     cache: Option<CacheMode>,
     /// I/O rate limit in bytes per second (suffixes k, M, G...; 0: none). qimg paces the
     /// guest range the commit goes through, which bounds what it writes.
-    #[arg(short = 'r', long = "rate", value_name = "RATE", value_parser = parse_rate)]
+    #[arg(short = 'r', long = "rate", value_name = "RATE", value_parser = parse_rate,
+          allow_hyphen_values = true)]
     rate: Option<u64>,
     /// The image to commit into (default: the backing file of TOP); implies `-d`.
     /// Named as qemu-img names a base: as stored in the chain, or a path.

@@ -169,6 +169,11 @@ pub fn parse_cache(text: &str) -> Result<CacheMode, String> {
     })
 }
 
+/// Parses a cache mode for images only read (`-T`); the message is qemu-img's.
+pub fn parse_source_cache(text: &str) -> Result<CacheMode, String> {
+    parse_cache(text).map_err(|_| format!("Invalid source cache option: {text}"))
+}
+
 /// Parses a `-r RATE` rate limit in bytes per second, with the size suffixes; the
 /// messages are qemu-img's. 0 means no limit, as in qemu-img.
 pub fn parse_rate(text: &str) -> Result<u64, String> {
