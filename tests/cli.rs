@@ -820,3 +820,82 @@ fn help_and_version_print_on_stdout_and_exit_0() {
         assert!(lines[1].contains("qcow2-engine"), "{text}");
     }
 }
+
+/// Runs `program args` in `dir` with its stdout closed before it writes anything (a reader
+/// gone, as `| head` leaves it).
+fn with_stdout_closed(program: &str, dir: &Path, args: &[&str]) -> Output {
+    let program = if program == "qimg" {
+        qimg_path().as_os_str().to_owned()
+    } else {
+        program.into()
+    };
+    let mut child = Command::new(&program)
+        .args(args)
+        .current_dir(dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running {program:?}: {e}"));
+    drop(child.stdout.take());
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_closed_stdout_ends_the_output_quietly_as_in_qemu_img() {
+    let dir = tempdir();
+    let d = dir.path();
+    qemu(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "a.qcow2", "64M"],
+    );
+    // Clusters written last to first: none of the map's extents merge.
+    let writes: Vec<String> = (0..200)
+        .rev()
+        .map(|i| format!("write -P {} {}k 4k", i % 250 + 1, i * 128))
+        .collect();
+    let writes: Vec<&str> = writes.iter().map(String::as_str).collect();
+    qemu_io(d, "a.qcow2", &writes);
+    qemu(d, "qemu-img", &["snapshot", "-c", "one", "a.qcow2"]);
+    for args in [
+        &["info", "a.qcow2"][..],
+        &["map", "a.qcow2"],
+        &["map", "--output=json", "a.qcow2"],
+        &["snapshot", "-l", "a.qcow2"],
+        &["check", "a.qcow2"],
+        &["compare", "a.qcow2", "a.qcow2"],
+    ] {
+        for program in ["qemu-img", "qimg"] {
+            let out = with_stdout_closed(program, d, args);
+            assert_eq!(out.status.code(), Some(0), "{program} {args:?}");
+            assert!(
+                out.stderr.is_empty(),
+                "{program} {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    // The work goes on without its reader: a convert with progress completes.
+    for program in ["qemu-img", "qimg"] {
+        let copy = format!("{program}.qcow2");
+        let args = ["convert", "-p", "-O", "qcow2", "a.qcow2", &copy];
+        let out = with_stdout_closed(program, d, &args);
+        assert_eq!(out.status.code(), Some(0), "{program} {args:?}");
+        assert!(out.stderr.is_empty(), "{program} {args:?}");
+        qemu(d, "qemu-img", &["compare", "a.qcow2", &copy]);
+    }
+    // A stdout that fails otherwise is an error, on one line.
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full");
+    if let Ok(full) = full {
+        let out = Command::new(qimg_path())
+            .args(["info", "a.qcow2"])
+            .current_dir(d)
+            .stdout(full)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.starts_with("qimg: stdout: "), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    }
+}

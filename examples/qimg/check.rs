@@ -133,30 +133,30 @@ fn json_report(report: &CheckReport, file: &std::path::Path) -> Value {
 
 fn print_human(report: &CheckReport) {
     if report.leaks_fixed > 0 || report.corruptions_fixed > 0 {
-        println!("The following inconsistencies were found and repaired:\n");
-        println!("    {} leaked clusters", report.leaks_fixed);
-        println!("    {} corruptions\n", report.corruptions_fixed);
-        println!("Double checking the fixed image now...");
+        outln!("The following inconsistencies were found and repaired:\n");
+        outln!("    {} leaked clusters", report.leaks_fixed);
+        outln!("    {} corruptions\n", report.corruptions_fixed);
+        outln!("Double checking the fixed image now...");
     }
     if report.is_clean() {
-        println!("No errors were found on the image.");
+        outln!("No errors were found on the image.");
     }
     if report.corruptions > 0 {
-        println!(
+        outln!(
             "\n{} errors were found on the image.\n\
              Data may be corrupted, or further writes to the image may corrupt it.",
             report.corruptions
         );
     }
     if report.leaks > 0 {
-        println!(
+        outln!(
             "\n{} leaked clusters were found on the image.\n\
              This means waste of disk space, but no harm to data.",
             report.leaks
         );
     }
     if report.check_errors > 0 {
-        println!(
+        outln!(
             "\n{} internal errors have occurred during the check.",
             report.check_errors
         );
@@ -170,7 +170,7 @@ fn print_human(report: &CheckReport) {
                 n as f64 * 100.0 / of as f64
             }
         };
-        println!(
+        outln!(
             "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters",
             report.allocated_clusters,
             report.total_clusters,
@@ -179,5 +179,5 @@ fn print_human(report: &CheckReport) {
             pct(report.compressed_clusters, report.allocated_clusters),
         );
     }
-    println!("Image end offset: {}", report.image_end_offset);
+    outln!("Image end offset: {}", report.image_end_offset);
 }

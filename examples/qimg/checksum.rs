@@ -44,7 +44,7 @@ pub fn run(args: Args) -> Result<u8> {
             "checksum": format!("{crc:08x}"),
             "virtual-size": chain.size(),
         }))?,
-        Output::Human => println!("crc32 {crc:08x} {}", args.file.display()),
+        Output::Human => outln!("crc32 {crc:08x} {}", args.file.display()),
     }
     Ok(0)
 }

@@ -110,7 +110,7 @@ pub fn run(args: Args) -> Result<u8> {
         print_dry_run(&report);
     } else if !args.quiet {
         print_already_done(&report);
-        println!("Image committed.");
+        outln!("Image committed.");
     }
     Ok(0)
 }

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 use clap::ValueEnum;
@@ -70,23 +71,49 @@ pub fn open_chain(path: &Path, format: Option<Format>, force_share: bool) -> Res
     Ok(Chain::open_with(path, &options)?)
 }
 
-/// Makes a failed write to stdout (a closed pipe, as in `qimg map | head`) end qimg with
-/// one line on stderr and exit code 1, instead of the panic that `println!` raises.
-pub fn report_broken_pipe_as_an_error() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let message = info
-            .payload()
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| info.payload().downcast_ref::<&str>().copied())
-            .unwrap_or("");
-        if let Some(cause) = message.strip_prefix("failed printing to stdout: ") {
-            eprintln!("qimg: stdout: {cause}");
-            std::process::exit(1);
+/// Set once stdout is closed (a reader gone, as in `qimg map | head`) or failed: what
+/// is printed afterwards is dropped.
+static STDOUT_GONE: AtomicBool = AtomicBool::new(false);
+
+/// The first error writing stdout other than a closed pipe, reported when the command
+/// ends ([`stdout_error`]).
+static STDOUT_ERROR: OnceLock<String> = OnceLock::new();
+
+/// Writes to stdout what `outln!` and `out!` print, flushed unless it ends a line (stdout
+/// is line-buffered; progress lines end with `\r`). A closed stdout is not an error, as
+/// in qemu-img, which ignores SIGPIPE and the failed writes: the command goes on (a
+/// commit whose progress reader went away still completes), prints nothing more and
+/// exits as it would have. Any other failure is kept for [`stdout_error`].
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    if STDOUT_GONE.load(Ordering::Relaxed) {
+        return;
+    }
+    let text = std::fmt::format(args);
+    let mut stdout = std::io::stdout().lock();
+    let mut written = stdout.write_all(text.as_bytes());
+    if written.is_ok() && !text.ends_with('\n') {
+        written = stdout.flush();
+    }
+    if let Err(e) = written {
+        STDOUT_GONE.store(true, Ordering::Relaxed);
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            let _ = STDOUT_ERROR.set(e.to_string());
         }
-        default(info);
-    }));
+    }
+}
+
+/// Flushes stdout; then the first failure writing it that was not a closed pipe, if any.
+pub fn stdout_error() -> Option<String> {
+    use std::io::Write;
+    if !STDOUT_GONE.load(Ordering::Relaxed) {
+        if let Err(e) = std::io::stdout().lock().flush() {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                let _ = STDOUT_ERROR.set(e.to_string());
+            }
+        }
+    }
+    STDOUT_ERROR.get().cloned()
 }
 
 /// Parses a size with qemu-img's suffixes (`k`=1024, `M`, `G`, `T`, `P`, `E`; `b` = bytes).
@@ -364,19 +391,19 @@ pub fn merge_error(error: qcow2_engine::Error, file: &Path) -> anyhow::Error {
 
 /// Prints what a dry run of a merge found, on stdout.
 pub fn print_dry_run(report: &MergeReport) {
-    println!("Dry run: nothing was changed. The merge would copy:");
-    println!(
+    outln!("Dry run: nothing was changed. The merge would copy:");
+    outln!(
         "  data bytes: {} ({})",
         report.data_bytes,
         HumanBytes(report.data_bytes)
     );
-    println!(
+    outln!(
         "  zero bytes: {} ({})",
         report.zero_bytes,
         HumanBytes(report.zero_bytes)
     );
     if report.already_done_bytes > 0 {
-        println!(
+        outln!(
             "  already in place: {} ({}), left alone",
             report.already_done_bytes,
             HumanBytes(report.already_done_bytes)
@@ -388,7 +415,7 @@ pub fn print_dry_run(report: &MergeReport) {
 /// run copied, or what the destination held equal); nothing when that is nothing.
 pub fn print_already_done(report: &MergeReport) {
     if report.already_done_bytes > 0 {
-        println!(
+        outln!(
             "Already in place: {} bytes ({}), skipped",
             report.already_done_bytes,
             HumanBytes(report.already_done_bytes)
@@ -399,7 +426,7 @@ pub fn print_already_done(report: &MergeReport) {
 /// Writes `value` as pretty JSON on stdout with a final newline.
 pub fn print_json(value: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(value).context("formatting JSON")?;
-    println!("{text}");
+    outln!("{text}");
     Ok(())
 }
 

@@ -42,13 +42,13 @@ pub fn run(args: Args) -> Result<u8> {
         true
     });
     bar.finish_and_clear();
-    let sizes_warning = || println!("Warning: Image size mismatch!");
+    let sizes_warning = || outln!("Warning: Image size mismatch!");
     Ok(match result? {
         Comparison::Identical { sizes_differ } => {
             if sizes_differ {
                 sizes_warning();
             }
-            println!("Images are identical.");
+            outln!("Images are identical.");
             0
         }
         Comparison::ContentMismatch {
@@ -58,15 +58,15 @@ pub fn run(args: Args) -> Result<u8> {
             if sizes_differ {
                 sizes_warning();
             }
-            println!("Content mismatch at offset {offset}!");
+            outln!("Content mismatch at offset {offset}!");
             1
         }
         Comparison::SizeMismatch => {
-            println!("Strict mode: Image size mismatch!");
+            outln!("Strict mode: Image size mismatch!");
             1
         }
         Comparison::BlockStatusMismatch { offset } => {
-            println!("Strict mode: Offset {offset} block status mismatch!");
+            outln!("Strict mode: Offset {offset} block status mismatch!");
             1
         }
     })

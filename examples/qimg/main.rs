@@ -2,6 +2,29 @@
 //!
 //! Each subcommand lives in its own file and stays thin: it turns parsed arguments into
 //! library options, calls one operation and prints the result.
+//!
+//! Everything goes to stdout through `outln!` and `out!` (`common::write_stdout`), which
+//! let a closed stdout end the output quietly; `println!` would panic there, so clippy
+//! refuses it here.
+
+#![warn(clippy::print_stdout)]
+
+/// `println!` through [`common::write_stdout`].
+macro_rules! outln {
+    () => {
+        $crate::common::write_stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::common::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` through [`common::write_stdout`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::common::write_stdout(format_args!($($arg)*))
+    };
+}
 
 mod amend;
 mod check;
@@ -85,7 +108,6 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    common::report_broken_pipe_as_an_error();
     raise_open_file_limit();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -119,6 +141,11 @@ fn main() -> ExitCode {
         Command::Amend(args) => (amend::run(args), 1),
         Command::Tree(args) => (tree::run(args), 1),
     };
+    // A failed stdout (other than a closed pipe) fails a command that succeeded.
+    let result = result.and_then(|code| match common::stdout_error() {
+        Some(e) => Err(anyhow::anyhow!("stdout: {e}")),
+        None => Ok(code),
+    });
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -137,11 +164,11 @@ fn usage_error(error: &clap::Error, command: Option<&str>) -> ExitCode {
     use clap::error::ErrorKind;
     match error.kind() {
         ErrorKind::DisplayHelp => {
-            print!("{}", error.render());
+            out!("{}", error.render());
             ExitCode::SUCCESS
         }
         ErrorKind::DisplayVersion => {
-            print!("{}", version_text());
+            out!("{}", version_text());
             ExitCode::SUCCESS
         }
         _ => {

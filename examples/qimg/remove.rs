@@ -47,11 +47,11 @@ pub fn run(args: Args) -> Result<u8> {
     bar.finish_and_clear();
     let report = result.map_err(|e| merge_error(e, &args.layer))?;
     if args.dry_run {
-        println!("{}", plan(&args.layer, &report, false));
+        outln!("{}", plan(&args.layer, &report, false));
         print_dry_run(&report.merge);
     } else if !args.quiet {
         print_already_done(&report.merge);
-        println!("{}", plan(&args.layer, &report, true));
+        outln!("{}", plan(&args.layer, &report, true));
     }
     Ok(0)
 }
