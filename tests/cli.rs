@@ -611,6 +611,25 @@ fn compare_exit_codes_follow_qemu_img() {
     assert_eq!(sized.status.code(), Some(0));
     let strict = run("qimg", d, &["compare", "-s", "small.qcow2", "empty.qcow2"]);
     assert_eq!(strict.status.code(), Some(1));
+    // Sizes differ and so does content: past the shorter image, after the size warning;
+    // in the common part, without it (qemu-img compares that part first).
+    qemu_io(d, "empty.qcow2", &["write -P 7 1536k 4k"]);
+    let past = run("qimg", d, &["compare", "small.qcow2", "empty.qcow2"]);
+    assert_eq!(
+        String::from_utf8_lossy(&past.stdout),
+        "Warning: Image size mismatch!\nContent mismatch at offset 1572864!\n"
+    );
+    let theirs = run("qemu-img", d, &["compare", "small.qcow2", "empty.qcow2"]);
+    assert_eq!(theirs.stdout, past.stdout);
+    qemu_io(d, "small.qcow2", &["write -P 7 0 4k"]);
+    let common = run("qimg", d, &["compare", "small.qcow2", "empty.qcow2"]);
+    assert_eq!(
+        String::from_utf8_lossy(&common.stdout),
+        "Content mismatch at offset 0!\n"
+    );
+    let theirs = run("qemu-img", d, &["compare", "small.qcow2", "empty.qcow2"]);
+    assert_eq!(theirs.stdout, common.stdout);
+    assert_eq!(theirs.status.code(), Some(1));
 
     let missing = run("qimg", d, &["compare", "top.qcow2", "missing.qcow2"]);
     assert_eq!(missing.status.code(), Some(2));

@@ -55,7 +55,9 @@ pub fn run(args: Args) -> Result<u8> {
             offset,
             sizes_differ,
         } => {
-            if sizes_differ {
+            // qemu-img warns only once the common part compared equal, when it goes on
+            // to the part only the longer image has.
+            if sizes_differ && offset >= a.size().min(b.size()) {
                 sizes_warning();
             }
             outln!("Content mismatch at offset {offset}!");
