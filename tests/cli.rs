@@ -918,3 +918,104 @@ fn a_closed_stdout_ends_the_output_quietly_as_in_qemu_img() {
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
     }
 }
+
+/// Splits what a command with `-p` printed into a pipe into its progress lines (each
+/// ended by `\r`) and what follows the last one.
+fn split_progress(stdout: &[u8], label: &str) -> (Vec<f64>, String) {
+    let text = String::from_utf8(stdout.to_vec()).unwrap();
+    let mut parts: Vec<&str> = text.split('\r').collect();
+    let tail = parts.pop().unwrap_or_default().to_owned();
+    let percents = parts
+        .iter()
+        .map(|line| {
+            let number = line
+                .strip_prefix("    (")
+                .and_then(|r| r.strip_suffix("/100%)"))
+                .unwrap_or_else(|| panic!("{label}: not a progress line: {line:?}"));
+            let decimals = number.split_once('.').map(|(_, d)| d.len());
+            assert_eq!(decimals, Some(2), "{label}: {line:?}");
+            number.parse::<f64>().unwrap()
+        })
+        .collect();
+    (percents, tail)
+}
+
+/// Progress lines start at 0.00, never go back and (when `complete`) end at 100.00.
+fn assert_progress(percents: &[f64], complete: bool, label: &str) {
+    assert_eq!(percents.first(), Some(&0.0), "{label}: {percents:?}");
+    assert!(
+        percents.windows(2).all(|w| w[0] <= w[1]),
+        "{label}: {percents:?}"
+    );
+    if complete {
+        assert_eq!(percents.last(), Some(&100.0), "{label}: {percents:?}");
+    }
+}
+
+#[test]
+fn progress_into_a_pipe_prints_qemu_img_lines_on_stdout() {
+    let dir = tempdir();
+    for twin in ["ours", "qemu"] {
+        std::fs::create_dir(dir.path().join(twin)).unwrap();
+        build_chain(&dir.path().join(twin));
+    }
+    let ours = dir.path().join("ours");
+    let qemu_dir = dir.path().join("qemu");
+    // (arguments, whether progress reaches 100): run in order on both twins.
+    let steps: &[(&[&str], bool)] = &[
+        (
+            &["convert", "-p", "-O", "qcow2", "top.qcow2", "c.qcow2"],
+            true,
+        ),
+        (&["compare", "-p", "top.qcow2", "c.qcow2"], true),
+        (&["compare", "-p", "top.qcow2", "base.qcow2"], false),
+        (&["amend", "-p", "-o", "lazy_refcounts=on", "c.qcow2"], true),
+        (&["commit", "-p", "-d", "top.qcow2"], true),
+        (&["rebase", "-p", "-b", "", "top.qcow2"], true),
+    ];
+    for (args, complete) in steps {
+        let label = format!("{args:?}");
+        let mine = run("qimg", &ours, args);
+        let theirs = run("qemu-img", &qemu_dir, args);
+        assert_eq!(mine.status.code(), theirs.status.code(), "{label}");
+        assert!(mine.stderr.is_empty(), "{label}: {mine:?}");
+        let (percents, tail) = split_progress(&mine.stdout, &format!("qimg {label}"));
+        let (their_percents, their_tail) =
+            split_progress(&theirs.stdout, &format!("qemu-img {label}"));
+        assert_progress(&percents, *complete, &format!("qimg {label}"));
+        assert_progress(&their_percents, *complete, &format!("qemu-img {label}"));
+        // What follows the lines is the same: the newline that ends them and the verdict
+        // or message, in qemu-img's order (besides qimg's line on what a merge found in
+        // place already).
+        let tail: String = tail
+            .split_inclusive('\n')
+            .filter(|line| !line.starts_with("Already in place: "))
+            .collect();
+        assert_eq!(tail, their_tail, "{label}");
+    }
+    // Commands beyond qemu-img print the same lines.
+    for args in [
+        &["checksum", "-p", "c.qcow2"][..],
+        &["pull", "-p", "--dry-run", "c.qcow2"],
+    ] {
+        let out = run("qimg", &ours, args);
+        assert!(out.status.success(), "{args:?}");
+        let (percents, tail) = split_progress(&out.stdout, &format!("{args:?}"));
+        assert_progress(&percents, true, &format!("{args:?}"));
+        assert!(
+            tail.starts_with('\n') && tail.len() > 1,
+            "{args:?}: {tail:?}"
+        );
+    }
+    // JSON stays alone on stdout; -q silences progress, as in qemu-img.
+    let json = json_of(&run(
+        "qimg",
+        &ours,
+        &["checksum", "-p", "--output=json", "c.qcow2"],
+    ));
+    assert_eq!(json["algorithm"], "crc32");
+    for (program, dir) in [("qimg", &ours), ("qemu-img", &qemu_dir)] {
+        let out = run(program, dir, &["commit", "-q", "-p", "c.qcow2"]);
+        assert!(out.stdout.is_empty(), "{program}: {out:?}");
+    }
+}

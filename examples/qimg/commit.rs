@@ -8,8 +8,8 @@ use qcow2_engine::Format;
 use qcow2_engine::ops::{self, CommitOptions, MergeOptions};
 
 use crate::common::{
-    CacheMode, Throttle, format_as_given, merge_error, merge_progress, parse_cache, parse_format,
-    parse_rate, print_already_done, print_dry_run, progress_bar,
+    CacheMode, Progress, format_as_given, merge_error, parse_cache, parse_format, parse_rate,
+    print_already_done, print_dry_run,
 };
 
 /// Arguments of `qimg commit`.
@@ -40,7 +40,7 @@ pub struct Args {
     /// Keep the committed image's data instead of emptying it.
     #[arg(short = 'd', long = "drop")]
     keep: bool,
-    /// Show progress.
+    /// Show progress (qemu-img's lines on stdout when it is not a terminal).
     #[arg(short = 'p', long = "progress")]
     progress: bool,
     /// Print nothing on success.
@@ -88,17 +88,9 @@ pub fn run(args: Args) -> Result<u8> {
             ..defaults
         },
     };
-    let bar = progress_bar(args.progress && !args.quiet, 0);
-    let throttle = args.rate.and_then(Throttle::new);
-    let mut report = merge_progress(&bar);
-    let mut progress = |done, total| {
-        if let Some(throttle) = &throttle {
-            throttle.pace(done);
-        }
-        report(done, total)
-    };
-    let result = ops::commit(&args.file, &options, &mut progress);
-    bar.finish_and_clear();
+    let mut progress = Progress::new(args.progress && !args.quiet).throttled(args.rate);
+    let result = ops::commit(&args.file, &options, &mut progress.callback());
+    progress.finish();
     let report = result.map_err(|e| {
         if matches!(e.root(), qcow2_engine::Error::HasDependents { .. }) {
             anyhow::anyhow!("{} (use qimg remove, or --force)", e.report())

@@ -362,26 +362,113 @@ pub fn apply_create_options(options: &mut CreateOptions, texts: &[String]) -> Re
     Ok(())
 }
 
-/// A progress bar on stderr for `total` bytes, hidden unless `show`.
-pub fn progress_bar(show: bool, total: u64) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(total);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:40} {percent:>3}% {bytes}/{total_bytes} {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar
+/// Progress of a long command (`-p`), shown as qemu-img shows it to what reads it: on a
+/// terminal, a bar on stderr; otherwise (a pipe, a file) qemu-img's lines on stdout,
+/// `    (12.34/100%)` each followed by `\r`, from `0.00` up to `100.00` and then a
+/// newline, since tools such as Proxmox parse them from a pipe.
+pub struct Progress {
+    shown: Shown,
+    throttle: Option<Throttle>,
 }
 
-/// The progress callback of a merge, driving `bar`.
-pub fn merge_progress(bar: &ProgressBar) -> impl FnMut(u64, u64) -> bool + '_ {
-    |done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
-        true
+enum Shown {
+    Nothing,
+    Bar(ProgressBar),
+    /// The percentage printed last.
+    Lines(f32),
+}
+
+/// The percentage points a line waits for after the last, as qemu-img's commands pass
+/// to `qemu_progress_init` (100 is always printed).
+const LINE_STEP: f32 = 1.0;
+
+impl Progress {
+    /// Progress shown when `show` (`-p` without `-q`).
+    pub fn new(show: bool) -> Progress {
+        Progress::shown(show, true)
     }
+
+    /// Progress of a command whose stdout is JSON: a bar on a terminal, no lines.
+    pub fn beside_json(show: bool) -> Progress {
+        Progress::shown(show, false)
+    }
+
+    fn shown(show: bool, lines: bool) -> Progress {
+        use std::io::IsTerminal;
+        let shown = if !show {
+            Shown::Nothing
+        } else if std::io::stdout().is_terminal() {
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template("{bar:40} {percent:>3}% {bytes}/{total_bytes} {eta}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            Shown::Bar(bar)
+        } else if lines {
+            print_progress_line(0.0);
+            Shown::Lines(0.0)
+        } else {
+            Shown::Nothing
+        };
+        Progress {
+            shown,
+            throttle: None,
+        }
+    }
+
+    /// Also holds the operation to `rate` bytes per second (`-r`; 0: no limit), see
+    /// [`Throttle`].
+    pub fn throttled(mut self, rate: Option<u64>) -> Progress {
+        self.throttle = rate.and_then(Throttle::new);
+        self
+    }
+
+    /// The operation got to `done` of `total` bytes.
+    pub fn update(&mut self, done: u64, total: u64) {
+        if let Some(throttle) = &self.throttle {
+            throttle.pace(done);
+        }
+        match &mut self.shown {
+            Shown::Nothing => {}
+            Shown::Bar(bar) => {
+                bar.set_length(total);
+                bar.set_position(done);
+            }
+            Shown::Lines(last) => {
+                let current = if total == 0 {
+                    100.0
+                } else {
+                    (done as f64 * 100.0 / total as f64).min(100.0) as f32
+                };
+                if current > *last + LINE_STEP || current == 100.0 {
+                    *last = current;
+                    print_progress_line(current);
+                }
+            }
+        }
+    }
+
+    /// A library progress callback driving this progress (it never cancels).
+    pub fn callback(&mut self) -> impl FnMut(u64, u64) -> bool + '_ {
+        |done, total| {
+            self.update(done, total);
+            true
+        }
+    }
+
+    /// Ends the progress: the bar cleared, or the lines' final newline.
+    pub fn finish(self) {
+        match self.shown {
+            Shown::Nothing => {}
+            Shown::Bar(bar) => bar.finish_and_clear(),
+            Shown::Lines(_) => outln!(),
+        }
+    }
+}
+
+/// One of qemu-img's progress lines, as its `progress_simple_print` prints it.
+fn print_progress_line(percent: f32) {
+    out!("    ({percent:.2}/100%)\r");
 }
 
 /// A merge's library error, named after `file` unless it already names a file.

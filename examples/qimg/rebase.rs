@@ -7,9 +7,7 @@ use anyhow::{Result, bail};
 use qcow2_engine::Format;
 use qcow2_engine::ops::{self, MergeOptions};
 
-use crate::common::{
-    merge_error, merge_progress, parse_format, print_already_done, print_dry_run, progress_bar,
-};
+use crate::common::{Progress, merge_error, parse_format, print_already_done, print_dry_run};
 
 /// Arguments of `qimg rebase`.
 #[derive(clap::Args)]
@@ -24,7 +22,7 @@ pub struct Args {
     /// Unsafe mode: only rewrite the backing file name, copy nothing.
     #[arg(short = 'u')]
     unsafe_: bool,
-    /// Show a progress bar.
+    /// Show progress: a bar on a terminal, else qemu-img's lines on stdout.
     #[arg(short = 'p')]
     progress: bool,
     /// Print nothing on success (otherwise only an `Already in place:` line).
@@ -53,16 +51,16 @@ pub fn run(args: Args) -> Result<u8> {
         chain: crate::common::chain_defaults(),
         ..MergeOptions::default()
     };
-    let bar = progress_bar(args.progress && !args.quiet, 0);
+    let mut progress = Progress::new(args.progress && !args.quiet);
     let result = ops::rebase(
         &args.file,
         backing,
         args.backing_format.map(Format::name),
         args.unsafe_,
         &options,
-        &mut merge_progress(&bar),
+        &mut progress.callback(),
     );
-    bar.finish_and_clear();
+    progress.finish();
     let report = result.map_err(|e| merge_error(e, &args.file))?;
     if args.dry_run {
         print_dry_run(&report);
