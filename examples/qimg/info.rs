@@ -306,7 +306,7 @@ pub fn print_snapshot_list(snapshots: &[SnapshotInfo]) {
             s.id,
             s.name,
             size_to_str(s.vm_state_size),
-            utc_date(s.date_sec.into()),
+            local_date(s.date_sec.into()),
             format!(
                 "{:04}:{:02}:{:02}.{:03}",
                 clock / 3600,
@@ -343,6 +343,30 @@ fn three_digits(v: f64) -> String {
     } else {
         text
     }
+}
+
+/// `YYYY-MM-DD HH:MM:SS` in local time (the `TZ` environment variable, else the
+/// system's zone), as qemu-img prints snapshot dates (`localtime_r` and `strftime`);
+/// UTC if the C library cannot convert the time.
+fn local_date(secs: i64) -> String {
+    // Snapshot dates are 32-bit: they fit a time_t.
+    let time = secs as libc::time_t;
+    // SAFETY: an all-zero `tm` is a valid value (integers, and a null zone name pointer
+    // that is only written), and `localtime_r` reads `time` and writes `tm` only.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    let converted = unsafe { libc::localtime_r(&time, &mut tm) };
+    if converted.is_null() {
+        return utc_date(secs);
+    }
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        i64::from(tm.tm_year) + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
 }
 
 /// `YYYY-MM-DD HH:MM:SS` in UTC.
