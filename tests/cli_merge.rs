@@ -336,6 +336,48 @@ fn rebase_matches_qemu_img_rebase_safe_and_unsafe() {
             &["-u", "-b", "base.qcow2", "-F", "qcow2"],
             Some("base.qcow2"),
         ),
+        // qemu-img's -f, cache modes (hints; unsafe skips checkpoint flushes) and long
+        // names.
+        (
+            &[
+                "-f",
+                "qcow2",
+                "-t",
+                "unsafe",
+                "-T",
+                "none",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+            ],
+            Some("base.qcow2"),
+        ),
+        (
+            &[
+                "--format",
+                "qcow2",
+                "--cache",
+                "writethrough",
+                "--backing-cache",
+                "directsync",
+                "--backing",
+                "",
+            ],
+            None,
+        ),
+        (
+            &[
+                "-t",
+                "none",
+                "--backing-unsafe",
+                "-b",
+                "other.qcow2",
+                "--backing-format",
+                "qcow2",
+            ],
+            Some("other.qcow2"),
+        ),
     ];
     for (i, (options, backing)) in cases.iter().enumerate() {
         let s = Scratch::new();
@@ -359,7 +401,7 @@ fn rebase_matches_qemu_img_rebase_safe_and_unsafe() {
             "rebase {options:?} prints nothing"
         );
         assert_same_chains(&s, &["top.qcow2"], &[*backing]);
-        if !options.contains(&"-u") {
+        if !options.contains(&"-u") && !options.contains(&"--backing-unsafe") {
             same_content(&s, "ours/top.qcow2", "top.qcow2");
         }
     }
@@ -560,6 +602,26 @@ fn errors_are_one_line_exit_1_and_change_nothing() {
         (
             &["rebase", "-b", "nope.qcow2", "{}/top.qcow2"],
             "No such file",
+            true,
+        ),
+        (
+            &["rebase", "-f", "raw", "-u", "-b", "", "{}/top.qcow2"],
+            "Operation not supported",
+            true,
+        ),
+        (
+            &["rebase", "-f", "vmdk", "-b", "", "{}/top.qcow2"],
+            "vmdk",
+            true,
+        ),
+        (
+            &["rebase", "-t", "fast", "-b", "", "{}/top.qcow2"],
+            "Invalid cache option: fast",
+            true,
+        ),
+        (
+            &["rebase", "-T", "fast", "-b", "", "{}/top.qcow2"],
+            "Invalid source cache option: fast",
             true,
         ),
     ];
