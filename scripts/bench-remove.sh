@@ -2,7 +2,7 @@
 # bench-remove.sh - time `qimg remove` of the middle layer of the standard 3-layer chain
 # against the merge it amounts to, on fresh copies of the same chain in one run:
 #
-#   down  remove mid.qcow2 (base's only user: its data goes down)  vs  qimg commit -t mid.qcow2 top.qcow2; rm mid.qcow2
+#   down  remove mid.qcow2 (base's only user: its data goes down)  vs  qimg commit --top mid.qcow2 top.qcow2; rm mid.qcow2
 #   up    remove mid.qcow2 beside a sibling on base (data goes up)  vs  qimg pull -b base.qcow2 top.qcow2; rm mid.qcow2
 #
 # (remove deletes the layer, and deleting a file of hundreds of MiB takes a good part of
@@ -87,8 +87,8 @@ for case in down up; do
 				qemu-img compare -q "$work/run/top.qcow2" "$work/top.raw" ||
 					{ log "$case: top.qcow2 changed"; exit 1; }
 			elif [ "$case" = down ]; then
-				log "$case run $i: commit -t"
-				merges+=("$(timed bash -c "'$QIMG' commit -q -t mid.qcow2 top.qcow2 $rm_mid")")
+				log "$case run $i: commit --top"
+				merges+=("$(timed bash -c "'$QIMG' commit -q --top mid.qcow2 top.qcow2 $rm_mid")")
 			else
 				log "$case run $i: pull -b"
 				merges+=("$(timed bash -c "'$QIMG' pull -q -b base.qcow2 top.qcow2 $rm_mid")")

@@ -338,6 +338,19 @@ fn qimg_check_speaks_qemu_img_keys_and_exit_codes() {
         );
         assert_eq!(qemu_check(&s, "d.qcow2").0, 0);
     }
+    // The human report is qemu-img's, line for line, for an image that allocates
+    // nothing (no cluster line) and for one that does.
+    s.create("empty.qcow2", "cluster_size=64k", 1 << 20);
+    for name in ["empty.qcow2", "pristine.qcow2"] {
+        let ours = s.qimg_output(&["check", name]);
+        let theirs = s.output("qemu-img", &["check", name]);
+        assert_eq!(ours.status.code(), Some(0), "{name}");
+        assert_eq!(
+            String::from_utf8_lossy(&ours.stdout),
+            String::from_utf8_lossy(&theirs.stdout),
+            "{name}"
+        );
+    }
     // Raw images have no check, as qemu-img says with exit code 63.
     s.write_file("raw.img", &[0u8; 4096]);
     let out = s.qimg_output(&["check", "raw.img"]);

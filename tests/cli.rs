@@ -611,6 +611,25 @@ fn compare_exit_codes_follow_qemu_img() {
     assert_eq!(sized.status.code(), Some(0));
     let strict = run("qimg", d, &["compare", "-s", "small.qcow2", "empty.qcow2"]);
     assert_eq!(strict.status.code(), Some(1));
+    // Sizes differ and so does content: past the shorter image, after the size warning;
+    // in the common part, without it (qemu-img compares that part first).
+    qemu_io(d, "empty.qcow2", &["write -P 7 1536k 4k"]);
+    let past = run("qimg", d, &["compare", "small.qcow2", "empty.qcow2"]);
+    assert_eq!(
+        String::from_utf8_lossy(&past.stdout),
+        "Warning: Image size mismatch!\nContent mismatch at offset 1572864!\n"
+    );
+    let theirs = run("qemu-img", d, &["compare", "small.qcow2", "empty.qcow2"]);
+    assert_eq!(theirs.stdout, past.stdout);
+    qemu_io(d, "small.qcow2", &["write -P 7 0 4k"]);
+    let common = run("qimg", d, &["compare", "small.qcow2", "empty.qcow2"]);
+    assert_eq!(
+        String::from_utf8_lossy(&common.stdout),
+        "Content mismatch at offset 0!\n"
+    );
+    let theirs = run("qemu-img", d, &["compare", "small.qcow2", "empty.qcow2"]);
+    assert_eq!(theirs.stdout, common.stdout);
+    assert_eq!(theirs.status.code(), Some(1));
 
     let missing = run("qimg", d, &["compare", "top.qcow2", "missing.qcow2"]);
     assert_eq!(missing.status.code(), Some(2));
@@ -713,4 +732,290 @@ fn errors_name_the_file_on_one_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.starts_with("qimg: nothere.qcow2: "), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+/// `args` with `{}` replaced by `image`.
+fn with_image<'a>(args: &[&'a str], image: &'a str) -> Vec<&'a str> {
+    args.iter()
+        .map(|&a| if a == "{}" { image } else { a })
+        .collect()
+}
+
+#[test]
+fn usage_errors_are_one_line_and_exit_1_as_in_qemu_img() {
+    let dir = tempdir();
+    let d = dir.path();
+    qemu(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "a.qcow2", "1M"],
+    );
+    let before = std::fs::read(d.join("a.qcow2")).unwrap();
+    // (arguments, what qimg's line says)
+    let cases: &[(&[&str], &str)] = &[
+        (&["check", "--bogus", "{}"], "'--bogus'"),
+        (&["check", "-Z", "{}"], "'-Z'"),
+        (&["check", "-T"], "a value is required"),
+        (
+            &["check", "-T", "fast", "{}"],
+            "Invalid source cache option: fast",
+        ),
+        (&["check", "-r", "some", "{}"], "'some'"),
+        (&["check", "--output=xml", "{}"], "'xml'"),
+        (&["check"], "<FILE>"),
+        (&["check", "{}", "b.qcow2"], "'b.qcow2'"),
+        (
+            &["commit", "-r", "1x", "{}"],
+            "Invalid rate limit specified: '1x'.",
+        ),
+        (&["commit", "-r", "-5", "{}"], "Must be between 0 and"),
+        (
+            &["commit", "-t", "fast", "{}"],
+            "Invalid cache option: fast",
+        ),
+        (&["snapshot", "-c"], "-c"),
+        (&["bogus"], "'bogus'"),
+        (&[], "qimg --help"),
+        (&["info"], "<FILE>"),
+    ];
+    for (args, needle) in cases {
+        let args = with_image(args, "a.qcow2");
+        let ours = run("qimg", d, &args);
+        let stderr = String::from_utf8_lossy(&ours.stderr);
+        assert_eq!(ours.status.code(), Some(1), "qimg {args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "qimg {args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("qimg: ") && stderr.contains(needle),
+            "qimg {args:?}: {stderr:?} does not say {needle:?}"
+        );
+        assert!(ours.stdout.is_empty(), "qimg {args:?} printed on stdout");
+        let theirs = run("qemu-img", d, &args);
+        assert_eq!(theirs.status.code(), Some(1), "qemu-img {args:?}");
+    }
+    assert_eq!(std::fs::read(d.join("a.qcow2")).unwrap(), before);
+    // A cache mode check accepts: the same report as qemu-img's.
+    for cache in ["none", "writeback", "writethrough", "directsync", "unsafe"] {
+        let args = ["check", "-T", cache, "a.qcow2"];
+        let ours = run("qimg", d, &args);
+        let theirs = run("qemu-img", d, &args);
+        assert_eq!(ours.status.code(), Some(0), "qimg {args:?}");
+        assert_eq!(theirs.status.code(), Some(0), "qemu-img {args:?}");
+        assert_eq!(ours.stdout, theirs.stdout, "{args:?}");
+    }
+}
+
+#[test]
+fn help_and_version_print_on_stdout_and_exit_0() {
+    let dir = tempdir();
+    let d = dir.path();
+    for args in [
+        &["--help"][..],
+        &["-h"],
+        &["check", "--help"],
+        &["help", "commit"],
+    ] {
+        let out = run("qimg", d, args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage: qimg"),
+            "{args:?}"
+        );
+        assert!(out.stderr.is_empty(), "{args:?}");
+    }
+    // Shaped as qemu-img's: a version line naming the tool, then a line about it.
+    let theirs = run("qemu-img", d, &["--version"]);
+    let theirs = String::from_utf8_lossy(&theirs.stdout);
+    assert!(theirs.starts_with("qemu-img version "), "{theirs}");
+    for flag in ["--version", "-V"] {
+        let ours = run("qimg", d, &[flag]);
+        assert_eq!(ours.status.code(), Some(0));
+        let text = String::from_utf8_lossy(&ours.stdout);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), theirs.lines().count(), "{text}");
+        assert_eq!(
+            lines[0],
+            format!("qimg version {} (qcow2-engine)", env!("CARGO_PKG_VERSION"))
+        );
+        assert!(lines[1].contains("qcow2-engine"), "{text}");
+    }
+}
+
+/// Runs `program args` in `dir` with its stdout closed before it writes anything (a reader
+/// gone, as `| head` leaves it).
+fn with_stdout_closed(program: &str, dir: &Path, args: &[&str]) -> Output {
+    let program = if program == "qimg" {
+        qimg_path().as_os_str().to_owned()
+    } else {
+        program.into()
+    };
+    let mut child = Command::new(&program)
+        .args(args)
+        .current_dir(dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running {program:?}: {e}"));
+    drop(child.stdout.take());
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_closed_stdout_ends_the_output_quietly_as_in_qemu_img() {
+    let dir = tempdir();
+    let d = dir.path();
+    qemu(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "a.qcow2", "64M"],
+    );
+    // Clusters written last to first: none of the map's extents merge.
+    let writes: Vec<String> = (0..200)
+        .rev()
+        .map(|i| format!("write -P {} {}k 4k", i % 250 + 1, i * 128))
+        .collect();
+    let writes: Vec<&str> = writes.iter().map(String::as_str).collect();
+    qemu_io(d, "a.qcow2", &writes);
+    qemu(d, "qemu-img", &["snapshot", "-c", "one", "a.qcow2"]);
+    for args in [
+        &["info", "a.qcow2"][..],
+        &["map", "a.qcow2"],
+        &["map", "--output=json", "a.qcow2"],
+        &["snapshot", "-l", "a.qcow2"],
+        &["check", "a.qcow2"],
+        &["compare", "a.qcow2", "a.qcow2"],
+    ] {
+        for program in ["qemu-img", "qimg"] {
+            let out = with_stdout_closed(program, d, args);
+            assert_eq!(out.status.code(), Some(0), "{program} {args:?}");
+            assert!(
+                out.stderr.is_empty(),
+                "{program} {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    // The work goes on without its reader: a convert with progress completes.
+    for program in ["qemu-img", "qimg"] {
+        let copy = format!("{program}.qcow2");
+        let args = ["convert", "-p", "-O", "qcow2", "a.qcow2", &copy];
+        let out = with_stdout_closed(program, d, &args);
+        assert_eq!(out.status.code(), Some(0), "{program} {args:?}");
+        assert!(out.stderr.is_empty(), "{program} {args:?}");
+        qemu(d, "qemu-img", &["compare", "a.qcow2", &copy]);
+    }
+    // A stdout that fails otherwise is an error, on one line.
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full");
+    if let Ok(full) = full {
+        let out = Command::new(qimg_path())
+            .args(["info", "a.qcow2"])
+            .current_dir(d)
+            .stdout(full)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.starts_with("qimg: stdout: "), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    }
+}
+
+/// Splits what a command with `-p` printed into a pipe into its progress lines (each
+/// ended by `\r`) and what follows the last one.
+fn split_progress(stdout: &[u8], label: &str) -> (Vec<f64>, String) {
+    let text = String::from_utf8(stdout.to_vec()).unwrap();
+    let mut parts: Vec<&str> = text.split('\r').collect();
+    let tail = parts.pop().unwrap_or_default().to_owned();
+    let percents = parts
+        .iter()
+        .map(|line| {
+            let number = line
+                .strip_prefix("    (")
+                .and_then(|r| r.strip_suffix("/100%)"))
+                .unwrap_or_else(|| panic!("{label}: not a progress line: {line:?}"));
+            let decimals = number.split_once('.').map(|(_, d)| d.len());
+            assert_eq!(decimals, Some(2), "{label}: {line:?}");
+            number.parse::<f64>().unwrap()
+        })
+        .collect();
+    (percents, tail)
+}
+
+/// Progress lines start at 0.00, never go back and (when `complete`) end at 100.00.
+fn assert_progress(percents: &[f64], complete: bool, label: &str) {
+    assert_eq!(percents.first(), Some(&0.0), "{label}: {percents:?}");
+    assert!(
+        percents.windows(2).all(|w| w[0] <= w[1]),
+        "{label}: {percents:?}"
+    );
+    if complete {
+        assert_eq!(percents.last(), Some(&100.0), "{label}: {percents:?}");
+    }
+}
+
+#[test]
+fn progress_into_a_pipe_prints_qemu_img_lines_on_stdout() {
+    let dir = tempdir();
+    for twin in ["ours", "qemu"] {
+        std::fs::create_dir(dir.path().join(twin)).unwrap();
+        build_chain(&dir.path().join(twin));
+    }
+    let ours = dir.path().join("ours");
+    let qemu_dir = dir.path().join("qemu");
+    // (arguments, whether progress reaches 100): run in order on both twins.
+    let steps: &[(&[&str], bool)] = &[
+        (
+            &["convert", "-p", "-O", "qcow2", "top.qcow2", "c.qcow2"],
+            true,
+        ),
+        (&["compare", "-p", "top.qcow2", "c.qcow2"], true),
+        (&["compare", "-p", "top.qcow2", "base.qcow2"], false),
+        (&["amend", "-p", "-o", "lazy_refcounts=on", "c.qcow2"], true),
+        (&["commit", "-p", "-d", "top.qcow2"], true),
+        (&["rebase", "-p", "-b", "", "top.qcow2"], true),
+    ];
+    for (args, complete) in steps {
+        let label = format!("{args:?}");
+        let mine = run("qimg", &ours, args);
+        let theirs = run("qemu-img", &qemu_dir, args);
+        assert_eq!(mine.status.code(), theirs.status.code(), "{label}");
+        assert!(mine.stderr.is_empty(), "{label}: {mine:?}");
+        let (percents, tail) = split_progress(&mine.stdout, &format!("qimg {label}"));
+        let (their_percents, their_tail) =
+            split_progress(&theirs.stdout, &format!("qemu-img {label}"));
+        assert_progress(&percents, *complete, &format!("qimg {label}"));
+        assert_progress(&their_percents, *complete, &format!("qemu-img {label}"));
+        // What follows the lines is the same: the newline that ends them and the verdict
+        // or message, in qemu-img's order (besides qimg's line on what a merge found in
+        // place already).
+        let tail: String = tail
+            .split_inclusive('\n')
+            .filter(|line| !line.starts_with("Already in place: "))
+            .collect();
+        assert_eq!(tail, their_tail, "{label}");
+    }
+    // Commands beyond qemu-img print the same lines.
+    for args in [
+        &["checksum", "-p", "c.qcow2"][..],
+        &["pull", "-p", "--dry-run", "c.qcow2"],
+    ] {
+        let out = run("qimg", &ours, args);
+        assert!(out.status.success(), "{args:?}");
+        let (percents, tail) = split_progress(&out.stdout, &format!("{args:?}"));
+        assert_progress(&percents, true, &format!("{args:?}"));
+        assert!(
+            tail.starts_with('\n') && tail.len() > 1,
+            "{args:?}: {tail:?}"
+        );
+    }
+    // JSON stays alone on stdout; -q silences progress, as in qemu-img.
+    let json = json_of(&run(
+        "qimg",
+        &ours,
+        &["checksum", "-p", "--output=json", "c.qcow2"],
+    ));
+    assert_eq!(json["algorithm"], "crc32");
+    for (program, dir) in [("qimg", &ours), ("qemu-img", &qemu_dir)] {
+        let out = run(program, dir, &["commit", "-q", "-p", "c.qcow2"]);
+        assert!(out.stdout.is_empty(), "{program}: {out:?}");
+    }
 }

@@ -83,7 +83,11 @@ fn commit_d_keeps_the_top_untouched() {
         &["commit", "-d", "-p", "{}/top.qcow2"],
         &[&["commit", "-q", "-d", "{}/top.qcow2"]],
     );
-    assert_eq!(without_already_done(&stdout), "Image committed.\n");
+    // Into a pipe, -p prints qemu-img's progress lines; they end before the message.
+    assert_eq!(
+        without_already_done(after_progress(&stdout)),
+        "\nImage committed.\n"
+    );
     assert_same_chains(&s, &IMAGES, &[None, Some("base.qcow2"), Some("mid.qcow2")]);
     let top = |p: &str| std::fs::read(s.path(p)).unwrap();
     assert!(top("ours/top.qcow2") == top("top.qcow2"), "top changed");
@@ -108,11 +112,11 @@ fn commit_b_goes_through_mid_into_base_like_qemu_img() {
 }
 
 #[test]
-fn commit_t_mid_commits_a_middle_range_and_repoints_the_top() {
+fn commit_top_mid_commits_a_middle_range_and_repoints_the_top() {
     for (seed, extra) in [(104, None), (105, Some("base.qcow2"))] {
         let s = Scratch::new();
         merge_chain(&s, "cluster_size=64k", seed);
-        let mut ours = vec!["commit", "-t", "mid.qcow2"];
+        let mut ours = vec!["commit", "--top", "mid.qcow2"];
         if let Some(base) = extra {
             ours.extend(["-b", base]);
         }
@@ -145,7 +149,7 @@ fn commit_t_mid_commits_a_middle_range_and_repoints_the_top() {
 }
 
 #[test]
-fn commit_t_top_b_base_merges_two_layers_below_the_active_image() {
+fn commit_top_and_b_merge_two_layers_below_the_active_image() {
     let s = Scratch::new();
     merge_chain(&s, "cluster_size=64k", 106);
     s.create_overlay("top2.qcow2", "top.qcow2", "qcow2", "cluster_size=64k", None);
@@ -161,7 +165,7 @@ fn commit_t_top_b_base_merges_two_layers_below_the_active_image() {
         &s,
         &[
             "commit",
-            "-t",
+            "--top",
             "top.qcow2",
             "-b",
             "base.qcow2",
@@ -190,6 +194,111 @@ fn commit_t_top_b_base_merges_two_layers_below_the_active_image() {
 }
 
 #[test]
+fn commit_takes_qemu_img_cache_modes_and_format() {
+    let cases: [(u64, &[&str]); 5] = [
+        (109, &["-t", "none", "-f", "qcow2"]),
+        (110, &["--cache", "writeback", "--format", "qcow2"]),
+        (111, &["-t", "writethrough"]),
+        (112, &["--cache=directsync"]),
+        // No checkpoint flushes: what reaches the disk at the end is the same.
+        (113, &["-t", "unsafe", "-f", "qcow2"]),
+    ];
+    for (seed, options) in cases {
+        let s = Scratch::new();
+        merge_chain(&s, "cluster_size=64k", seed);
+        let with = |quiet: &[&'static str]| {
+            let mut args = vec!["commit"];
+            args.extend(quiet);
+            args.extend(options);
+            args.push("{}/top.qcow2");
+            args
+        };
+        let stdout = run_both(&s, &with(&[]), &[&with(&["-q"])]);
+        assert_eq!(
+            without_already_done(&stdout),
+            "Image committed.\n",
+            "{options:?}"
+        );
+        assert_same_chains(&s, &IMAGES, &[None, Some("base.qcow2"), Some("mid.qcow2")]);
+        same_content(&s, "ours/mid.qcow2", "top.qcow2");
+    }
+}
+
+#[test]
+fn commit_f_opens_the_file_as_that_format_like_qemu_img() {
+    let s = Scratch::new();
+    merge_chain(&s, "cluster_size=64k", 114);
+    for dir in ["ours", "qemu"] {
+        s.write_file(&format!("{dir}/plain.raw"), &vec![0x5a; 1 << 20]);
+    }
+    let cases: &[(&[&str], &str)] = &[
+        // As raw, a qcow2 file has no backing file.
+        (
+            &["commit", "-f", "raw", "{}/top.qcow2"],
+            "does not have a backing file",
+        ),
+        (
+            &["commit", "-f", "qcow2", "{}/plain.raw"],
+            "not a qcow2 image",
+        ),
+        (&["commit", "{}/plain.raw"], "does not have a backing file"),
+        (&["commit", "-f", "vmdk", "{}/top.qcow2"], "vmdk"),
+    ];
+    for (args, needle) in cases {
+        let ours = in_dir(args, "ours");
+        fails(
+            &s,
+            &ours.iter().map(String::as_str).collect::<Vec<_>>(),
+            needle,
+        );
+        let theirs = in_dir(args, "qemu");
+        qemu_fails(&s, &theirs.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn commit_r_holds_the_commit_to_the_rate() {
+    let s = Scratch::new();
+    merge_chain(&s, "cluster_size=64k", 115);
+    let started = std::time::Instant::now();
+    // 8 MiB of guest range at 4 MiB/s.
+    let out = s.qimg_output(&["commit", "-q", "-r", "4M", "ours/top.qcow2"]);
+    let took = started.elapsed();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        took >= std::time::Duration::from_millis(1900),
+        "took {took:?}"
+    );
+    s.qemu_img(&["commit", "-q", "-r", "4M", "qemu/top.qcow2"]);
+    assert_same_chains(&s, &IMAGES, &[None, Some("base.qcow2"), Some("mid.qcow2")]);
+    // 0 is no limit, as in qemu-img.
+    let out = s.qimg_output(&[
+        "commit",
+        "-q",
+        "-r",
+        "0",
+        "-b",
+        "base.qcow2",
+        "ours/top.qcow2",
+    ]);
+    assert!(out.status.success());
+    s.qemu_img(&[
+        "commit",
+        "-q",
+        "-r",
+        "0",
+        "-b",
+        "base.qcow2",
+        "qemu/top.qcow2",
+    ]);
+    same_content(&s, "ours/base.qcow2", "qemu/base.qcow2");
+}
+
+#[test]
 fn pull_matches_qemu_img_rebase_onto_nothing_and_onto_the_base() {
     for (seed, base) in [(107, None), (108, Some("base.qcow2"))] {
         let s = Scratch::new();
@@ -203,7 +312,11 @@ fn pull_matches_qemu_img_rebase_onto_nothing_and_onto_the_base() {
         ours.push("{}/top.qcow2");
         qemu.push("{}/top.qcow2");
         let stdout = run_both(&s, &ours, &[&qemu]);
-        assert_eq!(without_already_done(&stdout), "", "pull prints nothing");
+        assert_eq!(
+            without_already_done(after_progress(&stdout)),
+            "\n",
+            "pull prints nothing but its progress"
+        );
         assert_same_chains(&s, &["top.qcow2"], &[base]);
         same_content(&s, "ours/top.qcow2", "top.qcow2");
     }
@@ -222,6 +335,48 @@ fn rebase_matches_qemu_img_rebase_safe_and_unsafe() {
         (
             &["-u", "-b", "base.qcow2", "-F", "qcow2"],
             Some("base.qcow2"),
+        ),
+        // qemu-img's -f, cache modes (hints; unsafe skips checkpoint flushes) and long
+        // names.
+        (
+            &[
+                "-f",
+                "qcow2",
+                "-t",
+                "unsafe",
+                "-T",
+                "none",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+            ],
+            Some("base.qcow2"),
+        ),
+        (
+            &[
+                "--format",
+                "qcow2",
+                "--cache",
+                "writethrough",
+                "--backing-cache",
+                "directsync",
+                "--backing",
+                "",
+            ],
+            None,
+        ),
+        (
+            &[
+                "-t",
+                "none",
+                "--backing-unsafe",
+                "-b",
+                "other.qcow2",
+                "--backing-format",
+                "qcow2",
+            ],
+            Some("other.qcow2"),
         ),
     ];
     for (i, (options, backing)) in cases.iter().enumerate() {
@@ -246,7 +401,7 @@ fn rebase_matches_qemu_img_rebase_safe_and_unsafe() {
             "rebase {options:?} prints nothing"
         );
         assert_same_chains(&s, &["top.qcow2"], &[*backing]);
-        if !options.contains(&"-u") {
+        if !options.contains(&"-u") && !options.contains(&"--backing-unsafe") {
             same_content(&s, "ours/top.qcow2", "top.qcow2");
         }
     }
@@ -269,6 +424,15 @@ fn snapshot_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
 
 /// `stdout` without its `Already in place: N bytes (...), skipped` line (merges of these
 /// chains often find zeros already in place), checking that line's form.
+/// What follows the progress lines (`    (P/100%)` each ended by `\r`, from 0.00 to
+/// 100.00) that open `stdout`.
+fn after_progress(stdout: &str) -> &str {
+    let (lines, rest) = stdout.rsplit_once('\r').expect("progress lines");
+    assert!(lines.starts_with("    (0.00/100%)"), "{stdout:?}");
+    assert!(lines.ends_with("    (100.00/100%)"), "{stdout:?}");
+    rest
+}
+
 fn without_already_done(stdout: &str) -> String {
     let mut rest = String::new();
     for line in stdout.lines() {
@@ -317,7 +481,10 @@ fn dry_runs_change_nothing_and_count_what_the_map_shows() {
     let cases: &[(&[&str], u64)] = &[
         (&["commit"], data_in("top.qcow2", 0..1)),
         (&["commit", "-b", "base.qcow2"], data_in("top.qcow2", 0..2)),
-        (&["commit", "-t", "mid.qcow2"], data_in("mid.qcow2", 0..1)),
+        (
+            &["commit", "--top", "mid.qcow2"],
+            data_in("mid.qcow2", 0..1),
+        ),
         (&["pull"], data_in("top.qcow2", 1..3)),
         (&["pull", "-b", "base.qcow2"], data_in("top.qcow2", 1..2)),
         (&["rebase", "-b", ""], data_in("top.qcow2", 1..3)),
@@ -393,19 +560,19 @@ fn errors_are_one_line_exit_1_and_change_nothing() {
             true,
         ),
         (
-            &["commit", "-t", "nope.qcow2", "{}/top.qcow2"],
+            &["commit", "--top", "nope.qcow2", "{}/top.qcow2"],
             "'nope.qcow2' is not in",
             false,
         ),
         (
-            &["commit", "-t", "base.qcow2", "{}/top.qcow2"],
+            &["commit", "--top", "base.qcow2", "{}/top.qcow2"],
             "does not have a backing file",
             false,
         ),
         (
             &[
                 "commit",
-                "-t",
+                "--top",
                 "mid.qcow2",
                 "-b",
                 "top.qcow2",
@@ -437,6 +604,26 @@ fn errors_are_one_line_exit_1_and_change_nothing() {
             "No such file",
             true,
         ),
+        (
+            &["rebase", "-f", "raw", "-u", "-b", "", "{}/top.qcow2"],
+            "Operation not supported",
+            true,
+        ),
+        (
+            &["rebase", "-f", "vmdk", "-b", "", "{}/top.qcow2"],
+            "vmdk",
+            true,
+        ),
+        (
+            &["rebase", "-t", "fast", "-b", "", "{}/top.qcow2"],
+            "Invalid cache option: fast",
+            true,
+        ),
+        (
+            &["rebase", "-T", "fast", "-b", "", "{}/top.qcow2"],
+            "Invalid source cache option: fast",
+            true,
+        ),
     ];
     for (args, needle, qemu_too) in cases {
         let ours = in_dir(args, "ours");
@@ -450,9 +637,16 @@ fn errors_are_one_line_exit_1_and_change_nothing() {
             qemu_fails(&s, &theirs.iter().map(String::as_str).collect::<Vec<_>>());
         }
     }
-    // Arguments clap refuses exit 2, as qemu-img's usage errors would be exit 1; only
-    // check that they fail.
-    assert!(!s.qimg_output(&["commit"]).status.success());
+    // Usage errors too, as qemu-img's.
+    for args in [&["commit"][..], &["commit", "-t", "fast", "{}/top.qcow2"]] {
+        let ours = in_dir(args, "ours");
+        fails(
+            &s,
+            &ours.iter().map(String::as_str).collect::<Vec<_>>(),
+            if args.len() == 1 { "FILE" } else { "fast" },
+        );
+        qemu_fails(&s, &q(args).iter().map(String::as_str).collect::<Vec<_>>());
+    }
 }
 
 /// Runs `program args` in `dir` as an unprivileged user when we are root (so that file

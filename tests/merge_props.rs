@@ -27,7 +27,7 @@ enum Merge {
     Commit { keep: bool },
     /// `commit -b layer` (layer counted from the bottom, below the top).
     CommitToBase { base: usize },
-    /// `commit -t layer` (a middle range into the layer below it).
+    /// `commit --top layer` (a middle range into the layer below it).
     CommitMiddle { top: usize },
     /// `pull`, or `pull -b layer`.
     Pull { base: Option<usize> },

@@ -285,3 +285,179 @@ fn a_compressed_cluster_written_where_a_snapshot_freed_one_reads_back() {
     drop(chain);
     assert_clean(&s, "a.qcow2", "compressed after apply");
 }
+
+/// Runs `program args` in `dir` with `TZ` set to `tz`.
+fn run_tz(dir: &std::path::Path, tz: &str, program: &str, args: &[&str]) -> std::process::Output {
+    let program = if program == "qimg" {
+        common::qimg_path().as_os_str().to_owned()
+    } else {
+        program.into()
+    };
+    std::process::Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .env("TZ", tz)
+        .output()
+        .unwrap()
+}
+
+/// `ID TAG` of each snapshot `snapshot -l` lists.
+fn ids_and_names(listing: &[u8]) -> Vec<(String, String)> {
+    String::from_utf8_lossy(listing)
+        .lines()
+        .skip(2)
+        .map(|l| {
+            let mut words = l.split_whitespace();
+            let id = words.next().unwrap_or_default().to_owned();
+            (id, words.next().unwrap_or_default().to_owned())
+        })
+        .collect()
+}
+
+/// An image whose snapshots' names are other snapshots' IDs: ID 1 is named "2" (taken
+/// over pattern 0x0a), ID 2 "1" (0x0b), ID 3 and ID 4 both "x" (0x0c, 0x0d); the active
+/// image holds 0x0e. Copied to `ours/a.qcow2` and `qemu/a.qcow2`.
+fn tangled_names(s: &Scratch) {
+    s.create("a.qcow2", "cluster_size=64k", 1 << 20);
+    for (pattern, name) in [(0x0a, "2"), (0x0b, "1"), (0x0c, "x"), (0x0d, "x")] {
+        s.qemu_io("a.qcow2", "qcow2", &[format!("write -P {pattern} 0 64k")]);
+        s.qemu_img(&["snapshot", "-c", name, "a.qcow2"]);
+    }
+    s.qemu_io("a.qcow2", "qcow2", &["write -P 0x0e 0 64k".into()]);
+    for twin in ["ours", "qemu"] {
+        std::fs::create_dir_all(s.path(twin)).unwrap();
+        std::fs::copy(s.path("a.qcow2"), s.path(twin).join("a.qcow2")).unwrap();
+    }
+}
+
+#[test]
+fn qimg_snapshot_resolves_names_and_ids_per_action_as_qemu_img() {
+    // (arguments, whether qemu-img succeeds), each on fresh twins.
+    let cases: &[(&[&str], bool)] = &[
+        // -a: an ID first, then a name.
+        (&["-a", "1"], true),
+        (&["-a", "2"], true),
+        (&["-a", "3"], true),
+        (&["-a", "x"], true),
+        (&["-a", "nope"], false),
+        // -d: names only (the first of equal ones); an ID alone is not found.
+        (&["-d", "1"], true),
+        (&["-d", "2"], true),
+        (&["-d", "x"], true),
+        (&["-d", "3"], false),
+        (&["-d", "nope"], false),
+        // -c: a name may repeat, and may be another snapshot's ID.
+        (&["-c", "1"], true),
+        (&["-c", "x"], true),
+    ];
+    for (action, succeeds) in cases {
+        let s = Scratch::new();
+        tangled_names(&s);
+        let image_in = |twin: &str| format!("{twin}/a.qcow2");
+        let mut ours: Vec<String> = vec!["snapshot".into()];
+        ours.extend(action.iter().map(|a| a.to_string()));
+        let mut qemu = ours.clone();
+        ours.push(image_in("ours"));
+        qemu.push(image_in("qemu"));
+        let ours: Vec<&str> = ours.iter().map(String::as_str).collect();
+        let qemu: Vec<&str> = qemu.iter().map(String::as_str).collect();
+        let mine = common::qimg(s.dir(), &ours);
+        let theirs = s.output("qemu-img", &qemu);
+        let code = if *succeeds { 0 } else { 1 };
+        assert_eq!(theirs.status.code(), Some(code), "qemu-img {action:?}");
+        let stderr = String::from_utf8_lossy(&mine.stderr);
+        assert_eq!(mine.status.code(), Some(code), "qimg {action:?}: {stderr}");
+        if !succeeds {
+            assert!(
+                stderr.starts_with("qimg: ") && stderr.lines().count() == 1,
+                "{stderr}"
+            );
+        }
+        // The same snapshots left and the same active content.
+        let list = |twin: &str| {
+            let out = common::qimg(s.dir(), &["snapshot", &image_in(twin)]);
+            assert!(out.status.success());
+            ids_and_names(&out.stdout)
+        };
+        assert_eq!(list("ours"), list("qemu"), "{action:?}");
+        let same = s.output(
+            "qemu-img",
+            &["compare", &image_in("ours"), &image_in("qemu")],
+        );
+        assert!(same.status.success(), "{action:?}: content differs");
+        assert_clean(&s, &image_in("ours"), &format!("{action:?}"));
+    }
+}
+
+#[test]
+fn qimg_snapshot_without_an_action_lists_in_local_time_as_qemu_img() {
+    let s = Scratch::new();
+    tangled_names(&s);
+    // Zones by name (tzdata), as POSIX rules (no tzdata needed), and UTC.
+    for tz in ["Asia/Tokyo", "America/New_York", "JST-9", "EST5EDT", "UTC"] {
+        for args in [&["snapshot", "a.qcow2"][..], &["snapshot", "-l", "a.qcow2"]] {
+            let ours = run_tz(s.dir(), tz, "qimg", args);
+            let theirs = run_tz(s.dir(), tz, "qemu-img", args);
+            assert!(
+                ours.status.success() && theirs.status.success(),
+                "{tz} {args:?}"
+            );
+            assert_eq!(
+                String::from_utf8_lossy(&ours.stdout),
+                String::from_utf8_lossy(&theirs.stdout),
+                "TZ={tz} {args:?}"
+            );
+        }
+        // info lists them the same way.
+        let info = |program| {
+            let out = run_tz(s.dir(), tz, program, &["info", "a.qcow2"]);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let start = text.find("Snapshot list:").expect("a snapshot list");
+            let end = text
+                .find("Format specific information:")
+                .unwrap_or(text.len());
+            text[start..end].to_owned()
+        };
+        assert_eq!(info("qimg"), info("qemu-img"), "TZ={tz} info");
+    }
+    // Tokyo is nine hours ahead of UTC all year: the dates differ.
+    let tokyo = run_tz(s.dir(), "Asia/Tokyo", "qimg", &["snapshot", "a.qcow2"]);
+    let utc = run_tz(s.dir(), "UTC", "qimg", &["snapshot", "a.qcow2"]);
+    assert_ne!(tokyo.stdout, utc.stdout);
+}
+
+#[test]
+fn qimg_snapshot_f_and_raw_images_as_qemu_img() {
+    let s = Scratch::new();
+    tangled_names(&s);
+    s.write_file("plain.raw", &vec![0x33; 1 << 20]);
+    // (arguments, qemu-img's exit code, whether stdout is empty)
+    let cases: &[(&[&str], i32, bool)] = &[
+        (&["snapshot", "-l", "plain.raw"], 0, true),
+        (&["snapshot", "plain.raw"], 0, true),
+        (&["snapshot", "-c", "s", "plain.raw"], 1, true),
+        (&["snapshot", "-d", "s", "plain.raw"], 1, true),
+        (&["snapshot", "-f", "raw", "-l", "a.qcow2"], 0, true),
+        (&["snapshot", "-f", "raw", "-c", "s", "a.qcow2"], 1, true),
+        (&["snapshot", "-f", "qcow2", "-l", "plain.raw"], 1, true),
+        (&["snapshot", "-f", "qcow2", "-l", "a.qcow2"], 0, false),
+        (&["snapshot", "--list", "a.qcow2"], 0, false),
+        (&["snapshot", "-l", "-c", "s", "a.qcow2"], 1, true),
+    ];
+    let before = std::fs::read(s.path("a.qcow2")).unwrap();
+    let raw_before = std::fs::read(s.path("plain.raw")).unwrap();
+    for (args, code, empty) in cases {
+        let mine = common::qimg(s.dir(), args);
+        let theirs = s.output("qemu-img", args);
+        assert_eq!(theirs.status.code(), Some(*code), "qemu-img {args:?}");
+        let stderr = String::from_utf8_lossy(&mine.stderr);
+        assert_eq!(mine.status.code(), Some(*code), "qimg {args:?}: {stderr}");
+        assert_eq!(mine.stdout.is_empty(), *empty, "qimg {args:?}");
+        assert_eq!(mine.stdout, theirs.stdout, "{args:?}");
+        if *code != 0 {
+            assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        }
+    }
+    assert_eq!(std::fs::read(s.path("a.qcow2")).unwrap(), before);
+    assert_eq!(std::fs::read(s.path("plain.raw")).unwrap(), raw_before);
+}

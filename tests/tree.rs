@@ -213,7 +213,7 @@ fn commit_refuses_to_change_what_an_image_outside_the_chain_shows() {
          change what it shows (use qimg remove, or --force)"
     );
     // A middle range into base is refused the same way; so is committing other.
-    let out = s.qimg_output(&["commit", "-t", "mid.qcow2", "ours/top.qcow2"]);
+    let out = s.qimg_output(&["commit", "--top", "mid.qcow2", "ours/top.qcow2"]);
     assert_one_line_failure(&out, "commit of mid into a shared base");
     let out = s.qimg_output(&["commit", "ours/other.qcow2"]);
     assert_one_line_failure(&out, "commit of other into a shared base");

@@ -10,7 +10,7 @@ use anyhow::{Result, anyhow, bail};
 use qcow2_engine::qcow2::AmendOptions;
 use qcow2_engine::{Chain, ChainOptions, Compat, Format};
 
-use crate::common::{parse_bool, parse_format, parse_size, split_options};
+use crate::common::{Progress, parse_bool, parse_format, parse_size, split_options};
 
 /// Arguments of `qimg amend`.
 #[derive(clap::Args)]
@@ -24,7 +24,7 @@ pub struct Args {
     /// Print nothing on success (qimg prints nothing anyway; accepted for compatibility).
     #[arg(short = 'q')]
     quiet: bool,
-    /// Show progress (accepted for compatibility).
+    /// Show progress (0 then 100: the amendment is one step).
     #[arg(short = 'p')]
     progress: bool,
     /// The image.
@@ -82,7 +82,6 @@ fn parse_options(texts: &[String]) -> Result<AmendOptions, String> {
 
 /// Runs `qimg amend`.
 pub fn run(args: Args) -> Result<u8> {
-    let _ = (args.quiet, args.progress);
     let options =
         parse_options(&args.options).map_err(|e| anyhow!("{}: {e}", args.file.display()))?;
     let chain = Chain::open_with(
@@ -104,8 +103,14 @@ pub fn run(args: Args) -> Result<u8> {
             chain.top().format().name()
         );
     }
+    // The library amends in one step: progress goes from 0 to 100 when it is done.
+    let mut progress = Progress::new(args.progress && !args.quiet);
     let amended = chain.amend(&options);
     let closed = chain.close();
+    if amended.is_ok() && closed.is_ok() {
+        progress.update(1, 1);
+    }
+    progress.finish();
     amended?;
     closed?;
     Ok(0)

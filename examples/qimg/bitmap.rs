@@ -132,7 +132,7 @@ fn parse(words: &[String]) -> Result<Request> {
 /// Runs `qimg bitmap`.
 pub fn run(args: Args) -> Result<u8> {
     if args.words.iter().any(|w| w == "-h" || w == "--help") {
-        println!("usage: {}", USAGE);
+        outln!("usage: {}", USAGE);
         return Ok(0);
     }
     let request = parse(&args.words)?;

@@ -6,7 +6,7 @@ use anyhow::{Result, bail};
 use qcow2_engine::{CheckReport, Format, Image, ImageOptions, RepairMode, Severity};
 use serde_json::{Map, Value, json};
 
-use crate::common::{Output, parse_format, print_json};
+use crate::common::{CacheMode, Output, parse_format, parse_source_cache, print_json};
 
 /// `-r leaks|all`.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -29,6 +29,10 @@ pub struct Args {
     /// Format of FILE (probed when absent).
     #[arg(short = 'f', value_parser = parse_format)]
     format: Option<Format>,
+    /// Cache mode (none, writeback, writethrough, directsync, unsafe): accepted as
+    /// qemu-img's; a hint, since a check only reads.
+    #[arg(short = 'T', long = "cache", value_name = "CACHE", value_parser = parse_source_cache)]
+    cache: Option<CacheMode>,
     /// Open read-only sharing the image with every other user, without QEMU's locks'
     /// refusals (the image may change while it is read), as qemu-img -U.
     #[arg(short = 'U', long = "force-share")]
@@ -45,6 +49,7 @@ const NOT_SUPPORTED: u8 = 63;
 
 /// Runs `qimg check`.
 pub fn run(args: Args) -> Result<u8> {
+    let _ = args.cache;
     if Format::for_file(&args.file, args.format)? == Format::Raw {
         eprintln!(
             "qimg: {}: this image format does not support checks",
@@ -128,35 +133,36 @@ fn json_report(report: &CheckReport, file: &std::path::Path) -> Value {
 
 fn print_human(report: &CheckReport) {
     if report.leaks_fixed > 0 || report.corruptions_fixed > 0 {
-        println!("The following inconsistencies were found and repaired:\n");
-        println!("    {} leaked clusters", report.leaks_fixed);
-        println!("    {} corruptions\n", report.corruptions_fixed);
-        println!("Double checking the fixed image now...");
+        outln!("The following inconsistencies were found and repaired:\n");
+        outln!("    {} leaked clusters", report.leaks_fixed);
+        outln!("    {} corruptions\n", report.corruptions_fixed);
+        outln!("Double checking the fixed image now...");
     }
     if report.is_clean() {
-        println!("No errors were found on the image.");
+        outln!("No errors were found on the image.");
     }
     if report.corruptions > 0 {
-        println!(
+        outln!(
             "\n{} errors were found on the image.\n\
              Data may be corrupted, or further writes to the image may corrupt it.",
             report.corruptions
         );
     }
     if report.leaks > 0 {
-        println!(
+        outln!(
             "\n{} leaked clusters were found on the image.\n\
              This means waste of disk space, but no harm to data.",
             report.leaks
         );
     }
     if report.check_errors > 0 {
-        println!(
+        outln!(
             "\n{} internal errors have occurred during the check.",
             report.check_errors
         );
     }
-    if report.total_clusters > 0 {
+    // As qemu-img: no cluster line for an image that allocates nothing.
+    if report.total_clusters > 0 && report.allocated_clusters > 0 {
         let pct = |n: u64, of: u64| {
             if of == 0 {
                 0.0
@@ -164,7 +170,7 @@ fn print_human(report: &CheckReport) {
                 n as f64 * 100.0 / of as f64
             }
         };
-        println!(
+        outln!(
             "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters",
             report.allocated_clusters,
             report.total_clusters,
@@ -173,5 +179,5 @@ fn print_human(report: &CheckReport) {
             pct(report.compressed_clusters, report.allocated_clusters),
         );
     }
-    println!("Image end offset: {}", report.image_end_offset);
+    outln!("Image end offset: {}", report.image_end_offset);
 }

@@ -6,7 +6,7 @@ use anyhow::Result;
 use qcow2_engine::{Format, ops};
 use serde_json::json;
 
-use crate::common::{Output, open_chain, parse_format, print_json, progress_bar};
+use crate::common::{Output, Progress, open_chain, parse_format, print_json};
 
 /// Arguments of `qimg checksum`.
 #[derive(clap::Args)]
@@ -14,7 +14,7 @@ pub struct Args {
     /// Output format.
     #[arg(long, value_enum, default_value = "human")]
     output: Output,
-    /// Show a progress bar.
+    /// Show progress: a bar on a terminal, else qemu-img's lines on stdout.
     #[arg(short = 'p')]
     progress: bool,
     /// Format of FILE (probed when absent).
@@ -31,12 +31,13 @@ pub struct Args {
 /// Runs `qimg checksum`.
 pub fn run(args: Args) -> Result<u8> {
     let chain = open_chain(&args.file, args.format, args.force_share)?;
-    let bar = progress_bar(args.progress, chain.size());
-    let crc = ops::checksum(&chain, &mut |done, _| {
-        bar.set_position(done);
-        true
-    });
-    bar.finish_and_clear();
+    // JSON alone on stdout: no progress lines there.
+    let mut progress = match args.output {
+        Output::Json => Progress::beside_json(args.progress),
+        Output::Human => Progress::new(args.progress),
+    };
+    let crc = ops::checksum(&chain, &mut progress.callback());
+    progress.finish();
     let crc = crc?;
     match args.output {
         Output::Json => print_json(&json!({
@@ -44,7 +45,7 @@ pub fn run(args: Args) -> Result<u8> {
             "checksum": format!("{crc:08x}"),
             "virtual-size": chain.size(),
         }))?,
-        Output::Human => println!("crc32 {crc:08x} {}", args.file.display()),
+        Output::Human => outln!("crc32 {crc:08x} {}", args.file.display()),
     }
     Ok(0)
 }

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 use clap::ValueEnum;
@@ -70,23 +71,49 @@ pub fn open_chain(path: &Path, format: Option<Format>, force_share: bool) -> Res
     Ok(Chain::open_with(path, &options)?)
 }
 
-/// Makes a failed write to stdout (a closed pipe, as in `qimg map | head`) end qimg with
-/// one line on stderr and exit code 1, instead of the panic that `println!` raises.
-pub fn report_broken_pipe_as_an_error() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let message = info
-            .payload()
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| info.payload().downcast_ref::<&str>().copied())
-            .unwrap_or("");
-        if let Some(cause) = message.strip_prefix("failed printing to stdout: ") {
-            eprintln!("qimg: stdout: {cause}");
-            std::process::exit(1);
+/// Set once stdout is closed (a reader gone, as in `qimg map | head`) or failed: what
+/// is printed afterwards is dropped.
+static STDOUT_GONE: AtomicBool = AtomicBool::new(false);
+
+/// The first error writing stdout other than a closed pipe, reported when the command
+/// ends ([`stdout_error`]).
+static STDOUT_ERROR: OnceLock<String> = OnceLock::new();
+
+/// Writes to stdout what `outln!` and `out!` print, flushed unless it ends a line (stdout
+/// is line-buffered; progress lines end with `\r`). A closed stdout is not an error, as
+/// in qemu-img, which ignores SIGPIPE and the failed writes: the command goes on (a
+/// commit whose progress reader went away still completes), prints nothing more and
+/// exits as it would have. Any other failure is kept for [`stdout_error`].
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    if STDOUT_GONE.load(Ordering::Relaxed) {
+        return;
+    }
+    let text = std::fmt::format(args);
+    let mut stdout = std::io::stdout().lock();
+    let mut written = stdout.write_all(text.as_bytes());
+    if written.is_ok() && !text.ends_with('\n') {
+        written = stdout.flush();
+    }
+    if let Err(e) = written {
+        STDOUT_GONE.store(true, Ordering::Relaxed);
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            let _ = STDOUT_ERROR.set(e.to_string());
         }
-        default(info);
-    }));
+    }
+}
+
+/// Flushes stdout; then the first failure writing it that was not a closed pipe, if any.
+pub fn stdout_error() -> Option<String> {
+    use std::io::Write;
+    if !STDOUT_GONE.load(Ordering::Relaxed) {
+        if let Err(e) = std::io::stdout().lock().flush() {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                let _ = STDOUT_ERROR.set(e.to_string());
+            }
+        }
+    }
+    STDOUT_ERROR.get().cloned()
 }
 
 /// Parses a size with qemu-img's suffixes (`k`=1024, `M`, `G`, `T`, `P`, `E`; `b` = bytes).
@@ -129,6 +156,122 @@ pub fn parse_number(text: &str) -> Result<u64, String> {
         v.checked_mul(1u64 << shift).ok_or("too large")?
     };
     Ok(value)
+}
+
+/// A qemu-img cache mode (`-t`/`-T`), as QEMU's `bdrv_parse_cache_mode` reads it. qimg
+/// takes them as hints: it writes through the page cache in every mode and flushes at
+/// the end of every change; `unsafe` also drops a merge's intermediate checkpoint flushes
+/// (see [`CacheMode::checkpoints`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheMode {
+    /// `none` (or `off`): O_DIRECT in QEMU.
+    None,
+    /// `writeback`: qemu-img's default for most commands.
+    Writeback,
+    /// `writethrough`: a flush after every write in QEMU.
+    Writethrough,
+    /// `directsync`: O_DIRECT and writethrough in QEMU.
+    Directsync,
+    /// `unsafe`: QEMU ignores flushes.
+    Unsafe,
+}
+
+impl CacheMode {
+    /// Whether a merge flushes at its checkpoints (so that an interrupted run keeps what
+    /// it copied): in every mode but `unsafe`, where flushes are what the user gave up.
+    pub fn checkpoints(self) -> bool {
+        self != CacheMode::Unsafe
+    }
+}
+
+/// Parses a `-t`/`-T` cache mode; the message is qemu-img's.
+pub fn parse_cache(text: &str) -> Result<CacheMode, String> {
+    Ok(match text {
+        "none" | "off" => CacheMode::None,
+        "writeback" => CacheMode::Writeback,
+        "writethrough" => CacheMode::Writethrough,
+        "directsync" => CacheMode::Directsync,
+        "unsafe" => CacheMode::Unsafe,
+        _ => return Err(format!("Invalid cache option: {text}")),
+    })
+}
+
+/// Parses a cache mode for images only read (`-T`); the message is qemu-img's.
+pub fn parse_source_cache(text: &str) -> Result<CacheMode, String> {
+    parse_cache(text).map_err(|_| format!("Invalid source cache option: {text}"))
+}
+
+/// Parses a `-r RATE` rate limit in bytes per second, with the size suffixes; the
+/// messages are qemu-img's. 0 means no limit, as in qemu-img.
+pub fn parse_rate(text: &str) -> Result<u64, String> {
+    if text.trim_start().starts_with('-') {
+        return Err(format!(
+            "Invalid rate limit specified. Must be between 0 and {}.",
+            i64::MAX
+        ));
+    }
+    match parse_number(text) {
+        Ok(rate) if rate <= i64::MAX as u64 => Ok(rate),
+        Ok(_) => Err(format!(
+            "Invalid rate limit specified. Must be between 0 and {}.",
+            i64::MAX
+        )),
+        Err(_) => Err(format!("Invalid rate limit specified: '{text}'.")),
+    }
+}
+
+/// Holds an operation to a rate: [`Throttle::pace`] sleeps until `done` bytes are due at
+/// `rate` bytes per second since the throttle started. Driven by progress callbacks, it
+/// paces the part of the guest range an operation went through, which bounds what it
+/// writes (qemu-img's `-r` counts only what it copies, so qimg is the stricter where an
+/// image is sparse).
+pub struct Throttle {
+    rate: u64,
+    start: std::time::Instant,
+}
+
+impl Throttle {
+    /// A throttle to `rate` bytes per second; `None` for 0, which means no limit.
+    pub fn new(rate: u64) -> Option<Throttle> {
+        (rate > 0).then(|| Throttle {
+            rate,
+            start: std::time::Instant::now(),
+        })
+    }
+
+    /// Sleeps until `done` bytes are due.
+    pub fn pace(&self, done: u64) {
+        let due = std::time::Duration::from_secs_f64(done as f64 / self.rate as f64);
+        if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+/// The format `path` opens as under qemu-img's `-f FMT`, for commands whose library
+/// operation probes the format itself: FMT when given (checked by opening the file as
+/// FMT where the probe sees another format, so that a mismatch fails as it does for the
+/// commands that pass `-f` on: `-f qcow2` on a raw file is refused), else the probed
+/// format. `-f raw` on any file gives raw, as in qemu-img, which then sees no backing
+/// file and no snapshots.
+pub fn format_as_given(path: &Path, given: Option<Format>) -> Result<Format> {
+    let probed = Format::for_file(path, None);
+    match given {
+        None => Ok(probed?),
+        Some(format) if format == Format::Raw || probed.as_ref().ok() == Some(&format) => {
+            Ok(format)
+        }
+        Some(format) => {
+            let options = ChainOptions {
+                format: Some(format),
+                no_backing: true,
+                locking: Locking::ForceShare,
+                ..chain_defaults()
+            };
+            Chain::open_with(path, &options)?.close()?;
+            Ok(format)
+        }
+    }
 }
 
 /// Splits qemu-img's `-o` text into `key=value` pairs: comma-separated, `,,` for a literal
@@ -219,26 +362,113 @@ pub fn apply_create_options(options: &mut CreateOptions, texts: &[String]) -> Re
     Ok(())
 }
 
-/// A progress bar on stderr for `total` bytes, hidden unless `show`.
-pub fn progress_bar(show: bool, total: u64) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(total);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:40} {percent:>3}% {bytes}/{total_bytes} {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar
+/// Progress of a long command (`-p`), shown as qemu-img shows it to what reads it: on a
+/// terminal, a bar on stderr; otherwise (a pipe, a file) qemu-img's lines on stdout,
+/// `    (12.34/100%)` each followed by `\r`, from `0.00` up to `100.00` and then a
+/// newline, since tools such as Proxmox parse them from a pipe.
+pub struct Progress {
+    shown: Shown,
+    throttle: Option<Throttle>,
 }
 
-/// The progress callback of a merge, driving `bar`.
-pub fn merge_progress(bar: &ProgressBar) -> impl FnMut(u64, u64) -> bool + '_ {
-    |done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
-        true
+enum Shown {
+    Nothing,
+    Bar(ProgressBar),
+    /// The percentage printed last.
+    Lines(f32),
+}
+
+/// The percentage points a line waits for after the last, as qemu-img's commands pass
+/// to `qemu_progress_init` (100 is always printed).
+const LINE_STEP: f32 = 1.0;
+
+impl Progress {
+    /// Progress shown when `show` (`-p` without `-q`).
+    pub fn new(show: bool) -> Progress {
+        Progress::shown(show, true)
     }
+
+    /// Progress of a command whose stdout is JSON: a bar on a terminal, no lines.
+    pub fn beside_json(show: bool) -> Progress {
+        Progress::shown(show, false)
+    }
+
+    fn shown(show: bool, lines: bool) -> Progress {
+        use std::io::IsTerminal;
+        let shown = if !show {
+            Shown::Nothing
+        } else if std::io::stdout().is_terminal() {
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template("{bar:40} {percent:>3}% {bytes}/{total_bytes} {eta}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            Shown::Bar(bar)
+        } else if lines {
+            print_progress_line(0.0);
+            Shown::Lines(0.0)
+        } else {
+            Shown::Nothing
+        };
+        Progress {
+            shown,
+            throttle: None,
+        }
+    }
+
+    /// Also holds the operation to `rate` bytes per second (`-r`; 0: no limit), see
+    /// [`Throttle`].
+    pub fn throttled(mut self, rate: Option<u64>) -> Progress {
+        self.throttle = rate.and_then(Throttle::new);
+        self
+    }
+
+    /// The operation got to `done` of `total` bytes.
+    pub fn update(&mut self, done: u64, total: u64) {
+        if let Some(throttle) = &self.throttle {
+            throttle.pace(done);
+        }
+        match &mut self.shown {
+            Shown::Nothing => {}
+            Shown::Bar(bar) => {
+                bar.set_length(total);
+                bar.set_position(done);
+            }
+            Shown::Lines(last) => {
+                let current = if total == 0 {
+                    100.0
+                } else {
+                    (done as f64 * 100.0 / total as f64).min(100.0) as f32
+                };
+                if current > *last + LINE_STEP || current == 100.0 {
+                    *last = current;
+                    print_progress_line(current);
+                }
+            }
+        }
+    }
+
+    /// A library progress callback driving this progress (it never cancels).
+    pub fn callback(&mut self) -> impl FnMut(u64, u64) -> bool + '_ {
+        |done, total| {
+            self.update(done, total);
+            true
+        }
+    }
+
+    /// Ends the progress: the bar cleared, or the lines' final newline.
+    pub fn finish(self) {
+        match self.shown {
+            Shown::Nothing => {}
+            Shown::Bar(bar) => bar.finish_and_clear(),
+            Shown::Lines(_) => outln!(),
+        }
+    }
+}
+
+/// One of qemu-img's progress lines, as its `progress_simple_print` prints it.
+fn print_progress_line(percent: f32) {
+    out!("    ({percent:.2}/100%)\r");
 }
 
 /// A merge's library error, named after `file` unless it already names a file.
@@ -248,19 +478,19 @@ pub fn merge_error(error: qcow2_engine::Error, file: &Path) -> anyhow::Error {
 
 /// Prints what a dry run of a merge found, on stdout.
 pub fn print_dry_run(report: &MergeReport) {
-    println!("Dry run: nothing was changed. The merge would copy:");
-    println!(
+    outln!("Dry run: nothing was changed. The merge would copy:");
+    outln!(
         "  data bytes: {} ({})",
         report.data_bytes,
         HumanBytes(report.data_bytes)
     );
-    println!(
+    outln!(
         "  zero bytes: {} ({})",
         report.zero_bytes,
         HumanBytes(report.zero_bytes)
     );
     if report.already_done_bytes > 0 {
-        println!(
+        outln!(
             "  already in place: {} ({}), left alone",
             report.already_done_bytes,
             HumanBytes(report.already_done_bytes)
@@ -272,7 +502,7 @@ pub fn print_dry_run(report: &MergeReport) {
 /// run copied, or what the destination held equal); nothing when that is nothing.
 pub fn print_already_done(report: &MergeReport) {
     if report.already_done_bytes > 0 {
-        println!(
+        outln!(
             "Already in place: {} bytes ({}), skipped",
             report.already_done_bytes,
             HumanBytes(report.already_done_bytes)
@@ -283,7 +513,7 @@ pub fn print_already_done(report: &MergeReport) {
 /// Writes `value` as pretty JSON on stdout with a final newline.
 pub fn print_json(value: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(value).context("formatting JSON")?;
-    println!("{text}");
+    outln!("{text}");
     Ok(())
 }
 
@@ -302,6 +532,40 @@ mod tests {
         assert_eq!(parse_number("0x1000"), Ok(4096));
         assert!(parse_size("12q").is_err());
         assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn cache_modes_and_rates_parse_as_qemu_img() {
+        assert_eq!(parse_cache("none"), Ok(CacheMode::None));
+        assert_eq!(parse_cache("off"), Ok(CacheMode::None));
+        assert_eq!(parse_cache("unsafe"), Ok(CacheMode::Unsafe));
+        assert_eq!(parse_cache("directsync"), Ok(CacheMode::Directsync));
+        assert_eq!(
+            parse_cache("fast").unwrap_err(),
+            "Invalid cache option: fast"
+        );
+        assert!(!CacheMode::Unsafe.checkpoints() && CacheMode::Writeback.checkpoints());
+        assert_eq!(parse_rate("0"), Ok(0));
+        assert_eq!(parse_rate("1M"), Ok(1 << 20));
+        assert_eq!(parse_rate("512k"), Ok(512 << 10));
+        assert_eq!(
+            parse_rate("1x").unwrap_err(),
+            "Invalid rate limit specified: '1x'."
+        );
+        assert_eq!(
+            parse_rate("-5").unwrap_err(),
+            "Invalid rate limit specified. Must be between 0 and 9223372036854775807."
+        );
+        assert!(parse_rate("8E").is_err());
+    }
+
+    #[test]
+    fn a_throttle_holds_to_its_rate() {
+        assert!(Throttle::new(0).is_none());
+        let throttle = Throttle::new(10 << 20).unwrap();
+        throttle.pace(1 << 20);
+        // 1 MiB at 10 MiB/s: a tenth of a second at least.
+        assert!(throttle.start.elapsed() >= std::time::Duration::from_millis(100));
     }
 
     #[test]

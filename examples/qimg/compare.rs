@@ -6,7 +6,7 @@ use anyhow::Result;
 use qcow2_engine::Format;
 use qcow2_engine::ops::{self, Comparison};
 
-use crate::common::{open_chain, parse_format, progress_bar};
+use crate::common::{Progress, open_chain, parse_format};
 
 /// Arguments of `qimg compare`.
 #[derive(clap::Args)]
@@ -14,7 +14,7 @@ pub struct Args {
     /// Strict: different sizes or allocation status are a mismatch.
     #[arg(short = 's')]
     strict: bool,
-    /// Show a progress bar.
+    /// Show progress: a bar on a terminal, else qemu-img's lines on stdout.
     #[arg(short = 'p')]
     progress: bool,
     /// Format of A (probed when absent).
@@ -36,38 +36,46 @@ pub struct Args {
 pub fn run(args: Args) -> Result<u8> {
     let a = open_chain(&args.a, args.format_a, args.force_share)?;
     let b = open_chain(&args.b, args.format_b, args.force_share)?;
-    let bar = progress_bar(args.progress, a.size().max(b.size()));
-    let result = ops::compare(&a, &b, args.strict, &mut |done, _| {
-        bar.set_position(done);
-        true
-    });
-    bar.finish_and_clear();
-    let sizes_warning = || println!("Warning: Image size mismatch!");
-    Ok(match result? {
+    let mut progress = Progress::new(args.progress);
+    let result = ops::compare(&a, &b, args.strict, &mut progress.callback());
+    let common = a.size().min(b.size());
+    let result = result.map(|comparison| print_comparison(&comparison, common));
+    // qemu-img ends its progress lines after the verdict.
+    progress.finish();
+    Ok(result?)
+}
+
+/// Prints qemu-img's verdict on images whose first `common` bytes both have; returns the
+/// exit code (0 same, 1 different).
+fn print_comparison(comparison: &Comparison, common: u64) -> u8 {
+    let sizes_warning = || outln!("Warning: Image size mismatch!");
+    match *comparison {
         Comparison::Identical { sizes_differ } => {
             if sizes_differ {
                 sizes_warning();
             }
-            println!("Images are identical.");
+            outln!("Images are identical.");
             0
         }
         Comparison::ContentMismatch {
             offset,
             sizes_differ,
         } => {
-            if sizes_differ {
+            // qemu-img warns only once the common part compared equal, when it goes on
+            // to the part only the longer image has.
+            if sizes_differ && offset >= common {
                 sizes_warning();
             }
-            println!("Content mismatch at offset {offset}!");
+            outln!("Content mismatch at offset {offset}!");
             1
         }
         Comparison::SizeMismatch => {
-            println!("Strict mode: Image size mismatch!");
+            outln!("Strict mode: Image size mismatch!");
             1
         }
         Comparison::BlockStatusMismatch { offset } => {
-            println!("Strict mode: Offset {offset} block status mismatch!");
+            outln!("Strict mode: Offset {offset} block status mismatch!");
             1
         }
-    })
+    }
 }

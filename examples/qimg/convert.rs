@@ -6,7 +6,7 @@ use anyhow::{Result, bail};
 use qcow2_engine::ops::{self, ConvertOptions};
 use qcow2_engine::{CreateOptions, Error, Format};
 
-use crate::common::{apply_create_options, open_chain, parse_format, parse_size, progress_bar};
+use crate::common::{Progress, apply_create_options, open_chain, parse_format, parse_size};
 
 /// Arguments of `qimg convert`.
 #[derive(clap::Args)]
@@ -32,7 +32,7 @@ pub struct Args {
     /// Zero blocks of this size in data are not written (0: fully allocate).
     #[arg(short = 'S', value_parser = parse_size, default_value = "4k")]
     sparse_size: u64,
-    /// Show a progress bar.
+    /// Show progress: a bar on a terminal, else qemu-img's lines on stdout.
     #[arg(short = 'p')]
     progress: bool,
     /// Open SRC without taking a lock (qimg never locks; accepted for compatibility).
@@ -109,12 +109,15 @@ pub fn run(args: Args) -> Result<u8> {
             }
         }
     }
-    let bar = progress_bar(args.progress, chain.size());
-    let result = ops::convert(&chain, &args.dst, &create, &options, &mut |done, _| {
-        bar.set_position(done);
-        true
-    });
-    bar.finish_and_clear();
+    let mut progress = Progress::new(args.progress);
+    let result = ops::convert(
+        &chain,
+        &args.dst,
+        &create,
+        &options,
+        &mut progress.callback(),
+    );
+    progress.finish();
     result.map_err(|e| match e {
         Error::InFile { .. } => e,
         other => other.in_file(&args.dst),

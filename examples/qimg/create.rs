@@ -62,7 +62,7 @@ pub fn run(args: Args) -> Result<u8> {
     }
     create(&args.file, &options)?;
     if !args.quiet {
-        println!("{}", formatting_line(&file, &args.file, &options));
+        outln!("{}", formatting_line(&file, &args.file, &options));
     }
     Ok(0)
 }

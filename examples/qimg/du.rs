@@ -91,7 +91,7 @@ fn to_json(report: &SpaceReport) -> Value {
 fn print_human(report: &SpaceReport) {
     let b = |n: u64| HumanBytes(n).to_string();
     for layer in &report.layers {
-        println!(
+        outln!(
             "{} ({}, depth {}): file {}{}",
             layer.filename.display(),
             layer.format.name(),
@@ -102,26 +102,29 @@ fn print_human(report: &SpaceReport) {
                 .map(|u| format!(", {} on disk", b(u)))
                 .unwrap_or_default()
         );
-        println!(
+        outln!(
             "  guest data {}: {} visible from the top, {} shadowed by layers above",
             b(layer.guest_data),
             b(layer.visible_data),
             b(layer.shadowed_data)
         );
         let Some(c) = &layer.clusters else { continue };
-        println!(
+        outln!(
             "  allocated {} = metadata {} + exclusive {} + shared {}",
             b(c.referenced),
             b(c.metadata),
             b(c.referenced - c.metadata - c.shared),
             b(c.shared)
         );
-        println!(
+        outln!(
             "  {:<24} {:>12} {:>12} {:>12}",
-            "OWNER", "ALLOCATED", "EXCLUSIVE", "SHARED"
+            "OWNER",
+            "ALLOCATED",
+            "EXCLUSIVE",
+            "SHARED"
         );
         let row = |who: &str, s: &OwnerSpace| {
-            println!(
+            outln!(
                 "  {:<24} {:>12} {:>12} {:>12}",
                 who,
                 b(s.allocated),
@@ -134,7 +137,7 @@ fn print_human(report: &SpaceReport) {
             row(&format!("snapshot {} {}", s.id, s.name), &s.space);
         }
     }
-    println!(
+    outln!(
         "total: allocated {} in files of {}",
         b(report.total_referenced()),
         b(report.total_file_len())

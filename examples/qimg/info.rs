@@ -47,12 +47,12 @@ pub fn run(args: Args) -> Result<u8> {
             } else {
                 serde_json::to_string_pretty(&json[0])?
             };
-            println!("{text}");
+            outln!("{text}");
         }
         Output::Human => {
             for (i, info) in infos.iter().enumerate() {
                 if i > 0 {
-                    println!();
+                    outln!();
                 }
                 print_human(info);
             }
@@ -268,90 +268,90 @@ impl From<&SnapshotInfo> for JsonSnapshot {
 }
 
 fn print_human(info: &ImageInfo) {
-    println!("image: {}", info.filename.display());
-    println!("file format: {}", info.format.name());
+    outln!("image: {}", info.filename.display());
+    outln!("file format: {}", info.format.name());
     if let Some(size) = info.virtual_size {
-        println!("virtual size: {} ({size} bytes)", size_to_str(size));
+        outln!("virtual size: {} ({size} bytes)", size_to_str(size));
     }
     if let Some(actual) = info.actual_size {
-        println!("disk size: {}", size_to_str(actual));
+        outln!("disk size: {}", size_to_str(actual));
     }
     if let Some(cluster) = info.cluster_size {
-        println!("cluster_size: {cluster}");
+        outln!("cluster_size: {cluster}");
     }
     if let Some(backing) = &info.backing_filename {
         match &info.full_backing_filename {
             Some(full) if full.as_os_str() != backing.as_str() => {
-                println!("backing file: {backing} (actual path: {})", full.display())
+                outln!("backing file: {backing} (actual path: {})", full.display())
             }
-            _ => println!("backing file: {backing}"),
+            _ => outln!("backing file: {backing}"),
         }
     }
     if let Some(fmt) = &info.backing_filename_format {
-        println!("backing file format: {fmt}");
+        outln!("backing file format: {fmt}");
     }
     if info.dirty {
-        println!("cleanly shut down: no");
+        outln!("cleanly shut down: no");
     }
     if !info.snapshots.is_empty() {
         print_snapshot_list(&info.snapshots);
     }
     if let Some(q) = &info.qcow2 {
-        println!("Format specific information:");
-        println!("    compat: {}", q.compat);
-        println!("    compression type: {}", q.compression_type);
+        outln!("Format specific information:");
+        outln!("    compat: {}", q.compat);
+        outln!("    compression type: {}", q.compression_type);
         if q.is_v3() {
-            println!("    lazy refcounts: {}", q.lazy_refcounts);
+            outln!("    lazy refcounts: {}", q.lazy_refcounts);
         }
         if !q.bitmaps.is_empty() {
-            println!("    bitmaps:");
+            outln!("    bitmaps:");
             for (i, b) in q.bitmaps.iter().enumerate() {
-                println!("        [{i}]:");
-                println!("            flags:");
+                outln!("        [{i}]:");
+                outln!("            flags:");
                 for (j, flag) in bitmap_flags(b).iter().enumerate() {
-                    println!("                [{j}]: {flag}");
+                    outln!("                [{j}]: {flag}");
                 }
-                println!("            name: {}", b.name);
-                println!("            granularity: {}", b.granularity);
+                outln!("            name: {}", b.name);
+                outln!("            granularity: {}", b.granularity);
             }
         }
-        println!("    refcount bits: {}", q.refcount_bits);
+        outln!("    refcount bits: {}", q.refcount_bits);
         if let Some(data_file) = &q.data_file {
-            println!("    data file: {data_file}");
-            println!("    data file raw: {}", q.data_file_raw);
+            outln!("    data file: {data_file}");
+            outln!("    data file raw: {}", q.data_file_raw);
         }
         if q.is_v3() {
-            println!("    corrupt: {}", q.corrupt);
-            println!("    extended l2: {}", q.extended_l2);
+            outln!("    corrupt: {}", q.corrupt);
+            outln!("    extended l2: {}", q.extended_l2);
         }
     }
-    println!("Child node '/file':");
-    println!("    filename: {}", info.filename.display());
-    println!("    protocol type: file");
-    println!(
+    outln!("Child node '/file':");
+    outln!("    filename: {}", info.filename.display());
+    outln!("    protocol type: file");
+    outln!(
         "    file length: {} ({} bytes)",
         size_to_str(info.file_length.div_ceil(512) * 512),
         info.file_length.div_ceil(512) * 512
     );
     if let Some(actual) = info.actual_size {
-        println!("    disk size: {}", size_to_str(actual));
+        outln!("    disk size: {}", size_to_str(actual));
     }
 }
 
 /// qemu's size_to_str: three significant digits and a binary unit ("336 KiB").
 /// Prints snapshots as `qemu-img snapshot -l` and `qemu-img info` list them.
 pub fn print_snapshot_list(snapshots: &[SnapshotInfo]) {
-    println!("Snapshot list:");
-    println!("ID      TAG               VM_SIZE                DATE        VM_CLOCK     ICOUNT");
+    outln!("Snapshot list:");
+    outln!("ID      TAG               VM_SIZE                DATE        VM_CLOCK     ICOUNT");
     for s in snapshots {
         let clock = s.vm_clock_sec;
         let icount = s.icount.map(|i| i.to_string()).unwrap_or_default();
-        println!(
+        outln!(
             "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
             s.id,
             s.name,
             size_to_str(s.vm_state_size),
-            utc_date(s.date_sec.into()),
+            local_date(s.date_sec.into()),
             format!(
                 "{:04}:{:02}:{:02}.{:03}",
                 clock / 3600,
@@ -388,6 +388,30 @@ fn three_digits(v: f64) -> String {
     } else {
         text
     }
+}
+
+/// `YYYY-MM-DD HH:MM:SS` in local time (the `TZ` environment variable, else the
+/// system's zone), as qemu-img prints snapshot dates (`localtime_r` and `strftime`);
+/// UTC if the C library cannot convert the time.
+fn local_date(secs: i64) -> String {
+    // Snapshot dates are 32-bit: they fit a time_t.
+    let time = secs as libc::time_t;
+    // SAFETY: an all-zero `tm` is a valid value (integers, and a null zone name pointer
+    // that is only written), and `localtime_r` reads `time` and writes `tm` only.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    let converted = unsafe { libc::localtime_r(&time, &mut tm) };
+    if converted.is_null() {
+        return utc_date(secs);
+    }
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        i64::from(tm.tm_year) + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
 }
 
 /// `YYYY-MM-DD HH:MM:SS` in UTC.

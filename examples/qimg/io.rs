@@ -315,7 +315,7 @@ fn run_read(chain: &Chain, pattern: Option<u8>, offset: u64, len: u64) -> Result
         pos += n as u64;
     }
     if !ok {
-        println!("Pattern verification failed at offset {offset}, {len} bytes");
+        outln!("Pattern verification failed at offset {offset}, {len} bytes");
     }
     Ok(ok)
 }
@@ -375,9 +375,9 @@ fn chunk_len(len: u64) -> usize {
 
 /// qemu-io's two lines after a completed transfer.
 fn print_done(verb: &str, offset: u64, len: u64, elapsed: f64) {
-    println!("{verb} {len}/{len} bytes at offset {offset}");
+    outln!("{verb} {len}/{len} bytes at offset {offset}");
     let secs = elapsed.max(1e-9);
-    println!(
+    outln!(
         "{}, 1 ops; {:05.2} sec ({}/sec and {:.4} ops/sec)",
         cvtstr(len as f64),
         elapsed,
@@ -412,7 +412,7 @@ fn print_map(chain: &Chain) -> Result<()> {
 }
 
 fn print_map_line(offset: u64, len: u64, allocated: bool) {
-    println!(
+    outln!(
         "{} ({len:#x}) bytes {} at offset {} ({offset:#x})",
         cvtstr(len as f64),
         if allocated {

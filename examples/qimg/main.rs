@@ -2,6 +2,29 @@
 //!
 //! Each subcommand lives in its own file and stays thin: it turns parsed arguments into
 //! library options, calls one operation and prints the result.
+//!
+//! Everything goes to stdout through `outln!` and `out!` (`common::write_stdout`), which
+//! let a closed stdout end the output quietly; `println!` would panic there, so clippy
+//! refuses it here.
+
+#![warn(clippy::print_stdout)]
+
+/// `println!` through [`common::write_stdout`].
+macro_rules! outln {
+    () => {
+        $crate::common::write_stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::common::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` through [`common::write_stdout`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::common::write_stdout(format_args!($($arg)*))
+    };
+}
 
 mod amend;
 mod bitmap;
@@ -30,6 +53,7 @@ use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(name = "qimg", version, about = "qemu-img-style tool for qcow2 images")]
+// Usage errors are qemu-img's: one line and exit code 1, see `usage_error`.
 struct Cli {
     /// Refuse backing files and external data files outside DIR (after resolving
     /// symbolic links and `..`), for images that are not trusted. Applies to every
@@ -87,9 +111,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    common::report_broken_pipe_as_an_error();
     raise_open_file_limit();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let args: Vec<String> = std::env::args().skip(1).collect();
+            return usage_error(&error, subcommand_in(&args));
+        }
+    };
     common::set_backing_policy(qcow2_engine::BackingPolicy {
         confine_to: cli.confine_backing,
         regular_files_only: cli.regular_backing_only,
@@ -116,6 +145,11 @@ fn main() -> ExitCode {
         Command::Tree(args) => (tree::run(args), 1),
         Command::Bitmap(args) => (bitmap::run(args), 1),
     };
+    // A failed stdout (other than a closed pipe) fails a command that succeeded.
+    let result = result.and_then(|code| match common::stdout_error() {
+        Some(e) => Err(anyhow::anyhow!("stdout: {e}")),
+        None => Ok(code),
+    });
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -123,6 +157,66 @@ fn main() -> ExitCode {
             eprintln!("qimg: {}", one_line(&format!("{e:#}")));
             ExitCode::from(error_code)
         }
+    }
+}
+
+/// What qimg says and returns when its command line is not a command: help and the
+/// version on stdout (exit 0); anything else is a usage error, one line on stderr and exit
+/// code 1 as in qemu-img (clap's default is several lines and exit code 2, which `check`
+/// users read as "corruptions found").
+fn usage_error(error: &clap::Error, command: Option<&str>) -> ExitCode {
+    use clap::error::ErrorKind;
+    match error.kind() {
+        ErrorKind::DisplayHelp => {
+            out!("{}", error.render());
+            ExitCode::SUCCESS
+        }
+        ErrorKind::DisplayVersion => {
+            out!("{}", version_text());
+            ExitCode::SUCCESS
+        }
+        _ => {
+            let message = usage_message(&error.render().to_string(), command);
+            eprintln!("qimg: {}", one_line(&message));
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `qimg --version`, shaped as qemu-img's: the version line, then what it is.
+fn version_text() -> String {
+    format!(
+        "qimg version {} (qcow2-engine)\n\
+         A qemu-img-compatible disk image tool built on qcow2-engine, a pure-Rust qcow2 \
+         library\n",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// The first of `args` that names a subcommand.
+fn subcommand_in(args: &[String]) -> Option<&str> {
+    use clap::CommandFactory;
+    let cli = Cli::command();
+    args.iter()
+        .map(String::as_str)
+        .find(|arg| cli.find_subcommand(arg).is_some())
+}
+
+/// The one line of a clap error rendered as text: its first paragraph (the message and
+/// the lines that complete it, such as the missing arguments or the possible values),
+/// without clap's `error: ` and tips, then where help is (on `command`, the subcommand
+/// given, if any).
+fn usage_message(rendered: &str, command: Option<&str>) -> String {
+    let mut lines = rendered.lines();
+    let first = lines.next().unwrap_or_default();
+    let mut message = first.strip_prefix("error: ").unwrap_or(first).to_owned();
+    for line in lines.take_while(|line| !line.trim().is_empty()) {
+        message.push(' ');
+        message.push_str(line.trim());
+    }
+    match command {
+        Some(command) => format!("{message} (try 'qimg {command} --help')"),
+        None => format!("{message} (try 'qimg --help')"),
     }
 }
 
@@ -162,7 +256,51 @@ fn one_line(message: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::one_line;
+    use super::{Cli, one_line, subcommand_in, usage_message};
+    use clap::Parser;
+
+    /// The usage error line qimg prints for `args`.
+    fn usage(args: &[&str]) -> String {
+        let error = Cli::try_parse_from(std::iter::once("qimg").chain(args.iter().copied()))
+            .err()
+            .expect("a usage error");
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        usage_message(&error.render().to_string(), subcommand_in(&args))
+    }
+
+    #[test]
+    fn usage_errors_are_one_line_naming_the_problem_and_the_help() {
+        assert_eq!(
+            usage(&["check", "--bogus", "a"]),
+            "unexpected argument '--bogus' found (try 'qimg check --help')"
+        );
+        assert_eq!(
+            usage(&["check"]),
+            "the following required arguments were not provided: <FILE> \
+             (try 'qimg check --help')"
+        );
+        assert_eq!(
+            usage(&["check", "-r", "some", "a"]),
+            "invalid value 'some' for '-r <REPAIR>' [possible values: leaks, all] \
+             (try 'qimg check --help')"
+        );
+        assert_eq!(
+            usage(&["commit", "-t", "fast", "a"]),
+            "invalid value 'fast' for '--cache <CACHE>': Invalid cache option: fast \
+             (try 'qimg commit --help')"
+        );
+        assert_eq!(
+            usage(&["--confine-backing", "/x", "bogus"]),
+            "unrecognized subcommand 'bogus' (try 'qimg --help')"
+        );
+        for args in [
+            &["check", "-T"][..],
+            &[],
+            &["snapshot", "-l", "-c", "x", "a"],
+        ] {
+            assert!(!usage(args).contains('\n'), "{args:?}");
+        }
+    }
 
     #[test]
     fn control_characters_in_errors_are_escaped() {

@@ -30,7 +30,7 @@ pub fn run(args: Args) -> Result<u8> {
     match args.output {
         Output::Json => {
             let mut first = true;
-            print!("[");
+            out!("[");
             for entry in ops::map(&chain) {
                 let e = entry?;
                 // qemu-img's key order, which a json! object would not keep.
@@ -43,15 +43,15 @@ pub fn run(args: Args) -> Result<u8> {
                 }
                 line.push('}');
                 if !first {
-                    println!(",");
+                    outln!(",");
                 }
-                print!("{line}");
+                out!("{line}");
                 first = false;
             }
-            println!("]");
+            outln!("]");
         }
         Output::Human => {
-            println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
+            outln!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
             for entry in ops::map(&chain) {
                 let e = entry?;
                 if !e.data {
@@ -67,7 +67,7 @@ pub fn run(args: Args) -> Result<u8> {
                     continue;
                 }
                 let file = chain.layers()[e.depth].data_path();
-                println!(
+                outln!(
                     "{:<16}{:<16}{:<16}{}",
                     hex(e.start),
                     hex(e.length),

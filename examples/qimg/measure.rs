@@ -74,13 +74,13 @@ pub fn run(args: Args) -> Result<u8> {
                 required: m.required,
                 fully_allocated: m.fully_allocated,
             };
-            println!("{}", serde_json::to_string_pretty(&json)?);
+            outln!("{}", serde_json::to_string_pretty(&json)?);
         }
         Output::Human => {
-            println!("required size: {}", m.required);
-            println!("fully allocated size: {}", m.fully_allocated);
+            outln!("required size: {}", m.required);
+            outln!("fully allocated size: {}", m.fully_allocated);
             if let Some(b) = m.bitmaps {
-                println!("bitmaps size: {b}");
+                outln!("bitmaps size: {b}");
             }
         }
     }

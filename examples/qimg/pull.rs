@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use qcow2_engine::ops::{self, MergeOptions};
 
-use crate::common::{merge_error, merge_progress, print_already_done, print_dry_run, progress_bar};
+use crate::common::{Progress, merge_error, print_already_done, print_dry_run};
 
 /// Arguments of `qimg pull`.
 #[derive(clap::Args)]
@@ -16,7 +16,7 @@ pub struct Args {
     /// path.
     #[arg(short = 'b')]
     base: Option<String>,
-    /// Show a progress bar.
+    /// Show progress: a bar on a terminal, else qemu-img's lines on stdout.
     #[arg(short = 'p')]
     progress: bool,
     /// Print nothing on success (otherwise only an `Already in place:` line).
@@ -36,14 +36,14 @@ pub fn run(args: Args) -> Result<u8> {
         chain: crate::common::chain_defaults(),
         ..MergeOptions::default()
     };
-    let bar = progress_bar(args.progress && !args.quiet, 0);
+    let mut progress = Progress::new(args.progress && !args.quiet);
     let result = ops::pull(
         &args.file,
         args.base.as_deref().map(Path::new),
         &options,
-        &mut merge_progress(&bar),
+        &mut progress.callback(),
     );
-    bar.finish_and_clear();
+    progress.finish();
     let report = result.map_err(|e| merge_error(e, &args.file))?;
     if args.dry_run {
         print_dry_run(&report);

@@ -8,27 +8,45 @@ use qcow2_engine::Format;
 use qcow2_engine::ops::{self, MergeOptions};
 
 use crate::common::{
-    merge_error, merge_progress, parse_format, print_already_done, print_dry_run, progress_bar,
+    CacheMode, Progress, format_as_given, merge_error, parse_cache, parse_format,
+    parse_source_cache, print_already_done, print_dry_run,
 };
 
 /// Arguments of `qimg rebase`.
 #[derive(clap::Args)]
 pub struct Args {
+    /// Format of FILE (probed when absent); a raw image has no backing file to change.
+    #[arg(short = 'f', long = "format", value_parser = parse_format)]
+    format: Option<Format>,
+    /// Cache mode for FILE (none, writeback, writethrough, directsync, unsafe): accepted
+    /// as qemu-img's; a hint, except that `unsafe` skips the flushes at the merge's
+    /// checkpoints.
+    #[arg(short = 't', long = "cache", value_name = "CACHE", value_parser = parse_cache)]
+    cache: Option<CacheMode>,
+    /// Cache mode for the backing files, which are only read: accepted as qemu-img's, a
+    /// hint.
+    #[arg(
+        short = 'T',
+        long = "backing-cache",
+        value_name = "CACHE",
+        value_parser = parse_source_cache
+    )]
+    backing_cache: Option<CacheMode>,
     /// The new backing file, stored as given and opened relative to FILE's directory;
     /// '' removes the backing file.
-    #[arg(short = 'b')]
+    #[arg(short = 'b', long = "backing")]
     backing: Option<String>,
     /// Format of the new backing file (probed when absent).
-    #[arg(short = 'F', value_parser = parse_format)]
+    #[arg(short = 'F', long = "backing-format", value_parser = parse_format)]
     backing_format: Option<Format>,
     /// Unsafe mode: only rewrite the backing file name, copy nothing.
-    #[arg(short = 'u')]
+    #[arg(short = 'u', long = "backing-unsafe")]
     unsafe_: bool,
-    /// Show a progress bar.
-    #[arg(short = 'p')]
+    /// Show progress: a bar on a terminal, else qemu-img's lines on stdout.
+    #[arg(short = 'p', long = "progress")]
     progress: bool,
     /// Print nothing on success (otherwise only an `Already in place:` line).
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// Change nothing; print how many bytes of data and of zeros would be copied.
     #[arg(long = "dry-run")]
@@ -48,21 +66,34 @@ pub fn run(args: Args) -> Result<u8> {
     if backing.is_none() && args.backing_format.is_some() {
         bail!("{file}: -F needs a backing file (-b)");
     }
+    let _ = args.backing_cache;
+    if format_as_given(&args.file, args.format)? == Format::Raw {
+        // What qemu-img says of a raw image (probed, or opened with -f raw).
+        bail!(
+            "{file}: Could not change the backing file to '{}': Operation not supported",
+            backing.unwrap_or_default()
+        );
+    }
+    let defaults = MergeOptions::default();
     let options = MergeOptions {
         dry_run: args.dry_run,
         chain: crate::common::chain_defaults(),
-        ..MergeOptions::default()
+        checkpoint_bytes: match args.cache {
+            Some(cache) if !cache.checkpoints() => 0,
+            _ => defaults.checkpoint_bytes,
+        },
+        ..defaults
     };
-    let bar = progress_bar(args.progress && !args.quiet, 0);
+    let mut progress = Progress::new(args.progress && !args.quiet);
     let result = ops::rebase(
         &args.file,
         backing,
         args.backing_format.map(Format::name),
         args.unsafe_,
         &options,
-        &mut merge_progress(&bar),
+        &mut progress.callback(),
     );
-    bar.finish_and_clear();
+    progress.finish();
     let report = result.map_err(|e| merge_error(e, &args.file))?;
     if args.dry_run {
         print_dry_run(&report);

@@ -6,12 +6,12 @@ use std::path::PathBuf;
 use anyhow::Result;
 use qcow2_engine::ops::{self, MergeOptions, RemoveMethod, RemoveOptions, RemoveReport};
 
-use crate::common::{merge_error, merge_progress, print_already_done, print_dry_run, progress_bar};
+use crate::common::{Progress, merge_error, print_already_done, print_dry_run};
 
 /// Arguments of `qimg remove`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Show a progress bar.
+    /// Show progress: a bar on a terminal, else qemu-img's lines on stdout.
     #[arg(short = 'p')]
     progress: bool,
     /// Print nothing on success.
@@ -42,16 +42,16 @@ pub fn run(args: Args) -> Result<u8> {
             ..MergeOptions::default()
         },
     };
-    let bar = progress_bar(args.progress && !args.quiet, 0);
-    let result = ops::remove(&args.layer, &options, &mut merge_progress(&bar));
-    bar.finish_and_clear();
+    let mut progress = Progress::new(args.progress && !args.quiet);
+    let result = ops::remove(&args.layer, &options, &mut progress.callback());
+    progress.finish();
     let report = result.map_err(|e| merge_error(e, &args.layer))?;
     if args.dry_run {
-        println!("{}", plan(&args.layer, &report, false));
+        outln!("{}", plan(&args.layer, &report, false));
         print_dry_run(&report.merge);
     } else if !args.quiet {
         print_already_done(&report.merge);
-        println!("{}", plan(&args.layer, &report, true));
+        outln!("{}", plan(&args.layer, &report, true));
     }
     Ok(0)
 }

@@ -95,7 +95,7 @@ pub fn run(args: Args) -> Result<u8> {
     resized?;
     closed?;
     if !args.quiet {
-        println!("Image resized.");
+        outln!("Image resized.");
     }
     Ok(0)
 }

@@ -70,7 +70,7 @@ fn node_json(forest: &Forest, index: usize) -> Value {
 /// Prints image `index` after `lead` (its branch), and what hangs below it after `rest`.
 fn print_node(forest: &Forest, index: usize, lead: &str, rest: &str) {
     let image = &forest.images()[index];
-    println!(
+    outln!(
         "{lead}{} ({}, {}, {} on disk)",
         image.path.display(),
         image.format.name(),
@@ -84,7 +84,7 @@ fn print_node(forest: &Forest, index: usize, lead: &str, rest: &str) {
         "│   "
     };
     for name in &image.snapshots {
-        println!("{rest}{bar}snapshot: {name}");
+        outln!("{rest}{bar}snapshot: {name}");
     }
     for (i, &child) in children.iter().enumerate() {
         let last = i + 1 == children.len();

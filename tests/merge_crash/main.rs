@@ -136,7 +136,7 @@ fn pull_everything_by_storage_copies() {
 #[test]
 fn commit_middle_range_and_repoint_top() {
     crash_every_write(&Case {
-        name: "commit -t mid (mid into base, top re-pointed; 64k/4k/512 clusters)",
+        name: "commit --top mid (mid into base, top re-pointed; 64k/4k/512 clusters)",
         build: mixed,
         images: CHAIN,
         active: "top.qcow2",
@@ -252,7 +252,7 @@ fn pull_from_a_raw_base() {
 #[test]
 fn commit_into_a_base_with_an_internal_snapshot() {
     crash_every_write(&Case {
-        name: "commit -t mid (into a base with an internal snapshot)",
+        name: "commit --top mid (into a base with an internal snapshot)",
         build: snapshot_base,
         images: CHAIN,
         active: "top.qcow2",
