@@ -8,6 +8,9 @@
 //!   (the in-place path under the shared lock).
 //! - `seq_1m_allocating`: 1 MiB writes walking a fresh image front to back (contiguous
 //!   allocation and one large data write per request, as a conversion does).
+//! - `..._2_bitmaps`: the two random 4 KiB cases on an image with two enabled persistent
+//!   bitmaps (64 KiB and 4 KiB granularity), which every write marks: the cost of keeping
+//!   bitmaps valid (the target is at most 5% over the same case without).
 //!
 //! Only the writes are timed (criterion's `iter_custom`): creating a fresh image when the
 //! current one is used up, and the flushes that follow, happen outside the measured time.
@@ -24,7 +27,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use qcow2_engine::{Chain, ChainOptions, CreateOptions, create};
+use qcow2_engine::{Chain, ChainOptions, CreateOptions, Layer, create};
 
 const VIRTUAL_SIZE: u64 = 256 << 20;
 const CLUSTER: u64 = 64 << 10;
@@ -43,32 +46,43 @@ impl Rng {
     }
 }
 
-/// Creates (or recreates) `path` as an empty qcow2 image and opens it for writing.
-fn fresh(path: &Path) -> Chain {
+/// Creates (or recreates) `path` as an empty qcow2 image and opens it for writing; with
+/// `bitmaps`, the image has two enabled persistent bitmaps.
+fn fresh(path: &Path, bitmaps: bool) -> Chain {
     let _ = std::fs::remove_file(path);
     create(path, &CreateOptions::qcow2(VIRTUAL_SIZE)).expect("creating the image");
-    Chain::open_with(
+    let chain = Chain::open_with(
         path,
         &ChainOptions {
             writable: true,
             ..ChainOptions::default()
         },
     )
-    .expect("opening the image for writing")
+    .expect("opening the image for writing");
+    if bitmaps {
+        let Layer::Qcow2(image) = chain.top() else {
+            unreachable!("a qcow2 image")
+        };
+        image.add_bitmap("coarse", None, true).unwrap();
+        image.add_bitmap("fine", Some(4096), true).unwrap();
+    }
+    chain
 }
 
 /// A writable image that is replaced by a fresh one after `capacity` writes.
 struct Renewing {
     path: PathBuf,
+    bitmaps: bool,
     chain: Option<Chain>,
     used: u64,
     capacity: u64,
 }
 
 impl Renewing {
-    fn new(path: PathBuf, capacity: u64) -> Renewing {
+    fn new(path: PathBuf, capacity: u64, bitmaps: bool) -> Renewing {
         Renewing {
             path,
+            bitmaps,
             chain: None,
             used: 0,
             capacity,
@@ -85,7 +99,7 @@ impl Renewing {
                 if let Some(old) = self.chain.take() {
                     old.close().expect("closing the image");
                 }
-                self.chain = Some(fresh(&self.path));
+                self.chain = Some(fresh(&self.path, self.bitmaps));
                 self.used = 0;
             }
             let chain = self.chain.as_ref().unwrap();
@@ -106,7 +120,7 @@ impl Renewing {
 /// reads back what was written.
 fn check_with_qemu(dir: &Path) {
     let path = dir.join("check.qcow2");
-    let chain = fresh(&path);
+    let chain = fresh(&path, true);
     let mut rng = Rng(7);
     for _ in 0..200 {
         let off = rng.below(VIRTUAL_SIZE / 4096) * 4096;
@@ -148,43 +162,45 @@ fn benches(c: &mut Criterion) {
     let within: Vec<u64> = (0..CLUSTERS)
         .map(|_| rng.below(CLUSTER / 4096) * 4096)
         .collect();
-    let mut image = Renewing::new(dir.path().join("alloc.qcow2"), CLUSTERS);
-    group.throughput(Throughput::Bytes(4096));
-    group.bench_function("random_4k_allocating", |b| {
-        b.iter_custom(|iters| {
-            image.run(iters, |chain, i| {
-                let c = order[i as usize];
-                chain
-                    .write_at(black_box(&block), c * CLUSTER + within[c as usize])
-                    .unwrap();
-            })
-        })
-    });
-    drop(image);
-
-    // Overwriting: a fully allocated image, random 4 KiB blocks.
-    let path = dir.path().join("full.qcow2");
-    let full = fresh(&path);
     let mib = vec![0x11u8; 1 << 20];
-    for off in (0..VIRTUAL_SIZE).step_by(1 << 20) {
-        full.write_at(&mib, off).unwrap();
-    }
-    full.flush().unwrap();
     let offsets: Vec<u64> = (0..4096)
         .map(|_| rng.below(VIRTUAL_SIZE / 4096) * 4096)
         .collect();
-    let mut i = 0;
-    group.bench_function("random_4k_overwrite", |b| {
-        b.iter(|| {
-            full.write_at(black_box(&block), offsets[i % offsets.len()])
-                .unwrap();
-            i += 1;
-        })
-    });
-    drop(full);
+    for (suffix, bitmaps) in [("", false), ("_2_bitmaps", true)] {
+        let mut image = Renewing::new(dir.path().join("alloc.qcow2"), CLUSTERS, bitmaps);
+        group.throughput(Throughput::Bytes(4096));
+        group.bench_function(format!("random_4k_allocating{suffix}"), |b| {
+            b.iter_custom(|iters| {
+                image.run(iters, |chain, i| {
+                    let c = order[i as usize];
+                    chain
+                        .write_at(black_box(&block), c * CLUSTER + within[c as usize])
+                        .unwrap();
+                })
+            })
+        });
+        drop(image);
+
+        // Overwriting: a fully allocated image, random 4 KiB blocks.
+        let path = dir.path().join("full.qcow2");
+        let full = fresh(&path, bitmaps);
+        for off in (0..VIRTUAL_SIZE).step_by(1 << 20) {
+            full.write_at(&mib, off).unwrap();
+        }
+        full.flush().unwrap();
+        let mut i = 0;
+        group.bench_function(format!("random_4k_overwrite{suffix}"), |b| {
+            b.iter(|| {
+                full.write_at(black_box(&block), offsets[i % offsets.len()])
+                    .unwrap();
+                i += 1;
+            })
+        });
+        drop(full);
+    }
 
     // Sequential 1 MiB writes into a fresh image.
-    let mut image = Renewing::new(dir.path().join("seq.qcow2"), VIRTUAL_SIZE >> 20);
+    let mut image = Renewing::new(dir.path().join("seq.qcow2"), VIRTUAL_SIZE >> 20, false);
     group.throughput(Throughput::Bytes(1 << 20));
     group.bench_function("seq_1m_allocating", |b| {
         b.iter_custom(|iters| {

@@ -477,3 +477,98 @@ fn convert_carries_bitmaps_as_qemu_img_convert_bitmaps() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("Skipping inconsistent bitmap"));
     assert_twins(&s, "t4.qcow2", "o4.qcow2", "skip broken");
 }
+
+/// `check --output=json` of qemu-img and of qimg on `image`: exit codes and the counts
+/// must agree.
+fn assert_checks_agree(s: &Scratch, image: &str, expected: i32, label: &str) {
+    let q = s.output("qemu-img", &["check", "--output=json", image]);
+    let o = s.qimg_output(&["check", "--output=json", image]);
+    assert_eq!(q.status.code(), Some(expected), "{label}: qemu-img {q:?}");
+    assert_eq!(o.status.code(), Some(expected), "{label}: qimg {o:?}");
+    let q: serde_json::Value = serde_json::from_slice(&q.stdout).unwrap();
+    let o: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for key in ["check-errors", "corruptions", "leaks", "image-end-offset"] {
+        assert_eq!(o.get(key), q.get(key), "{label}: {key}");
+    }
+}
+
+#[test]
+fn check_and_repair_treat_bitmaps_as_qemu_img() {
+    let s = Scratch::new();
+    s.create("a.qcow2", "cluster_size=4096", 8 << 20);
+    s.qemu_img(&["bitmap", "--add", "-g", "512", "a.qcow2", "b"]);
+    s.qemu_img(&["bitmap", "--add", "--disable", "a.qcow2", "d"]);
+    s.run("qemu-io", &["-c", "write 0 1M", "a.qcow2"]);
+    assert_checks_agree(&s, "a.qcow2", 0, "clean");
+    // In use (a killed writer): not an error for either.
+    s.copy("a.qcow2", "in-use.qcow2");
+    let _ = s.output(
+        "qemu-io",
+        &["-c", "write 0 4k", "-c", "sigraise 9", "in-use.qcow2"],
+    );
+    assert_checks_agree(&s, "in-use.qcow2", 0, "in use");
+    // Stale (autoclear bit clear): their clusters are leaks, and -r all frees them.
+    for tool in ["qemu-img", "qimg"] {
+        let name = format!("stale-{tool}.qcow2");
+        s.copy("a.qcow2", &name);
+        let path = s.path(&name);
+        let autoclear = common::read_header_field(&path, common::HeaderField::AutoclearFeatures);
+        common::write_header_field(
+            &path,
+            common::HeaderField::AutoclearFeatures,
+            autoclear & !1,
+        );
+        assert_checks_agree(&s, &name, 3, "stale");
+        let repair = if tool == "qimg" {
+            s.qimg_output(&["check", "-r", "all", &name])
+        } else {
+            s.output("qemu-img", &["check", "-r", "all", &name])
+        };
+        assert_eq!(
+            repair.status.code(),
+            Some(0),
+            "{tool} check -r all: {repair:?}"
+        );
+        assert_checks_agree(&s, &name, 0, "stale, repaired");
+    }
+    // A bitmap table entry with a reserved bit: a corruption to both.
+    s.copy("a.qcow2", "bad-entry.qcow2");
+    let image = qcow2_engine::Image::open(s.path("bad-entry.qcow2")).unwrap();
+    let table = image.bitmap_directory().unwrap()[0].table_offset;
+    drop(image);
+    let entry = s.read_u64("bad-entry.qcow2", table);
+    assert_ne!(entry, 0, "the first data cluster of bitmap b is allocated");
+    s.write_u64("bad-entry.qcow2", table, entry | 2);
+    // QEMU loads bitmaps when it opens an image and so cannot check this one at all;
+    // qimg checks it and reports the entry as a corruption.
+    let q = s.output("qemu-img", &["check", "bad-entry.qcow2"]);
+    assert_eq!(q.status.code(), Some(1), "{q:?}");
+    let o = s.qimg_output(&["check", "--output=json", "bad-entry.qcow2"]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["corruptions"], 1, "{report}");
+}
+
+#[test]
+fn amend_keeps_bitmaps_and_a_downgrade_drops_them_cleanly() {
+    let s = Scratch::new();
+    s.create("twin.qcow2", "cluster_size=4096", 8 << 20);
+    s.qemu_img(&["bitmap", "--add", "twin.qcow2", "b"]);
+    s.run(
+        "qemu-io",
+        &["-c", "write 0 64k", "-c", "write 5M 8k", "twin.qcow2"],
+    );
+    s.copy("twin.qcow2", "ours.qcow2");
+    for options in ["refcount_bits=1", "lazy_refcounts=on", "refcount_bits=64"] {
+        s.qemu_img(&["amend", "-o", options, "twin.qcow2"]);
+        s.qimg(&["amend", "-o", options, "ours.qcow2"]);
+        assert_twins(&s, "twin.qcow2", "ours.qcow2", options);
+    }
+    // QEMU downgrades and loses the bitmaps (leaking their clusters); qimg loses them
+    // too, freeing their clusters.
+    s.qemu_img(&["amend", "-o", "compat=0.10,refcount_bits=16", "twin.qcow2"]);
+    s.qimg(&["amend", "-o", "compat=0.10,refcount_bits=16", "ours.qcow2"]);
+    assert_eq!(bitmap_list(&s, "ours.qcow2"), serde_json::Value::Null);
+    assert_check_silent(&s, "ours.qcow2", "downgraded");
+    s.assert_same_content("twin.qcow2", "ours.qcow2", "downgraded");
+}

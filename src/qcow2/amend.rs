@@ -103,7 +103,6 @@ impl Image {
                     header.compression_type != CompressionType::Zlib,
                     "zstd compression",
                 ),
-                (self.extensions().has_bitmaps(), "persistent bitmaps"),
             ];
             if let Some((_, what)) = blockers.iter().find(|(has, _)| *has) {
                 return Err(Error::InvalidArgument(format!(
@@ -119,6 +118,9 @@ impl Image {
         self.set_lazy(w, lazy)?;
         if !target_v3 && v3_now {
             self.expand_zero_clusters(w, has_backing)?;
+            // Version 2 cannot hold bitmaps: gone, with their clusters freed, once
+            // nothing can refuse the downgrade any more.
+            self.drop_all_bitmaps(w)?;
             self.checkpoint(w)?;
         }
         // Then the header cluster: version, features, extensions, backing name.

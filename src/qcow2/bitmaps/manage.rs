@@ -260,6 +260,23 @@ impl Image {
         })
     }
 
+    /// Removes every bitmap and frees its clusters: a downgrade to version 2, which cannot
+    /// hold them. (QEMU's downgrade loses them too, leaving their clusters leaked.)
+    pub(crate) fn drop_all_bitmaps(&self, w: &mut Writer) -> Result<()> {
+        let mut set = self.bitmap_set_mut();
+        if set.bitmaps.is_empty() && self.live_bitmaps_extension().is_none() {
+            return Ok(());
+        }
+        let mut frees = Vec::new();
+        for t in &set.bitmaps {
+            frees.extend(self.bitmap_clusters(&t.entry)?);
+        }
+        self.switch_bitmap_directory(w, &[], &frees)?;
+        set.bitmaps.clear();
+        set.armed = false;
+        Ok(())
+    }
+
     /// Runs a bitmap operation with the image to itself.
     fn bitmap_op(&self, op: impl FnOnce(&mut Writer, &mut BitmapSet) -> Result<()>) -> Result<()> {
         let result = (|| {
