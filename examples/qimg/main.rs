@@ -27,6 +27,7 @@ macro_rules! out {
 }
 
 mod amend;
+mod bench;
 mod bitmap;
 mod check;
 mod checksum;
@@ -108,6 +109,8 @@ enum Command {
     Tree(tree::Args),
     /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps.
     Bitmap(bitmap::Args),
+    /// Time a stream of read or write requests, as qemu-img bench.
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -144,6 +147,7 @@ fn main() -> ExitCode {
         Command::Amend(args) => (amend::run(args), 1),
         Command::Tree(args) => (tree::run(args), 1),
         Command::Bitmap(args) => (bitmap::run(args), 1),
+        Command::Bench(args) => (bench::run(args), 1),
     };
     // A failed stdout (other than a closed pipe) fails a command that succeeded.
     let result = result.and_then(|code| match common::stdout_error() {

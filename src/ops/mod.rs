@@ -1,6 +1,7 @@
 //! Operations over whole chains: map, checksum, compare, convert, info, measure, du, and the
 //! merges (commit, pull, rebase), and trees of images (who uses whom as backing file).
 
+mod bench;
 mod bytes;
 mod checksum;
 mod compare;
@@ -15,6 +16,7 @@ mod read_ahead;
 mod tree;
 
 pub use crate::progress::Progress;
+pub use bench::{BenchOptions, BenchReport, bench};
 pub use checksum::checksum;
 pub use compare::{Comparison, compare};
 pub use convert::{ConvertOptions, convert, convert_to_qcow2, convert_to_raw};
