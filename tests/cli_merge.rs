@@ -775,3 +775,31 @@ fn a_merge_run_again_after_a_cancel_says_how_much_was_in_place() {
     assert_eq!(without_already_done(&stdout), "Image committed.\n");
     same_content(&s, "ours/base.qcow2", "ours/top.qcow2");
 }
+
+#[test]
+fn commit_releases_the_emptied_tops_file_space_as_qemu_img() {
+    let s = Scratch::new();
+    for tool in ["qemu-img", "qimg"] {
+        let (base, top) = (format!("{tool}-base.qcow2"), format!("{tool}-top.qcow2"));
+        s.create(&base, "", 64 << 20);
+        s.create_overlay(&top, &base, "qcow2", "", None);
+        s.run(
+            "qemu-io",
+            &["-c", "write -P 3 0 1M", "-c", "write -P 4 30M 64k", &top],
+        );
+        if tool == "qimg" {
+            s.qimg(&["commit", &top]);
+        } else {
+            s.qemu_img(&["commit", &top]);
+        }
+        s.assert_clean(&top, tool);
+    }
+    let len = |name: &str| std::fs::metadata(s.path(name)).unwrap().len();
+    assert!(
+        len("qimg-top.qcow2") <= len("qemu-img-top.qcow2"),
+        "qimg leaves {} bytes, qemu-img {}",
+        len("qimg-top.qcow2"),
+        len("qemu-img-top.qcow2")
+    );
+    s.assert_same_content("qimg-top.qcow2", "qemu-img-top.qcow2", "emptied tops");
+}

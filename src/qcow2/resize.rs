@@ -183,6 +183,35 @@ impl Image {
         self.checkpoint(&mut w)
     }
 
+    /// Empties the image as `qemu-img commit` leaves the committed image: every cluster
+    /// unallocated, its L2 tables freed, and the file cut after the last cluster still in
+    /// use, so its space goes back to the file system. (With lazy refcounts the stored
+    /// refcounts may lag, so the file is not cut.)
+    pub(crate) fn make_empty(&self) -> Result<()> {
+        let cs = self.cluster_size();
+        self.unallocate(0, self.size().div_ceil(cs) * cs)
+            .map_err(|e| self.name_error(e))?;
+        if self.lazy_refcounts() {
+            return Ok(());
+        }
+        let _io = self.io_lock.write().unwrap_or_else(PoisonError::into_inner);
+        let mut w = self.writer().map_err(|e| self.name_error(e))?;
+        let clusters = self.file_len().div_ceil(cs);
+        let mut end = clusters;
+        while end > 0 && w.refcounts.get(&*self.storage, end - 1)? == 0 {
+            end -= 1;
+        }
+        if end < clusters {
+            self.storage
+                .set_len(end * cs)
+                .map_err(|e| self.name_error(Error::io("cutting the emptied file", e)))?;
+            self.file_len
+                .store(end * cs, std::sync::atomic::Ordering::Relaxed);
+            self.sync()?;
+        }
+        Ok(())
+    }
+
     fn clear_l1_entry(&self, w: &mut Writer, index: u64, l2_offset: u64) {
         self.meta_mut().l1[index as usize] = 0;
         self.mark_l1_dirty(w, index);

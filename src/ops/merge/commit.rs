@@ -111,10 +111,9 @@ pub fn commit(
         let amend = repoint_options(&chain, &above, Some(base))?;
         set_backing(open_options, &above, &amend)?;
     } else if !keep {
-        let size = chain.size();
         drop(chain);
         let file = open(open_options, path, true, true)?;
-        make_empty(&file, size)?;
+        make_empty(&file)?;
         file.close()?;
     }
     tracker.finish()?;
@@ -172,9 +171,9 @@ fn merge_bitmaps(committed: &[Layer], base: &Layer) -> Result<()> {
 
 /// Makes every cluster of the top image of `chain` unallocated (qemu-img commit empties
 /// the committed image this way).
-fn make_empty(chain: &Chain, size: u64) -> Result<()> {
+fn make_empty(chain: &Chain) -> Result<()> {
     match chain.top() {
-        Layer::Qcow2(image) => image.discard_whole(0, size),
+        Layer::Qcow2(image) => image.make_empty(),
         Layer::Raw(_) => Err(Error::Unsupported("emptying a raw image")),
     }
 }
