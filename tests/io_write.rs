@@ -391,6 +391,9 @@ fn io_r_opens_read_only_and_the_default_opens_for_writing() {
     let out = s.qimg_output(&["io", "-r", "-c", "write -P 8 4k 4k", "lazy.qcow2"]);
     assert_one_line_failure(&out, "io -r with a write");
     assert_eq!(std::fs::read(&path).unwrap(), before, "io -r wrote");
+    // qemu-io -r takes a flush (there is nothing to make durable), and so does qimg.
+    s.qimg(&["io", "-r", "-c", "read 0 4k", "-c", "flush", "lazy.qcow2"]);
+    assert_eq!(std::fs::read(&path).unwrap(), before, "io -r flush wrote");
     s.qimg(&["io", "-c", "write -P 8 4k 4k", "lazy.qcow2"]);
     assert_eq!(
         read_header_field(&path, HeaderField::IncompatibleFeatures) & 1,

@@ -82,7 +82,7 @@ const DEFAULT_PATTERN: u8 = 0xcd;
 
 impl Command {
     fn writes(&self) -> bool {
-        matches!(self.op, Op::Write { .. } | Op::Discard { .. } | Op::Flush)
+        matches!(self.op, Op::Write { .. } | Op::Discard { .. })
     }
 }
 
@@ -282,7 +282,10 @@ fn run_command(chain: &Chain, file: &Path, command: &Command) -> Result<bool> {
             ("discard", *offset, *len, true)
         }
         Op::Flush => {
-            chain.flush()?;
+            // qemu-io -r flushes too: nothing was written, so there is nothing to do.
+            if chain.ensure_writable().is_ok() {
+                chain.flush()?;
+            }
             return Ok(true);
         }
         Op::Map => {
