@@ -42,3 +42,10 @@ pub fn encode_u64_table(entries: &[u64], out: &mut [u8]) {
         chunk.copy_from_slice(&e.to_be_bytes());
     }
 }
+
+/// Whether `bytes` are all zeros (written so the compiler can vectorise it).
+pub(crate) fn is_zero(bytes: &[u8]) -> bool {
+    bytes
+        .chunks(256)
+        .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
+}

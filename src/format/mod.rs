@@ -16,7 +16,7 @@ pub use bitmap::{
     BitmapDirectoryEntry, BitmapFlags, BitmapTableEntry, bitmap_table_size,
     decode_bitmap_directory, encode_bitmap_directory,
 };
-pub(crate) use bytes::{be16, be32, be64, put_be16, put_be32, put_be64};
+pub(crate) use bytes::{be16, be32, be64, is_zero, put_be16, put_be32, put_be64};
 pub use bytes::{decode_u64_table, encode_u64_table};
 pub use entries::{ClusterDescriptor, CompressedDescriptor, L1Entry, L2Entry, SubclusterBitmap};
 pub use extensions::{

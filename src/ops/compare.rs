@@ -11,7 +11,7 @@ use crate::error::Result;
 use crate::progress::{Progress, Tracker};
 use crate::qcow2::Mapping;
 
-use super::bytes::is_zero;
+use crate::format::is_zero;
 
 /// Bytes compared at a time.
 const WINDOW: u64 = 4 << 20;

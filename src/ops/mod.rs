@@ -2,7 +2,6 @@
 //! merges (commit, pull, rebase), and trees of images (who uses whom as backing file).
 
 mod bench;
-mod bytes;
 mod checksum;
 mod compare;
 mod compress_pool;

@@ -3,7 +3,7 @@
 
 use crate::chain::Chain;
 use crate::error::Result;
-use crate::ops::bytes::is_zero;
+use crate::format::is_zero;
 use crate::ops::compress_pool::{CompressPool, Compressed};
 use crate::storage::write_zeros;
 

@@ -4,7 +4,7 @@
 
 use crate::chain::Chain;
 use crate::error::{Error, Result};
-use crate::ops::bytes::is_zero;
+use crate::format::is_zero;
 use crate::ops::read_ahead::{Chunk, for_each_chunk};
 use crate::progress::{Progress, Tracker};
 use crate::storage::{Storage, write_zeros};

@@ -5,9 +5,9 @@ use std::path::Path;
 
 use crate::chain::{Chain, ChainOptions};
 use crate::error::{Error, Result};
+use crate::format::is_zero;
 use crate::layers::{Format, Layer};
 use crate::names::resolve_relative;
-use crate::ops::bytes::is_zero;
 use crate::progress::{Progress, Tracker};
 use crate::qcow2::{AmendOptions, Mapping};
 

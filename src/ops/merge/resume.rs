@@ -9,7 +9,7 @@ use crate::error::Result;
 use crate::layers::Layer;
 use crate::qcow2::{Mapping, Run};
 
-use crate::ops::bytes::is_zero;
+use crate::format::is_zero;
 use crate::ops::read_ahead::read_runs;
 
 use super::plan::{PIECE, Work, work};

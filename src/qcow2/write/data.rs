@@ -6,7 +6,7 @@
 use std::sync::PoisonError;
 
 use crate::error::{Error, Result};
-use crate::format::{ClusterDescriptor, L2Entry, SubclusterBitmap};
+use crate::format::{ClusterDescriptor, L2Entry, SubclusterBitmap, is_zero};
 use crate::storage::Storage;
 
 use crate::qcow2::image::Image;
@@ -125,6 +125,20 @@ impl Image {
         } else {
             None
         };
+        // New clusters past the file's end read as zeros without being written: zeros
+        // they would get from copy-on-write are left as a hole (QEMU leaves them so too),
+        // and the file is extended over them once their data is written.
+        let fresh_from = match next_host {
+            Some(first) => {
+                let len = self
+                    .storage
+                    .len()
+                    .map_err(|e| Error::io("reading the file length", e))?;
+                (first >= len).then_some(first)
+            }
+            None => None,
+        };
+        let mut holes_to = 0u64;
         let mut pending = PendingWrite::new(buf, offset);
         let mut c = first_cluster;
         while c < end {
@@ -143,19 +157,34 @@ impl Image {
             } else {
                 None
             };
-            self.write_cluster(
+            let fresh = host.filter(|&h| fresh_from.is_some_and(|f| h >= f));
+            let left_a_hole = self.write_cluster(
                 &mut slot.frees,
                 &mut slot.table,
                 c,
                 from,
                 part,
-                host,
+                (host, fresh.is_some()),
                 backing,
                 &mut pending,
             )?;
+            if left_a_hole {
+                holes_to = holes_to.max(fresh.unwrap_or(0) + cs);
+            }
             c += cs;
         }
         pending.flush(self)?;
+        if holes_to > 0 {
+            let len = self
+                .storage
+                .len()
+                .map_err(|e| Error::io("reading the file length", e))?;
+            if len < holes_to {
+                self.storage
+                    .set_len(holes_to)
+                    .map_err(|e| self.io_error("extending the file", holes_to, e))?;
+            }
+        }
         self.commit_l2(w, l1_index, slot);
         Ok(())
     }
@@ -171,7 +200,9 @@ impl Image {
     }
 
     /// Writes `part` (guest `from..`) into guest cluster `cluster`. `new_host` is the new
-    /// host cluster when the cluster needs one.
+    /// host cluster when the cluster needs one, and whether it lies past the file's end
+    /// (it reads as zeros unwritten). Returns whether zeros of the cluster were left
+    /// unwritten: the file must then be extended over it.
     #[allow(clippy::too_many_arguments)]
     fn write_cluster(
         &self,
@@ -180,10 +211,10 @@ impl Image {
         cluster: u64,
         from: u64,
         part: Source<'_>,
-        new_host: Option<u64>,
+        (new_host, fresh): (Option<u64>, bool),
         backing: BackingRead<'_>,
         pending: &mut PendingWrite<'_>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let g = self.geometry;
         let cs = g.cluster_size();
         let unit = g.subcluster_size();
@@ -229,6 +260,7 @@ impl Image {
                 s += unit;
             }
         }
+        let mut left_a_hole = false;
         if write_lo == from && write_hi == to {
             pending.push_borrowed(self, host + (from - cluster), from, part.len())?;
         } else {
@@ -237,15 +269,20 @@ impl Image {
             self.read_old(old, bitmap, write_lo, &mut bytes[..head], backing)?;
             let tail = (to - write_lo) as usize;
             self.read_old(old, bitmap, to, &mut bytes[tail..], backing)?;
-            part.read_into(&mut bytes[head..tail])?;
-            pending.push_owned(self, host + (write_lo - cluster), &bytes)?;
+            if fresh && is_zero(&bytes[..head]) && is_zero(&bytes[tail..]) {
+                pending.push_borrowed(self, host + (from - cluster), from, part.len())?;
+                left_a_hole = true;
+            } else {
+                part.read_into(&mut bytes[head..tail])?;
+                pending.push_owned(self, host + (write_lo - cluster), &bytes)?;
+            }
         }
         self.set_entry(table, cluster, L2Entry::data(host, true), new_bitmap);
         // The old host cluster, when replaced, loses this reference.
         if new_host.is_some() && !self.has_external_data_file() {
             self.release_descriptor(frees, old);
         }
-        Ok(())
+        Ok(left_a_hole)
     }
 
     /// Fills `buf` with what guest `offset..` reads as under the old mapping of its cluster.
