@@ -9,6 +9,12 @@
 #   corpus/snapshot_table/seed-*.bin     the snapshot tables of the images that have one
 #   corpus/probe/seed-*                  the first sector of an image of each format
 #                                        qemu-img probes (bochs and cloop made by hand)
+#   corpus/bitmaps/seed-*.qcow2          the images with persistent bitmaps (also in
+#                                        open_and_read and check, their first cluster
+#                                        in header_decode)
+#   corpus/bitmaps/seed-dir-*            their bitmap directories, after the three bytes
+#                                        the harness takes as parameters (nb_bitmaps,
+#                                        cluster bits - 9)
 #
 # Only files named seed-* are replaced; regression inputs from fixed crashes (other names)
 # are kept. Snapshot dates differ between runs, so regenerated seeds are not
@@ -83,8 +89,44 @@ io refcount64.qcow2 "write -P 0x62 512 1k"
 create datafile.qcow2 16k cluster_size=512,data_file=datafile.raw
 io datafile.qcow2 "write -P 0x63 0 1k"
 
+# Persistent bitmaps (qemu-img bitmap; qemu-io loads the enabled ones, records its writes
+# and stores them on exit): enabled and disabled, granularities 512 and 64k, dirty data.
+create bitmaps.qcow2 64k
+io bitmaps.qcow2 "write -P 0x71 0 4k"
+qemu-img bitmap --add -g 512 bitmaps.qcow2 fine
+qemu-img bitmap --add -g 64k bitmaps.qcow2 coarse
+io bitmaps.qcow2 "write -P 0x72 8k 1k" "write -z 40k 512"
+qemu-img bitmap --disable bitmaps.qcow2 coarse
+qemu-img bitmap --add --disable bitmaps.qcow2 off
+qemu-img bitmap --merge fine bitmaps.qcow2 off
+io bitmaps.qcow2 "write -P 0x73 20k 2k" "discard 60k 4k"
+# Many bitmaps, long names, cleared and merged ones, over dirty data past a cluster of
+# bitmap data (4096 bits at 512 bytes: 2 MiB of disk).
+create bitmaps-many.qcow2 3m
+qemu-img bitmap --add -g 512 bitmaps-many.qcow2 a
+qemu-img bitmap --add -g 4k bitmaps-many.qcow2 "a longer bitmap name, past one entry's padding"
+qemu-img bitmap --add -g 64k --disable bitmaps-many.qcow2 b
+io bitmaps-many.qcow2 "write -P 0x74 0 1k" "write -P 0x75 2100k 64k" "write -z 3000k 8k"
+qemu-img bitmap --clear bitmaps-many.qcow2 a
+qemu-img bitmap --merge "a longer bitmap name, past one entry's padding" bitmaps-many.qcow2 b
+io bitmaps-many.qcow2 "write -P 0x76 1m 512"
+# An enabled bitmap left in use: qemu-io killed while it has the image open.
+create bitmaps-in-use.qcow2 64k
+qemu-img bitmap --add -g 512 bitmaps-in-use.qcow2 on
+qemu-img bitmap --add -g 64k --disable bitmaps-in-use.qcow2 off
+io bitmaps-in-use.qcow2 "write -P 0x77 0 4k"
+qemu-io -f qcow2 -c "write -P 0x78 4k 4k" -c "sigraise 9" bitmaps-in-use.qcow2 \
+	>/dev/null 2>&1 || true
+# Bitmaps in an image with internal snapshots and 4 KiB clusters.
+create bitmaps-snapshot.qcow2 64k cluster_size=4096
+qemu-img bitmap --add bitmaps-snapshot.qcow2 on
+io bitmaps-snapshot.qcow2 "write -P 0x79 0 8k"
+qemu-img snapshot -c snap bitmaps-snapshot.qcow2
+io bitmaps-snapshot.qcow2 "write -P 0x7a 4k 8k"
+
 images=(plain v2 compressed zstd extl2 snapshot v2-snapshot overlay refcount1 refcount64 datafile)
-for target in open_and_read header_decode snapshot_table check; do
+bitmap_images=(bitmaps bitmaps-many bitmaps-in-use bitmaps-snapshot)
+for target in open_and_read header_decode snapshot_table check bitmaps; do
 	mkdir -p "$corpus/$target"
 	rm -f "$corpus/$target"/seed-*
 done
@@ -107,6 +149,33 @@ for name in "${images[@]}"; do
 		dd if="$img" of="$corpus/snapshot_table/seed-$name.bin" bs="$cluster" \
 			skip=$(($(be "$img" 64 8) / cluster)) count=1 status=none
 	fi
+done
+
+for name in "${bitmap_images[@]}"; do
+	img=$name.qcow2
+	qemu-img check -q "$img"
+	for target in open_and_read check bitmaps; do
+		cp "$img" "$corpus/$target/seed-$name.qcow2"
+	done
+	head -c $((1 << $(be "$img" 20 4))) "$img" >"$corpus/header_decode/seed-$name.qcow2"
+	# The bitmap directory: find the bitmaps extension (0x23852875) after the header.
+	cluster_bits=$(be "$img" 20 4)
+	at=$(be "$img" 100 4)
+	while :; do
+		type=$(be "$img" "$at" 4)
+		len=$(be "$img" $((at + 4)) 4)
+		[ "$type" -ne 0 ] || { echo "$img: no bitmaps extension" >&2; exit 1; }
+		[ "$type" -ne $((0x23852875)) ] || break
+		at=$((at + 8 + (len + 7) / 8 * 8))
+	done
+	nb=$(be "$img" $((at + 8)) 4)
+	size=$(be "$img" $((at + 16)) 8)
+	offset=$(be "$img" $((at + 24)) 8)
+	{
+		printf "\\x$(printf %02x $((nb >> 8)))\\x$(printf %02x $((nb & 255)))"
+		printf "\\x$(printf %02x $((cluster_bits - 9)))"
+		dd if="$img" bs=1 skip="$offset" count="$size" status=none
+	} >"$corpus/bitmaps/seed-dir-$name"
 done
 
 # Probe seeds: the first sector (all probing reads) of an image of each format qemu-img

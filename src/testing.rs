@@ -6,6 +6,9 @@
 //! checks a property that a correct decoder keeps (a round trip, runs that tile the range),
 //! so a wrong answer fails as loudly as a crash.
 //!
+//! [`bitmaps`] takes either a bitmap directory or an image whose bitmaps it changes and
+//! stores through a writable session ([`bitmaps`]'s documentation has the details).
+//!
 //! [`ops`] is different: its input is a program ([`OpsProgram`]) of operations on a chain
 //! held in memory, checked against a model after every step.
 
@@ -16,8 +19,10 @@ use crate::layers::{Format, PROBE_BYTES, RawImage, header_virtual_size};
 use crate::qcow2::{Image, ImageOptions, Mapping, RepairMode, Run};
 use crate::storage::MemStorage;
 
+mod bitmaps;
 mod chain_ops;
 
+pub use bitmaps::{BITMAP_MEMORY_LIMIT, bitmaps};
 pub use chain_ops::{ChainOp, LayerConfig, MAX_OPS, OpsConfig, OpsProgram, RawRange, ops};
 
 /// A harness: runs one input, panics only on a bug.
@@ -32,6 +37,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("check", check),
     ("ops", ops),
     ("probe", probe),
+    ("bitmaps", bitmaps),
 ];
 
 /// How much of the guest range [`open_and_read`] reads: an image may claim exabytes.

@@ -65,6 +65,47 @@ fn seed_images_open() {
     assert!(opened >= 5, "only {opened} seed images opened");
 }
 
+/// The `bitmaps` seeds must get past the harness's memory bound and open for writing with
+/// their bitmaps, or the operations are never fuzzed.
+#[test]
+fn bitmap_seeds_open_with_their_bitmaps() {
+    use qcow2_engine::storage::MemStorage;
+    use qcow2_engine::testing::BITMAP_MEMORY_LIMIT;
+    use qcow2_engine::{Image, ImageOptions};
+
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/bitmaps");
+    let mut opened = 0;
+    let mut in_use = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !name.starts_with("seed-") || !name.ends_with(".qcow2") {
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        let options = ImageOptions {
+            writable: true,
+            ..ImageOptions::default()
+        };
+        let storage = Box::new(MemStorage::from_bytes(bytes));
+        let image = Image::from_storage(storage, &name, &options, None)
+            .unwrap_or_else(|e| panic!("{name}: {}", e.report()));
+        let bitmaps = image.bitmaps().unwrap();
+        assert!(!bitmaps.is_empty(), "{name} has no bitmaps");
+        in_use += bitmaps.iter().filter(|b| b.in_use).count();
+        let bound = (bitmaps.len() as u64 + 2) * image.size().div_ceil(4096);
+        assert!(
+            bound <= BITMAP_MEMORY_LIMIT,
+            "{name}: {bound} bytes of bitmaps"
+        );
+        opened += 1;
+    }
+    assert!(
+        opened >= 4 && in_use >= 1,
+        "{opened} bitmap seeds, {in_use} bitmaps in use"
+    );
+}
+
 /// The `ops` harness (operation sequences on a chain in memory, against a model) over
 /// pseudo-random programs from a fixed seed, so that tests exercise it without libFuzzer:
 /// 4000 programs in an optimized build, 800 on the smallest virtual size in a debug build

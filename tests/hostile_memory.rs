@@ -209,3 +209,115 @@ fn extension_area_full_of_extensions_fails_fast() {
     assert!(err.contains("1024 header extensions"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(1));
 }
+
+/// Opens `bytes` from memory, read-only or for writing, lists its bitmaps and loads each;
+/// returns the first error and the peak allocation.
+fn open_with_bitmaps(bytes: Vec<u8>, writable: bool) -> (Result<usize, String>, usize) {
+    use qcow2_engine::storage::MemStorage;
+    use qcow2_engine::{Image, ImageOptions};
+    let storage = Box::new(MemStorage::from_bytes(bytes));
+    peak_allocation(|| {
+        let options = ImageOptions {
+            writable,
+            ..ImageOptions::default()
+        };
+        let image = Image::from_storage(storage, "claims.qcow2", &options, None)
+            .map_err(|e| e.report().to_string())?;
+        let listed = image.bitmaps().map_err(|e| e.report().to_string())?;
+        for info in &listed {
+            image
+                .load_bitmap(&info.name)
+                .map_err(|e| e.report().to_string())?;
+        }
+        Ok(listed.len())
+    })
+}
+
+/// A bitmap directory claiming QEMU's maximum sizes — 65535 bitmaps, a 64 MiB directory, a
+/// bitmap table of QEMU's 0x8000000 entries or of 512 MiB of clusters — allocates no more
+/// than the file holds, opened for writing (which loads enabled bitmaps) or read-only
+/// (listed and loaded here). The one claim that may cost more is a bitmap whose table
+/// really covers 512 MiB of bitmap data: QEMU's limit for one bitmap, which its disk needs.
+#[test]
+fn bitmap_directory_claiming_maximum_sizes_allocates_what_the_file_holds() {
+    let s = Scratch::new();
+    // One enabled bitmap at 4 KiB over a 1 MiB disk: a table of 1 entry.
+    let mut base = small_image(&s, "bitmap.qcow2", "cluster_size=64k");
+    s.qemu_img(&["bitmap", "--add", "-g", "4k", "bitmap.qcow2", "b0"]);
+    base.clone_from(&std::fs::read(s.path("bitmap.qcow2")).unwrap());
+    let bitmaps = Layout::parse(&base).bitmaps.expect("a bitmaps extension");
+    let (ext, entry) = (bitmaps.ext_data, bitmaps.entries[0].at);
+    let mut claims: Vec<(&str, Vec<u8>)> = Vec::new();
+    let mut with = |what, f: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = base.clone();
+        f(&mut b);
+        claims.push((what, b));
+    };
+    with(
+        "65535 bitmaps in a directory of QEMU's maximum size",
+        &|b| {
+            put(b, ext, 4, 65535);
+            put(b, ext + 8, 8, 1024 * 65535);
+        },
+    );
+    with("65535 bitmaps in the one entry's directory", &|b| {
+        put(b, ext, 4, 65535)
+    });
+    with("a directory of 64 MiB + 1", &|b| {
+        put(b, ext + 8, 8, (64 << 20) + 1)
+    });
+    with("a table of QEMU's 0x8000000 entries", &|b| {
+        put(b, entry + 8, 4, 0x800_0000)
+    });
+    with("a table of 512 MiB of clusters, for another disk", &|b| {
+        put(b, entry + 8, 4, 0x2000)
+    });
+    with("a table of 512 MiB of clusters at the last offset", &|b| {
+        put(b, entry, 8, (1 << 56) - 0x10000);
+        put(b, entry + 8, 4, 0x2000);
+    });
+    with("a name of 65535 bytes", &|b| put(b, entry + 18, 2, 0xffff));
+    with("extra data of 4 GiB", &|b| {
+        put(b, entry + 20, 4, 0xffff_ffff)
+    });
+    for (what, bytes) in claims {
+        let len = bytes.len();
+        for writable in [true, false] {
+            let started = Instant::now();
+            let (result, peak) = open_with_bitmaps(bytes.clone(), writable);
+            let elapsed = started.elapsed();
+            eprintln!("{what} (writable {writable}): {result:?}, peak {peak} bytes, {elapsed:?}");
+            assert!(result.is_err(), "{what}: opened and loaded");
+            assert!(
+                peak < 4 * len + (1 << 20),
+                "{what}: {peak} bytes allocated for a {len}-byte file"
+            );
+            assert!(elapsed < Duration::from_secs(2), "{what}: took {elapsed:?}");
+        }
+    }
+
+    // A bitmap whose table really is 512 MiB of clusters: 8192 entries of 64 KiB at 512
+    // bytes a bit cover a 2 TiB disk. Loading it may take QEMU's 512 MiB, no more: opening
+    // for writing loads it (and `load_bitmap` would return a copy, so only the open is
+    // measured then); read-only, `load_bitmap` loads it.
+    s.create("big.qcow2", "cluster_size=64k", 2 << 40);
+    s.qemu_img(&["bitmap", "--add", "-g", "512", "big.qcow2", "big"]);
+    let big = std::fs::read(s.path("big.qcow2")).unwrap();
+    let table = Layout::parse(&big).bitmaps.unwrap().entries[0].table_size;
+    assert_eq!(table, 0x2000);
+    for writable in [true, false] {
+        let (result, peak) = if writable {
+            let (result, peak) = open_in_memory(big.clone(), true);
+            (result.map(|()| 1), peak)
+        } else {
+            open_with_bitmaps(big.clone(), false)
+        };
+        eprintln!("a 512 MiB bitmap (writable {writable}): {result:?}, peak {peak} bytes");
+        assert_eq!(result, Ok(1));
+        assert!(
+            peak < 4 * big.len() + (512 << 20) + (1 << 20),
+            "{peak} bytes allocated for a {}-byte file",
+            big.len()
+        );
+    }
+}

@@ -152,7 +152,47 @@ pub(crate) fn make_fixtures(s: &Scratch) -> Vec<Arc<Fixture>> {
         Fixture::load(s, "top", "top.qcow2", &["base.qcow2"]),
         Fixture::load(s, "rawtop", "rawtop.qcow2", &["rawbase.raw"]),
         Fixture::load(s, "ext", "ext.qcow2", &["ext.data"]),
+        bitmaps_fixture(s),
     ]
+}
+
+/// The fixture with persistent bitmaps (names of one length, so one can take another's):
+/// b0 enabled at 4 KiB, b1 disabled at 64 KiB after recording writes, b2 disabled and
+/// clean at 512 B.
+pub(crate) fn bitmaps_fixture(s: &Scratch) -> Arc<Fixture> {
+    let io = |name: &str, cmds: &[&str]| {
+        s.qemu_io(
+            name,
+            "qcow2",
+            &cmds.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+        )
+    };
+    s.create("bitmaps.qcow2", "cluster_size=64k", 4 << 20);
+    io(
+        "bitmaps.qcow2",
+        &["write -P 0x11 0 64k", "write -P 0x22 1m 128k"],
+    );
+    s.qemu_img(&["bitmap", "--add", "-g", "4k", "bitmaps.qcow2", "b0"]);
+    s.qemu_img(&["bitmap", "--add", "-g", "64k", "bitmaps.qcow2", "b1"]);
+    io(
+        "bitmaps.qcow2",
+        &[
+            "write -P 0x33 512k 64k",
+            "write -z 2m 64k",
+            "write -P 0x44 3m 4k",
+        ],
+    );
+    s.qemu_img(&["bitmap", "--disable", "bitmaps.qcow2", "b1"]);
+    s.qemu_img(&[
+        "bitmap",
+        "--add",
+        "-g",
+        "512",
+        "--disable",
+        "bitmaps.qcow2",
+        "b2",
+    ]);
+    Fixture::load(s, "bitmaps", "bitmaps.qcow2", &[])
 }
 
 pub(crate) fn fixture<'a>(all: &'a [Arc<Fixture>], name: &str) -> &'a Arc<Fixture> {

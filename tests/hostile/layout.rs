@@ -62,6 +62,78 @@ pub(crate) struct Layout {
     pub(crate) snapshots: Vec<(u64, u64)>,
     /// Snapshot L1 tables: offset and entries.
     pub(crate) snapshot_l1s: Vec<(u64, u64)>,
+    /// The bitmaps extension, when there is one.
+    pub(crate) bitmaps: Option<BitmapsLayout>,
+}
+
+/// The bitmaps extension's type.
+pub(crate) const BITMAPS_EXTENSION: u32 = 0x2385_2875;
+
+/// Where an image's bitmaps are (spec: "Bitmaps extension", "Bitmap directory").
+#[derive(Debug, Clone, Default)]
+pub(crate) struct BitmapsLayout {
+    /// File offset of the extension's data: nb_bitmaps at +0, reserved at +4,
+    /// bitmap_directory_size at +8, bitmap_directory_offset at +16.
+    pub(crate) ext_data: u64,
+    pub(crate) nb_bitmaps: u64,
+    pub(crate) directory_size: u64,
+    pub(crate) directory_offset: u64,
+    pub(crate) entries: Vec<BitmapEntryLayout>,
+}
+
+/// One bitmap directory entry, and its table.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct BitmapEntryLayout {
+    /// File offset of the entry: bitmap_table_offset at +0, bitmap_table_size at +8,
+    /// flags at +12, type at +16, granularity_bits at +17, name_size at +18,
+    /// extra_data_size at +20, then extra data and the name from +24.
+    pub(crate) at: u64,
+    /// Bytes the entry takes (a multiple of 8).
+    pub(crate) len: u64,
+    pub(crate) name: Vec<u8>,
+    pub(crate) table_offset: u64,
+    pub(crate) table_size: u64,
+    /// File offsets of the table's entries that point at a data cluster.
+    pub(crate) data_entries: Vec<u64>,
+}
+
+impl BitmapsLayout {
+    fn parse(b: &[u8], ext_data: u64) -> BitmapsLayout {
+        let mut l = BitmapsLayout {
+            ext_data,
+            nb_bitmaps: get(b, ext_data, 4),
+            directory_size: get(b, ext_data + 8, 8),
+            directory_offset: get(b, ext_data + 16, 8),
+            entries: Vec::new(),
+        };
+        let end = l.directory_offset + l.directory_size;
+        let mut at = l.directory_offset;
+        while at + 24 <= end && (l.entries.len() as u64) < l.nb_bitmaps {
+            let name_size = get(b, at + 18, 2);
+            let extra = get(b, at + 20, 4);
+            let len = (24 + extra + name_size).div_ceil(8) * 8;
+            let name_at = (at + 24 + extra) as usize;
+            let table_offset = get(b, at, 8);
+            let table_size = get(b, at + 8, 4);
+            let data_entries = (0..table_size.min(1 << 16))
+                .map(|i| table_offset + 8 * i)
+                .filter(|&e| get(b, e, 8) & OFFSET_MASK != 0)
+                .collect();
+            l.entries.push(BitmapEntryLayout {
+                at,
+                len,
+                name: b
+                    .get(name_at..name_at + name_size as usize)
+                    .unwrap_or_default()
+                    .to_vec(),
+                table_offset,
+                table_size,
+                data_entries,
+            });
+            at += len;
+        }
+        l
+    }
 }
 
 impl Layout {
@@ -88,6 +160,9 @@ impl Layout {
                 break;
             }
             l.exts.push((pos, kind, len));
+            if kind == BITMAPS_EXTENSION && len >= 24 {
+                l.bitmaps = Some(BitmapsLayout::parse(b, pos + 8));
+            }
             pos += 8 + u64::from(len).div_ceil(8) * 8;
         }
         l.l1_offset = get(b, 40, 8);
@@ -148,6 +223,15 @@ impl Layout {
         );
         r.extend(self.snapshots.iter().copied());
         r.extend(self.snapshot_l1s.iter().map(|&(o, n)| (o, n * 8)));
+        if let Some(bitmaps) = &self.bitmaps {
+            r.push((bitmaps.directory_offset, bitmaps.directory_size));
+            r.extend(
+                bitmaps
+                    .entries
+                    .iter()
+                    .map(|e| (e.table_offset, e.table_size * 8)),
+            );
+        }
         r.retain(|&(_, len)| len > 0);
         r
     }

@@ -86,3 +86,33 @@ fn write_commands_refuse_an_image_marked_corrupt_in_one_line() {
     let out = s.qimg_output(&["io", "-r", "-c", "read 0 4k", "img.qcow2"]);
     assert!(out.status.success());
 }
+
+/// An enabled bitmap whose damaged table offset points at the refcount table (whose first
+/// entry, a refcount block's offset, reads as a bitmap data cluster): a write stores the
+/// bitmap anew and must not free the refcount table and block as the bitmap's old
+/// clusters. qemu-img check finds the damaged reference before, at most leaks after.
+#[test]
+fn storing_a_bitmap_never_frees_metadata_its_damaged_table_points_at() {
+    let s = Scratch::new();
+    s.create("img.qcow2", "cluster_size=64k", 4 << 20);
+    s.qemu_io("img.qcow2", "qcow2", &["write -P 0x11 0 64k".into()]);
+    s.qemu_img(&["bitmap", "--add", "-g", "4k", "img.qcow2", "b0"]);
+    s.qemu_io("img.qcow2", "qcow2", &["write -P 0x33 512k 64k".into()]);
+    let mut b = std::fs::read(s.path("img.qcow2")).unwrap();
+    let l = Layout::parse(&b);
+    let entry = l.bitmaps.unwrap().entries[0].at;
+    put(&mut b, entry, 8, l.refcount_table);
+    s.write_file("img.qcow2", &b);
+    let out = s.qimg_output(&["io", "-c", "write -P 1 0 4k", "img.qcow2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let check = s.output("qemu-img", &["check", "img.qcow2"]);
+    assert!(
+        matches!(check.status.code(), Some(0 | 3)),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+}

@@ -33,13 +33,17 @@
 //! - the cases by theme: `header.rs` (header fields and extensions), `tables.rs` (L1,
 //!   L2, compressed, refcount and snapshot tables), `cuts_and_flips.rs` (truncation and
 //!   random flips), `chains.rs` (backing chains and backing names), `data_file.rs`
-//!   (external data files);
+//!   (external data files), `bitmaps.rs` (persistent bitmaps: the extension, directory
+//!   entries, bitmap tables);
 //! - `limits.rs`: limits checked through the library, and qimg's usage errors;
+//! - `writes.rs`: writing commands on the damaged-bitmap cases, which must not corrupt
+//!   what they write (checked with `qemu-img check`);
 //! - here: every case in order, and the test that runs them and prints the report.
 
 #[path = "../common/mod.rs"]
 mod common;
 
+mod bitmaps;
 mod chains;
 mod cuts_and_flips;
 mod data_file;
@@ -49,6 +53,7 @@ mod layout;
 mod limits;
 mod runner;
 mod tables;
+mod writes;
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -56,6 +61,7 @@ use std::time::Instant;
 
 use common::{Scratch, qimg_path};
 
+use bitmaps::bitmap_cases;
 use chains::{backing_name_cases, chain_cases};
 use cuts_and_flips::{random_cases, truncation_cases};
 use data_file::{data_file_cases, data_file_policy_cases};
@@ -97,6 +103,7 @@ fn all_cases(s: &Scratch) -> Vec<Case> {
     }
     cases.extend(refcount_cases(f("c64k")));
     cases.extend(snapshot_cases(f("snap")));
+    cases.extend(bitmap_cases(f("bitmaps")));
     for name in ["c64k", "comp", "c512", "top"] {
         cases.extend(truncation_cases(f(name)));
     }
@@ -111,6 +118,7 @@ fn all_cases(s: &Scratch) -> Vec<Case> {
         ("c512", 0..20),
         ("top", 0..20),
         ("v2", 0..10),
+        ("bitmaps", 0..20),
     ] {
         cases.extend(random_cases(f(name), seeds));
     }

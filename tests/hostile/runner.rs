@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::common::qimg_path;
 
 /// Seconds a command may take before it counts as hung (it is killed).
-const TIMEOUT_SECS: u32 = 10;
+pub(crate) const TIMEOUT_SECS: u32 = 10;
 /// Address space a command may use: generous for the largest legitimate tables (a 32 MiB
 /// L1 table, a 64 MiB snapshot table) and threads, far below what an image claiming
 /// exabytes would make an unchecked allocation ask for.
@@ -110,6 +110,7 @@ fn category(label: &str) -> &'static str {
         ("confine:", "backing confinement options"),
         ("chain:", "backing chains"),
         ("undamaged", "undamaged fixtures"),
+        ("bitmap ", "bitmaps"),
         ("header ", "header fields"),
         ("extension", "header extensions"),
         ("end marker", "header extensions"),
@@ -136,7 +137,7 @@ fn category(label: &str) -> &'static str {
 }
 
 /// Runs `qimg` with a timeout and an address-space limit.
-fn run_limited(dir: &Path, args: &[String]) -> Output {
+pub(crate) fn run_limited(dir: &Path, args: &[String]) -> Output {
     Command::new("timeout")
         .arg("-s")
         .arg("KILL")
@@ -350,7 +351,7 @@ pub(crate) fn run_case(case: &Case, work: &Path, tally: &Mutex<Tally>) {
 }
 
 /// Whether an error line names a file: the image, or any path or image-like name.
-fn names_a_file(line: &str, img: &str) -> bool {
+pub(crate) fn names_a_file(line: &str, img: &str) -> bool {
     let body = &line["qimg: ".len()..];
     body.contains(img) || body.contains('/') || body.contains(".qcow2") || body.contains(".raw")
 }

@@ -1,6 +1,8 @@
 //! A bitmap's contents on disk: its table and data clusters (spec: "Bitmap table",
 //! "Bitmap data"), loaded into a [`DirtyBitmap`] and stored from one.
 
+use std::sync::PoisonError;
+
 use crate::error::{Error, Result};
 use crate::format::{self, BitmapDirectoryEntry, BitmapTableEntry, bitmap_table_size};
 
@@ -105,8 +107,9 @@ impl Image {
     }
 
     /// The host ranges `(offset, bytes)` the bitmap `entry` uses: its table and its data
-    /// clusters, to free once nothing points at them. Entries that do not check out are
-    /// left alone (a leak at worst, never a cluster freed that something else uses).
+    /// clusters, to free once nothing points at them. Entries that do not check out, and
+    /// ranges over other metadata (a damaged table pointing at the refcount table, say),
+    /// are left alone: a leak at worst, never a cluster freed that something else uses.
     pub(super) fn bitmap_clusters(&self, entry: &BitmapDirectoryEntry) -> Result<Vec<(u64, u64)>> {
         let cs = self.cluster_size();
         let len = u64::from(entry.table_size) * 8;
@@ -118,6 +121,22 @@ impl Image {
                 ranges.push((e.data_offset(), cs));
             }
         }
+        ranges.retain(|&(offset, bytes)| !self.holds_other_metadata(offset, bytes));
         Ok(ranges)
+    }
+
+    /// Whether `offset..offset + len` overlaps metadata other than bitmaps (header, L1,
+    /// L2 and refcount tables and blocks, snapshot table).
+    fn holds_other_metadata(&self, offset: u64, len: u64) -> bool {
+        let cb = self.geometry.cluster_bits();
+        self.overlap
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .overlap(
+                offset >> cb,
+                (offset + len).div_ceil(self.cluster_size()),
+                Some(ReferenceKind::Bitmap),
+            )
+            .is_some()
     }
 }
