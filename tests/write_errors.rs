@@ -438,3 +438,20 @@ fn a_full_disk_while_moving_the_refcount_table_leaves_a_consistent_image() {
         assert_content(&s, &image, &model, &uncertain, &label);
     }
 }
+
+/// A refcount table whose first entry is zero leaves the header's range without a block,
+/// which reads as free: a write must never put a refcount block (or data) over the
+/// header (found by the `bitmaps` fuzz target; QEMU refuses a block at offset 0).
+#[test]
+fn a_write_never_allocates_over_the_header() {
+    let s = common::Scratch::new();
+    s.create("a.qcow2", "cluster_size=512", 1 << 20);
+    let path = s.path("a.qcow2");
+    let table = common::read_header_field(&path, common::HeaderField::RefcountTableOffset);
+    s.write_u64("a.qcow2", table, 0);
+    let out = s.qimg_output(&["io", "-c", "write -P 1 0 4k", "a.qcow2"]);
+    let magic = std::fs::read(&path).unwrap()[..4].to_vec();
+    assert_eq!(magic, b"QFI\xfb", "the header was overwritten: {out:?}");
+    // Whatever the outcome, QEMU still opens the image.
+    s.qemu_img(&["info", "a.qcow2"]);
+}

@@ -200,7 +200,17 @@ impl Refcounts {
     /// host offset of the first. Ranges without a refcount block get one, placed just
     /// before the run (and counted); a table too small to cover the run is moved to a
     /// larger one at once (see [`Refcounts::grow_table`]).
-    pub(crate) fn allocate(&mut self, storage: &dyn Storage, count: u64) -> Result<u64> {
+    ///
+    /// `metadata(first, end)` names the first cluster of `first..end` that holds known
+    /// metadata: such clusters are never handed out, whatever the refcounts say (a
+    /// damaged refcount table may leave the header's range without a block, which reads
+    /// as free; QEMU refuses a refcount block at offset 0 for the same reason).
+    pub(crate) fn allocate(
+        &mut self,
+        storage: &dyn Storage,
+        count: u64,
+        metadata: &dyn Fn(u64, u64) -> Option<u64>,
+    ) -> Result<u64> {
         debug_assert!(count > 0);
         let per_block = self.per_block();
         let mut start = self.free_hint;
@@ -221,6 +231,10 @@ impl Refcounts {
             let end = start + blocks + count;
             if (end - 1) / per_block >= self.table.len() as u64 {
                 self.grow_table(storage, end)?;
+                continue;
+            }
+            if let Some(used) = metadata(start, end) {
+                start = used + 1;
                 continue;
             }
             if let Some(used) = self.first_used(storage, start, end)? {

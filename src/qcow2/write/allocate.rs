@@ -12,7 +12,12 @@ impl Image {
     /// Allocates `count` contiguous clusters in the image file and returns the first's
     /// offset; a moved refcount table is committed to the header at once.
     pub(crate) fn allocate(&self, w: &mut Writer, count: u64) -> Result<u64> {
-        let at = w.refcounts.allocate(&*self.storage, count)?;
+        let at = {
+            let overlap = self.overlap.read().unwrap_or_else(|e| e.into_inner());
+            w.refcounts.allocate(&*self.storage, count, &|first, end| {
+                overlap.overlap(first, end, None).map(|(c, _)| c)
+            })?
+        };
         let end = at + (count << self.geometry.cluster_bits());
         // Refcounts that call metadata free would hand it out again.
         self.check_overlap("newly allocated clusters", at, end - at, None)?;
