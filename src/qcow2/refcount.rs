@@ -298,8 +298,14 @@ impl Refcounts {
         let per_cluster = self.cluster_size() / 8;
         let old_entries = self.table.len() as u64;
         let old = self.table_location();
-        // Everything at or past the old coverage is free: put the new area there.
-        let area = old_entries * per_block;
+        // Everything at or past the old coverage is free, and so is everything past the
+        // file's end: put the new area past both (a damaged table may cover nothing, or
+        // less than the file, whose clusters may still hold metadata).
+        let file_clusters = storage
+            .len()
+            .map_err(|e| Error::io("reading the file length", e))?
+            .div_ceil(self.cluster_size());
+        let area = (old_entries * per_block).max(file_clusters);
         let mut entries = (old_entries * 2).max(cover.div_ceil(per_block)).max(1);
         let (table_clusters, blocks) = loop {
             let table_clusters = (entries * 8).div_ceil(self.cluster_size());
