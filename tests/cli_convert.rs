@@ -518,3 +518,154 @@ fn convert_o_help_lists_the_create_options_as_qemu_img() {
     }
     assert!(!s.path("x.img").exists());
 }
+
+#[test]
+fn dd_matches_qemu_img_on_twin_files() {
+    let s = fixture();
+    s.write_file(
+        "r4k.raw",
+        &(0..4096u32)
+            .map(|i| (i * 7 % 253) as u8)
+            .collect::<Vec<_>>(),
+    );
+    use Expect::{Fails, Output};
+    let rows = [
+        Row {
+            label: "the whole image, 512-byte blocks",
+            args: &["dd", "if=top.qcow2", "of={}/all.raw"],
+            target: None,
+            check: Output("all.raw", "raw"),
+        },
+        Row {
+            label: "count counts from the start of the input, skipped blocks included",
+            args: &[
+                "dd",
+                "bs=1000",
+                "count=3",
+                "skip=1",
+                "if=r4k.raw",
+                "of={}/q.raw",
+            ],
+            target: None,
+            check: Output("q.raw", "raw"),
+        },
+        Row {
+            label: "a partial sector at the end",
+            args: &["dd", "bs=300", "if=odd.raw", "of={}/odd.raw"],
+            target: None,
+            check: Output("odd.raw", "raw"),
+        },
+        Row {
+            label: "qcow2 output, options after the operands, hex bs",
+            args: &[
+                "dd",
+                "bs=0x10000",
+                "count=020",
+                "skip=3",
+                "if=top.qcow2",
+                "of={}/o.qcow2",
+                "-O",
+                "qcow2",
+            ],
+            target: None,
+            check: Output("o.qcow2", "qcow2"),
+        },
+        Row {
+            label: "a raw input named as raw, a fractional bs",
+            args: &[
+                "dd",
+                "-f",
+                "raw",
+                "bs=1.5k",
+                "count=100",
+                "if=src.raw",
+                "of={}/f.raw",
+            ],
+            target: None,
+            check: Output("f.raw", "raw"),
+        },
+        Row {
+            label: "an existing output is replaced",
+            args: &["dd", "bs=1M", "count=2", "if=top.qcow2", "of={}/junk.raw"],
+            target: Some(("junk.raw", "junk12.raw")),
+            check: Output("junk.raw", "raw"),
+        },
+        Row {
+            label: "skip past the end: an empty output and a warning",
+            args: &["dd", "bs=1M", "skip=20", "if=top.qcow2", "of={}/empty.raw"],
+            target: None,
+            check: Output("empty.raw", "raw"),
+        },
+        Row {
+            label: "bs=0",
+            args: &["dd", "bs=0", "if=top.qcow2", "of={}/x.raw"],
+            target: None,
+            check: Fails("Invalid bs specified. Must be between 1 and 2147483647."),
+        },
+        Row {
+            label: "bs too large",
+            args: &["dd", "bs=3G", "if=top.qcow2", "of={}/x.raw"],
+            target: None,
+            check: Fails("Invalid bs specified. Must be between 1 and 2147483647."),
+        },
+        Row {
+            label: "bs not a size",
+            args: &["dd", "bs=x", "if=top.qcow2", "of={}/x.raw"],
+            target: None,
+            check: Fails("Invalid bs specified: 'x'."),
+        },
+        Row {
+            label: "count with a suffix",
+            args: &["dd", "count=1k", "if=top.qcow2", "of={}/x.raw"],
+            target: None,
+            check: Fails("Invalid count specified: '1k'."),
+        },
+        Row {
+            label: "a negative count",
+            args: &["dd", "count=-1", "if=top.qcow2", "of={}/x.raw"],
+            target: None,
+            check: Fails("Invalid count specified. Must be between 0 and 9223372036854775807."),
+        },
+        Row {
+            label: "skip not a number",
+            args: &["dd", "skip=2.0", "if=top.qcow2", "of={}/x.raw"],
+            target: None,
+            check: Fails("Invalid skip specified: '2.0'."),
+        },
+        Row {
+            label: "an unknown operand",
+            args: &["dd", "foo=1", "if=top.qcow2", "of={}/x.raw"],
+            target: None,
+            check: Fails("unrecognized operand foo"),
+        },
+        Row {
+            label: "an operand without =",
+            args: &["dd", "foo", "if=top.qcow2", "of={}/x.raw"],
+            target: None,
+            check: Fails("unrecognized operand foo"),
+        },
+        Row {
+            label: "no output",
+            args: &["dd", "if=top.qcow2"],
+            target: None,
+            check: Fails("Must specify both input and output files"),
+        },
+        Row {
+            label: "an unknown output format",
+            args: &["dd", "-O", "foo", "if=top.qcow2", "of={}/x.raw"],
+            target: None,
+            check: Fails("Unknown file format"),
+        },
+    ];
+    run_rows(&s, &rows);
+    for dir in ["q", "m"] {
+        assert!(!s.path(&format!("{dir}/x.raw")).exists());
+    }
+    // The warning of a skip past the end, on one line, the command succeeding.
+    let out = s.qimg_output(&["dd", "bs=1M", "skip=20", "if=top.qcow2", "of=m/e2.raw"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "qimg: top.qcow2: cannot skip to specified offset\n"
+    );
+}

@@ -35,6 +35,7 @@ mod common;
 mod compare;
 mod convert;
 mod create;
+mod dd;
 mod du;
 mod info;
 mod io;
@@ -108,6 +109,8 @@ enum Command {
     Tree(tree::Args),
     /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps.
     Bitmap(bitmap::Args),
+    /// Copy a range of an image into a new image, dd-style (bs=, count=, skip=, if=, of=).
+    Dd(dd::Args),
 }
 
 fn main() -> ExitCode {
@@ -144,6 +147,7 @@ fn main() -> ExitCode {
         Command::Amend(args) => (amend::run(args), 1),
         Command::Tree(args) => (tree::run(args), 1),
         Command::Bitmap(args) => (bitmap::run(args), 1),
+        Command::Dd(args) => (dd::run(args), 1),
     };
     // A failed stdout (other than a closed pipe) fails a command that succeeded.
     let result = result.and_then(|code| match common::stdout_error() {
