@@ -362,6 +362,94 @@ pub fn apply_create_options(options: &mut CreateOptions, texts: &[String]) -> Re
     Ok(())
 }
 
+/// Whether qemu-img's `-o` text asks for the list of options (`help` or `?` among them).
+pub fn wants_option_help(texts: &[String]) -> bool {
+    texts.iter().any(|text| {
+        split_options(text)
+            .unwrap_or_default()
+            .iter()
+            .any(|(key, _)| key == "help" || key == "?")
+    })
+}
+
+/// The creation options qimg honours for `format`, as qemu-img lists them: name, value
+/// type, description.
+fn create_option_list(
+    format: Format,
+    with_file: bool,
+) -> Vec<(&'static str, &'static str, &'static str)> {
+    const QCOW2: [(&str, &str, &str); 12] = [
+        ("backing_file", "str", "File name of a base image"),
+        ("backing_fmt", "str", "Image format of the base image"),
+        ("cluster_size", "size", "qcow2 cluster size"),
+        (
+            "compat",
+            "str",
+            "Compatibility level (v2 [0.10] or v3 [1.1])",
+        ),
+        (
+            "compression_type",
+            "str",
+            "Compression method used for image cluster compression",
+        ),
+        ("data_file", "str", "File name of an external data file"),
+        (
+            "data_file_raw",
+            "bool (on/off)",
+            "The external data file must stay valid as a raw image",
+        ),
+        ("extended_l2", "bool (on/off)", "Extended L2 tables"),
+        (
+            "lazy_refcounts",
+            "bool (on/off)",
+            "Postpone refcount updates",
+        ),
+        (
+            "preallocation",
+            "str",
+            "Preallocation mode (allowed values: off, metadata, falloc, full)",
+        ),
+        (
+            "refcount_bits",
+            "num",
+            "Width of a reference count entry in bits",
+        ),
+        ("size", "size", "Virtual disk size"),
+    ];
+    match (format, with_file) {
+        (Format::Qcow2, _) => QCOW2.to_vec(),
+        (_, false) => vec![("size", "size", "Virtual disk size")],
+        (_, true) => vec![
+            (
+                "preallocation",
+                "str",
+                "Preallocation mode (allowed values: off, falloc, full)",
+            ),
+            ("size", "size", "Virtual disk size"),
+        ],
+    }
+}
+
+/// Prints the creation options of `format` on stdout as qemu-img's `-o help` does: with
+/// a target file named, the options of the format and of the file together; without,
+/// those of the format and a note that the file has more. Only the options qimg
+/// honours are listed (not qemu-img's encryption, `nocow` or `extent_size_hint`).
+pub fn print_create_options_help(format: Format, with_file: bool) {
+    if with_file {
+        outln!("Supported options:");
+    } else {
+        outln!("Supported {} options:", format.name());
+    }
+    for (name, kind, description) in create_option_list(format, with_file) {
+        outln!("  {:<22} - {description}", format!("{name}=<{kind}>"));
+    }
+    if !with_file {
+        outln!();
+        outln!("The protocol level may support further options.");
+        outln!("Specify the target filename to include those options.");
+    }
+}
+
 /// Progress of a long command (`-p`), shown as qemu-img shows it to what reads it: on a
 /// terminal, a bar on stderr; otherwise (a pipe, a file) qemu-img's lines on stdout,
 /// `    (12.34/100%)` each followed by `\r`, from `0.00` up to `100.00` and then a

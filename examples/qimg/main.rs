@@ -36,6 +36,8 @@ mod common;
 mod compare;
 mod convert;
 mod create;
+mod dd;
+mod docs;
 mod du;
 mod info;
 mod io;
@@ -53,9 +55,14 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "qimg", version, about = "qemu-img-style tool for qcow2 images")]
+#[command(
+    name = "qimg",
+    version,
+    about = "qemu-img-style tool for qcow2 images",
+    after_help = "Man pages and shell completions: qimg --generate-docs DIR"
+)]
 // Usage errors are qemu-img's: one line and exit code 1, see `usage_error`.
-struct Cli {
+pub(crate) struct Cli {
     /// Refuse backing files and external data files outside DIR (after resolving
     /// symbolic links and `..`), for images that are not trusted. Applies to every
     /// command that opens a backing chain.
@@ -79,7 +86,8 @@ enum Command {
     Check(check::Args),
     /// Show the allocation map of an image through its chain.
     Map(map::Args),
-    /// Convert an image (through its chain) to another format.
+    /// Copy an image's content (through its chain), or several images' one after the
+    /// other, into a new image or (-n) an existing one, in another format if asked.
     Convert(convert::Args),
     /// Compare the guest-visible content of two images.
     Compare(compare::Args),
@@ -111,10 +119,16 @@ enum Command {
     Bitmap(bitmap::Args),
     /// Time a stream of read or write requests, as qemu-img bench.
     Bench(bench::Args),
+    /// Copy a range of an image into a new image, dd-style (bs=, count=, skip=, if=, of=).
+    Dd(dd::Args),
 }
 
 fn main() -> ExitCode {
     raise_open_file_limit();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if args.first().is_some_and(|a| a == docs::OPTION) {
+        return generate_docs(&args[1..]);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(error) => {
@@ -148,6 +162,7 @@ fn main() -> ExitCode {
         Command::Tree(args) => (tree::run(args), 1),
         Command::Bitmap(args) => (bitmap::run(args), 1),
         Command::Bench(args) => (bench::run(args), 1),
+        Command::Dd(args) => (dd::run(args), 1),
     };
     // A failed stdout (other than a closed pipe) fails a command that succeeded.
     let result = result.and_then(|code| match common::stdout_error() {
@@ -160,6 +175,27 @@ fn main() -> ExitCode {
             // Each error and its causes, once each, on one line.
             eprintln!("qimg: {}", one_line(&format!("{e:#}")));
             ExitCode::from(error_code)
+        }
+    }
+}
+
+/// `qimg --generate-docs DIR`: writes the man pages and completions into DIR and lists
+/// them on stdout.
+fn generate_docs(args: &[std::ffi::OsString]) -> ExitCode {
+    let [dir] = args else {
+        eprintln!("qimg: {} takes one directory", docs::OPTION);
+        return ExitCode::from(1);
+    };
+    match docs::generate(std::path::Path::new(dir)) {
+        Ok(files) => {
+            for file in files {
+                outln!("{}", file.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("qimg: {}", one_line(&format!("{e:#}")));
+            ExitCode::from(1)
         }
     }
 }

@@ -18,7 +18,10 @@ pub use crate::progress::Progress;
 pub use bench::{BenchOptions, BenchReport, bench};
 pub use checksum::checksum;
 pub use compare::{Comparison, compare};
-pub use convert::{ConvertOptions, convert, convert_to_qcow2, convert_to_raw};
+pub use convert::{
+    ConvertOptions, concatenate, convert, convert_concatenated, convert_into, convert_to_qcow2,
+    convert_to_raw,
+};
 pub use du::{LayerSpace, SnapshotSpace, SpaceReport, du};
 pub use info::{ImageInfo, Qcow2Info, SnapshotInfo, chain_info, foreign_info, info, open_info};
 pub use map::{MapEntries, MapEntry, map, map_range};

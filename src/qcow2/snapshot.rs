@@ -72,6 +72,52 @@ impl Image {
         self.snapshot_op(|_| Ok(()), |w| self.delete_locked(w, id_or_name))
     }
 
+    /// Makes the snapshot named by `id` and/or `name` the image's content for reading,
+    /// in memory only, as QEMU's `bdrv_snapshot_load_tmp` does for `qemu-img convert -l`:
+    /// the snapshot's L1 table replaces the active one in this handle; nothing on disk
+    /// changes and the virtual size stays the active image's. With both given, a
+    /// snapshot must match both; with one, that one. Only for an image opened read-only
+    /// (a write would go through the snapshot's tables).
+    pub fn load_snapshot_read_only(&self, id: Option<&str>, name: Option<&str>) -> Result<()> {
+        if self.is_writable() {
+            return Err(self.name_error(Error::InvalidArgument(
+                "a snapshot is loaded only into an image opened read-only".into(),
+            )));
+        }
+        let found = self.meta().snapshots.iter().find_map(|s| {
+            let matches = match (id, name) {
+                (Some(id), Some(name)) => s.id == id && s.name == name,
+                (Some(id), None) => s.id == id,
+                (None, Some(name)) => s.name == name,
+                (None, None) => false,
+            };
+            matches.then_some((s.l1_table_offset, s.l1_size))
+        });
+        let Some((offset, entries)) = found else {
+            return Err(self.name_error(Error::InvalidArgument("Can't find snapshot".into())));
+        };
+        if offset % self.cluster_size() != 0 {
+            return Err(self.name_error(Error::corrupt(
+                "snapshot L1 table",
+                offset,
+                "not aligned to a cluster".to_owned(),
+            )));
+        }
+        let l1 = self
+            .read_l1(offset, entries)
+            .map_err(|e| self.name_error(e))?;
+        {
+            let mut meta = self.meta_mut();
+            meta.header.l1_table_offset = offset;
+            meta.header.l1_size = entries;
+            meta.l1 = l1;
+        }
+        // Cached tables stay right (keyed by their host offset), but start afresh anyway:
+        // the snapshot's tables are what is read from now on.
+        self.l2_cache.clear();
+        Ok(())
+    }
+
     /// Runs `op` under the exclusive lock after a checkpoint, with the dirty bit set
     /// (version 3); `check` runs first and may refuse before anything changes.
     fn snapshot_op<T>(

@@ -39,7 +39,7 @@ pub trait Storage: Send + Sync {
     fn flush(&self) -> io::Result<()>;
     /// Copies `len` bytes of `src` from `src_offset` to `offset` of this storage, growing
     /// it as [`Storage::write_at`] does. The default reads and writes through a bounded
-    /// buffer; host files let the kernel copy ([`FileStorage`]), which file systems that
+    /// buffer; host files let the kernel copy ([`FileStorage`](super::FileStorage)), which file systems that
     /// share extents (XFS, Btrfs) do by sharing them: no data moves.
     fn copy_from(
         &self,
@@ -49,6 +49,13 @@ pub trait Storage: Send + Sync {
         len: u64,
     ) -> io::Result<()> {
         copy_through_buffer(src, src_offset, self, offset, len)
+    }
+    /// Makes `offset..offset + len` (inside the storage) read as zeros, letting the space
+    /// go where the storage can, as QEMU's zero writes that may unmap do. The default
+    /// writes zeros; host files punch a hole
+    /// ([`FileStorage`](super::FileStorage)).
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        super::write_zeros(offset, len, |zeros, at| self.write_at(zeros, at))
     }
     /// The host file behind this storage, for [`Storage::copy_from`] between files.
     fn as_file(&self) -> Option<&std::fs::File> {
@@ -143,6 +150,9 @@ macro_rules! forward_storage {
                 len: u64,
             ) -> io::Result<()> {
                 (**self).copy_from(src, src_offset, offset, len)
+            }
+            fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+                (**self).write_zeroes(offset, len)
             }
             fn as_file(&self) -> Option<&std::fs::File> {
                 (**self).as_file()

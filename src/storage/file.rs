@@ -166,6 +166,31 @@ impl Storage for FileStorage {
         }
         Ok(())
     }
+    /// Makes `offset..offset + len` (inside the file) read as zeros, as QEMU's file driver
+    /// does for a zero write that may unmap: the range is punched out
+    /// (`FALLOC_FL_PUNCH_HOLE`, keeping the length), else zeroed in place
+    /// (`FALLOC_FL_ZERO_RANGE`), else written with zeros where the file system (or
+    /// device) can do neither.
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        use rustix::fs::FallocateFlags;
+        self.check_writable()?;
+        if len == 0 {
+            return Ok(());
+        }
+        for flags in [
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE,
+        ] {
+            match rustix::fs::fallocate(&self.file, flags, offset, len) {
+                Ok(()) => return Ok(()),
+                Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => {}
+                // Block devices refuse ranges their discard cannot do exactly.
+                Err(rustix::io::Errno::INVAL | rustix::io::Errno::NODEV) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        super::write_zeros(offset, len, |zeros, at| self.write_at(zeros, at))
+    }
     fn as_file(&self) -> Option<&File> {
         Some(&self.file)
     }
@@ -271,5 +296,23 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
         // ext4 and tmpfs share no extents; a memory source never does.
         assert!(!dst.shares_extents_with(&mem));
+    }
+
+    #[test]
+    fn write_zeroes_zeroes_inside_the_file_and_keeps_its_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, pattern(1 << 20)).unwrap();
+        let file = FileStorage::open(&path, true).unwrap();
+        file.write_zeroes(4096 + 3, 70000).unwrap();
+        let mut got = vec![0u8; 1 << 20];
+        file.read_at(&mut got, 0).unwrap();
+        let mut want = pattern(1 << 20);
+        want[4096 + 3..4096 + 3 + 70000].fill(0);
+        assert!(got == want);
+        assert_eq!(file.len().unwrap(), 1 << 20);
+        let read_only = FileStorage::open(&path, false).unwrap();
+        let err = read_only.write_zeroes(0, 10).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
     }
 }

@@ -62,6 +62,10 @@ impl Storage for Recording {
         self.note("copy_from");
         self.inner.copy_from(src, src_offset, offset, len)
     }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.note("write_zeroes");
+        self.inner.write_zeroes(offset, len)
+    }
     fn as_file(&self) -> Option<&std::fs::File> {
         self.note("as_file");
         None
@@ -113,6 +117,7 @@ pub(crate) fn call_every_method(storage: &dyn Storage) -> usize {
     storage.write_at(&buf, 8).unwrap();
     storage.flush().unwrap();
     storage.copy_from(&other, 0, 0, 8).unwrap();
+    storage.write_zeroes(0, 8).unwrap();
     let _ = storage.as_file();
     storage.lock(LockMode::READ).unwrap();
     let _ = storage.shares_extents_with(&other);
@@ -123,5 +128,5 @@ pub(crate) fn call_every_method(storage: &dyn Storage) -> usize {
     let _ = storage.allocated_size();
     let _ = storage.is_read_only();
     storage.extent(0, 8).unwrap();
-    14
+    15
 }

@@ -12,7 +12,8 @@ use crate::storage::write_zeros;
 pub(super) enum Action {
     /// Leave unallocated: it already reads right.
     Skip,
-    /// Make it read as zeros over a backing file that does not.
+    /// Make it read as zeros: over a backing file that does not, or over what an
+    /// existing output held.
     Zero,
     /// Write the source's bytes.
     Data,
@@ -30,6 +31,10 @@ pub(super) struct Clusters<'a> {
     pub version3: bool,
     /// The output's cluster size.
     pub cluster_size: u64,
+    /// The output reads as zeros where nothing is written (a fresh image, or
+    /// `--target-is-zero`): zeros need no writing. Otherwise (`-n` into an image that may
+    /// hold anything) they are written as zeros.
+    pub zero_init: bool,
 }
 
 /// Stores a compressed cluster in the output.
@@ -41,9 +46,10 @@ impl Clusters<'_> {
     fn classify(&self, src: Option<&[u8]>, base: Option<&[u8]>) -> Action {
         let src_zero = src.is_none_or(is_zero);
         if !self.has_base {
-            return match src_zero && self.min_sparse != 0 {
-                true => Action::Skip,
-                false => Action::Data,
+            return match (src_zero && self.min_sparse != 0, self.zero_init) {
+                (true, true) => Action::Skip,
+                (true, false) => Action::Zero,
+                (false, _) => Action::Data,
             };
         }
         let equal = match (src, base) {
@@ -126,7 +132,9 @@ impl Clusters<'_> {
     ) -> Result<()> {
         match action {
             Action::Skip => Ok(()),
-            Action::Zero => self.out.write_zeroes(start, end - start, false),
+            // Without a backing file, freed clusters read as zeros: let them go, as
+            // qemu-img's zero writes may.
+            Action::Zero => self.out.write_zeroes(start, end - start, !self.has_base),
             Action::Data => match pool {
                 // Whole clusters at a time: each is compressed alone.
                 Some(pool) => {

@@ -31,6 +31,9 @@ pub struct ConvertOptions {
     /// With `bitmaps`, leave out the bitmaps in use instead of refusing
     /// (`--skip-broken-bitmaps`).
     pub skip_broken_bitmaps: bool,
+    /// Into an existing output ([`super::convert_into`]): the caller vouches that it
+    /// reads as zeros, so zeros are not written (qemu-img's `--target-is-zero`).
+    pub target_is_zero: bool,
 }
 
 impl Default for ConvertOptions {
@@ -43,6 +46,7 @@ impl Default for ConvertOptions {
             sync: false,
             bitmaps: false,
             skip_broken_bitmaps: false,
+            target_is_zero: false,
         }
     }
 }

@@ -75,6 +75,9 @@ impl<S: Storage + ?Sized> Storage for Unsynced<S> {
     ) -> io::Result<()> {
         self.0.copy_from(src, src_offset, offset, len)
     }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.write_zeroes(offset, len)
+    }
     fn as_file(&self) -> Option<&std::fs::File> {
         self.0.as_file()
     }

@@ -18,7 +18,9 @@ use std::path::Path;
 use crate::chain::{Chain, ChainOptions};
 use crate::create::{CreateOptions, create};
 use crate::error::{Error, Result};
+use crate::format::CompressionType;
 use crate::layers::Format;
+use crate::layers::Layer;
 use crate::names::resolve_relative;
 use crate::ops::compress_pool::{CompressPool, Compressed};
 use crate::ops::read_ahead::{Window, Windows, for_each_window};
@@ -91,11 +93,84 @@ pub fn convert_to_qcow2(
         min_sparse: options.min_sparse,
         version3: create_options.compat == Compat::V1_1,
         cluster_size: create_options.cluster_size,
+        zero_init: true,
     };
-    let cs = create_options.cluster_size;
+    fill(
+        chain,
+        base.as_ref(),
+        &clusters,
+        create_options.compression_type,
+        options,
+        progress,
+    )?;
+    out.close()?;
+    if options.sync {
+        for (path, file) in &files {
+            file.flush()
+                .map_err(|e| Error::io("flushing", e).in_file(path))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `chain`'s guest content into the qcow2 image `out` (open for writing, at least
+/// as large as `chain`, its backing chain open below it), as `qemu-img convert -n` does:
+/// every guest byte of `chain`'s range is written, zeros included (as zero clusters or
+/// freed clusters where whole clusters allow), unless
+/// [`ConvertOptions::target_is_zero`] says `out` reads as zeros already. With `base`
+/// (`-B` given with `-n`), clusters that read in `base` as in `chain` are left as `out`
+/// has them. The caller flushes and closes `out`.
+pub(super) fn fill_existing_qcow2(
+    chain: &Chain,
+    out: &Chain,
+    base: Option<&Chain>,
+    options: &ConvertOptions,
+    progress: Progress<'_>,
+) -> Result<()> {
+    options.check_min_sparse()?;
+    let Layer::Qcow2(image) = out.top() else {
+        return Err(Error::InvalidArgument(
+            "the output is not a qcow2 image".into(),
+        ));
+    };
+    if options.compress && image.has_external_data_file() {
+        return Err(Error::Unsupported(
+            "compressed clusters in an image with an external data file",
+        ));
+    }
+    let clusters = Clusters {
+        out,
+        has_base: base.is_some(),
+        min_sparse: options.min_sparse,
+        version3: image.header().version >= 3,
+        cluster_size: image.cluster_size(),
+        zero_init: options.target_is_zero,
+    };
+    fill(
+        chain,
+        base,
+        &clusters,
+        image.compression_type(),
+        options,
+        progress,
+    )
+}
+
+/// Copies `chain`'s content through `clusters` into its output, `base` being the
+/// output's backing chain if it has one.
+fn fill(
+    chain: &Chain,
+    base: Option<&Chain>,
+    clusters: &Clusters<'_>,
+    compression_type: CompressionType,
+    options: &ConvertOptions,
+    progress: Progress<'_>,
+) -> Result<()> {
+    let out = clusters.out;
+    let cs = clusters.cluster_size;
     // The unit of the "is this block all zeros" decision: whole clusters, or -S blocks
     // rounded up to whole clusters. Over a backing file, clusters are compared one by one.
-    let unit = if base.is_some() || options.min_sparse <= cs {
+    let unit = if clusters.has_base || options.min_sparse <= cs {
         cs
     } else {
         options.min_sparse.div_ceil(cs) * cs
@@ -109,10 +184,11 @@ pub fn convert_to_qcow2(
         n => n,
     };
     let mut tracker = Tracker::new(progress, chain.size());
+    let base = base.filter(|_| clusters.has_base);
     std::thread::scope(|scope| -> Result<()> {
-        let mut pool = options.compress.then(|| {
-            CompressPool::start(scope, threads, create_options.compression_type, cs as usize)
-        });
+        let mut pool = options
+            .compress
+            .then(|| CompressPool::start(scope, threads, compression_type, cs as usize));
         let mut store = |c: Compressed<'_>| -> Result<()> {
             match c.compressed {
                 Some(bytes) => out.write_compressed(c.offset, &bytes),
@@ -120,19 +196,19 @@ pub fn convert_to_qcow2(
             }
         };
         let mut done = 0u64;
-        for_each_window(chain, base.as_ref(), cut, |piece| {
+        for_each_window(chain, base, cut, |piece| {
             match piece {
                 Window::Zero { offset, len } => {
-                    if !clusters.has_base && clusters.min_sparse == 0 {
-                        clusters.write(
-                            Action::Data,
-                            offset,
-                            None,
-                            offset + len,
-                            &mut pool,
-                            &mut store,
-                        )?;
-                    }
+                    // Zeros in both: nothing to write over a backing file or into an
+                    // output that reads as zeros, unless -S 0 asks for allocation.
+                    let action = match (clusters.has_base, clusters.min_sparse, clusters.zero_init)
+                    {
+                        (true, _, _) => Action::Skip,
+                        (false, 0, _) => Action::Data,
+                        (false, _, true) => Action::Skip,
+                        (false, _, false) => Action::Zero,
+                    };
+                    clusters.write(action, offset, None, offset + len, &mut pool, &mut store)?;
                     done += len;
                 }
                 Window::Data {
@@ -153,13 +229,5 @@ pub fn convert_to_qcow2(
         }
         Ok(())
     })?;
-    tracker.finish()?;
-    out.close()?;
-    if options.sync {
-        for (path, file) in &files {
-            file.flush()
-                .map_err(|e| Error::io("flushing", e).in_file(path))?;
-        }
-    }
-    Ok(())
+    tracker.finish()
 }

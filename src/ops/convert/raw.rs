@@ -1,6 +1,7 @@
 //! Raw output: a sparse file. Ranges that read as zeros are never read nor written, and
 //! blocks of data that are all zeros (of [`ConvertOptions::min_sparse`] bytes) are left as
-//! holes. Data is read ahead in large chunks while this thread writes.
+//! holes. Data is read ahead in large chunks while this thread writes. Into an existing
+//! output (`-n`), the zeros are written too ([`fill_raw`]).
 
 use crate::chain::Chain;
 use crate::error::{Error, Result};
@@ -21,6 +22,22 @@ pub fn convert_to_raw(
     options: &ConvertOptions,
     progress: Progress<'_>,
 ) -> Result<()> {
+    out.set_len(chain.size())
+        .map_err(|e| Error::io("setting the output's length", e))?;
+    fill_raw(chain, out, None, options, progress)
+}
+
+/// Writes `chain`'s guest content over the start of `out`, whose length is kept. Where
+/// the content reads as zeros, `zero(offset, len)` makes `out` read as zeros (`None`:
+/// `out` reads as zeros there already, nothing is written); with
+/// [`ConvertOptions::min_sparse`] 0, zeros are written as data instead.
+pub(super) fn fill_raw(
+    chain: &Chain,
+    out: &dyn Storage,
+    zero: Option<&dyn Fn(u64, u64) -> Result<()>>,
+    options: &ConvertOptions,
+    progress: Progress<'_>,
+) -> Result<()> {
     options.check_min_sparse()?;
     if options.compress {
         return Err(Error::Unsupported("compressed clusters in a raw image"));
@@ -31,14 +48,18 @@ pub fn convert_to_raw(
         out.write_at(buf, offset)
             .map_err(|e| Error::io(format!("writing output at {offset:#x}"), e))
     };
-    out.set_len(total)
-        .map_err(|e| Error::io("setting the output's length", e))?;
+    let zero = |offset: u64, len: u64| match zero {
+        Some(zero) if len > 0 => zero(offset, len),
+        _ => Ok(()),
+    };
     let mut done = 0u64;
     for_each_chunk(chain, options.chunk_size, |chunk| {
         match chunk {
             Chunk::Zero { offset, len } => {
                 if options.min_sparse == 0 {
                     write_zeros(offset, len, write)?;
+                } else {
+                    zero(offset, len)?;
                 }
                 done += len;
             }
@@ -46,9 +67,13 @@ pub fn convert_to_raw(
                 if options.min_sparse == 0 {
                     write(bytes, offset)?;
                 } else {
+                    let mut at = 0;
                     for (start, end) in nonzero_spans(bytes, offset, options.min_sparse) {
+                        zero(offset + at as u64, (start - at) as u64)?;
                         write(&bytes[start..end], offset + start as u64)?;
+                        at = end;
                     }
+                    zero(offset + at as u64, (bytes.len() - at) as u64)?;
                 }
                 done += bytes.len() as u64;
             }
