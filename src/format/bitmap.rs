@@ -230,6 +230,26 @@ pub fn decode_bitmap_directory(
             entries.len()
         )));
     }
+    // Each bitmap has a table of its own: shared tables would let a small file claim
+    // many bitmaps' worth of memory, and storing one would free another's clusters.
+    let mut tables: Vec<(u64, u64, usize)> = entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let clusters = (u64::from(e.table_size) * 8).div_ceil(cluster_size);
+            (e.table_offset, e.table_offset + clusters * cluster_size, i)
+        })
+        .collect();
+    tables.sort_unstable();
+    for pair in tables.windows(2) {
+        if pair[1].0 < pair[0].1 {
+            return Err(whole(format!(
+                "entries {} and {} have bitmap tables in the same clusters",
+                pair[0].2.min(pair[1].2),
+                pair[0].2.max(pair[1].2)
+            )));
+        }
+    }
     Ok(entries)
 }
 
@@ -322,7 +342,10 @@ mod tests {
 
     #[test]
     fn a_directory_round_trips_through_its_entries() {
-        let entries = [entry("a"), entry("a longer name, 23 bytes"), entry("b")];
+        let mut entries = [entry("a"), entry("a longer name, 23 bytes"), entry("b")];
+        for (i, e) in entries.iter_mut().enumerate() {
+            e.table_offset += i as u64 * CS;
+        }
         let dir = directory(&entries);
         assert_eq!(dir.len(), 32 + 48 + 32);
         assert_eq!(
@@ -372,6 +395,15 @@ mod tests {
         assert!(refused(&dir, 3).starts_with("holds 2 entries"));
         assert!(refused(&dir[..40], 2).starts_with("entry 1: entry "));
         assert!(refused(&[], 0).starts_with("bitmap_directory_size"));
+    }
+
+    #[test]
+    fn bitmaps_may_not_share_table_clusters() {
+        let mut b = entry("b");
+        b.table_offset = 0x50000;
+        assert!(refused(&directory(&[entry("a"), b.clone()]), 2).starts_with("entries 0 and 1"));
+        b.table_offset = 0x60000;
+        assert!(decode_bitmap_directory(&directory(&[entry("a"), b]), 0x40000, 2, CS).is_ok());
     }
 
     #[test]

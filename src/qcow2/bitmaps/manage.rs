@@ -175,6 +175,9 @@ impl Image {
                     "the bitmap directory would exceed QEMU's 64 MiB".into(),
                 ));
             }
+            if enabled {
+                super::track::check_memory(set, &entry, self.size())?;
+            }
             let data = DirtyBitmap::new(self.size(), granularity_bits);
             let stored = self.store_bitmap_data(w, &data)?;
             entry.table_offset = stored.table_offset;
@@ -250,6 +253,7 @@ impl Image {
                 return Err(inconsistent(name));
             }
             if set.bitmaps[i].data.is_none() {
+                super::track::check_memory(set, &set.bitmaps[i].entry, self.size())?;
                 let data = self.load_bitmap_data(&set.bitmaps[i].entry)?;
                 set.bitmaps[i].data = Some(data);
                 set.armed = false;

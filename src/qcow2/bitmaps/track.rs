@@ -18,6 +18,37 @@ use crate::qcow2::write::Writer;
 
 use super::state::{BitmapSet, Tracked};
 
+/// The most bitmap memory an image loads (QEMU's limit for one bitmap is 512 MiB): a
+/// directory of many large bitmaps is refused, not loaded.
+const MAX_LOADED_BYTES: u64 = 1 << 30;
+
+/// Refuses loading `entry` when the loaded bitmaps would take more than
+/// [`MAX_LOADED_BYTES`].
+pub(super) fn check_memory(
+    set: &BitmapSet,
+    entry: &crate::format::BitmapDirectoryEntry,
+    disk_size: u64,
+) -> Result<()> {
+    let loaded: u64 = set
+        .bitmaps
+        .iter()
+        .filter_map(|t| t.data.as_ref())
+        .map(|d| d.data_len())
+        .sum();
+    let needed = disk_size.div_ceil(entry.granularity()).div_ceil(8);
+    if loaded + needed > MAX_LOADED_BYTES {
+        return Err(crate::error::Error::Bitmap {
+            name: entry.name.clone(),
+            reason: format!(
+                "loading it would take {} bytes of memory beside {loaded} already loaded \
+                 (at most {MAX_LOADED_BYTES})",
+                needed
+            ),
+        });
+    }
+    Ok(())
+}
+
 impl Image {
     pub(crate) fn bitmap_set(&self) -> std::sync::RwLockReadGuard<'_, BitmapSet> {
         self.bitmaps.read().unwrap_or_else(PoisonError::into_inner)
@@ -39,6 +70,7 @@ impl Image {
             let inconsistent = entry.flags.contains(BitmapFlags::IN_USE);
             let enabled = entry.flags.contains(BitmapFlags::AUTO);
             let data = if enabled && !inconsistent {
+                check_memory(&set, &entry, self.size())?;
                 Some(self.load_bitmap_data(&entry)?)
             } else {
                 None
@@ -121,7 +153,8 @@ impl Image {
             if t.inconsistent || t.data.is_some() {
                 continue;
             }
-            let data = self.load_bitmap_data(&t.entry)?;
+            check_memory(&set, &t.entry, self.size())?;
+            let data = self.load_bitmap_data(&set.bitmaps[i].entry)?;
             set.bitmaps[i].data = Some(data);
             loaded = true;
         }
@@ -190,5 +223,30 @@ fn mark(set: &BitmapSet, offset: u64, len: u64) {
         if let Some(data) = &t.data {
             data.mark(offset, len);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::BitmapDirectoryEntry;
+
+    fn entry(granularity_bits: u8) -> BitmapDirectoryEntry {
+        BitmapDirectoryEntry {
+            table_offset: 0x10000,
+            table_size: 1,
+            flags: BitmapFlags::AUTO,
+            granularity_bits,
+            name: "b".into(),
+        }
+    }
+
+    #[test]
+    fn loading_stops_at_a_gibibyte_of_bitmaps() {
+        let set = BitmapSet::default();
+        // 4 TiB at 512 bytes per bit: 1 GiB of bits, the whole budget.
+        assert!(check_memory(&set, &entry(9), 4 << 40).is_ok());
+        assert!(check_memory(&set, &entry(9), (4 << 40) + (1 << 20)).is_err());
+        assert!(check_memory(&set, &entry(16), 4 << 40).is_ok());
     }
 }

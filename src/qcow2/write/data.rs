@@ -76,6 +76,16 @@ impl Image {
                 };
                 let part = buf.slice(done, done + run.len);
                 self.check_overlap("data", host, run.len, None)?;
+                // A damaged L2 entry may point far past the file: writing there would
+                // grow it by that much (reads refuse such clusters too).
+                if !self.has_external_data_file() && host + run.len > self.file_len() {
+                    return Err(Error::Truncated {
+                        structure: "guest data",
+                        offset: host,
+                        len: run.len,
+                        file_len: self.file_len(),
+                    });
+                }
                 part.write_to(self, host)?;
                 done += run.len;
             }
