@@ -9,7 +9,8 @@
 #   chain-read  reads through the 3-layer chain of mkchain.sh (SCALE 1): data from every
 #               layer, zeros, unallocated ranges
 # each with 4 KiB and 64 KiB requests at depth 1 and 16. Scattered streams use qemu-img's
-# step (-S 1M+4k: every request in another cluster); allocating ones step a cluster.
+# step (-S 1M plus the request size: every request in another cluster); allocating ones
+# step a cluster.
 #
 # Usage: scripts/bench-io.sh [-n RUNS]     (RUNS >= 3, default 3)
 #
@@ -95,8 +96,10 @@ row() {
 	printf '%-22s %10.3f %10.3f %8.2f\n' "$name" "$qm" "$om" "$(echo "$qm / $om" | bc -l)"
 }
 
-scatter=1052672
 for size in 4k 64k; do
+	# 1 MiB plus one request: every request in another cluster, aligned to its size, so
+	# that wrapping at the end never makes one cross it.
+	scatter=$((1048576 + $([ "$size" = 4k ] && echo 4096 || echo 65536)))
 	for depth in 1 16; do
 		count=50000
 		[ "$size" = 64k ] && count=10000
