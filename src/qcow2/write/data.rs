@@ -12,7 +12,7 @@ use crate::storage::Storage;
 use crate::qcow2::image::Image;
 use crate::qcow2::mapping::{Mapping, Run};
 
-use super::source::{PendingWrite, Source};
+use super::source::{PendingWrite, Source, write_data};
 use super::state::{BackingRead, Writer};
 
 impl Image {
@@ -75,18 +75,7 @@ impl Image {
                     break;
                 };
                 let part = buf.slice(done, done + run.len);
-                self.check_overlap("data", host, run.len, None)?;
-                // A damaged L2 entry may point far past the file: writing there would
-                // grow it by that much (reads refuse such clusters too).
-                if !self.has_external_data_file() && host + run.len > self.file_len() {
-                    return Err(Error::Truncated {
-                        structure: "guest data",
-                        offset: host,
-                        len: run.len,
-                        file_len: self.file_len(),
-                    });
-                }
-                part.write_to(self, host)?;
+                write_data(self, host, part)?;
                 done += run.len;
             }
             done

@@ -143,6 +143,19 @@ impl<'a> Source<'a> {
 /// Writes `source` at `host` of the image's data storage, after the overlap check.
 pub(super) fn write_data(image: &Image, host: u64, source: Source<'_>) -> Result<()> {
     image.check_overlap("data", host, source.len(), None)?;
+    // Clusters this image holds start inside the file (QEMU may leave the last one
+    // short); a damaged L2 entry may point far past it, and writing there would grow the
+    // file by that much (reads refuse such clusters too).
+    let file_len = image.file_len();
+    let cluster = host & !(image.cluster_size() - 1);
+    if image.data_file.is_none() && cluster >= file_len {
+        return Err(crate::error::Error::Truncated {
+            structure: "guest data",
+            offset: host,
+            len: source.len(),
+            file_len,
+        });
+    }
     source.write_to(image, host)?;
     if image.data_file.is_none() {
         image
