@@ -484,22 +484,29 @@ fn convert_options_match_qemu_img_on_twin_files() {
 }
 
 #[test]
-fn convert_o_help_lists_the_create_options_as_qemu_img() {
+fn convert_and_create_o_help_list_the_create_options_as_qemu_img() {
     let s = fixture();
-    for (format, file) in [
-        ("qcow2", false),
-        ("qcow2", true),
-        ("raw", false),
-        ("raw", true),
+    for (command, format, file) in [
+        ("convert", "qcow2", false),
+        ("convert", "qcow2", true),
+        ("convert", "raw", false),
+        ("convert", "raw", true),
+        ("create", "qcow2", false),
+        ("create", "qcow2", true),
+        ("create", "raw", false),
+        ("create", "raw", true),
     ] {
-        let mut args = vec!["convert", "-O", format, "-o", "help"];
-        if file {
+        let flag = if command == "convert" { "-O" } else { "-f" };
+        let mut args = vec![command, flag, format, "-o", "help"];
+        if file && command == "convert" {
             args.extend(["top.qcow2", "x.img"]);
+        } else if file {
+            args.extend(["x.img", "1M"]);
         }
         let theirs = s.qemu_img(&args);
         let ours = s.qimg(&args);
         let theirs: Vec<&str> = theirs.lines().collect();
-        let label = format!("{format} with file: {file}");
+        let label = format!("{command} {format} with file: {file}");
         assert_eq!(ours.lines().next(), theirs.first().copied(), "{label}");
         // Every line qimg prints is qemu-img's, in qemu-img's order; qimg leaves out only
         // the options it does not honour (encryption, nocow, extent_size_hint).

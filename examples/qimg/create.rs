@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use qcow2_engine::{Compat, CreateOptions, Format, ImageOptions, Layer, Preallocation, create};
 
-use crate::common::{apply_create_options, parse_format, parse_size};
+use crate::common::{
+    apply_create_options, parse_format, parse_size, print_create_options_help, wants_option_help,
+};
 
 /// Arguments of `qimg create`.
 #[derive(clap::Args)]
@@ -28,15 +30,22 @@ pub struct Args {
     /// Print nothing on success.
     #[arg(short = 'q')]
     quiet: bool,
-    /// The image to create (truncated if it exists).
-    file: PathBuf,
+    /// The image to create (truncated if it exists); not needed with `-o help`.
+    file: Option<PathBuf>,
     /// Virtual size (qemu-img suffixes); taken from the backing file when absent.
     size: Option<String>,
 }
 
 /// Runs `qimg create`.
 pub fn run(args: Args) -> Result<u8> {
-    let file = args.file.display().to_string();
+    if wants_option_help(&args.options) {
+        print_create_options_help(args.format, args.file.is_some());
+        return Ok(0);
+    }
+    let Some(path) = args.file.clone() else {
+        bail!("Expecting image file name");
+    };
+    let file = path.display().to_string();
     let mut options = CreateOptions {
         format: args.format,
         ..CreateOptions::default()
@@ -60,9 +69,9 @@ pub fn run(args: Args) -> Result<u8> {
         // qemu-img refuses to guess a backing format at creation.
         bail!("{file}: Backing file specified without backing format (use -F FMT)");
     }
-    create(&args.file, &options)?;
+    create(&path, &options)?;
     if !args.quiet {
-        outln!("{}", formatting_line(&file, &args.file, &options));
+        outln!("{}", formatting_line(&file, &path, &options));
     }
     Ok(0)
 }
