@@ -51,11 +51,16 @@ impl Image {
     /// everything written before it (bitmap tables and data the entries point at), then
     /// switched to by one write of the first cluster. Afterwards the old directory and
     /// `frees` (host `(offset, bytes)` ranges the old entries used) are freed.
+    ///
+    /// `switched` runs once the new directory is live, before the frees: the caller's
+    /// in-memory bitmaps must follow the disk even when freeing then fails (a corrupt
+    /// refcount), or a retry would write the same change twice.
     pub(super) fn switch_bitmap_directory(
         &self,
         w: &mut Writer,
         entries: &[BitmapDirectoryEntry],
         frees: &[(u64, u64)],
+        switched: impl FnOnce(),
     ) -> Result<()> {
         let cs = self.cluster_size();
         let cb = self.geometry.cluster_bits();
@@ -102,6 +107,7 @@ impl Image {
                 .set(AutoclearFeatures::BITMAPS, new.is_some());
         }
         self.write_header_cluster()?;
+        switched();
         if let Some(old) = old {
             let clusters = old.directory_size.div_ceil(cs);
             self.queue_free(w, old.directory_offset >> cb, clusters);

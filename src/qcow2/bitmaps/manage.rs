@@ -186,15 +186,16 @@ impl Image {
             }
             let mut entries: Vec<_> = set.bitmaps.iter().map(|t| t.entry.clone()).collect();
             entries.push(entry.clone());
-            self.switch_bitmap_directory(w, &entries, &[])?;
             // An enabled bitmap starts recording at once: loaded (clean) and marked in
             // use with the others.
-            set.bitmaps.push(Tracked {
-                entry,
-                inconsistent: false,
-                enabled,
-                data: enabled.then_some(data),
-            });
+            self.switch_bitmap_directory(w, &entries, &[], || {
+                set.bitmaps.push(Tracked {
+                    entry,
+                    inconsistent: false,
+                    enabled,
+                    data: enabled.then_some(data),
+                });
+            })?;
             if enabled {
                 set.armed = false;
                 self.arm_bitmaps(w, set)?;
@@ -215,9 +216,9 @@ impl Image {
                 .filter(|(j, _)| *j != i)
                 .map(|(_, t)| t.entry.clone())
                 .collect();
-            self.switch_bitmap_directory(w, &entries, &frees)?;
-            set.bitmaps.remove(i);
-            Ok(())
+            self.switch_bitmap_directory(w, &entries, &frees, || {
+                set.bitmaps.remove(i);
+            })
         })
     }
 
@@ -275,10 +276,10 @@ impl Image {
         for t in &set.bitmaps {
             frees.extend(self.bitmap_clusters(&t.entry)?);
         }
-        self.switch_bitmap_directory(w, &[], &frees)?;
-        set.bitmaps.clear();
-        set.armed = false;
-        Ok(())
+        self.switch_bitmap_directory(w, &[], &frees, || {
+            set.bitmaps.clear();
+            set.armed = false;
+        })
     }
 
     /// Runs a bitmap operation with the image to itself.

@@ -112,10 +112,11 @@ impl Image {
                     e
                 })
                 .collect();
-            self.switch_bitmap_directory(w, &entries, &[])?;
-            for (t, e) in set.bitmaps.iter_mut().zip(entries) {
-                t.entry = e;
-            }
+            self.switch_bitmap_directory(w, &entries, &[], || {
+                for (t, e) in set.bitmaps.iter_mut().zip(&entries) {
+                    t.entry = e.clone();
+                }
+            })?;
         }
         set.armed = true;
         Ok(())
@@ -206,15 +207,15 @@ impl Image {
             }
             entries.push(e);
         }
-        self.switch_bitmap_directory(w, &entries, &frees)?;
-        for (t, e) in set.bitmaps.iter_mut().zip(entries) {
-            t.entry = e;
-            if let Some(data) = &t.data {
-                data.set_unchanged();
+        self.switch_bitmap_directory(w, &entries, &frees, || {
+            for (t, e) in set.bitmaps.iter_mut().zip(&entries) {
+                t.entry = e.clone();
+                if let Some(data) = &t.data {
+                    data.set_unchanged();
+                }
             }
-        }
-        set.armed = false;
-        Ok(())
+            set.armed = false;
+        })
     }
 }
 
