@@ -46,13 +46,21 @@ fn data_is_not_written_over_metadata_an_l2_entry_points_at() {
         ("refcount block", 0),
         ("L1 table", 1),
         ("refcount table", 2),
+        // Beyond QEMU, which guards only the directory: a table overwritten loses the
+        // bitmap.
+        ("bitmap table", 3),
     ] {
         let name = format!("img{label}.qcow2");
         image(&s, &name);
         let at = match label {
             0 => refcount_block(&s, &name),
             1 => read_header_field(&s.path(&name), HeaderField::L1TableOffset),
-            _ => read_header_field(&s.path(&name), HeaderField::RefcountTableOffset),
+            2 => read_header_field(&s.path(&name), HeaderField::RefcountTableOffset),
+            _ => {
+                s.qemu_img(&["bitmap", "--add", "--disable", &name, "b0"]);
+                let image = Image::open(s.path(&name)).unwrap();
+                image.bitmap_directory().unwrap()[0].table_offset
+            }
         };
         let before = cluster_bytes(&s, &name, at);
         // Guest cluster 1 (COPIED: an in-place overwrite) now points at the metadata.

@@ -112,6 +112,9 @@ pub(crate) struct Meta {
     pub(crate) backing_file: Option<String>,
     pub(crate) l1: Vec<u64>,
     pub(crate) snapshots: Vec<SnapshotEntry>,
+    /// Where the live bitmap directory's tables are (`(offset, bytes)`), for the overlap
+    /// map; known once a writable open read the directory.
+    pub(crate) bitmap_tables: Vec<(u64, u64)>,
 }
 
 impl std::fmt::Debug for Image {

@@ -157,6 +157,7 @@ impl Image {
                 backing_file,
                 l1,
                 snapshots,
+                bitmap_tables: Vec::new(),
             }),
             l2_cache: L2Cache::new(tables),
             file_len: AtomicU64::new(file_len),

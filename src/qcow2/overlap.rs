@@ -1,7 +1,7 @@
 //! Overlap checks before writes (QEMU's `overlap-check=cached`): an inconsistent image —
 //! a refcount that calls a table's cluster free, an L2 entry that points into metadata —
 //! must never get data or a table written over its header, L1 tables, active L2 tables,
-//! refcount table and blocks or snapshot table. On detection the image is marked corrupt
+//! refcount table and blocks, snapshot table, bitmap directory or bitmap tables. On detection the image is marked corrupt
 //! (the header's corrupt bit) and the write fails; `check -r all` is the way back.
 //!
 //! The map of metadata clusters is rebuilt from memory (no I/O) whenever the writer
@@ -53,6 +53,16 @@ impl Image {
         for s in &meta.snapshots {
             let (a, b) = clusters(s.l1_table_offset, u64::from(s.l1_size) * 8);
             map.add(a, b, ReferenceKind::L1Table);
+        }
+        // QEMU guards the bitmap directory; the tables too cost nothing here, and data
+        // written over one would lose every bitmap on the next open.
+        if let Some(ext) = meta.extensions.bitmaps() {
+            let (a, b) = clusters(ext.directory_offset, ext.directory_size);
+            map.add(a, b, ReferenceKind::Bitmap);
+        }
+        for &(offset, len) in &meta.bitmap_tables {
+            let (a, b) = clusters(offset, len);
+            map.add(a, b, ReferenceKind::Bitmap);
         }
         drop(meta);
         *self.overlap.write().unwrap_or_else(PoisonError::into_inner) = map;

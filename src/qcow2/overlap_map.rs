@@ -1,5 +1,6 @@
 //! The map of metadata clusters the overlap checks (`overlap.rs`) consult: which clusters
-//! hold the header, L1 tables, active L2 tables, refcount table and blocks, snapshot table.
+//! hold the header, L1 tables, active L2 tables, refcount table and blocks, snapshot table,
+//! bitmap directory and bitmap tables.
 
 use std::collections::BTreeMap;
 

@@ -105,6 +105,7 @@ impl Image {
             meta.header
                 .autoclear_features
                 .set(AutoclearFeatures::BITMAPS, new.is_some());
+            meta.bitmap_tables = table_ranges(entries);
         }
         self.write_header_cluster()?;
         switched();
@@ -117,4 +118,12 @@ impl Image {
         }
         self.checkpoint(w)
     }
+}
+
+/// Each entry's bitmap table as `(offset, bytes)`.
+pub(super) fn table_ranges(entries: &[BitmapDirectoryEntry]) -> Vec<(u64, u64)> {
+    entries
+        .iter()
+        .map(|e| (e.table_offset, u64::from(e.table_size) * 8))
+        .collect()
 }

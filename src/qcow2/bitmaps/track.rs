@@ -65,6 +65,7 @@ impl Image {
         if entries.is_empty() {
             return Ok(());
         }
+        self.meta_mut().bitmap_tables = super::directory::table_ranges(&entries);
         let mut set = self.bitmap_set_mut();
         for entry in entries {
             let inconsistent = entry.flags.contains(BitmapFlags::IN_USE);
@@ -82,9 +83,11 @@ impl Image {
                 data,
             });
         }
+        let _io = self.io_lock.write().unwrap_or_else(PoisonError::into_inner);
+        let mut w = self.writer()?;
+        // The tables join the overlap map before any write.
+        self.refresh_overlap_map(&w);
         if set.tracks_writes() {
-            let _io = self.io_lock.write().unwrap_or_else(PoisonError::into_inner);
-            let mut w = self.writer()?;
             self.arm_bitmaps(&mut w, &mut set)?;
         }
         Ok(())
