@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bench-check.sh - time `qimg check` against `qemu-img check` on the three images of the
-# shared mkchain.sh chain, and snapshot create and delete on (copies of) its top image.
+# scripts/mkchain.sh chain, and snapshot create and delete on (copies of) its top image.
 #
 # Usage: scripts/bench-check.sh [-n RUNS] [-k] [SCALE]
 #
@@ -14,7 +14,7 @@
 #   snapshot-delete     qemu-img snapshot -d s top   qimg snapshot -d s top  (fresh copy
 #                       holding a snapshot taken by qemu-img, the top written after it)
 #
-# Environment: SHARED (directory holding bench/mkchain.sh, default ../shared), QIMG (qimg
+# Environment: QIMG (qimg
 # binary; built with `cargo build --release --example qimg` when unset), TOUCH_GIB (memory
 # a throwaway process touches before each timed run, default 3), TMPDIR.
 #
@@ -54,10 +54,8 @@ case $runs in '' | *[!0-9]*) usage_error "-n needs an integer: $runs" ;; esac
 case $scale in '' | *[!0-9]* | 0) usage_error "SCALE must be an integer >= 1: $scale" ;; esac
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-shared=${SHARED:-$root/../shared}
-mkchain=$shared/bench/mkchain.sh
+mkchain=$root/scripts/mkchain.sh
 touch_gib=${TOUCH_GIB:-3}
-[ -f "$mkchain" ] || { echo "bench-check.sh: $mkchain not found (set SHARED=...)" >&2; exit 1; }
 log() { echo "bench-check.sh: $*" >&2; }
 die() { log "$*"; exit 1; }
 for tool in qemu-img python3; do

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bench-convert.sh - time `qimg convert` against `qemu-img convert` on the same
-# three-layer backing chain (built by the shared mkchain.sh), to raw and to qcow2.
+# three-layer backing chain (built by scripts/mkchain.sh), to raw and to qcow2.
 #
 # Usage: scripts/bench-convert.sh [-n RUNS] [-m MODES] [-k] [SCALE...]
 #
@@ -16,7 +16,6 @@
 #   -k        keep the work directory (chains and logs) instead of deleting it.
 #
 # Environment:
-#   SHARED     directory holding bench/mkchain.sh (default: ../shared from the repo root)
 #   QIMG       qimg binary to use; when unset the script builds
 #              `cargo build --release --example qimg` and uses target/release/examples/qimg
 #   TOUCH_GIB  GiB of memory a throwaway process touches before every timed run (default 3)
@@ -80,11 +79,9 @@ for m in "${mode_list[@]}"; do
 done
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-shared=${SHARED:-$root/../shared}
-mkchain=$shared/bench/mkchain.sh
+mkchain=$root/scripts/mkchain.sh
 touch_gib=${TOUCH_GIB:-3}
 verify=${VERIFY:-1}
-[ -f "$mkchain" ] || { echo "bench-convert.sh: $mkchain not found (set SHARED=...)" >&2; exit 1; }
 command -v qemu-img >/dev/null || { echo "bench-convert.sh: qemu-img not found" >&2; exit 1; }
 
 log() { echo "bench-convert.sh: $*" >&2; }

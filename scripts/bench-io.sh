@@ -19,7 +19,7 @@
 # run; the tools alternate which goes first. The time is the one each tool reports ("Run
 # completed in S seconds"). Prints the median seconds of each and the speedup
 # (qemu-img / qimg: above 1, qimg is faster). Cache mode: the default (writeback) for
-# both. Environment: SHARED (holds bench/mkchain.sh; default ../shared), QIMG, TMPDIR,
+# both. Environment: QIMG, TMPDIR,
 # TOUCH_GIB.
 set -euo pipefail
 
@@ -29,7 +29,7 @@ case $runs in '' | *[!0-9]*) echo "bench-io.sh: -n needs an integer" >&2; exit 2
 [ "$runs" -ge 3 ] || { echo "bench-io.sh: -n must be at least 3" >&2; exit 2; }
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-mkchain=${SHARED:-$root/../shared}/bench/mkchain.sh
+mkchain=$root/scripts/mkchain.sh
 log() { echo "bench-io.sh: $*" >&2; }
 if [ -z "${QIMG:-}" ]; then
 	log "building qimg"
@@ -50,7 +50,7 @@ if [ -f "$mkchain" ]; then
 	bash "$mkchain" "$work/chain" 1 >&2
 	have_chain=1
 else
-	log "skipping chain-read: $mkchain not found (set SHARED=...)"
+	log "skipping chain-read: $mkchain not found"
 fi
 
 touch_memory() {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bench-merge.sh - time qimg's merges (commit, pull) against qemu-img's on fresh copies of
-# the same three-layer backing chain (built by the shared mkchain.sh), next to a floor:
+# the same three-layer backing chain (built by scripts/mkchain.sh), next to a floor:
 # the same number of data bytes written durably by four parallel O_DIRECT dd writers.
 #
 # Usage: scripts/bench-merge.sh [-n RUNS] [-k] [--cold] [SCALE...]
@@ -20,7 +20,6 @@
 #   pull-base    qemu-img rebase -b base.qcow2 -F qcow2 top qimg pull -b base.qcow2 top.qcow2
 #
 # Environment:
-#   SHARED     directory holding bench/mkchain.sh (default: ../shared from the repo root)
 #   QIMG       qimg binary; when unset the script builds `cargo build --release --example
 #              qimg` and uses target/release/examples/qimg
 #   TOUCH_GIB  GiB of memory a throwaway process touches before every timed run (default 3)
@@ -91,10 +90,8 @@ for s in "${scales[@]}"; do
 done
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-shared=${SHARED:-$root/../shared}
-mkchain=$shared/bench/mkchain.sh
+mkchain=$root/scripts/mkchain.sh
 touch_gib=${TOUCH_GIB:-3}
-[ -f "$mkchain" ] || { echo "bench-merge.sh: $mkchain not found (set SHARED=...)" >&2; exit 1; }
 for tool in qemu-img python3 dd; do
 	command -v "$tool" >/dev/null || { echo "bench-merge.sh: $tool not found" >&2; exit 1; }
 done

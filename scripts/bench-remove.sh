@@ -10,14 +10,14 @@
 #
 # Usage: scripts/bench-remove.sh [-n RUNS] [SCALE]     (SCALE GiB, default 1; RUNS >= 3, default 3)
 #
-# Method: the chain is built once by the shared mkchain.sh; before every timed run it is
+# Method: the chain is built once by scripts/mkchain.sh; before every timed run it is
 # copied afresh (cp --sparse=always, sync; not timed) and a throwaway process touches
 # TOUCH_GIB (default 3) GiB of memory; the two commands alternate which goes first. After
 # each remove, top.qcow2 must compare equal to the pristine chain's top (qemu-img compare)
 # or the script fails. Prints, per case, the median seconds of each and their ratio
 # (remove_s / merge_s: at most about 1 means remove costs no more than the merge).
 # KEEP=1 compares `remove --keep` with the merge alone (no deletion on either side).
-# Environment: SHARED (holds bench/mkchain.sh; default ../shared), QIMG (a built qimg;
+# Environment: QIMG (a built qimg;
 # default: cargo build --release --example qimg), TMPDIR, TOUCH_GIB.
 set -euo pipefail
 
@@ -29,8 +29,7 @@ case $runs in '' | *[!0-9]*) echo "bench-remove.sh: -n needs an integer" >&2; ex
 case $scale in '' | *[!0-9]* | 0) echo "bench-remove.sh: SCALE must be an integer >= 1" >&2; exit 2 ;; esac
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-mkchain=${SHARED:-$root/../shared}/bench/mkchain.sh
-[ -f "$mkchain" ] || { echo "bench-remove.sh: $mkchain not found (set SHARED=...)" >&2; exit 1; }
+mkchain=$root/scripts/mkchain.sh
 log() { echo "bench-remove.sh: $*" >&2; }
 if [ -z "${QIMG:-}" ]; then
 	log "building qimg"

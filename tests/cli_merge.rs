@@ -698,13 +698,9 @@ fn a_read_only_destination_is_a_one_line_error() {
     assert_eq!(out.status.code(), Some(1), "qemu-img commit succeeded");
 }
 
-/// The shared benchmark chain generator, when this checkout sits next to `../shared`.
-fn mkchain() -> Option<std::path::PathBuf> {
-    let shared = std::env::var_os("SHARED")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"));
-    let path = shared.join("bench/mkchain.sh");
-    path.is_file().then_some(path)
+/// The benchmark chain generator (a fixed copy of the shared one).
+fn mkchain() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/mkchain.sh")
 }
 
 fn copy_chain(s: &Scratch, from: &str, to: &str) {
@@ -717,10 +713,7 @@ fn copy_chain(s: &Scratch, from: &str, to: &str) {
 
 #[test]
 fn the_benchmark_chain_commits_and_pulls_like_qemu_img() {
-    let Some(mkchain) = mkchain() else {
-        eprintln!("skipped: ../shared/bench/mkchain.sh not found (set SHARED=...)");
-        return;
-    };
+    let mkchain = mkchain();
     let s = Scratch::new();
     s.run(mkchain.to_str().unwrap(), &["chain", "1"]);
     copy_chain(&s, "chain", "ours");
