@@ -169,6 +169,28 @@ proptest! {
         check_random_read(f, off, len)?;
     }
 
+    /// `runs` remembers each layer's last run; it must give exactly what resolving one
+    /// offset at a time gives.
+    #[test]
+    fn chain_runs_equal_one_resolve_at_a_time(
+        (off, len) in read_strategy(17 * M, 2 * M + 64 * K, &[512, 16 * K, 32 * K, 2 * M, 16 * M]),
+        which in 0u8..2,
+    ) {
+        let f = if which == 0 { three_layers() } else { compressed_under_subclusters() };
+        let size = f.chain.size();
+        let off = off.min(size - 1);
+        let end = (off + len as u64).min(size);
+        let runs: Vec<_> = f.chain.runs(off, end - off).collect::<Result<_, _>>().unwrap();
+        let mut pos = off;
+        let mut fresh = Vec::new();
+        while pos < end {
+            let run = f.chain.resolve(pos, end - pos).unwrap();
+            pos = run.end();
+            fresh.push(run);
+        }
+        prop_assert_eq!(runs, fresh);
+    }
+
     #[test]
     fn reads_past_the_end_are_errors(extra in 1u64..100_000, back in 0u64..100_000) {
         let f = three_layers();

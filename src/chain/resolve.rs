@@ -42,6 +42,23 @@ impl Chain {
     /// [`Chain::resolve`] as if the chain started at layer `first` (its backing chain
     /// seen from the layer above), but bounded by the top image's size.
     pub fn resolve_from(&self, first: usize, offset: u64, max_len: u64) -> Result<ChainRun> {
+        self.resolve_in(&mut [], first, offset, max_len)
+    }
+
+    /// [`Chain::resolve_from`], reusing the runs layers gave for earlier offsets. `memo`
+    /// holds one slot per layer (or none, to look up every layer afresh): a slot keeps the
+    /// last run its layer gave, looked up as far as `max_len` rather than only as far as
+    /// the layers above left undecided, so that the next offsets of an iteration find it
+    /// again. Without it a deep chain rescans each upper layer's holes for every run below
+    /// them. The resolved runs are the same either way: a layer's run ends where its
+    /// mapping changes (or at `max_len`, the iteration's end), wherever it was looked up.
+    fn resolve_in(
+        &self,
+        memo: &mut [Option<Run>],
+        first: usize,
+        offset: u64,
+        max_len: u64,
+    ) -> Result<ChainRun> {
         let size = self.size();
         if offset >= size || max_len == 0 {
             return Err(Error::OutOfRange {
@@ -61,7 +78,28 @@ impl Chain {
                     mapping: Mapping::Unallocated,
                 });
             }
-            let run = layer.lookup(offset, len)?;
+            let run = match memo.get_mut(depth) {
+                None => layer.lookup(offset, len)?,
+                Some(slot) => {
+                    let known = slot.filter(|r| r.offset <= offset && offset < r.end());
+                    let whole = match known {
+                        Some(r) => Run {
+                            offset,
+                            len: r.end() - offset,
+                            mapping: r.mapping.advanced(offset - r.offset),
+                        },
+                        None => {
+                            let r = layer.lookup(offset, max_len.min(size - offset))?;
+                            *slot = Some(r);
+                            r
+                        }
+                    };
+                    Run {
+                        len: whole.len.min(len),
+                        ..whole
+                    }
+                }
+            };
             len = run.len;
             if run.mapping != Mapping::Unallocated {
                 return Ok(ChainRun {
@@ -85,6 +123,7 @@ impl Chain {
         ChainRuns {
             chain: self,
             cursor: RunCursor::new(offset, offset.saturating_add(len).min(self.size())),
+            memo: vec![None; self.layers.len()],
         }
     }
 
@@ -123,14 +162,16 @@ impl Chain {
 pub struct ChainRuns<'a> {
     chain: &'a Chain,
     cursor: RunCursor,
+    /// Each layer's last run (see [`Chain::resolve_in`]).
+    memo: Vec<Option<Run>>,
 }
 
 impl Iterator for ChainRuns<'_> {
     type Item = Result<ChainRun>;
 
     fn next(&mut self) -> Option<Result<ChainRun>> {
-        let chain = self.chain;
+        let (chain, memo) = (self.chain, &mut self.memo);
         self.cursor
-            .next(|at, len| chain.resolve(at, len), ChainRun::end)
+            .next(|at, len| chain.resolve_in(memo, 0, at, len), ChainRun::end)
     }
 }
