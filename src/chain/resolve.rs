@@ -52,7 +52,7 @@ impl Chain {
     /// again. Without it a deep chain rescans each upper layer's holes for every run below
     /// them. The resolved runs are the same either way: a layer's run ends where its
     /// mapping changes (or at `max_len`, the iteration's end), wherever it was looked up.
-    fn resolve_in(
+    pub(crate) fn resolve_in(
         &self,
         memo: &mut [Option<Run>],
         first: usize,

@@ -7,7 +7,7 @@ use std::ops::Range;
 use crate::chain::{Chain, ChainRun};
 use crate::error::Result;
 use crate::ops::read_ahead::{self, Piece};
-use crate::qcow2::Mapping;
+use crate::qcow2::{Mapping, Run};
 
 /// The largest piece of data read and written at once (1 MiB stays in the CPU caches
 /// between the read and the write; 4 MiB measured twice the CPU time).
@@ -95,11 +95,17 @@ pub(super) struct Plan<'c> {
     piece_len: u64,
     /// A step found while a piece was gathered: it comes after the piece.
     pending_step: Option<Piece<Planned>>,
+    /// Each layer's last run, for [`Chain::resolve_in`]. Runs of the image being written
+    /// into may be older than writes the merge made past `pos` (copy-on-write filling
+    /// the rest of a cluster): those writes put there what the run says the chain
+    /// shows, so the plan still copies the same content.
+    memo: Vec<Option<Run>>,
 }
 
 impl<'c> Plan<'c> {
     /// Plans `merging` from the start of the guest range.
     pub(super) fn new(merging: Merging<'c>) -> Plan<'c> {
+        let layers = merging.chain.layers().len();
         Plan {
             merging,
             pos: 0,
@@ -107,6 +113,7 @@ impl<'c> Plan<'c> {
             piece: Vec::new(),
             piece_len: 0,
             pending_step: None,
+            memo: vec![None; layers],
         }
     }
 
@@ -174,7 +181,7 @@ impl read_ahead::Plan for Plan<'_> {
                     Some(self.take_piece())
                 });
             }
-            let run = chain.resolve_from(first, self.pos, size - self.pos)?;
+            let run = chain.resolve_in(&mut self.memo, first, self.pos, size - self.pos)?;
             self.pos = run.end();
             let step = if in_chain == Some(run.depth) && run.mapping != Mapping::Unallocated {
                 Step::InPlace(run)
