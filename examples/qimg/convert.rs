@@ -130,7 +130,7 @@ fn parse_parallel(text: &str) -> Result<usize, String> {
 
 /// `-l`: which snapshot to read.
 #[derive(Debug, PartialEq, Eq)]
-enum SnapshotParam {
+pub(crate) enum SnapshotParam {
     /// `snapshot.id=ID,snapshot.name=NAME` (either may be absent).
     IdAndName(Option<String>, Option<String>),
     /// A bare ID or name: the ID is tried first.
@@ -138,7 +138,7 @@ enum SnapshotParam {
 }
 
 /// Parses `-l` as qemu-img does.
-fn parse_snapshot_param(text: &str) -> Result<SnapshotParam> {
+pub(crate) fn parse_snapshot_param(text: &str) -> Result<SnapshotParam> {
     if !text.starts_with("snapshot.") {
         return Ok(SnapshotParam::IdOrName(text.to_owned()));
     }
@@ -156,7 +156,7 @@ fn parse_snapshot_param(text: &str) -> Result<SnapshotParam> {
 
 /// Makes the snapshot `param` names the content `chain` reads (its top image, opened
 /// read-only), with qemu-img's messages.
-fn load_snapshot(chain: &Chain, param: &SnapshotParam) -> Result<()> {
+pub(crate) fn load_snapshot(chain: &Chain, param: &SnapshotParam) -> Result<()> {
     let top = chain.top();
     let fail = |e: Error| {
         anyhow!(

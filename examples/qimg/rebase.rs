@@ -51,6 +51,10 @@ pub struct Args {
     /// Change nothing; print how many bytes of data and of zeros would be copied.
     #[arg(long = "dry-run")]
     dry_run: bool,
+    /// Open the new backing file without QEMU's locks' refusals (it may change while it
+    /// is read), as qemu-img -U; FILE and its chain are locked as always.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// The image to rebase.
     file: PathBuf,
 }
@@ -82,6 +86,9 @@ pub fn run(args: Args) -> Result<u8> {
             Some(cache) if !cache.checkpoints() => 0,
             _ => defaults.checkpoint_bytes,
         },
+        new_backing_locking: args
+            .force_share
+            .then_some(qcow2_engine::Locking::ForceShare),
         ..defaults
     };
     let mut progress = Progress::new(args.progress && !args.quiet);

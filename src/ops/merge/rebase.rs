@@ -88,6 +88,7 @@ pub fn rebase(
                         format,
                         writable: false,
                         no_backing: false,
+                        locking: options.new_backing_locking.unwrap_or(options.chain.locking),
                         ..options.chain.clone()
                     },
                 )?;
