@@ -18,9 +18,9 @@ pub struct Args {
     /// Format of FILE (probed when absent); a raw image has no backing file to change.
     #[arg(short = 'f', long = "format", value_parser = parse_format)]
     format: Option<Format>,
-    /// Cache mode for FILE (none, writeback, writethrough, directsync, unsafe): accepted
-    /// as qemu-img's; a hint, except that `unsafe` skips the flushes at the merge's
-    /// checkpoints.
+    /// Cache mode for FILE and its chain (none, writeback, writethrough, directsync,
+    /// unsafe), as qemu-img's: none and directsync use O_DIRECT for aligned requests,
+    /// writethrough and directsync make each write durable, unsafe skips the flushes.
     #[arg(short = 't', long = "cache", value_name = "CACHE", value_parser = parse_cache)]
     cache: Option<CacheMode>,
     /// Cache mode for the backing files, which are only read: accepted as qemu-img's, a
@@ -81,7 +81,10 @@ pub fn run(args: Args) -> Result<u8> {
     let defaults = MergeOptions::default();
     let options = MergeOptions {
         dry_run: args.dry_run,
-        chain: crate::common::chain_defaults(),
+        chain: qcow2_engine::ChainOptions {
+            opener: args.cache.and_then(CacheMode::opener),
+            ..crate::common::chain_defaults()
+        },
         checkpoint_bytes: match args.cache {
             Some(cache) if !cache.checkpoints() => 0,
             _ => defaults.checkpoint_bytes,
