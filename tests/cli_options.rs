@@ -208,3 +208,79 @@ fn rebase_u_opens_the_new_backing_file_as_qemu_img() {
     }
     s.assert_same_content("q.qcow2", "o.qcow2", "twins");
 }
+
+#[test]
+fn rebase_c_stores_the_copied_clusters_compressed_as_qemu_img() {
+    let s = Scratch::new();
+    // zlib and zstd; a size that ends inside a cluster.
+    for (options, size, tail) in [
+        ("cluster_size=65536", "8M", "write -P 8 7M 1k"),
+        // The last cluster holds 1536 bytes of the image.
+        (
+            "cluster_size=65536,compression_type=zstd",
+            "8390144",
+            "write -P 8 8M 1k",
+        ),
+    ] {
+        for f in ["base.qcow2", "new.qcow2"] {
+            s.qemu_img(&["create", "-q", "-f", "qcow2", "-o", options, f, size]);
+        }
+        s.qemu_io(
+            "base.qcow2",
+            "qcow2",
+            &[
+                "write -P 1 0 3M".to_string(),
+                "write -P 9 5M 100k".to_string(),
+                tail.to_string(),
+            ],
+        );
+        s.qemu_io("new.qcow2", "qcow2", &["write -P 1 1M 64k".to_string()]);
+        s.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            options,
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ]);
+        s.qemu_io("top.qcow2", "qcow2", &["write -P 2 2M 70k".to_string()]);
+        s.qemu_img(&["convert", "-O", "raw", "top.qcow2", "view.raw"]);
+        s.copy("top.qcow2", "q.qcow2");
+        s.copy("top.qcow2", "o.qcow2");
+        let args = |f: &'static str| ["rebase", "-c", "-b", "new.qcow2", "-F", "qcow2", f];
+        assert_eq!(code(&s.output("qemu-img", &args("q.qcow2"))), Some(0));
+        let ours = s.qimg_output(&args("o.qcow2"));
+        assert_eq!(code(&ours), Some(0), "{options}: {ours:?}");
+        s.assert_same_content("o.qcow2", "view.raw", options);
+        s.assert_clean("o.qcow2", options);
+        // The same clusters compressed, in the same places of the map.
+        let map = |f: &str| -> Value {
+            serde_json::from_str(&s.qemu_img(&["map", "--output=json", f])).unwrap()
+        };
+        let strip = |mut v: Value| {
+            for e in v.as_array_mut().unwrap() {
+                e.as_object_mut().unwrap().remove("offset");
+            }
+            v
+        };
+        assert_eq!(strip(map("o.qcow2")), strip(map("q.qcow2")), "{options}");
+        let check = |f: &str| -> Value {
+            serde_json::from_str(&s.qemu_img(&["check", "--output=json", f])).unwrap()
+        };
+        let (o, q) = (check("o.qcow2"), check("q.qcow2"));
+        assert_eq!(
+            o["compressed-clusters"], q["compressed-clusters"],
+            "{options}"
+        );
+        assert!(o["compressed-clusters"].as_u64().unwrap() > 0, "{options}");
+        assert_eq!(
+            common::backing_of(&s, "o.qcow2").as_deref(),
+            Some("new.qcow2")
+        );
+    }
+}

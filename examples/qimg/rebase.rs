@@ -39,6 +39,9 @@ pub struct Args {
     /// Format of the new backing file (probed when absent).
     #[arg(short = 'F', long = "backing-format", value_parser = parse_format)]
     backing_format: Option<Format>,
+    /// Store the clusters copied into FILE compressed.
+    #[arg(short = 'c', long = "compress")]
+    compress: bool,
     /// Unsafe mode: only rewrite the backing file name, copy nothing.
     #[arg(short = 'u', long = "backing-unsafe")]
     unsafe_: bool,
@@ -89,6 +92,7 @@ pub fn run(args: Args) -> Result<u8> {
             Some(cache) if !cache.checkpoints() => 0,
             _ => defaults.checkpoint_bytes,
         },
+        compress: args.compress,
         new_backing_locking: args
             .force_share
             .then_some(qcow2_engine::Locking::ForceShare),

@@ -53,6 +53,9 @@ pub struct MergeOptions {
     /// old and new backing files apart from the image (the image's own chain is still
     /// locked, as in qemu-img).
     pub new_backing_locking: Option<Locking>,
+    /// `rebase`: store the clusters copied into the image compressed (qemu-img rebase's
+    /// `-c`; qcow2 images).
+    pub compress: bool,
 }
 
 impl Default for MergeOptions {
@@ -63,6 +66,7 @@ impl Default for MergeOptions {
             checkpoint_bytes: DEFAULT_CHECKPOINT_BYTES,
             storage_copy: StorageCopy::Auto,
             new_backing_locking: None,
+            compress: false,
         }
     }
 }

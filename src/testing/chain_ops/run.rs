@@ -206,6 +206,7 @@ impl Run {
                 MergeOptions::default().checkpoint_bytes
             },
             new_backing_locking: None,
+            compress: false,
         }
     }
 
