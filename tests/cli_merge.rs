@@ -796,3 +796,99 @@ fn commit_releases_the_emptied_tops_file_space_as_qemu_img() {
     );
     s.assert_same_content("qimg-top.qcow2", "qemu-img-top.qcow2", "emptied tops");
 }
+
+/// A base smaller than the top grows first, as qemu-img commit grows it: the same base
+/// file afterwards (raw: byte for byte), the top emptied and showing what it showed, and
+/// `--dry-run` announcing exactly the bytes the run then changes in the base.
+#[test]
+fn commit_into_a_smaller_base_grows_it_first_like_qemu_img() {
+    let s = Scratch::new();
+    for (base, fmt) in [("base.raw", "raw"), ("base.qcow2", "qcow2")] {
+        let label = format!("{fmt} base");
+        std::fs::create_dir_all(s.path("build")).unwrap();
+        let b = format!("build/{base}");
+        s.qemu_img(&["create", "-q", "-f", fmt, &b, "8M"]);
+        s.output("qemu-io", &["-f", fmt, "-c", "write -P 1 0 1M", &b]);
+        s.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            base,
+            "-F",
+            fmt,
+            "build/top.qcow2",
+            "16M",
+        ]);
+        s.qemu_io(
+            "build/top.qcow2",
+            "qcow2",
+            &[
+                "write -P 2 15M 1M".to_string(),
+                "write -P 3 4M 64k".to_string(),
+                "write -z 512k 64k".to_string(),
+            ],
+        );
+        s.output(
+            "qemu-img",
+            &["convert", "-O", "raw", "build/top.qcow2", "view.raw"],
+        );
+        for dir in ["ours", "qemu"] {
+            let _ = std::fs::remove_dir_all(s.path(dir));
+            std::fs::create_dir_all(s.path(dir)).unwrap();
+            s.copy(&b, &format!("{dir}/{base}"));
+            s.copy("build/top.qcow2", &format!("{dir}/top.qcow2"));
+        }
+        let dry = s.qimg(&["commit", "--dry-run", "ours/top.qcow2"]);
+        let (data, zeros) = dry_run_numbers(&dry);
+        s.qimg_output(&[
+            "convert",
+            "-f",
+            fmt,
+            "-O",
+            "raw",
+            &format!("ours/{base}"),
+            "old.raw",
+        ]);
+        run_both(
+            &s,
+            &["commit", "{}/top.qcow2"],
+            &[&["commit", "qemu/top.qcow2"]],
+        );
+        // The base grew to the top's size; what the run changed in it is what the dry
+        // run said (old base read with zeros past its end).
+        s.qimg_output(&[
+            "convert",
+            "-f",
+            fmt,
+            "-O",
+            "raw",
+            &format!("ours/{base}"),
+            "new.raw",
+        ]);
+        let old = std::fs::read(s.path("old.raw")).unwrap();
+        let new = std::fs::read(s.path("new.raw")).unwrap();
+        assert_eq!(new.len(), 16 << 20, "{label}");
+        let changed = (0..new.len())
+            .filter(|&i| old.get(i).copied().unwrap_or(0) != new[i])
+            .count() as u64;
+        let zeroed_data = 64 << 10; // the zero write over the base's data
+        assert_eq!(changed, data + zeroed_data, "{label}: dry run said {dry}");
+        assert_eq!(zeros, zeroed_data, "{label}: dry run said {dry}");
+        assert_eq!(new, std::fs::read(s.path("view.raw")).unwrap(), "{label}");
+        if fmt == "raw" {
+            assert!(
+                std::fs::read(s.path("ours/base.raw")).unwrap()
+                    == std::fs::read(s.path("qemu/base.raw")).unwrap(),
+                "{label}: the raw bases differ"
+            );
+        } else {
+            same_content(&s, "ours/base.qcow2", "qemu/base.qcow2");
+            check(&s, "ours/base.qcow2");
+        }
+        same_content(&s, "ours/top.qcow2", "qemu/top.qcow2");
+        check(&s, "ours/top.qcow2");
+        assert_eq!(backing_of(&s, "ours/top.qcow2").as_deref(), Some(base));
+    }
+}

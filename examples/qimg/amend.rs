@@ -27,6 +27,11 @@ pub struct Args {
     /// Show progress (0 then 100: the amendment is one step).
     #[arg(short = 'p')]
     progress: bool,
+    /// Cache mode for FILE (none, writeback, writethrough, directsync, unsafe): accepted
+    /// as qemu-img's; a hint (an amendment makes itself durable step by step whatever
+    /// the mode).
+    #[arg(short = 't', long = "cache", value_name = "CACHE", value_parser = crate::common::parse_cache)]
+    cache: Option<crate::common::CacheMode>,
     /// The image.
     file: PathBuf,
 }
@@ -82,6 +87,7 @@ fn parse_options(texts: &[String]) -> Result<AmendOptions, String> {
 
 /// Runs `qimg amend`.
 pub fn run(args: Args) -> Result<u8> {
+    let _ = args.cache;
     let options =
         parse_options(&args.options).map_err(|e| anyhow!("{}: {e}", args.file.display()))?;
     let chain = Chain::open_with(

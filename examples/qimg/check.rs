@@ -63,7 +63,7 @@ pub fn run(args: Args) -> Result<u8> {
                 locking: crate::common::locking(args.force_share),
                 ..ImageOptions::default()
             };
-            Image::open_with(&args.file, &options)?.check()?
+            Image::open_for_check(&args.file, &options)?.check()?
         }
         Some(mode) => {
             if args.force_share {
@@ -76,7 +76,15 @@ pub fn run(args: Args) -> Result<u8> {
             Image::open_for_repair(&args.file)?.repair(mode)?
         }
     };
-    for finding in &report.findings {
+    // As qemu-img: what the repair pass found and did, then what the double check finds,
+    // which runs only when something was fixed.
+    let fixed = report.leaks_fixed > 0 || report.corruptions_fixed > 0;
+    let double_check = args.repair.is_none() || fixed;
+    let shown = report
+        .repair_log
+        .iter()
+        .chain(report.findings.iter().filter(|_| double_check));
+    for finding in shown {
         let tag = match finding.severity {
             Severity::Corruption => "ERROR",
             Severity::Leak => "Leaked",
@@ -96,7 +104,7 @@ pub fn run(args: Args) -> Result<u8> {
     Ok(report.exit_code() as u8)
 }
 
-/// qemu-img's JSON: the counters of problems appear only when non-zero.
+/// qemu-img's JSON: `check-errors` always, every other counter only when non-zero.
 fn json_report(report: &CheckReport, file: &std::path::Path) -> Value {
     let mut map = Map::new();
     map.insert("filename".into(), json!(file.display().to_string()));
@@ -112,21 +120,17 @@ fn json_report(report: &CheckReport, file: &std::path::Path) -> Value {
             map.insert(key.into(), json!(value));
         }
     }
-    map.insert("image-end-offset".into(), json!(report.image_end_offset));
-    map.insert("total-clusters".into(), json!(report.total_clusters));
-    map.insert(
-        "allocated-clusters".into(),
-        json!(report.allocated_clusters),
-    );
-    map.insert(
-        "fragmented-clusters".into(),
-        json!(report.fragmented_clusters),
-    );
-    if report.compressed_clusters > 0 {
-        map.insert(
-            "compressed-clusters".into(),
-            json!(report.compressed_clusters),
-        );
+    // qemu-img leaves out every counter that is zero.
+    for (key, value) in [
+        ("image-end-offset", report.image_end_offset),
+        ("total-clusters", report.total_clusters),
+        ("allocated-clusters", report.allocated_clusters),
+        ("fragmented-clusters", report.fragmented_clusters),
+        ("compressed-clusters", report.compressed_clusters),
+    ] {
+        if value > 0 {
+            map.insert(key.into(), json!(value));
+        }
     }
     Value::Object(map)
 }

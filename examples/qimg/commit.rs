@@ -18,9 +18,10 @@ pub struct Args {
     /// Format of FILE (probed when absent); `-f raw` sees no backing file, as qemu-img.
     #[arg(short = 'f', long = "format", value_parser = parse_format)]
     format: Option<Format>,
-    /// Cache mode for the images written (none, writeback, writethrough, directsync,
-    /// unsafe): accepted as qemu-img's; a hint, except that `unsafe` skips the flushes at
-    /// the merge's checkpoints (an interrupted commit then restarts from the beginning).
+    /// Cache mode for the chain's files (none, writeback, writethrough, directsync,
+    /// unsafe), as qemu-img's: none and directsync use O_DIRECT for aligned requests,
+    /// writethrough and directsync make each write durable, and `unsafe` skips the
+    /// flushes (an interrupted commit then restarts from the beginning).
     #[arg(short = 't', long = "cache", value_name = "CACHE", value_parser = parse_cache)]
     cache: Option<CacheMode>,
     /// I/O rate limit in bytes per second (suffixes k, M, G...; 0: none). qimg paces the
@@ -80,7 +81,10 @@ pub fn run(args: Args) -> Result<u8> {
         merge_bitmaps: false,
         merge: MergeOptions {
             dry_run: args.dry_run,
-            chain: crate::common::chain_defaults(),
+            chain: qcow2_engine::ChainOptions {
+                opener: cache.opener(),
+                ..crate::common::chain_defaults()
+            },
             checkpoint_bytes: if cache.checkpoints() {
                 defaults.checkpoint_bytes
             } else {

@@ -1,14 +1,15 @@
 //! Helpers shared by the subcommands: opening chains, parsing sizes, progress bars.
 
 use std::path::Path;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{Context, Result};
 use clap::ValueEnum;
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use qcow2_engine::format::CompressionType;
 use qcow2_engine::ops::MergeReport;
+use qcow2_engine::storage::{CacheOpener, FileCache, Opener};
 use qcow2_engine::{
     BackingPolicy, Chain, ChainOptions, Compat, CreateOptions, Format, Locking, Preallocation,
 };
@@ -181,6 +182,41 @@ impl CacheMode {
     /// it copied): in every mode but `unsafe`, where flushes are what the user gave up.
     pub fn checkpoints(self) -> bool {
         self != CacheMode::Unsafe
+    }
+}
+
+impl CacheMode {
+    /// What the mode asks of the files it applies to, as QEMU's cache modes: `none`
+    /// O_DIRECT, `writethrough` each write durable, `directsync` both, `unsafe` no
+    /// flushes, `writeback` the page cache as usual.
+    pub fn file_cache(self) -> FileCache {
+        match self {
+            CacheMode::None => FileCache {
+                direct: true,
+                ..FileCache::default()
+            },
+            CacheMode::Directsync => FileCache {
+                direct: true,
+                write_through: true,
+                ..FileCache::default()
+            },
+            CacheMode::Writethrough => FileCache {
+                write_through: true,
+                ..FileCache::default()
+            },
+            CacheMode::Unsafe => FileCache {
+                no_flush: true,
+                ..FileCache::default()
+            },
+            CacheMode::Writeback => FileCache::default(),
+        }
+    }
+
+    /// An opener giving the files of a chain this mode; `None` for the default
+    /// (writeback), which host files have without one.
+    pub fn opener(self) -> Option<Arc<dyn Opener>> {
+        let cache = self.file_cache();
+        (cache != FileCache::default()).then(|| Arc::new(CacheOpener { cache }) as Arc<dyn Opener>)
     }
 }
 

@@ -6,7 +6,7 @@ use anyhow::Result;
 use qcow2_engine::Format;
 use qcow2_engine::ops::{self, Comparison};
 
-use crate::common::{Progress, open_chain, parse_format};
+use crate::common::{CacheMode, Progress, open_chain, parse_format, parse_source_cache};
 
 /// Arguments of `qimg compare`.
 #[derive(clap::Args)]
@@ -23,9 +23,17 @@ pub struct Args {
     /// Format of B (probed when absent).
     #[arg(short = 'F', value_parser = parse_format)]
     format_b: Option<Format>,
-    /// Open without taking locks (qimg never locks; accepted for compatibility).
+    /// Open read-only sharing the images with every other user, without QEMU's locks'
+    /// refusals (they may change while they are read), as qemu-img -U.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Quiet: print nothing but errors; the exit code says the verdict (and no progress).
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Cache mode for both images (none, writeback, writethrough, directsync, unsafe):
+    /// accepted as qemu-img's; a hint, since compare only reads.
+    #[arg(short = 'T', long = "cache", value_name = "CACHE", value_parser = parse_source_cache)]
+    cache: Option<CacheMode>,
     /// First image.
     a: PathBuf,
     /// Second image.
@@ -36,25 +44,33 @@ pub struct Args {
 pub fn run(args: Args) -> Result<u8> {
     let a = open_chain(&args.a, args.format_a, args.force_share)?;
     let b = open_chain(&args.b, args.format_b, args.force_share)?;
-    let mut progress = Progress::new(args.progress);
+    let _ = args.cache;
+    let mut progress = Progress::new(args.progress && !args.quiet);
     let result = ops::compare(&a, &b, args.strict, &mut progress.callback());
     let common = a.size().min(b.size());
-    let result = result.map(|comparison| print_comparison(&comparison, common));
+    let result = result.map(|comparison| print_comparison(&comparison, common, args.quiet));
     // qemu-img ends its progress lines after the verdict.
     progress.finish();
     Ok(result?)
 }
 
 /// Prints qemu-img's verdict on images whose first `common` bytes both have; returns the
-/// exit code (0 same, 1 different).
-fn print_comparison(comparison: &Comparison, common: u64) -> u8 {
-    let sizes_warning = || outln!("Warning: Image size mismatch!");
+/// exit code (0 same, 1 different). `quiet` (-q): the exit code only.
+fn print_comparison(comparison: &Comparison, common: u64, quiet: bool) -> u8 {
+    macro_rules! say {
+        ($($t:tt)*) => {
+            if !quiet {
+                outln!($($t)*);
+            }
+        };
+    }
+    let sizes_warning = || say!("Warning: Image size mismatch!");
     match *comparison {
         Comparison::Identical { sizes_differ } => {
             if sizes_differ {
                 sizes_warning();
             }
-            outln!("Images are identical.");
+            say!("Images are identical.");
             0
         }
         Comparison::ContentMismatch {
@@ -66,15 +82,15 @@ fn print_comparison(comparison: &Comparison, common: u64) -> u8 {
             if sizes_differ && offset >= common {
                 sizes_warning();
             }
-            outln!("Content mismatch at offset {offset}!");
+            say!("Content mismatch at offset {offset}!");
             1
         }
         Comparison::SizeMismatch => {
-            outln!("Strict mode: Image size mismatch!");
+            say!("Strict mode: Image size mismatch!");
             1
         }
         Comparison::BlockStatusMismatch { offset } => {
-            outln!("Strict mode: Offset {offset} block status mismatch!");
+            say!("Strict mode: Offset {offset} block status mismatch!");
             1
         }
     }

@@ -8,9 +8,9 @@ use qcow2_engine::ops::{self, ConvertOptions};
 use qcow2_engine::{Chain, ChainOptions, CreateOptions, Error, Format, Layer};
 
 use crate::common::{
-    CacheMode, Progress, apply_create_options, chain_defaults, locking, open_chain, parse_cache,
-    parse_format, parse_rate, parse_size, parse_source_cache, print_create_options_help,
-    split_options, wants_option_help,
+    CacheMode, Progress, apply_create_options, chain_defaults, locking, parse_cache, parse_format,
+    parse_rate, parse_size, parse_source_cache, print_create_options_help, split_options,
+    wants_option_help,
 };
 
 /// qemu-img's largest `-S` (`MAX_BUF_SECTORS` sectors) and `-m` (`MAX_COROUTINES`).
@@ -59,12 +59,13 @@ pub struct Args {
     options: Vec<String>,
     /// Output cache mode: unsafe (default, as qemu-img convert) leaves the written data
     /// to the kernel; every other mode (none, writeback, writethrough, directsync)
-    /// flushes DST to stable storage before qimg reports success. qimg writes through
-    /// the page cache in every mode (none and directsync do not open with O_DIRECT).
+    /// flushes DST to stable storage before qimg reports success. none and directsync
+    /// write DST's aligned requests with O_DIRECT; writethrough and directsync make
+    /// each write durable (O_DSYNC).
     #[arg(short = 't', long = "target-cache", value_parser = parse_cache)]
     cache: Option<CacheMode>,
-    /// Source cache mode: accepted as qemu-img's (writeback by default); the sources are
-    /// read through the page cache in every mode.
+    /// Source cache mode (writeback by default): none and directsync read the sources'
+    /// aligned requests with O_DIRECT.
     #[arg(short = 'T', long = "source-cache", value_parser = parse_source_cache)]
     source_cache: Option<CacheMode>,
     /// At most N threads compress clusters with -c (1 to 16; default: one per core).
@@ -130,7 +131,7 @@ fn parse_parallel(text: &str) -> Result<usize, String> {
 
 /// `-l`: which snapshot to read.
 #[derive(Debug, PartialEq, Eq)]
-enum SnapshotParam {
+pub(crate) enum SnapshotParam {
     /// `snapshot.id=ID,snapshot.name=NAME` (either may be absent).
     IdAndName(Option<String>, Option<String>),
     /// A bare ID or name: the ID is tried first.
@@ -138,7 +139,7 @@ enum SnapshotParam {
 }
 
 /// Parses `-l` as qemu-img does.
-fn parse_snapshot_param(text: &str) -> Result<SnapshotParam> {
+pub(crate) fn parse_snapshot_param(text: &str) -> Result<SnapshotParam> {
     if !text.starts_with("snapshot.") {
         return Ok(SnapshotParam::IdOrName(text.to_owned()));
     }
@@ -156,7 +157,7 @@ fn parse_snapshot_param(text: &str) -> Result<SnapshotParam> {
 
 /// Makes the snapshot `param` names the content `chain` reads (its top image, opened
 /// read-only), with qemu-img's messages.
-fn load_snapshot(chain: &Chain, param: &SnapshotParam) -> Result<()> {
+pub(crate) fn load_snapshot(chain: &Chain, param: &SnapshotParam) -> Result<()> {
     let top = chain.top();
     let fail = |e: Error| {
         anyhow!(
@@ -277,8 +278,17 @@ pub fn run(args: Args) -> Result<u8> {
         bail!("Must specify image file name");
     };
     let mut chains = Vec::with_capacity(sources.len());
+    let source_opener = args.source_cache.and_then(CacheMode::opener);
     for source in sources {
-        chains.push(open_chain(source, args.format, args.force_share)?);
+        chains.push(Chain::open_with(
+            source,
+            &ChainOptions {
+                format: args.format,
+                locking: locking(args.force_share),
+                opener: source_opener.clone(),
+                ..chain_defaults()
+            },
+        )?);
     }
     match &snapshot {
         Some(SnapshotParam::IdOrName(_)) if chains.len() > 1 => {
@@ -297,6 +307,7 @@ pub fn run(args: Args) -> Result<u8> {
         bitmaps: args.bitmaps,
         skip_broken_bitmaps: args.skip_broken_bitmaps,
         target_is_zero: args.target_is_zero,
+        cache: args.cache.map(CacheMode::file_cache).unwrap_or_default(),
         ..ConvertOptions::default()
     };
     if args.no_create {
@@ -363,6 +374,7 @@ fn convert_into(
         dst,
         &ChainOptions {
             format: Some(format),
+            opener: args.cache.and_then(CacheMode::opener),
             ..chain_defaults()
         }
         .writable(true),

@@ -345,7 +345,8 @@ pub fn print_snapshot_list(snapshots: &[SnapshotInfo]) {
     outln!("ID      TAG               VM_SIZE                DATE        VM_CLOCK     ICOUNT");
     for s in snapshots {
         let clock = s.vm_clock_sec;
-        let icount = s.icount.map(|i| i.to_string()).unwrap_or_default();
+        // qemu prints "--" for no instruction count (-1 or absent).
+        let icount = s.icount.map_or_else(|| "--".to_string(), |i| i.to_string());
         outln!(
             "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
             s.id,

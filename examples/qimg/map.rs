@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use qcow2_engine::{Format, ops};
 
-use crate::common::{Output, open_chain, parse_format};
+use crate::common::{Output, open_chain, parse_format, parse_size};
 
 /// Arguments of `qimg map`.
 #[derive(clap::Args)]
@@ -20,6 +20,12 @@ pub struct Args {
     /// refusals (the image may change while it is read), as qemu-img -U.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Map from this guest offset (qemu-img suffixes).
+    #[arg(long = "start-offset", value_name = "OFFSET", value_parser = parse_size)]
+    start_offset: Option<u64>,
+    /// Map at most this many bytes (qemu-img suffixes).
+    #[arg(long = "max-length", value_name = "LENGTH", value_parser = parse_size)]
+    max_length: Option<u64>,
     /// The image.
     file: PathBuf,
 }
@@ -27,11 +33,25 @@ pub struct Args {
 /// Runs `qimg map`.
 pub fn run(args: Args) -> Result<u8> {
     let chain = open_chain(&args.file, args.format, args.force_share)?;
+    // As qemu-img: from the start offset to the end of the image, or of the maximum
+    // length when it ends sooner.
+    let start = args.start_offset.unwrap_or(0);
+    let end = match args.max_length {
+        Some(max) => start.saturating_add(max).min(chain.size()),
+        None => chain.size(),
+    };
+    let entries = || ops::map_range(&chain, start, end.saturating_sub(start));
     match args.output {
         Output::Json => {
             let mut first = true;
             out!("[");
-            for entry in ops::map(&chain) {
+            if start >= end {
+                // qemu-img's loop runs once: an empty, unallocated entry at the start.
+                out!(
+                    "{{ \"start\": {start}, \"length\": 0, \"depth\": 0, \"present\": false, \"zero\": false, \"data\": false, \"compressed\": false}}"
+                );
+            }
+            for entry in entries() {
                 let e = entry?;
                 // qemu-img's key order, which a json! object would not keep.
                 let mut line = format!(
@@ -52,7 +72,7 @@ pub fn run(args: Args) -> Result<u8> {
         }
         Output::Human => {
             outln!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
-            for entry in ops::map(&chain) {
+            for entry in entries() {
                 let e = entry?;
                 if !e.data {
                     continue;

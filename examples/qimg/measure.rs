@@ -8,6 +8,7 @@ use qcow2_engine::{CreateOptions, Format};
 use serde::Serialize;
 
 use crate::common::{Output, apply_create_options, open_chain, parse_format, parse_size};
+use crate::convert::{load_snapshot, parse_snapshot_param};
 
 /// Arguments of `qimg measure`.
 #[derive(clap::Args)]
@@ -31,6 +32,10 @@ pub struct Args {
     /// refusals (the image may change while it is read), as qemu-img -U.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Measure FILE's internal snapshot instead of its active image, named as `convert
+    /// -l` names it: `snapshot.id=ID`, `snapshot.name=NAME`, or an ID or name.
+    #[arg(short = 'l', value_name = "SNAPSHOT_PARAM")]
+    snapshot: Option<String>,
     /// The image whose content the new image would hold.
     file: Option<PathBuf>,
 }
@@ -64,6 +69,9 @@ pub fn run(args: Args) -> Result<u8> {
         (None, Some(size)) => ops::measure_size(size, &options)?,
         (Some(file), None) => {
             let chain = open_chain(file, args.format, args.force_share)?;
+            if let Some(param) = &args.snapshot {
+                load_snapshot(&chain, &parse_snapshot_param(param)?)?;
+            }
             ops::measure_chain(&chain, &options).map_err(|e| e.in_file(file))?
         }
     };

@@ -18,9 +18,9 @@ pub struct Args {
     /// Format of FILE (probed when absent); a raw image has no backing file to change.
     #[arg(short = 'f', long = "format", value_parser = parse_format)]
     format: Option<Format>,
-    /// Cache mode for FILE (none, writeback, writethrough, directsync, unsafe): accepted
-    /// as qemu-img's; a hint, except that `unsafe` skips the flushes at the merge's
-    /// checkpoints.
+    /// Cache mode for FILE and its chain (none, writeback, writethrough, directsync,
+    /// unsafe), as qemu-img's: none and directsync use O_DIRECT for aligned requests,
+    /// writethrough and directsync make each write durable, unsafe skips the flushes.
     #[arg(short = 't', long = "cache", value_name = "CACHE", value_parser = parse_cache)]
     cache: Option<CacheMode>,
     /// Cache mode for the backing files, which are only read: accepted as qemu-img's, a
@@ -39,6 +39,9 @@ pub struct Args {
     /// Format of the new backing file (probed when absent).
     #[arg(short = 'F', long = "backing-format", value_parser = parse_format)]
     backing_format: Option<Format>,
+    /// Store the clusters copied into FILE compressed.
+    #[arg(short = 'c', long = "compress")]
+    compress: bool,
     /// Unsafe mode: only rewrite the backing file name, copy nothing.
     #[arg(short = 'u', long = "backing-unsafe")]
     unsafe_: bool,
@@ -51,6 +54,10 @@ pub struct Args {
     /// Change nothing; print how many bytes of data and of zeros would be copied.
     #[arg(long = "dry-run")]
     dry_run: bool,
+    /// Open the new backing file without QEMU's locks' refusals (it may change while it
+    /// is read), as qemu-img -U; FILE and its chain are locked as always.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// The image to rebase.
     file: PathBuf,
 }
@@ -77,11 +84,18 @@ pub fn run(args: Args) -> Result<u8> {
     let defaults = MergeOptions::default();
     let options = MergeOptions {
         dry_run: args.dry_run,
-        chain: crate::common::chain_defaults(),
+        chain: qcow2_engine::ChainOptions {
+            opener: args.cache.and_then(CacheMode::opener),
+            ..crate::common::chain_defaults()
+        },
         checkpoint_bytes: match args.cache {
             Some(cache) if !cache.checkpoints() => 0,
             _ => defaults.checkpoint_bytes,
         },
+        compress: args.compress,
+        new_backing_locking: args
+            .force_share
+            .then_some(qcow2_engine::Locking::ForceShare),
         ..defaults
     };
     let mut progress = Progress::new(args.progress && !args.quiet);

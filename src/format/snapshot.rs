@@ -18,7 +18,8 @@ pub struct SnapshotExtra {
 }
 
 impl SnapshotExtra {
-    fn len(&self) -> usize {
+    /// Bytes of extra data the entry stores.
+    pub(crate) fn len(&self) -> usize {
         let known = if self.icount.is_some() {
             24
         } else if self.disk_size.is_some() {

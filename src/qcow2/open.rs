@@ -39,14 +39,30 @@ impl Image {
     /// Opens the qcow2 image at `path` as `options` say: read-only, or for writing when
     /// [`ImageOptions::writable`].
     pub fn open_with(path: impl AsRef<Path>, options: &ImageOptions) -> Result<Image> {
-        let path = path.as_ref();
+        Image::open_with_inner(path.as_ref(), options, false)
+    }
+
+    /// Opens the image at `path` read-only for [`Image::check`] as `qemu-img check` opens
+    /// it: a snapshot table reaching past the end of the file reads as zeros there (QEMU's
+    /// file driver pads short reads), so the check can report its entries as incomplete
+    /// instead of refusing the image.
+    pub fn open_for_check(path: impl AsRef<Path>, options: &ImageOptions) -> Result<Image> {
+        let options = ImageOptions {
+            writable: false,
+            ..options.clone()
+        };
+        Image::open_with_inner(path.as_ref(), &options, true)
+    }
+
+    fn open_with_inner(path: &Path, options: &ImageOptions, for_check: bool) -> Result<Image> {
         let storage = options.open_storage(path, options.writable)?;
         let read_only = ImageOptions {
             writable: false,
             ..options.clone()
         };
-        let mut image = Image::from_storage_inner(storage, path.to_path_buf(), &read_only, None)
-            .map_err(|e| e.in_file(path))?;
+        let mut image =
+            Image::from_storage_inner(storage, path.to_path_buf(), &read_only, None, for_check)
+                .map_err(|e| e.in_file(path))?;
         if image.has_external_data_file() {
             let meta = image.meta();
             let name = meta
@@ -85,12 +101,13 @@ impl Image {
 
     /// Opens the image at `path` for [`Image::repair`]: the file is opened for writing but
     /// the image is not prepared for guest writes, so a dirty or corrupt image opens
-    /// as it is.
+    /// as it is, and a snapshot table past the end of the file as [`Image::open_for_check`]
+    /// opens it.
     pub fn open_for_repair(path: impl AsRef<Path>) -> Result<Image> {
         let path = path.as_ref();
         let options = ImageOptions::default();
         let storage = options.open_storage(path, true)?;
-        Image::from_storage_inner(storage, path.to_path_buf(), &options, None)
+        Image::from_storage_inner(storage, path.to_path_buf(), &options, None, true)
             .map_err(|e| e.in_file(path))
     }
 
@@ -104,7 +121,7 @@ impl Image {
     ) -> Result<Image> {
         let name = name.into();
         let external = data_file.is_some();
-        let mut image = Image::from_storage_inner(storage, name.clone(), options, data_file)
+        let mut image = Image::from_storage_inner(storage, name.clone(), options, data_file, false)
             .map_err(|e| e.in_file(&name))?;
         if image.has_external_data_file() && !external {
             return Err(Error::InvalidArgument(
@@ -123,6 +140,7 @@ impl Image {
         name: PathBuf,
         options: &ImageOptions,
         data_file: Option<Box<dyn Storage>>,
+        for_check: bool,
     ) -> Result<Image> {
         let file_len = storage
             .len()
@@ -141,7 +159,7 @@ impl Image {
             file_len,
         )?;
         let l1 = format::decode_u64_table(&l1_bytes);
-        let snapshots = read_snapshot_table(&*storage, &header, file_len)?;
+        let snapshots = read_snapshot_table(&*storage, &header, file_len, for_check)?;
         let tables = (options.l2_cache_bytes / header.cluster_size()).max(4) as usize;
         Ok(Image {
             name,
@@ -264,7 +282,7 @@ impl Headers {
         storage: &dyn Storage,
         file_len: u64,
     ) -> Result<Vec<String>> {
-        Ok(read_snapshot_table(storage, &self.header, file_len)?
+        Ok(read_snapshot_table(storage, &self.header, file_len, false)?
             .into_iter()
             .map(|s| s.name)
             .collect())
@@ -306,10 +324,13 @@ fn check_features(header: &Header, extensions: &HeaderExtensions) -> Result<()> 
     Ok(())
 }
 
+/// Reads the snapshot table. `zeros_past_end` (check and repair): what lies past the end
+/// of the file reads as zeros, as QEMU's file driver reads it, instead of being refused.
 fn read_snapshot_table(
     storage: &dyn Storage,
     header: &Header,
     file_len: u64,
+    zeros_past_end: bool,
 ) -> Result<Vec<SnapshotEntry>> {
     let count = header.nb_snapshots as usize;
     if count == 0 {
@@ -319,7 +340,12 @@ fn read_snapshot_table(
     // so a huge count in a small file fails at once.
     let min_len = count as u64 * 40;
     let offset = header.snapshots_offset;
-    if offset.checked_add(min_len).is_none_or(|end| end > file_len) {
+    let limit = if zeros_past_end {
+        offset.saturating_add(format::MAX_SNAPSHOT_TABLE_BYTES)
+    } else {
+        file_len
+    };
+    if offset.checked_add(min_len).is_none_or(|end| end > limit) {
         return Err(Error::Truncated {
             structure: "snapshot table",
             offset,
@@ -328,7 +354,17 @@ fn read_snapshot_table(
         });
     }
     // Nothing past QEMU's 64 MiB limit is ever needed.
-    let readable = (file_len - offset).min(format::MAX_SNAPSHOT_TABLE_BYTES);
+    let readable = (limit - offset).min(format::MAX_SNAPSHOT_TABLE_BYTES);
+    let read = |at: u64, len: u64| -> Result<Vec<u8>> {
+        let inside = file_len.saturating_sub(at).min(len);
+        let mut buf = if inside > 0 {
+            read_exact(storage, "snapshot table", at, inside, file_len)?
+        } else {
+            Vec::new()
+        };
+        buf.resize(len as usize, 0);
+        Ok(buf)
+    };
     // The largest entry: fixed part, maximal extra data, ID and name, padding.
     const MAX_ENTRY: u64 = 40 + format::MAX_SNAPSHOT_EXTRA_DATA as u64 + 2 * 0xffff + 8;
     // Read in pieces, so memory follows what the entries really use.
@@ -341,7 +377,7 @@ fn read_snapshot_table(
         if buf_end < readable && buf_end - pos < MAX_ENTRY {
             buf_start = pos;
             let want = (readable - pos).min(PIECE);
-            buf = read_exact(storage, "snapshot table", offset + pos, want, file_len)?;
+            buf = read(offset + pos, want)?;
         }
         let chunk = &buf[(pos - buf_start) as usize..];
         let (entry, used) = match SnapshotEntry::decode(chunk, offset + pos) {
@@ -349,7 +385,7 @@ fn read_snapshot_table(
             // The entry needs bytes past what may be read: past the end of the file, or
             // past QEMU's limit on the table.
             Err(Error::Truncated { len, .. }) => {
-                return Err(if offset + pos + len > file_len {
+                return Err(if !zeros_past_end && offset + pos + len > file_len {
                     Error::Truncated {
                         structure: "snapshot table entry",
                         offset: offset + pos,

@@ -81,7 +81,11 @@ impl Image {
             refer(visit, Owner::Image, ReferenceKind::Header, 0, cs, None);
             let snapshots = self.snapshots();
             if header.nb_snapshots > 0 {
-                let table_len = format::snapshot_table_len(&snapshots);
+                // A table past the end of the file (opened for a check, read as zeros
+                // there) counts for what lies inside the file, as in QEMU, whose
+                // in-memory refcounts grow to cover it.
+                let table_len = format::snapshot_table_len(&snapshots)
+                    .min(file_len.saturating_sub(header.snapshots_offset));
                 refer(
                     visit,
                     Owner::Image,

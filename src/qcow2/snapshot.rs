@@ -525,7 +525,11 @@ impl Image {
 
     /// Writes `snapshots` as a new table, switches the header to it in one write, then
     /// frees the old table.
-    fn switch_snapshot_table(&self, w: &mut Writer, snapshots: Vec<SnapshotEntry>) -> Result<()> {
+    pub(crate) fn switch_snapshot_table(
+        &self,
+        w: &mut Writer,
+        snapshots: Vec<SnapshotEntry>,
+    ) -> Result<()> {
         let cb = self.geometry.cluster_bits();
         let cs = self.cluster_size();
         let bytes: Vec<u8> = snapshots.iter().flat_map(|s| s.encode()).collect();

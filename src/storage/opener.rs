@@ -141,3 +141,30 @@ pub(crate) fn remove_file_with(opener: Option<&dyn Opener>, path: &Path) -> io::
         None => std::fs::remove_file(path),
     }
 }
+
+/// Opens host files with a cache mode ([`FileCache`]): what qemu-img's `-t` and `-T` ask
+/// of the files of a chain.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CacheOpener {
+    /// The cache mode of every file opened.
+    pub cache: super::FileCache,
+}
+
+impl Opener for CacheOpener {
+    fn open(&self, path: &Path, writable: bool) -> io::Result<Box<dyn Storage>> {
+        Ok(Box::new(FileStorage::open_cached(
+            path, writable, self.cache,
+        )?))
+    }
+    /// The host's directories, as without an opener (a cache mode changes no name).
+    fn read_dir(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
+        read_dir_with(None, dir, usize::MAX - 1)
+    }
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+    fn create(&self, path: &Path) -> io::Result<Box<dyn Storage>> {
+        let storage = FileStorage::create(path).map_err(io::Error::other)?;
+        Ok(Box::new(storage))
+    }
+}

@@ -52,8 +52,8 @@ pub fn convert(
             raw.validate().map_err(|e| e.in_file(dst))?;
             refuse_overwriting_a_source(chain, dst)?;
             create(dst, &raw)?;
-            let out =
-                FileStorage::open(dst, true).map_err(|e| Error::io("opening", e).in_file(dst))?;
+            let out = FileStorage::open_cached(dst, true, options.cache)
+                .map_err(|e| Error::io("opening", e).in_file(dst))?;
             out.lock(LockMode::WRITE).map_err(|e| e.in_file(dst))?;
             convert_to_raw(chain, &out, options, progress).map_err(|e| e.in_file(dst))?;
             if options.sync {

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use crate::chain::Chain;
 use crate::error::{Error, Result};
+use crate::storage::FileCache;
 
 /// How to convert.
 #[derive(Debug, Clone)]
@@ -34,6 +35,9 @@ pub struct ConvertOptions {
     /// Into an existing output ([`super::convert_into`]): the caller vouches that it
     /// reads as zeros, so zeros are not written (qemu-img's `--target-is-zero`).
     pub target_is_zero: bool,
+    /// How the output file uses the page cache (qemu-img's `-t`): `direct` writes its
+    /// aligned requests with `O_DIRECT`. Default: through the page cache.
+    pub cache: FileCache,
 }
 
 impl Default for ConvertOptions {
@@ -47,6 +51,7 @@ impl Default for ConvertOptions {
             bitmaps: false,
             skip_broken_bitmaps: false,
             target_is_zero: false,
+            cache: FileCache::default(),
         }
     }
 }

@@ -9,7 +9,7 @@ use crate::create::{CreateOptions, data_file_path};
 use crate::error::{Error, Result};
 use crate::layers::Layer;
 use crate::qcow2::{Image, ImageOptions};
-use crate::storage::{Extent, FileStorage, LockMode, Storage};
+use crate::storage::{Extent, FileCache, FileStorage, LockMode, Storage};
 
 /// Opens the fresh output for writing, alone: every write covers whole clusters (or ends
 /// at the image's end), or, for zeros written as data into clusters larger than a piece
@@ -20,10 +20,14 @@ use crate::storage::{Extent, FileStorage, LockMode, Storage};
 /// mode (`unsafe`) makes them: the write path's checkpoints flush between metadata steps
 /// to stay crash-consistent, which buys nothing for an output that is useless until the
 /// conversion has finished, and each flush would write back everything written so far.
-pub(super) fn open_output(dst: &Path, options: &CreateOptions) -> Result<(Chain, Vec<OutputFile>)> {
+pub(super) fn open_output(
+    dst: &Path,
+    options: &CreateOptions,
+    cache: FileCache,
+) -> Result<(Chain, Vec<OutputFile>)> {
     let open = |path: &Path| {
-        let file =
-            FileStorage::open(path, true).map_err(|e| Error::io("opening", e).in_file(path))?;
+        let file = FileStorage::open_cached(path, true, cache)
+            .map_err(|e| Error::io("opening", e).in_file(path))?;
         file.lock(LockMode::WRITE).map_err(|e| e.in_file(path))?;
         Ok::<_, Error>(Arc::new(file))
     };

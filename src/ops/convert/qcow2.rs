@@ -76,7 +76,7 @@ pub fn convert_to_qcow2(
     create_options.validate().map_err(|e| e.in_file(dst))?;
     refuse_overwriting_a_source(chain, dst)?;
     create(dst, &create_options)?;
-    let (out, files) = open_output(dst, &create_options)?;
+    let (out, files) = open_output(dst, &create_options, options.cache)?;
     let base = match &create_options.backing_file {
         Some(name) => Some(Chain::open_with(
             resolve_relative(dst, name),

@@ -83,18 +83,20 @@ pub fn commit(
     // As the chain opened it: a raw base named by its backing format is written freely,
     // a probed one keeps the guard on its first sector (QEMU's commit writes the node the
     // chain opened).
-    let base_chain = Chain::open_with(
-        &base_path,
-        &ChainOptions {
-            writable: true,
-            no_backing: false,
-            format: base_layer.reopen_format(),
-            ..open_options.clone()
-        },
-    )?;
+    let base_options = ChainOptions {
+        writable: true,
+        no_backing: false,
+        format: base_layer.reopen_format(),
+        ..open_options.clone()
+    };
+    let mut base_chain = Chain::open_with(&base_path, &base_options)?;
+    // A smaller base grows first, as in qemu-img. A raw layer reads its size at open, so
+    // the grown base is opened again to take writes up to the new end.
     let needed = chain.layers()[top].size();
     if base_chain.size() < needed {
         base_chain.resize(needed.div_ceil(512) * 512, false)?;
+        base_chain.close()?;
+        base_chain = Chain::open_with(&base_path, &base_options)?;
     }
     let dest = Dest::new(base_chain.top(), None);
     let mut out = Out::new(Some(&base_chain), &options.merge);

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use crate::chain::ChainOptions;
+use crate::storage::Locking;
 
 /// What a merge copied (or, in a dry run, would copy).
 ///
@@ -47,6 +48,14 @@ pub struct MergeOptions {
     /// When data goes to the destination as a storage copy (`copy_file_range` for host
     /// files) instead of being read and written. Default [`StorageCopy::Auto`].
     pub storage_copy: StorageCopy,
+    /// How `rebase` locks the new backing chain it opens to compare with: `None` as
+    /// `chain` says; [`Locking::ForceShare`] is qemu-img rebase's `-U`, which opens the
+    /// old and new backing files apart from the image (the image's own chain is still
+    /// locked, as in qemu-img).
+    pub new_backing_locking: Option<Locking>,
+    /// `rebase`: store the clusters copied into the image compressed (qemu-img rebase's
+    /// `-c`; qcow2 images).
+    pub compress: bool,
 }
 
 impl Default for MergeOptions {
@@ -56,6 +65,8 @@ impl Default for MergeOptions {
             chain: ChainOptions::default(),
             checkpoint_bytes: DEFAULT_CHECKPOINT_BYTES,
             storage_copy: StorageCopy::Auto,
+            new_backing_locking: None,
+            compress: false,
         }
     }
 }

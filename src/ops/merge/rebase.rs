@@ -16,7 +16,7 @@ use super::copy::copy_decided;
 use super::options::{MergeOptions, MergeReport};
 use super::plan::PIECE;
 use super::resume::{Dest, allocation_unit};
-use super::sink::{Out, Sink, ZerosAsData};
+use super::sink::{Compressed, Out, Sink, ZerosAsData};
 
 /// Rebases as `qemu-img rebase`: the image at `path` gets `new_backing` (stored as given,
 /// resolved against the image's directory; none when `None`) as its backing file, in
@@ -54,8 +54,13 @@ pub fn rebase(
         let chain = open(&options.chain, path, !options.dry_run, false)?;
         tracker.set_total(chain.size());
         let zeros_as_data = ZerosAsData(&chain);
+        let compressed = Compressed {
+            chain: &chain,
+            last: std::cell::Cell::new(None),
+        };
         let sink: Option<&dyn Sink> = match chain.top() {
             _ if options.dry_run => None,
+            Layer::Qcow2(_) if options.compress => Some(&compressed),
             Layer::Qcow2(i) if chain.layers().len() == 1 && i.header().version < 3 => {
                 Some(&zeros_as_data)
             }
@@ -72,7 +77,19 @@ pub fn rebase(
             }
             Some(p) => chain.index_of(p).ok(),
         };
-        let mut out = Out::new(sink, options);
+        // Compressed clusters are written from buffers, never copied by the storage.
+        let no_storage_copy = MergeOptions {
+            storage_copy: super::options::StorageCopy::Never,
+            ..options.clone()
+        };
+        let mut out = Out::new(
+            sink,
+            if options.compress {
+                &no_storage_copy
+            } else {
+                options
+            },
+        );
         match in_chain {
             // The new backing file is in the chain: copy what the layers above it decide.
             Some(b) => {
@@ -88,6 +105,7 @@ pub fn rebase(
                         format,
                         writable: false,
                         no_backing: false,
+                        locking: options.new_backing_locking.unwrap_or(options.chain.locking),
                         ..options.chain.clone()
                     },
                 )?;

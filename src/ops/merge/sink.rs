@@ -149,3 +149,70 @@ impl<'a> Out<'a> {
         Ok(())
     }
 }
+
+/// A chain whose written clusters are stored compressed (qemu-img rebase's `-c`). Each
+/// cluster a write touches is stored whole: what the write does not cover is read from
+/// the chain, which shows what the image showed before (the merge only writes where it
+/// would change what the new backing file shows). A cluster the merge already wrote (a
+/// second piece in it) is written in place, as compressed clusters cannot be
+/// overwritten. Requires a qcow2 top and merges that write in increasing offsets.
+pub(super) struct Compressed<'a> {
+    pub(super) chain: &'a Chain,
+    /// The last cluster stored compressed.
+    pub(super) last: std::cell::Cell<Option<u64>>,
+}
+
+impl Sink for Compressed<'_> {
+    fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let Layer::Qcow2(image) = self.chain.top() else {
+            return self.chain.write_at(buf, offset);
+        };
+        let cs = image.cluster_size();
+        let size = self.chain.size();
+        let end = offset + buf.len() as u64;
+        let mut at = offset;
+        while at < end {
+            let cluster = at / cs;
+            let start = cluster * cs;
+            let stop = (start + cs).min(end);
+            let piece = &buf[(at - offset) as usize..(stop - offset) as usize];
+            if self.last.get() == Some(cluster) {
+                self.chain.write_at(piece, at)?;
+                at = stop;
+                continue;
+            }
+            // The whole cluster (up to the end of the image, zeros after it).
+            let mut whole = vec![0u8; cs as usize];
+            let valid = (size - start).min(cs) as usize;
+            if at > start || stop < start + valid as u64 {
+                self.chain.read_at(&mut whole[..valid], start)?;
+            }
+            whole[(at - start) as usize..(stop - start) as usize].copy_from_slice(piece);
+            match crate::qcow2::compress_cluster(image.compression_type(), &whole)? {
+                Some(packed) => self.chain.write_compressed(start, &packed)?,
+                None => self.chain.write_at(&whole[..valid], start)?,
+            }
+            self.last.set(Some(cluster));
+            at = stop;
+        }
+        Ok(())
+    }
+    fn zero(&self, offset: u64, len: u64) -> Result<()> {
+        self.chain.write_zeroes(offset, len, true)
+    }
+    fn flush(&self) -> Result<()> {
+        self.chain.flush()
+    }
+    fn start_writeback(&self) -> Result<()> {
+        self.chain.start_writeback()
+    }
+    /// Never asked: a compressing merge copies no data by the storage.
+    fn copy(&self, _from: &Layer, _host: u64, _len: u64, _offset: u64) -> Result<()> {
+        Err(Error::InvalidArgument(
+            "a compressing merge copies no data by the storage".into(),
+        ))
+    }
+    fn shares_extents_with(&self, _from: &Layer) -> bool {
+        false
+    }
+}

@@ -70,20 +70,9 @@ impl Image {
         };
         let l1_len = self.meta().l1.len() as u64 * 8;
         for (at, refcount, kind) in wrong {
-            let what = if kind == ReferenceKind::L2Table {
-                "L2 cluster"
-            } else {
-                "data cluster"
-            };
             let fixed = at.with_copied(kind, refcount == 1);
             if !fix {
-                report.note(
-                    Severity::Corruption,
-                    format!(
-                        "OFLAG_COPIED {what}: entry {:#x} (table {:#x}, index {}) refcount={refcount}",
-                        at.raw, at.table, at.index
-                    ),
-                );
+                report.note(Severity::Corruption, copied_message(kind, at, refcount));
                 continue;
             }
             let active_l1 = at.table == l1_offset && kind == ReferenceKind::L2Table;
@@ -99,9 +88,9 @@ impl Image {
                 report.note(
                     Severity::Corruption,
                     format!(
-                        "OFLAG_COPIED {what}: entry {:#x} refcount={refcount} not repaired: its \
-                         table at {:#x} overlaps other structures",
-                        at.raw, at.table
+                        "{} not repaired: its table at {:#x} overlaps other structures",
+                        copied_message(kind, at, refcount),
+                        at.table
                     ),
                 );
                 continue;
@@ -117,13 +106,8 @@ impl Image {
                 }
                 table.as_mut().expect("loaded above").1[at.index] = fixed;
             }
-            report.note(
-                Severity::Repaired,
-                format!(
-                    "OFLAG_COPIED {what}: entry {:#x} refcount={refcount}",
-                    at.raw
-                ),
-            );
+            report.note(Severity::Repaired, copied_message(kind, at, refcount));
+            report.corruptions_fixed += 1;
         }
         write_table(&table)?;
         if l1_changed {
@@ -135,5 +119,20 @@ impl Image {
                 .map_err(|e| Error::io("writing the repaired L1 table", e))?;
         }
         Ok(())
+    }
+}
+
+/// qemu-img's line for a wrong COPIED flag (after its "ERROR" or "Repairing").
+fn copied_message(kind: ReferenceKind, at: EntryAt, refcount: u64) -> String {
+    if kind == ReferenceKind::L2Table {
+        format!(
+            "OFLAG_COPIED L2 cluster: l1_index={} l1_entry={:x} refcount={refcount}",
+            at.index, at.raw
+        )
+    } else {
+        format!(
+            "OFLAG_COPIED data cluster: l2_entry={:x} refcount={refcount}",
+            at.raw
+        )
     }
 }

@@ -27,6 +27,14 @@ pub(super) struct Examination {
     pub(super) counts: Vec<u32>,
     /// Clusters of the refcount table and blocks (left out of a rebuilt structure).
     pub(super) refcount_clusters: Vec<u64>,
+    /// Corruptions found before the COPIED flags were looked at (qemu-img's refcount
+    /// phase, which its repair counts apart from the flags).
+    pub(super) refcount_corruptions: u64,
+    /// Where the COPIED findings start in `report.findings`.
+    pub(super) copied_from: usize,
+    /// Snapshot table entries without the extra data a version 3 image needs (they
+    /// come first in `report.findings`); a repair rewrites the table.
+    pub(super) incomplete_snapshots: usize,
 }
 
 impl Image {
@@ -47,6 +55,20 @@ impl Image {
             total_clusters: header.size.div_ceil(cs),
             ..CheckReport::default()
         };
+        // As qemu-img, first: version 3 entries need the 64-bit VM state size and the
+        // disk size in their extra data.
+        let mut incomplete_snapshots = 0;
+        if header.version >= 3 {
+            for (i, s) in self.snapshots().iter().enumerate() {
+                if s.extra.len() < 16 {
+                    incomplete_snapshots += 1;
+                    report.note(
+                        Severity::Corruption,
+                        format!("snapshot table entry {i} is incomplete"),
+                    );
+                }
+            }
+        }
         let mut counts = vec![0u32; nb_clusters as usize];
         let mut rebuild = false;
         let mut refcount_clusters = Vec::new();
@@ -147,7 +169,16 @@ impl Image {
                 rebuild = true;
             }
         }
+        // A snapshot table past the end of the file (a check reads zeros there): QEMU's
+        // in-memory refcounts grow to cover it, so its last cluster counts as in use.
+        let table_len = crate::format::snapshot_table_len(&self.snapshots());
+        if header.nb_snapshots > 0 && header.snapshots_offset + table_len > nb_clusters * cs {
+            let last = (header.snapshots_offset + table_len - 1) >> cb;
+            highest = highest.max(Some(last));
+        }
         report.image_end_offset = highest.map_or(0, |c| (c + 1) * cs);
+        let refcount_corruptions = report.corruptions - incomplete_snapshots as u64;
+        let copied_from = report.findings.len();
         self.copied_flags(false, &mut report)?;
         Ok(Examination {
             report,
@@ -155,6 +186,9 @@ impl Image {
             mismatches,
             counts,
             refcount_clusters,
+            refcount_corruptions,
+            copied_from,
+            incomplete_snapshots,
         })
     }
 }

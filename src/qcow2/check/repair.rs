@@ -15,10 +15,11 @@ use crate::format::{
 
 use crate::qcow2::image::Image;
 use crate::qcow2::reference::{Event, ReferenceKind, Scope};
+use crate::qcow2::write::Writer;
 
 use super::examine::Examination;
 use super::occupancy::Occupancy;
-use super::report::{CheckReport, MAX_FINDINGS, RepairMode, Severity};
+use super::report::{CheckReport, Finding, MAX_FINDINGS, RepairMode, Severity};
 
 impl Image {
     /// Checks the image and repairs what `mode` allows, as `qemu-img check -r`. The image
@@ -48,14 +49,33 @@ impl Image {
     }
 
     /// [`Image::repair`] with exclusive access held and nothing pending in memory.
+    ///
+    /// The log and the counters follow qemu-img: the first pass's findings, then each
+    /// repair ("Repairing ...") or what may not be repaired, then the COPIED flags; a
+    /// repaired leak or corruption counts as fixed once, flags vanishing with a refcount
+    /// fix do not count; a rebuild fixes what the refcount phase found.
     pub(crate) fn repair_locked(&self, mode: RepairMode) -> Result<CheckReport> {
         let mut before = self.examine()?;
         let flags = IncompatibleFeatures::DIRTY | IncompatibleFeatures::CORRUPT;
         if before.report.is_clean() && !self.header().incompatible_features.intersects(flags) {
             return Ok(before.report);
         }
-        let (leaks_before, corruptions_before) = (before.report.leaks, before.report.corruptions);
-        let mut fixes = CheckReport::default();
+        // The log starts with what the first pass found, COPIED flags aside: those are
+        // looked at once more after the refcounts are repaired.
+        let mut fixes = CheckReport {
+            findings: before.report.findings
+                [..before.copied_from.min(before.report.findings.len())]
+                .to_vec(),
+            ..CheckReport::default()
+        };
+        let incomplete_snapshots = before.incomplete_snapshots;
+        if mode == RepairMode::All {
+            for f in fixes.findings.iter_mut().take(incomplete_snapshots) {
+                f.severity = Severity::Repaired;
+            }
+        }
+        let (leaks_before, refcount_corruptions_before) =
+            (before.report.leaks, before.refcount_corruptions);
         // Dangling pointers first: once anything is allocated at the end of the file they
         // would point into it.
         if mode == RepairMode::All && self.clear_dangling_entries(&mut fixes)? {
@@ -65,10 +85,12 @@ impl Image {
         }
         if before.rebuild && mode == RepairMode::Leaks {
             let mut report = before.report;
-            report.note(
-                Severity::CheckError,
-                "the refcount structures must be rebuilt, which only `-r all` does".into(),
-            );
+            report.repair_log = std::mem::take(&mut fixes.findings);
+            report.repair_log.push(Finding {
+                severity: Severity::CheckError,
+                message: "need to rebuild refcount structures".into(),
+            });
+            report.check_errors += 1;
             return Ok(report);
         }
         let Examination {
@@ -76,28 +98,35 @@ impl Image {
             mismatches,
             mut counts,
             refcount_clusters,
+            refcount_corruptions,
+            report: examined,
             ..
         } = before;
         if rebuild {
             for c in refcount_clusters {
                 counts[c as usize] -= 1;
             }
-            fixes.note(
-                Severity::Repaired,
-                "the refcount structures: rebuilt from the references".into(),
-            );
+            fixes.note(Severity::Repaired, "refcount structure: rebuilt".into());
             self.install_refcounts(&counts, self.header().refcount_order)?;
         } else {
             self.fix_refcounts_in_place(mode, &mismatches, &mut fixes)?;
         }
         drop(counts);
-        if mode == RepairMode::All {
-            self.copied_flags(true, &mut fixes)?;
-        }
         self.sync()?;
         self.l2_cache.clear();
+        // As qemu-img, -r leaks repairs the flags only when the refcounts are now right.
+        let refcounts_right =
+            examined.check_errors == 0 && (mode == RepairMode::All || refcount_corruptions == 0);
+        self.copied_flags(refcounts_right, &mut fixes)?;
+        self.sync()?;
+        self.l2_cache.clear();
+        if mode == RepairMode::All && incomplete_snapshots > 0 {
+            self.rewrite_snapshot_table()?;
+            fixes.corruptions_fixed += incomplete_snapshots as u64;
+        }
 
-        let mut after = self.examine()?.report;
+        let last = self.examine()?;
+        let mut after = last.report;
         if after.corruptions == 0
             && after.check_errors == 0
             && self.header().incompatible_features.intersects(flags)
@@ -106,13 +135,37 @@ impl Image {
             self.write_header()?;
             self.sync()?;
         }
-        after.leaks_fixed = leaks_before.saturating_sub(after.leaks);
-        after.corruptions_fixed = corruptions_before.saturating_sub(after.corruptions);
-        let mut findings = fixes.findings;
-        findings.append(&mut after.findings);
-        findings.truncate(MAX_FINDINGS);
-        after.findings = findings;
+        after.leaks_fixed = fixes.leaks_fixed;
+        after.corruptions_fixed = fixes.corruptions_fixed;
+        if rebuild {
+            after.leaks_fixed += leaks_before;
+            after.corruptions_fixed +=
+                refcount_corruptions_before.saturating_sub(last.refcount_corruptions);
+        }
+        fixes.findings.truncate(MAX_FINDINGS);
+        after.repair_log = fixes.findings;
         Ok(after)
+    }
+
+    /// Writes the snapshot table anew as QEMU writes one, at a fresh place (the old one
+    /// is freed): every entry with the 64-bit VM state size, the disk size (the image's,
+    /// where an incomplete entry lacks it) and the instruction count (-1: none).
+    fn rewrite_snapshot_table(&self) -> Result<()> {
+        let size = self.header().size;
+        let snapshots = self
+            .snapshots()
+            .iter()
+            .map(|s| {
+                let mut s = s.clone();
+                s.extra.vm_state_size_large = Some(s.vm_state_size());
+                s.extra.disk_size.get_or_insert(size);
+                s.extra.icount.get_or_insert(u64::MAX);
+                s
+            })
+            .collect();
+        let mut w = Writer::new(self.load_refcounts()?);
+        self.refresh_overlap_map(&w);
+        self.switch_snapshot_table(&mut w, snapshots)
     }
 
     /// Entries pointing past the end of the file (L2 tables, data, compressed clusters) are
@@ -177,6 +230,7 @@ impl Image {
                     *e = 0;
                 }
             }
+            fixes.corruptions_fixed += 1;
             fixes.note(
                 Severity::Repaired,
                 format!(
@@ -210,6 +264,7 @@ impl Image {
             }
             Ok(())
         };
+        let mut freed = Vec::new();
         for &(cluster, want) in mismatches {
             let offset = table[(cluster / per_block) as usize];
             if block.as_ref().is_none_or(|(o, _)| *o != offset) {
@@ -220,15 +275,31 @@ impl Image {
             let index = (cluster % per_block) as usize;
             let have = get_refcount(bytes, index, order);
             let leak = have > want;
+            let message = format!("cluster {cluster} refcount={have} reference={want}");
             if !leak && mode == RepairMode::Leaks {
+                // qemu-img's second pass names it again, unrepaired.
+                fixes.note(Severity::Corruption, message);
                 continue;
             }
             set_refcount(bytes, index, order, want);
-            fixes.note(
-                Severity::Repaired,
-                format!("cluster {cluster} refcount={have} reference={want}"),
-            );
+            if want == 0 {
+                freed.push(cluster);
+            }
+            if leak {
+                fixes.leaks_fixed += 1;
+            } else {
+                fixes.corruptions_fixed += 1;
+            }
+            fixes.note(Severity::Repaired, message);
         }
-        write(&block)
+        write(&block)?;
+        // As QEMU, which discards what a repair frees: the space goes back to the host
+        // and the clusters read as zeros.
+        for cluster in freed {
+            self.storage
+                .write_zeroes(cluster * cs, cs)
+                .map_err(|e| Error::io("discarding a freed cluster", e))?;
+        }
+        Ok(())
     }
 }

@@ -64,6 +64,10 @@ pub struct CheckReport {
     pub findings: Vec<Finding>,
     /// Findings left out of `findings`.
     pub findings_omitted: u64,
+    /// For a repair: what its first pass found and what it repaired (or could not), in
+    /// the order `qemu-img check -r` prints them before its double check; `findings`
+    /// is then what the double check finds. Empty for a plain check.
+    pub repair_log: Vec<Finding>,
 }
 
 impl CheckReport {

@@ -31,6 +31,19 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
+    /// A writer over `refcounts` with nothing pending, refcounts kept current.
+    pub(crate) fn new(refcounts: Refcounts) -> Writer {
+        Writer {
+            refcounts,
+            dirty_l2: BTreeSet::new(),
+            dirty_l1: BTreeSet::new(),
+            header_dirty: false,
+            pending_free: Vec::new(),
+            lazy: false,
+            compressed_tail: None,
+        }
+    }
+
     pub(crate) fn set_lazy(&mut self, lazy: bool) {
         self.lazy = lazy;
     }

@@ -205,6 +205,8 @@ impl Run {
             } else {
                 MergeOptions::default().checkpoint_bytes
             },
+            new_backing_locking: None,
+            compress: false,
         }
     }
 

@@ -1,0 +1,286 @@
+//! qemu-img's smaller options, each run with qemu-img and qimg on twin images: `measure
+//! -l`, `compare -q` and `-T`, `amend -t`, `rebase -U`. Exit codes, parsed JSON, the text
+//! and the resulting images are compared.
+
+mod common;
+
+use common::Scratch;
+use common::holder::Holder;
+use serde_json::Value;
+
+fn code(out: &std::process::Output) -> Option<i32> {
+    out.status.code()
+}
+
+fn json(out: &std::process::Output, what: &str) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{what}: not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// An image with a snapshot of 4 MiB of data, then 16 MiB more written, and a bitmap.
+fn snapshotted(s: &Scratch, name: &str) {
+    s.create(name, "cluster_size=65536", 64 << 20);
+    s.qemu_io(name, "qcow2", &["write -P 1 0 4M".to_string()]);
+    s.qemu_img(&["snapshot", "-c", "one", name]);
+    s.qemu_io(name, "qcow2", &["write -P 2 8M 16M".to_string()]);
+    s.qemu_img(&["bitmap", "--add", name, "b0"]);
+}
+
+#[test]
+fn measure_l_measures_the_snapshot_as_qemu_img() {
+    let s = Scratch::new();
+    snapshotted(&s, "m.qcow2");
+    let mut measured_snapshot = None;
+    for param in [
+        None,
+        Some("one"),
+        Some("1"),
+        Some("snapshot.name=one"),
+        Some("snapshot.id=1"),
+        Some("snapshot.id=1,snapshot.name=one"),
+        Some("nope"),
+        Some("snapshot.id=1,snapshot.name=two"),
+        Some("snapshot.foo=1"),
+    ] {
+        for out_fmt in ["qcow2", "raw"] {
+            let mut args = vec!["measure", "--output=json", "-O", out_fmt];
+            if let Some(p) = param {
+                args.extend(["-l", p]);
+            }
+            args.push("m.qcow2");
+            let what = format!("{args:?}");
+            let theirs = s.output("qemu-img", &args);
+            let ours = s.qimg_output(&args);
+            assert_eq!(code(&ours), code(&theirs), "{what}");
+            if theirs.status.success() {
+                let o = json(&ours, &what);
+                assert_eq!(o, json(&theirs, &what), "{what}");
+                if param == Some("one") && out_fmt == "qcow2" {
+                    measured_snapshot = Some(o["required"].as_u64().unwrap());
+                }
+            } else {
+                common::assert_one_line_failure(&ours, &what);
+            }
+        }
+    }
+    // The snapshot holds 4 MiB, the active image 20 MiB: -l measured the snapshot.
+    let active = json(
+        &s.qimg_output(&["measure", "--output=json", "-O", "qcow2", "m.qcow2"]),
+        "active",
+    )["required"]
+        .as_u64()
+        .unwrap();
+    let snapshot = measured_snapshot.unwrap();
+    assert!(
+        snapshot < 8 << 20 && active > 20 << 20,
+        "{snapshot} {active}"
+    );
+}
+
+#[test]
+fn compare_q_and_t_as_qemu_img() {
+    let s = Scratch::new();
+    s.create("a.qcow2", "", 4 << 20);
+    s.qemu_io("a.qcow2", "qcow2", &["write -P 7 1M 64k".to_string()]);
+    s.copy("a.qcow2", "same.qcow2");
+    s.copy("a.qcow2", "other.qcow2");
+    s.qemu_io("other.qcow2", "qcow2", &["write -P 8 2M 4k".to_string()]);
+    for b in ["same.qcow2", "other.qcow2", "missing.qcow2"] {
+        for extra in [
+            &["-q"][..],
+            &["-q", "-p"],
+            &["-T", "none"],
+            &["-q", "-T", "writeback", "-s"],
+            &["-T", "directsync"],
+        ] {
+            let args = [&["compare"][..], extra, &["a.qcow2", b]].concat();
+            let what = format!("{args:?}");
+            let theirs = s.output("qemu-img", &args);
+            let ours = s.qimg_output(&args);
+            assert_eq!(code(&ours), code(&theirs), "{what}");
+            assert_eq!(
+                String::from_utf8_lossy(&ours.stdout),
+                String::from_utf8_lossy(&theirs.stdout),
+                "{what}"
+            );
+            if extra.contains(&"-q") {
+                assert!(ours.stdout.is_empty(), "{what}: -q printed");
+            }
+        }
+    }
+    // A cache mode qemu-img does not know is a usage error for both.
+    let args = ["compare", "-T", "bogus", "a.qcow2", "same.qcow2"];
+    let theirs = s.output("qemu-img", &args);
+    let ours = s.qimg_output(&args);
+    assert_ne!(code(&theirs), Some(0));
+    assert_ne!(code(&ours), Some(0));
+}
+
+#[test]
+fn amend_t_as_qemu_img() {
+    let s = Scratch::new();
+    s.create("src.qcow2", "cluster_size=65536,lazy_refcounts=on", 8 << 20);
+    s.qemu_io("src.qcow2", "qcow2", &["write -P 3 0 1M".to_string()]);
+    for cache in ["none", "writeback", "writethrough", "directsync", "unsafe"] {
+        let (q, o) = ("q.qcow2", "o.qcow2");
+        s.copy("src.qcow2", q);
+        s.copy("src.qcow2", o);
+        let args = |f: &'static str| ["amend", "-t", cache, "-o", "lazy_refcounts=off", f];
+        let theirs = s.output("qemu-img", &args(q));
+        let ours = s.qimg_output(&args(o));
+        assert_eq!(code(&ours), Some(0), "-t {cache}: {ours:?}");
+        assert_eq!(code(&theirs), Some(0), "-t {cache}");
+        s.assert_clean(o, cache);
+        s.assert_same_content(q, o, cache);
+        let info = |f: &str| {
+            let v: Value =
+                serde_json::from_str(&s.qemu_img(&["info", "--output=json", f])).unwrap();
+            v["format-specific"]["data"].clone()
+        };
+        assert_eq!(info(o), info(q), "-t {cache}");
+        assert_eq!(info(o)["lazy-refcounts"], Value::Bool(false));
+    }
+    let args = [
+        "amend",
+        "-t",
+        "bogus",
+        "-o",
+        "lazy_refcounts=off",
+        "src.qcow2",
+    ];
+    assert_eq!(code(&s.output("qemu-img", &args)), Some(1));
+    let ours = s.qimg_output(&args);
+    assert_eq!(code(&ours), Some(1));
+    common::assert_one_line_failure(&ours, "-t bogus");
+}
+
+#[test]
+fn rebase_u_opens_the_new_backing_file_as_qemu_img() {
+    let s = Scratch::new();
+    s.create("base.qcow2", "", 1 << 20);
+    s.qemu_io("base.qcow2", "qcow2", &["write -P 1 0 64k".to_string()]);
+    s.create("base2.qcow2", "", 1 << 20);
+    s.qemu_io("base2.qcow2", "qcow2", &["write -P 2 64k 64k".to_string()]);
+    s.create_overlay("top.qcow2", "base.qcow2", "qcow2", "", None);
+    s.qemu_io("top.qcow2", "qcow2", &["write -P 3 128k 4k".to_string()]);
+    s.copy("top.qcow2", "q.qcow2");
+    s.copy("top.qcow2", "o.qcow2");
+    s.copy("top.qcow2", "reference.qcow2");
+    // A writer holds the new backing file.
+    let holder = Holder::start(
+        &s,
+        "qemu-io",
+        &["-c", "sleep 60000", "base2.qcow2"],
+        "base2.qcow2",
+        101,
+    );
+    let args = |force: bool, f: &'static str| {
+        let mut a = vec!["rebase"];
+        if force {
+            a.push("-U");
+        }
+        a.extend(["-b", "base2.qcow2", "-F", "qcow2", f]);
+        a
+    };
+    // Without -U both refuse and change nothing; with -U both rebase.
+    let theirs = s.output("qemu-img", &args(false, "q.qcow2"));
+    let ours = s.qimg_output(&args(false, "o.qcow2"));
+    assert_eq!(code(&theirs), Some(1));
+    assert_eq!(code(&ours), Some(1));
+    common::assert_one_line_failure(&ours, "rebase without -U");
+    assert_eq!(
+        common::backing_of(&s, "o.qcow2").as_deref(),
+        Some("base.qcow2")
+    );
+    let theirs = s.output("qemu-img", &args(true, "q.qcow2"));
+    let ours = s.qimg_output(&args(true, "o.qcow2"));
+    assert_eq!(code(&theirs), Some(0), "{theirs:?}");
+    assert_eq!(code(&ours), Some(0), "{ours:?}");
+    drop(holder);
+    for f in ["q.qcow2", "o.qcow2"] {
+        assert_eq!(common::backing_of(&s, f).as_deref(), Some("base2.qcow2"));
+        s.assert_clean(f, f);
+        s.assert_same_content(f, "reference.qcow2", f);
+    }
+    s.assert_same_content("q.qcow2", "o.qcow2", "twins");
+}
+
+#[test]
+fn rebase_c_stores_the_copied_clusters_compressed_as_qemu_img() {
+    let s = Scratch::new();
+    // zlib and zstd; a size that ends inside a cluster.
+    for (options, size, tail) in [
+        ("cluster_size=65536", "8M", "write -P 8 7M 1k"),
+        // The last cluster holds 1536 bytes of the image.
+        (
+            "cluster_size=65536,compression_type=zstd",
+            "8390144",
+            "write -P 8 8M 1k",
+        ),
+    ] {
+        for f in ["base.qcow2", "new.qcow2"] {
+            s.qemu_img(&["create", "-q", "-f", "qcow2", "-o", options, f, size]);
+        }
+        s.qemu_io(
+            "base.qcow2",
+            "qcow2",
+            &[
+                "write -P 1 0 3M".to_string(),
+                "write -P 9 5M 100k".to_string(),
+                tail.to_string(),
+            ],
+        );
+        s.qemu_io("new.qcow2", "qcow2", &["write -P 1 1M 64k".to_string()]);
+        s.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            options,
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ]);
+        s.qemu_io("top.qcow2", "qcow2", &["write -P 2 2M 70k".to_string()]);
+        s.qemu_img(&["convert", "-O", "raw", "top.qcow2", "view.raw"]);
+        s.copy("top.qcow2", "q.qcow2");
+        s.copy("top.qcow2", "o.qcow2");
+        let args = |f: &'static str| ["rebase", "-c", "-b", "new.qcow2", "-F", "qcow2", f];
+        assert_eq!(code(&s.output("qemu-img", &args("q.qcow2"))), Some(0));
+        let ours = s.qimg_output(&args("o.qcow2"));
+        assert_eq!(code(&ours), Some(0), "{options}: {ours:?}");
+        s.assert_same_content("o.qcow2", "view.raw", options);
+        s.assert_clean("o.qcow2", options);
+        // The same clusters compressed, in the same places of the map.
+        let map = |f: &str| -> Value {
+            serde_json::from_str(&s.qemu_img(&["map", "--output=json", f])).unwrap()
+        };
+        let strip = |mut v: Value| {
+            for e in v.as_array_mut().unwrap() {
+                e.as_object_mut().unwrap().remove("offset");
+            }
+            v
+        };
+        assert_eq!(strip(map("o.qcow2")), strip(map("q.qcow2")), "{options}");
+        let check = |f: &str| -> Value {
+            serde_json::from_str(&s.qemu_img(&["check", "--output=json", f])).unwrap()
+        };
+        let (o, q) = (check("o.qcow2"), check("q.qcow2"));
+        assert_eq!(
+            o["compressed-clusters"], q["compressed-clusters"],
+            "{options}"
+        );
+        assert!(o["compressed-clusters"].as_u64().unwrap() > 0, "{options}");
+        assert_eq!(
+            common::backing_of(&s, "o.qcow2").as_deref(),
+            Some("new.qcow2")
+        );
+    }
+}
