@@ -6,3 +6,6 @@
 //! connections over any byte stream and listens on Unix and TCP sockets.
 
 pub mod codec;
+pub mod server;
+
+pub use server::{ExportOptions, Listener, NbdServer};
