@@ -108,12 +108,18 @@ pub fn run(args: Args) -> Result<u8> {
     };
     let server = NbdServer::new(Arc::new(chain), export)?;
     let listener = listen(&args)?;
-    if args.fork {
-        daemonise()?;
-    }
+    let ready = if args.fork { Some(daemonise()?) } else { None };
     if let Some(pid_file) = &args.pid_file {
         std::fs::write(pid_file, format!("{}\n", std::process::id()))
             .with_context(|| format!("{}: cannot write the pid file", pid_file.display()))?;
+    }
+    if let Some(ready) = ready {
+        // The parent exits 0 on this byte (1 if the pipe closes without it).
+        use std::io::Write;
+        let _ = (&ready).write_all(b"1");
+        // As qemu-nbd: once the parent is gone, the daemon's output goes nowhere (and
+        // whoever waits for the parent's output is not held by the daemon).
+        detach_output();
     }
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
@@ -186,21 +192,61 @@ fn load_snapshot(chain: &Chain, file: &Path, text: &str) -> Result<()> {
     Ok(())
 }
 
-/// `--fork`: the parent exits 0 (the socket already listens); the child leaves the
-/// terminal's session and serves.
-fn daemonise() -> Result<()> {
-    use std::io::Write;
+/// Points stdin, stdout and stderr at /dev/null.
+fn detach_output() {
+    use std::os::fd::AsRawFd;
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        for fd in 0..3 {
+            // SAFETY: dup2 onto the standard descriptors, which stay open.
+            unsafe {
+                libc::dup2(null.as_raw_fd(), fd);
+            }
+        }
+    }
+}
+
+/// `--fork`: the child leaves the terminal's session and goes on; the parent waits
+/// until the child says it is ready (socket listening, pid file written: the byte the
+/// child writes into the returned pipe) and exits 0, or 1 if the child failed first.
+fn daemonise() -> Result<std::fs::File> {
+    use std::io::{Read, Write};
+    use std::os::fd::FromRawFd;
     let _ = std::io::stdout().flush();
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe() returns.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        bail!("pipe: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: each descriptor was just returned by pipe() and is owned by one File.
+    let (mut read_end, write_end) = unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
     // SAFETY: no other thread runs yet (the server's threads start after this).
     match unsafe { libc::fork() } {
         -1 => Err(anyhow!("fork: {}", std::io::Error::last_os_error())),
         0 => {
-            // SAFETY: plain system calls in the child.
+            drop(read_end);
+            // SAFETY: a plain system call in the child.
             unsafe {
                 libc::setsid();
             }
-            Ok(())
+            Ok(write_end)
         }
-        _ => std::process::exit(0),
+        _ => {
+            drop(write_end);
+            let mut byte = [0u8; 1];
+            let code = match read_end.read(&mut byte) {
+                Ok(1) => 0,
+                _ => 1,
+            };
+            std::process::exit(code)
+        }
     }
 }

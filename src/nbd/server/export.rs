@@ -161,9 +161,13 @@ impl Export {
     /// Transmission flags for a client (`DF` only with structured replies).
     pub(crate) fn flags(&self, structured: bool) -> u16 {
         use transmission_flags as f;
+        let mut flags = f::HAS_FLAGS | f::SEND_FLUSH | f::SEND_FUA | f::SEND_CACHE;
         // One chain serves every connection, so a flush on one covers the writes of all.
-        let mut flags =
-            f::HAS_FLAGS | f::SEND_FLUSH | f::SEND_FUA | f::SEND_CACHE | f::CAN_MULTI_CONN;
+        // As qemu-nbd, not offered when only one client may connect: a client such as
+        // nbdcopy would open more connections than the server accepts.
+        if self.options.max_connections != 1 {
+            flags |= f::CAN_MULTI_CONN;
+        }
         if self.options.read_only {
             flags |= f::READ_ONLY;
         } else {
