@@ -171,10 +171,12 @@ fn read_job<R: Read>(reader: &mut R, budget: &Budget) -> io::Result<Option<Job>>
         Command::Write => {
             budget.take(len);
             job.charged = len;
-            job.payload = vec![0u8; request.length as usize];
-            if let Err(e) = reader.read_exact(&mut job.payload) {
+            // Memory grows with the data that arrives, not with what the header claims.
+            job.payload = Vec::with_capacity(request.length.min(1 << 20) as usize);
+            let read = reader.by_ref().take(len).read_to_end(&mut job.payload);
+            if read.is_err() || job.payload.len() as u64 != len {
                 budget.give(len);
-                return Err(e);
+                return Err(read.err().unwrap_or(io::ErrorKind::UnexpectedEof.into()));
             }
         }
         Command::Read if request.length <= MAX_PAYLOAD => {
