@@ -244,6 +244,46 @@ fn block_status_matches_qemu_nbd() {
 }
 
 #[test]
+fn allocation_depth_past_a_short_backing_file_matches_qemu_nbd() {
+    let s = Scratch::new();
+    for dir in ["a", "b"] {
+        std::fs::create_dir_all(s.path(dir)).unwrap();
+        s.create(&format!("{dir}/base.qcow2"), "", 1 << 20);
+        s.qemu_io(
+            &format!("{dir}/base.qcow2"),
+            "qcow2",
+            &["write -P 1 0 1M".into()],
+        );
+        s.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            &format!("{dir}/top.qcow2"),
+            "4M",
+        ]);
+        s.qemu_io(
+            &format!("{dir}/top.qcow2"),
+            "qcow2",
+            &["write -P 2 3M 64k".into()],
+        );
+    }
+    let ours = Server::qimg(&s, &["-r", "-t", "-A"], "ours.sock", "a/top.qcow2");
+    let theirs = Server::qemu_nbd(&s, &["-r", "-t", "-A"], "theirs.sock", "b/top.qcow2");
+    for map in ["--map", "--map=qemu:allocation-depth"] {
+        let got: Vec<String> = [&ours, &theirs]
+            .iter()
+            .map(|server| ok(&s, "nbdinfo", &[map, &server.uri()]))
+            .collect();
+        assert_eq!(got[0], got[1], "{map}");
+    }
+}
+
+#[test]
 fn convert_compare_and_nbdcopy_read_the_chain() {
     let s = Scratch::new();
     chain(&s, "a");

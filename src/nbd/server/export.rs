@@ -10,7 +10,7 @@ use crate::nbd::codec::{
     Command, Request, StatusExtent, command_flags, errno, status, transmission_flags,
 };
 use crate::ops::{MapHints, map_range_with};
-use crate::qcow2::DirtyBitmap;
+use crate::qcow2::{DirtyBitmap, Mapping};
 
 /// Largest read or write payload, and the block size limit advertised (qemu-nbd's
 /// `NBD_MAX_BUFFER_SIZE`).
@@ -375,19 +375,27 @@ impl Export {
             true
         };
         match context {
-            Context::Allocation | Context::Depth => {
+            Context::Allocation => {
                 for entry in map_range_with(&self.chain, offset, len, self.hints.clone()) {
                     let entry = entry?;
                     let length = entry.end().min(end) - entry.start.max(offset);
-                    let flags = if context == Context::Allocation {
-                        (if entry.data { 0 } else { status::HOLE })
-                            | (if entry.zero { status::ZERO } else { 0 })
-                    } else if entry.present {
-                        entry.depth as u32 + 1
-                    } else {
-                        0
-                    };
+                    let flags = (if entry.data { 0 } else { status::HOLE })
+                        | (if entry.zero { status::ZERO } else { 0 });
                     if !push(length, flags, &mut out) {
+                        break;
+                    }
+                }
+            }
+            Context::Depth => {
+                let layers = self.chain.layers();
+                for run in self.chain.runs(offset, len) {
+                    let run = run?;
+                    // As QEMU: past the end of a shorter backing file, the zeros count as
+                    // allocated by that file.
+                    let allocated = run.mapping != Mapping::Unallocated
+                        || run.offset >= layers[run.depth].size();
+                    let depth = if allocated { run.depth as u32 + 1 } else { 0 };
+                    if !push(run.len, depth, &mut out) {
                         break;
                     }
                 }
