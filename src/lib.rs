@@ -135,6 +135,7 @@ mod error;
 pub mod format;
 pub mod layers;
 pub mod names;
+pub mod nbd;
 pub mod ops;
 mod progress;
 pub mod qcow2;

@@ -21,9 +21,11 @@ use crate::storage::MemStorage;
 
 mod bitmaps;
 mod chain_ops;
+mod nbd;
 
 pub use bitmaps::{BITMAP_MEMORY_LIMIT, bitmaps};
 pub use chain_ops::{ChainOp, LayerConfig, MAX_OPS, OpsConfig, OpsProgram, RawRange, ops};
+pub use nbd::{NBD_IMAGE_SIZE, nbd, nbd_seeds};
 
 /// A harness: runs one input, panics only on a bug.
 pub type Harness = fn(&[u8]);
@@ -38,6 +40,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("ops", ops),
     ("probe", probe),
     ("bitmaps", bitmaps),
+    ("nbd", nbd),
 ];
 
 /// How much of the guest range [`open_and_read`] reads: an image may claim exabytes.

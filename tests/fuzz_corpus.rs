@@ -487,3 +487,23 @@ fn write_ops_seeds() {
         std::fs::write(dir.join(name), program.encode()).unwrap();
     }
 }
+
+/// The nbd target's seeds are the conversations `nbd_seeds` builds with the codec (what
+/// qemu-img, qemu-io and nbdinfo send); `WRITE_NBD_SEEDS=1` rewrites them.
+#[test]
+fn nbd_seeds_are_committed() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/nbd");
+    for (name, bytes) in qcow2_engine::testing::nbd_seeds() {
+        let path = dir.join(name);
+        if std::env::var_os("WRITE_NBD_SEEDS").is_some() {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&path, &bytes).unwrap();
+        }
+        assert_eq!(
+            std::fs::read(&path).ok().as_deref(),
+            Some(&bytes[..]),
+            "{} is stale: WRITE_NBD_SEEDS=1 cargo test --features testing --test fuzz_corpus",
+            path.display()
+        );
+    }
+}

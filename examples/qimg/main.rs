@@ -43,6 +43,7 @@ mod info;
 mod io;
 mod map;
 mod measure;
+mod nbd;
 mod pull;
 mod rebase;
 mod remove;
@@ -121,6 +122,8 @@ enum Command {
     Bench(bench::Args),
     /// Copy a range of an image into a new image, dd-style (bs=, count=, skip=, if=, of=).
     Dd(dd::Args),
+    /// Serve an image and its chain over NBD, as qemu-nbd.
+    Nbd(nbd::Args),
 }
 
 fn main() -> ExitCode {
@@ -163,6 +166,7 @@ fn main() -> ExitCode {
         Command::Bitmap(args) => (bitmap::run(args), 1),
         Command::Bench(args) => (bench::run(args), 1),
         Command::Dd(args) => (dd::run(args), 1),
+        Command::Nbd(args) => (nbd::run(args), 1),
     };
     // A failed stdout (other than a closed pipe) fails a command that succeeded.
     let result = result.and_then(|code| match common::stdout_error() {

@@ -76,13 +76,52 @@ pub fn map(chain: &Chain) -> MapEntries<'_> {
 
 /// The merged map of `offset..offset + len` of `chain` (clamped to its size).
 pub fn map_range(chain: &Chain, offset: u64, len: u64) -> MapEntries<'_> {
+    map_range_with(chain, offset, len, MapHints::unknown(chain))
+}
+
+/// What [`map_range`] learns about each layer once (whether it looks up holes under data
+/// clusters: a scan of the refcounts), kept by callers that map many small ranges, as
+/// QEMU keeps it per open image.
+#[derive(Debug, Clone)]
+pub struct MapHints(Vec<Option<bool>>);
+
+impl MapHints {
+    /// Nothing known yet: learnt as the map needs it.
+    pub fn unknown(chain: &Chain) -> MapHints {
+        MapHints(vec![None; chain.layers().len()])
+    }
+
+    /// Everything learnt now, for every layer.
+    pub fn learn(chain: &Chain) -> MapHints {
+        MapHints(
+            chain
+                .layers()
+                .iter()
+                .map(|l| Some(holes_visible(l)))
+                .collect(),
+        )
+    }
+}
+
+/// [`map_range`] with what is already known about the layers.
+pub fn map_range_with(chain: &Chain, offset: u64, len: u64, hints: MapHints) -> MapEntries<'_> {
     MapEntries {
         chain,
         runs: chain.runs(offset, len),
         pieces: VecDeque::new(),
-        preallocated: vec![None; chain.layers().len()],
+        preallocated: hints.0,
         current: None,
         failed: false,
+    }
+}
+
+/// Whether holes in the file under a layer's data clusters count as zeros.
+fn holes_visible(layer: &Layer) -> bool {
+    match layer {
+        // As QEMU: a refcount structure that cannot be read only means the image
+        // does not look preallocated; mapping does not need it.
+        Layer::Qcow2(image) => image.looks_metadata_preallocated().unwrap_or(false),
+        Layer::Raw(_) => true,
     }
 }
 
@@ -138,12 +177,7 @@ impl MapEntries<'_> {
         if let Some(known) = self.preallocated[depth] {
             return Ok(known);
         }
-        let known = match &self.chain.layers()[depth] {
-            // As QEMU: a refcount structure that cannot be read only means the image
-            // does not look preallocated; mapping does not need it.
-            Layer::Qcow2(image) => image.looks_metadata_preallocated().unwrap_or(false),
-            Layer::Raw(_) => true,
-        };
+        let known = holes_visible(&self.chain.layers()[depth]);
         self.preallocated[depth] = Some(known);
         Ok(known)
     }

@@ -24,7 +24,7 @@ pub use convert::{
 };
 pub use du::{LayerSpace, SnapshotSpace, SpaceReport, du};
 pub use info::{ImageInfo, Qcow2Info, SnapshotInfo, chain_info, foreign_info, info, open_info};
-pub use map::{MapEntries, MapEntry, map, map_range};
+pub use map::{MapEntries, MapEntry, MapHints, map, map_range, map_range_with};
 pub use measure::{Measurement, measure_chain, measure_size};
 pub use merge::{
     CommitOptions, MergeOptions, MergeReport, RemoveMethod, RemoveOptions, RemoveReport,

@@ -171,6 +171,15 @@ impl DirtyBitmap {
         }
     }
 
+    /// [`DirtyBitmap::runs`] from the granule holding guest `offset` on (the first range
+    /// may start before `offset`, at its granule's start).
+    pub fn runs_from(&self, offset: u64) -> DirtyRuns<'_> {
+        DirtyRuns {
+            bitmap: self,
+            next: offset >> self.granularity_bits,
+        }
+    }
+
     /// Changes the disk size: granules past a smaller size go, new ones are clean.
     pub fn resize(&mut self, size: u64) {
         self.size = size;
