@@ -159,6 +159,61 @@ fn amend_t_as_qemu_img() {
 }
 
 #[test]
+fn amend_o_help_and_force_as_qemu_img() {
+    let s = Scratch::new();
+    s.create("img.qcow2", "", 1 << 20);
+    s.write_file("img.raw", &[0u8; 4096]);
+    // The header and the options qimg can change, each line as qemu-img prints it (its
+    // list also has data_file, data_file_raw and the encryption options qimg refuses).
+    for args in [
+        &["amend", "-o", "help", "img.qcow2"][..],
+        &["amend", "-f", "qcow2", "-o", "help", "no-such-file"],
+        &["amend", "-o", "lazy_refcounts=on,?", "img.qcow2"],
+    ] {
+        let what = format!("{args:?}");
+        let theirs = s.output("qemu-img", args);
+        let ours = s.qimg_output(args);
+        assert_eq!(code(&theirs), Some(0), "{what}");
+        assert_eq!(code(&ours), Some(0), "{what}: {ours:?}");
+        let theirs = String::from_utf8_lossy(&theirs.stdout).into_owned();
+        let ours = String::from_utf8_lossy(&ours.stdout).into_owned();
+        let mut lines = ours.lines();
+        assert_eq!(lines.next(), theirs.lines().next(), "{what}");
+        let listed: Vec<&str> = lines.collect();
+        assert_eq!(listed.len(), 6, "{what}: {ours}");
+        for line in listed {
+            assert!(
+                theirs.lines().any(|l| l == line),
+                "{what}: {line:?} not in {theirs}"
+            );
+        }
+    }
+    // Formats without amendable options: refused by both, in one line.
+    for args in [
+        &["amend", "-f", "raw", "-o", "help", "img.raw"][..],
+        &["amend", "-o", "help", "img.raw"],
+    ] {
+        let what = format!("{args:?}");
+        assert_eq!(code(&s.output("qemu-img", args)), Some(1), "{what}");
+        let ours = s.qimg_output(args);
+        assert_eq!(code(&ours), Some(1), "{what}");
+        common::assert_one_line_failure(&ours, &what);
+    }
+    // --force is accepted and amends as without it.
+    s.copy("img.qcow2", "q.qcow2");
+    s.copy("img.qcow2", "o.qcow2");
+    let args = |f: &'static str| ["amend", "--force", "-o", "lazy_refcounts=on", f];
+    assert_eq!(code(&s.output("qemu-img", &args("q.qcow2"))), Some(0));
+    assert_eq!(code(&s.qimg_output(&args("o.qcow2"))), Some(0));
+    let info = |f: &str| {
+        let v: Value = serde_json::from_str(&s.qemu_img(&["info", "--output=json", f])).unwrap();
+        v["format-specific"]["data"].clone()
+    };
+    assert_eq!(info("o.qcow2"), info("q.qcow2"));
+    s.assert_clean("o.qcow2", "--force");
+}
+
+#[test]
 fn rebase_u_opens_the_new_backing_file_as_qemu_img() {
     let s = Scratch::new();
     s.create("base.qcow2", "", 1 << 20);

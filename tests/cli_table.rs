@@ -188,6 +188,17 @@ const ROWS: &[Row] = &[
         created: &[],
     },
     Row {
+        args: &[
+            "amend",
+            "--force",
+            "-o",
+            "lazy_refcounts=on",
+            "{}/img.qcow2",
+        ],
+        out: Out::Text,
+        created: &[],
+    },
+    Row {
         args: &["amend", "-o", "compat=0.10", "{}/img.qcow2"],
         out: Out::Text,
         created: &[],

@@ -10,7 +10,9 @@ use anyhow::{Result, anyhow, bail};
 use qcow2_engine::qcow2::AmendOptions;
 use qcow2_engine::{Chain, ChainOptions, Compat, Format};
 
-use crate::common::{Progress, parse_bool, parse_format, parse_size, split_options};
+use crate::common::{
+    Progress, parse_bool, parse_format, parse_size, split_options, wants_option_help,
+};
 
 /// Arguments of `qimg amend`.
 #[derive(clap::Args)]
@@ -32,6 +34,11 @@ pub struct Args {
     /// the mode).
     #[arg(short = 't', long = "cache", value_name = "CACHE", value_parser = crate::common::parse_cache)]
     cache: Option<crate::common::CacheMode>,
+    /// Allow unsafe amendments (qemu-img's `--force`): QEMU uses it only for changes to
+    /// encryption keys, which qimg refuses with every encrypted image, so it changes
+    /// nothing here.
+    #[arg(long = "force")]
+    force: bool,
     /// The image.
     file: PathBuf,
 }
@@ -85,9 +92,55 @@ fn parse_options(texts: &[String]) -> Result<AmendOptions, String> {
     Ok(options)
 }
 
+/// What qimg can amend, as qemu-img's `-o help` lists it (name, value type,
+/// description). qemu-img also lists data_file, data_file_raw and the encryption options,
+/// which qimg refuses to change.
+const AMENDABLE: [(&str, &str, &str); 6] = [
+    ("backing_file", "str", "File name of a base image"),
+    ("backing_fmt", "str", "Image format of the base image"),
+    (
+        "compat",
+        "str",
+        "Compatibility level (v2 [0.10] or v3 [1.1])",
+    ),
+    (
+        "lazy_refcounts",
+        "bool (on/off)",
+        "Postpone refcount updates",
+    ),
+    (
+        "refcount_bits",
+        "num",
+        "Width of a reference count entry in bits",
+    ),
+    ("size", "size", "Virtual disk size"),
+];
+
+/// `amend -o help`: the options of FILE's format (given, or probed from FILE), as
+/// qemu-img prints them; only qcow2 has any.
+fn print_amend_options_help(args: &Args) -> Result<u8> {
+    let format = Format::for_file(&args.file, args.format)?;
+    if format != Format::Qcow2 {
+        bail!(
+            "Format driver '{}' does not support option amendment",
+            format.name()
+        );
+    }
+    outln!("Amend options for 'qcow2':");
+    for (name, kind, description) in AMENDABLE {
+        outln!("  {:<22} - {description}", format!("{name}=<{kind}>"));
+    }
+    Ok(0)
+}
+
 /// Runs `qimg amend`.
 pub fn run(args: Args) -> Result<u8> {
     let _ = args.cache;
+    // --force allows nothing more here (see the field).
+    let _ = args.force;
+    if wants_option_help(&args.options) {
+        return print_amend_options_help(&args);
+    }
     let options =
         parse_options(&args.options).map_err(|e| anyhow!("{}: {e}", args.file.display()))?;
     let chain = Chain::open_with(
