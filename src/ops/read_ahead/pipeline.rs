@@ -88,23 +88,72 @@ struct Job<S> {
 /// A job read (or failed to read).
 type Done<S> = (Job<S>, Result<()>);
 
-/// The readers' queue: jobs, each with where to send it back.
-type Queue<S> = Mutex<Receiver<(Job<S>, SyncSender<Done<S>>)>>;
+/// Pieces one reader reads in one go, in guest order. Small pieces (a 4 KiB cluster each
+/// in a metadata-heavy merge) travel in batches: a thread handoff per piece cost more
+/// than the read itself.
+type Batch<S> = Vec<Job<S>>;
+
+/// A batch to read, with where to send it back.
+type Request<S> = (Batch<S>, SyncSender<Vec<Done<S>>>);
+
+/// The readers' queue.
+type Queue<S> = Mutex<Receiver<Request<S>>>;
+
+/// A batch is sent to the readers once it holds this many bytes...
+const BATCH_BYTES: u64 = 256 << 10;
+/// ...or this many pieces.
+const BATCH_PIECES: usize = 64;
 
 /// A planned piece waiting for the consumer.
 enum Pending<S> {
     /// Nothing to read.
     Ready(Piece<S>),
-    /// Being read: it comes back through the receiver.
-    Reading(Receiver<Done<S>>),
+    /// Being read: it is the next one of the oldest batch not yet consumed.
+    Batched,
     /// The planner failed here.
     Failed(Error),
+}
+
+/// The batches between the planner and the consumer, oldest first.
+struct Batches<S> {
+    /// Being gathered by the planner.
+    open: Batch<S>,
+    open_bytes: u64,
+    /// Sent to the readers, oldest first.
+    sent: VecDeque<Receiver<Vec<Done<S>>>>,
+    /// The oldest batch, back from the readers, being consumed.
+    received: VecDeque<Done<S>>,
+}
+
+impl<S: Send> Batches<S> {
+    /// Batches holding buffers: sent, being consumed, or being gathered.
+    fn held(&self) -> usize {
+        self.sent.len()
+            + usize::from(!self.received.is_empty())
+            + usize::from(!self.open.is_empty())
+    }
+
+    /// Sends the open batch to the readers, if it holds anything.
+    fn send(&mut self, jobs: &SyncSender<Request<S>>) {
+        if self.open.is_empty() {
+            return;
+        }
+        let (done, result) = sync_channel(1);
+        // The readers live until `jobs` is dropped, so this cannot fail unless one
+        // panicked, which the scope reports.
+        let _ = jobs.send((std::mem::take(&mut self.open), done));
+        self.open_bytes = 0;
+        self.sent.push_back(result);
+    }
 }
 
 /// Runs `plan` to its end over `chains` (one or two: the runs of `Piece::runs[i]` are
 /// read from `chains[i]`), calling `consume` with each piece and its content in guest
 /// order. `consume` returns `Ok(false)` to stop early (the result is then
 /// [`Error::Cancelled`]).
+///
+/// At most `shape.depth` batches hold buffers at once, each of at most [`BATCH_BYTES`]
+/// plus one piece; the planner runs at most `depth * BATCH_PIECES * 2` pieces ahead.
 pub(crate) fn read_ahead<P: Plan>(
     chains: &[&Chain],
     shape: Shape,
@@ -112,15 +161,26 @@ pub(crate) fn read_ahead<P: Plan>(
     mut consume: impl FnMut(Piece<P::Step>, Content<'_>) -> Result<bool>,
 ) -> Result<()> {
     let depth = shape.depth.max(1);
+    // Pieces with nothing to read cost no buffer, but the planner stops somewhere.
+    let max_window = depth * BATCH_PIECES * 2;
     std::thread::scope(|scope| {
-        let (jobs, queue) = sync_channel::<(Job<P::Step>, SyncSender<Done<P::Step>>)>(depth);
+        let (jobs, queue) = sync_channel::<Request<P::Step>>(depth);
         let queue = Arc::new(Mutex::new(queue));
         let mut readers_started = false;
-        let mut window: VecDeque<Pending<P::Step>> = VecDeque::with_capacity(depth);
+        let mut window: VecDeque<Pending<P::Step>> = VecDeque::new();
+        let mut batches = Batches {
+            open: Vec::new(),
+            open_bytes: 0,
+            sent: VecDeque::new(),
+            received: VecDeque::new(),
+        };
         let mut spare: Vec<Vec<u8>> = Vec::new();
         let mut planned = false;
         loop {
-            while !planned && window.len() < depth {
+            while !planned && window.len() < max_window {
+                if batches.open.is_empty() && batches.held() >= depth {
+                    break; // No room for another batch's buffers.
+                }
                 let piece = match plan.next() {
                     Ok(Some(piece)) => piece,
                     Ok(None) => {
@@ -147,21 +207,32 @@ pub(crate) fn read_ahead<P: Plan>(
                 let len = piece.len as usize;
                 let buffers =
                     [0, 1].map(|i| (!piece.runs[i].is_empty()).then(|| buffer(&mut spare, len)));
-                let (done, result) = sync_channel(1);
-                // The readers live until `jobs` is dropped, so this cannot fail unless one
-                // panicked, which the scope reports.
-                let _ = jobs.send((Job { piece, buffers }, done));
-                window.push_back(Pending::Reading(result));
+                batches.open_bytes += piece.len;
+                batches.open.push(Job { piece, buffers });
+                window.push_back(Pending::Batched);
+                if batches.open.len() >= BATCH_PIECES || batches.open_bytes >= BATCH_BYTES {
+                    batches.send(&jobs);
+                }
+            }
+            // Planning paused: what it gathered starts reading now if nothing else will
+            // make it go (the end, a full window, or the consumer about to wait for it).
+            if planned || window.len() >= max_window || batches.sent.is_empty() {
+                batches.send(&jobs);
             }
             let Some(pending) = window.pop_front() else {
                 return Ok(());
             };
             let (piece, buffers) = match pending {
                 Pending::Ready(piece) => (piece, [None, None]),
-                Pending::Reading(result) => {
-                    let (job, read) = result.recv().map_err(|_| {
-                        Error::io("reading", std::io::Error::other("a reader thread failed"))
-                    })?;
+                Pending::Batched => {
+                    if batches.received.is_empty() {
+                        let result = batches.sent.pop_front().expect("a batched piece was sent");
+                        let done = result.recv().map_err(|_| {
+                            Error::io("reading", std::io::Error::other("a reader thread failed"))
+                        })?;
+                        batches.received = done.into();
+                    }
+                    let (job, read) = batches.received.pop_front().expect("a batch is not empty");
                     read?;
                     (job.piece, job.buffers)
                 }
@@ -172,7 +243,7 @@ pub(crate) fn read_ahead<P: Plan>(
             let keep_going = consume(piece, content)?;
             spare.extend(buffers.into_iter().flatten());
             if !keep_going {
-                // Returning drops `jobs`: the readers stop after their current read.
+                // Returning drops `jobs`: the readers stop after their current batch.
                 return Err(Error::Cancelled);
             }
         }
@@ -195,27 +266,45 @@ fn buffer(spare: &mut Vec<Vec<u8>>, len: usize) -> Vec<u8> {
     }
 }
 
-/// A reader thread's loop: reads jobs until the queue closes.
+/// A reader thread's loop: reads batches until the queue closes. A failed read ends its
+/// batch: the consumer stops at the first error, so the pieces after it are never used.
 fn read_jobs<S>(chains: &[&Chain], queue: &Queue<S>) {
     loop {
         // The lock is held while waiting only: reads overlap.
-        let job = queue.lock().unwrap_or_else(PoisonError::into_inner).recv();
-        let Ok((mut job, done)) = job else {
+        let batch = queue.lock().unwrap_or_else(PoisonError::into_inner).recv();
+        let Ok((batch, done)) = batch else {
             return; // The consumer finished or failed.
         };
-        let piece = &job.piece;
-        let mut result = Ok(());
-        for (i, buffer) in job.buffers.iter_mut().enumerate() {
-            if let Some(buffer) = buffer {
-                let buf = &mut buffer[..piece.len as usize];
-                result = read_runs(chains[i], &piece.runs[i], piece.offset, buf);
-                if result.is_err() {
-                    break;
-                }
-            }
-        }
-        let _ = done.send((job, result));
+        let mut failed = false;
+        let results = batch
+            .into_iter()
+            .map(|mut job| {
+                let result = if failed {
+                    Err(Error::io(
+                        "reading",
+                        std::io::Error::other("an earlier read of its batch failed"),
+                    ))
+                } else {
+                    read_job(chains, &mut job)
+                };
+                failed |= result.is_err();
+                (job, result)
+            })
+            .collect();
+        let _ = done.send(results);
     }
+}
+
+/// Reads one piece's runs into its buffers.
+fn read_job<S>(chains: &[&Chain], job: &mut Job<S>) -> Result<()> {
+    let piece = &job.piece;
+    for (i, buffer) in job.buffers.iter_mut().enumerate() {
+        if let Some(buffer) = buffer {
+            let buf = &mut buffer[..piece.len as usize];
+            read_runs(chains[i], &piece.runs[i], piece.offset, buf)?;
+        }
+    }
+    Ok(())
 }
 
 /// Fills `buf` (guest `offset..`) from the runs of `chain` (in order, inside it), zeros
@@ -410,7 +499,13 @@ mod tests {
             },
         )
         .unwrap();
-        // At most `depth` pieces wait and one is consumed.
-        assert!(addresses.len() <= SHAPE.depth + 1, "{}", addresses.len());
+        // At most `depth` batches hold buffers (one of them the piece consumed), each
+        // filled up to BATCH_BYTES by 64 KiB pieces.
+        let per_batch = (BATCH_BYTES / (64 << 10)) as usize;
+        assert!(
+            addresses.len() <= SHAPE.depth * per_batch,
+            "{}",
+            addresses.len()
+        );
     }
 }
