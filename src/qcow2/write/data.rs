@@ -119,24 +119,19 @@ impl Image {
             }
             c += cs;
         }
+        // `file_len` is never below the file's length, and nothing is written past it
+        // but what allocation places there: new clusters at or past it read as zeros
+        // without being written (asked here, not of the file: a system call per write).
+        let len_before = self.file_len();
         let mut next_host = if needs > 0 && !self.has_external_data_file() {
             Some(self.allocate(w, needs)?)
         } else {
             None
         };
-        // New clusters past the file's end read as zeros without being written: zeros
-        // they would get from copy-on-write are left as a hole (QEMU leaves them so too),
-        // and the file is extended over them once their data is written.
-        let fresh_from = match next_host {
-            Some(first) => {
-                let len = self
-                    .storage
-                    .len()
-                    .map_err(|e| Error::io("reading the file length", e))?;
-                (first >= len).then_some(first)
-            }
-            None => None,
-        };
+        // Zeros such fresh clusters would get from copy-on-write are left as a hole
+        // (QEMU leaves them so too), and the file is extended over them once their data
+        // is written.
+        let fresh_from = next_host.filter(|&first| first >= len_before);
         let mut holes_to = 0u64;
         let mut pending = PendingWrite::new(buf, offset);
         let mut c = first_cluster;
