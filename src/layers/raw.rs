@@ -267,7 +267,7 @@ impl RawImage {
     /// [`Storage::start_writeback`]).
     pub(crate) fn start_writeback(&self) -> Result<()> {
         self.storage
-            .start_writeback()
+            .start_writeback(0..u64::MAX)
             .map_err(|e| Error::io("writing back", e).in_file(&self.name))
     }
 }

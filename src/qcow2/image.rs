@@ -91,7 +91,11 @@ pub struct Image {
     pub(super) external_data_file: bool,
     pub(crate) meta: RwLock<Meta>,
     pub(crate) l2_cache: L2Cache,
+    /// Never below the image file's length: its length at open, raised by every
+    /// allocation and write past it (a file shrunk since leaves it above).
     pub(crate) file_len: AtomicU64,
+    /// Where guest data went since the last [`Image::start_writeback`].
+    pub(crate) data_written: WrittenRange,
     /// The last decompressed cluster: reads smaller than a cluster hit it repeatedly.
     pub(super) last_compressed: Mutex<Option<(u64, Arc<[u8]>)>>,
     /// Shared by reads and in-place overwrites; exclusive for metadata changes.
@@ -123,6 +127,36 @@ impl std::fmt::Debug for Image {
             .field("name", &self.name)
             .field("header", &self.meta().header)
             .finish_non_exhaustive()
+    }
+}
+
+/// The host range written to since it was last taken, as its lowest and highest byte,
+/// kept without a lock (a hint: a write racing with [`WrittenRange::take`] may be missed).
+#[derive(Debug)]
+pub(crate) struct WrittenRange {
+    low: AtomicU64,
+    high: AtomicU64,
+}
+
+impl WrittenRange {
+    pub(crate) fn new() -> WrittenRange {
+        WrittenRange {
+            low: AtomicU64::new(u64::MAX),
+            high: AtomicU64::new(0),
+        }
+    }
+
+    /// Notes a write of `len` bytes at `host`.
+    pub(crate) fn note(&self, host: u64, len: u64) {
+        self.low.fetch_min(host, Ordering::Relaxed);
+        self.high.fetch_max(host + len, Ordering::Relaxed);
+    }
+
+    /// The range written since the last call (empty if none), forgotten.
+    pub(crate) fn take(&self) -> std::ops::Range<u64> {
+        let high = self.high.swap(0, Ordering::Relaxed);
+        let low = self.low.swap(u64::MAX, Ordering::Relaxed);
+        low.min(high)..high
     }
 }
 

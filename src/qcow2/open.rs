@@ -13,7 +13,7 @@ use crate::format::{
 };
 use crate::storage::Storage;
 
-use super::image::{Image, ImageOptions, Meta, read_exact};
+use super::image::{Image, ImageOptions, Meta, WrittenRange, read_exact};
 use super::l2cache::L2Cache;
 
 impl Image {
@@ -179,6 +179,7 @@ impl Image {
             }),
             l2_cache: L2Cache::new(tables),
             file_len: AtomicU64::new(file_len),
+            data_written: WrittenRange::new(),
             last_compressed: Mutex::new(None),
             io_lock: RwLock::new(()),
             writer: None,

@@ -77,10 +77,12 @@ pub trait Storage: Send + Sync {
         let _ = src;
         false
     }
-    /// Starts writing completed writes back to the device without waiting, so that a
-    /// later [`Storage::flush`] finds less to do. Only a hint: nothing becomes durable
-    /// until `flush` returns. Default: nothing.
-    fn start_writeback(&self) -> io::Result<()> {
+    /// Starts writing completed writes in the byte range `range` (`0..u64::MAX`: all of
+    /// them) back to the device without waiting, so that a later [`Storage::flush`] finds
+    /// less to do; the range's cached copy may be dropped. Only a hint: nothing becomes
+    /// durable until `flush` returns. Default: nothing.
+    fn start_writeback(&self, range: std::ops::Range<u64>) -> io::Result<()> {
+        let _ = range;
         Ok(())
     }
     /// The current length in bytes.
@@ -163,8 +165,8 @@ macro_rules! forward_storage {
             fn shares_extents_with(&self, src: &dyn Storage) -> bool {
                 (**self).shares_extents_with(src)
             }
-            fn start_writeback(&self) -> io::Result<()> {
-                (**self).start_writeback()
+            fn start_writeback(&self, range: std::ops::Range<u64>) -> io::Result<()> {
+                (**self).start_writeback(range)
             }
             fn len(&self) -> io::Result<u64> {
                 (**self).len()

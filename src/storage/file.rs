@@ -332,16 +332,20 @@ impl Storage for FileStorage {
         };
         same_device && matches!(kind(&self.file), Some(XFS | BTRFS))
     }
-    /// `posix_fadvise(POSIX_FADV_DONTNEED)` over the whole file: Linux queues the dirty
-    /// pages for writing (without waiting) and drops the clean ones from the page cache.
-    /// (`sync_file_range` would only start the writing, but needs `unsafe`.) What is
-    /// dropped is re-read if needed; the copies that call this do not read back what
-    /// they wrote.
-    fn start_writeback(&self) -> io::Result<()> {
-        if self.read_only {
+    /// `posix_fadvise(POSIX_FADV_DONTNEED)` over the range: Linux queues its dirty pages
+    /// for writing (without waiting) and drops the clean ones from the page cache, whose
+    /// pages the next writes then reuse. (`sync_file_range` would only start the writing,
+    /// but needs `unsafe`; a background `fdatasync` kept every page, and fresh pages cost
+    /// more than the copy on these VMs.) What is dropped is re-read if needed: callers
+    /// pass the range they wrote, not the metadata they will read.
+    fn start_writeback(&self, range: std::ops::Range<u64>) -> io::Result<()> {
+        if self.read_only || range.is_empty() {
             return Ok(());
         }
-        rustix::fs::fadvise(&self.file, 0, None, rustix::fs::Advice::DontNeed)?;
+        let len = (range.end != u64::MAX).then(|| {
+            std::num::NonZeroU64::new(range.end - range.start).expect("the range is not empty")
+        });
+        rustix::fs::fadvise(&self.file, range.start, len, rustix::fs::Advice::DontNeed)?;
         Ok(())
     }
     fn len(&self) -> io::Result<u64> {

@@ -78,7 +78,7 @@ impl Storage for Recording {
         self.note("shares_extents_with");
         false
     }
-    fn start_writeback(&self) -> io::Result<()> {
+    fn start_writeback(&self, _range: std::ops::Range<u64>) -> io::Result<()> {
         self.note("start_writeback");
         Ok(())
     }
@@ -121,7 +121,7 @@ pub(crate) fn call_every_method(storage: &dyn Storage) -> usize {
     let _ = storage.as_file();
     storage.lock(LockMode::READ).unwrap();
     let _ = storage.shares_extents_with(&other);
-    storage.start_writeback().unwrap();
+    storage.start_writeback(0..u64::MAX).unwrap();
     storage.len().unwrap();
     storage.set_len(16).unwrap();
     storage.is_empty().unwrap();

@@ -91,8 +91,8 @@ impl<S: Storage + ?Sized> Storage for Unsynced<S> {
     fn shares_extents_with(&self, src: &dyn Storage) -> bool {
         self.0.shares_extents_with(src)
     }
-    fn start_writeback(&self) -> io::Result<()> {
-        self.0.start_writeback()
+    fn start_writeback(&self, range: std::ops::Range<u64>) -> io::Result<()> {
+        self.0.start_writeback(range)
     }
     fn len(&self) -> io::Result<u64> {
         self.0.len()

@@ -66,6 +66,7 @@ impl Image {
             .write_at(compressed, host)
             .map_err(|e| self.io_error("writing a compressed cluster", host, e))?;
         self.file_len.fetch_max(host + len, Ordering::Relaxed);
+        self.data_written.note(host, len);
         let l1_index = g.l1_index(offset);
         let mut slot = self.l2_for_write(&mut w, l1_index)?;
         let (entry, _) = self.entry(&slot.table, offset);

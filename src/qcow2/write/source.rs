@@ -157,6 +157,7 @@ pub(super) fn write_data(image: &Image, host: u64, source: Source<'_>) -> Result
         });
     }
     source.write_to(image, host)?;
+    image.data_written.note(host, source.len());
     if image.data_file.is_none() {
         image
             .file_len
