@@ -204,6 +204,7 @@ fn open_layers(
         }
         layers.push(layer);
     }
+    share_backing_l2_caches(&layers, options.l2_cache_bytes);
     let chain = (!layers.is_empty()).then(|| Chain {
         layers,
         warnings,
@@ -212,6 +213,83 @@ fn open_layers(
     Ok((chain, foreign_image))
 }
 
+/// What the L2 caches of a chain's backing layers may hold together, when each one's own
+/// budget would add up to more: a walk in guest order needs a table or two per layer, and
+/// the 500 layers of a deep chain each keeping what they had read held 64 MiB.
+const BACKING_L2_CACHE_BYTES: u64 = 16 << 20;
+
+/// Shares [`BACKING_L2_CACHE_BYTES`] among the backing layers (read-only: the top keeps
+/// its own cache) when their budgets of `per_layer` bytes each add up to more.
+fn share_backing_l2_caches(layers: &[Layer], per_layer: u64) {
+    let backing = layers.len().saturating_sub(1) as u64;
+    if backing == 0 || backing.saturating_mul(per_layer) <= BACKING_L2_CACHE_BYTES {
+        return;
+    }
+    for layer in &layers[1..] {
+        if let Layer::Qcow2(image) = layer {
+            image.limit_l2_cache(BACKING_L2_CACHE_BYTES / backing);
+        }
+    }
+}
+
 fn is_marked_corrupt(e: &Error) -> bool {
     matches!(e.root(), Error::MarkedCorrupt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::create::{CreateOptions, create_on};
+    use crate::storage::MemOpener;
+
+    /// A chain of `depth` empty 1 GiB images (64 KiB clusters) in memory, opened with
+    /// `l2_cache_bytes` per layer.
+    fn chain(depth: usize, l2_cache_bytes: u64) -> Chain {
+        let opener = Arc::new(MemOpener::new());
+        for i in 0..depth {
+            let mut options = CreateOptions::qcow2(1 << 30);
+            if i > 0 {
+                options.backing_file = Some(format!("/l{}.qcow2", i - 1));
+                options.backing_format = Some(Format::Qcow2);
+                options.open_backing = false;
+            }
+            create_on(&*opener.create(format!("/l{i}.qcow2")), &options).unwrap();
+        }
+        Chain::open_with(
+            Path::new(&format!("/l{}.qcow2", depth - 1)),
+            &ChainOptions {
+                opener: Some(opener),
+                l2_cache_bytes,
+                ..ChainOptions::default()
+            },
+        )
+        .unwrap()
+    }
+
+    fn capacities(chain: &Chain) -> Vec<usize> {
+        chain
+            .layers()
+            .iter()
+            .map(|l| match l {
+                Layer::Qcow2(image) => image.l2_cache.capacity(),
+                Layer::Raw(_) => 0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn deep_chains_share_one_budget_among_their_backing_layers() {
+        // Four backing layers of 4 MiB each fit the budget: untouched.
+        assert_eq!(capacities(&chain(5, 4 << 20)), [64; 5]);
+        // Nine share 16 MiB: 28 tables of 64 KiB each; the top keeps its own 64.
+        let mut want = vec![28; 10];
+        want[0] = 64;
+        assert_eq!(capacities(&chain(10, 4 << 20)), want);
+        // However deep, a layer keeps one table.
+        assert!(
+            capacities(&chain(300, 4 << 20))[1..]
+                .iter()
+                .all(|&c| c == 1)
+        );
+    }
 }

@@ -273,7 +273,16 @@ impl Image {
     pub fn is_writable(&self) -> bool {
         self.writer.is_some()
     }
-    /// Length of the image file in bytes.
+    /// Lowers a read-only image's L2 cache to about `bytes` (at least one table); a
+    /// writable image keeps its cache (its changed tables live there).
+    pub(crate) fn limit_l2_cache(&self, bytes: u64) {
+        let tables = (bytes / self.cluster_size()).max(1) as usize;
+        if self.writer.is_none() && tables < self.l2_cache.capacity() {
+            self.l2_cache.set_capacity(tables);
+        }
+    }
+    /// Length of the image file in bytes, as this image knows it: its length at open,
+    /// raised by every allocation and write past it (never below the file's length).
     pub fn file_len(&self) -> u64 {
         self.file_len.load(Ordering::Relaxed)
     }

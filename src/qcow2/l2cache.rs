@@ -7,6 +7,7 @@
 //! next checkpoint writes them, so eviction skips them.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// A decoded L2 table: raw 64-bit words (two per entry with extended L2).
@@ -15,7 +16,7 @@ pub(crate) type L2Table = Arc<Vec<u64>>;
 
 #[derive(Debug)]
 pub(crate) struct L2Cache {
-    capacity: usize,
+    capacity: AtomicUsize,
     inner: Mutex<Inner>,
 }
 
@@ -31,8 +32,28 @@ impl L2Cache {
     /// A cache holding at most `capacity` tables (at least one).
     pub(crate) fn new(capacity: usize) -> L2Cache {
         L2Cache {
-            capacity: capacity.max(1),
+            capacity: AtomicUsize::new(capacity.max(1)),
             inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    /// Holds at most `capacity` tables (at least one) from now on.
+    pub(crate) fn set_capacity(&self, capacity: usize) {
+        self.capacity.store(capacity.max(1), Ordering::Relaxed);
+        self.evict_over_capacity(&mut self.inner.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// How many tables it holds at most.
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity.load(Ordering::Relaxed)
+    }
+
+    fn evict_over_capacity(&self, inner: &mut Inner) {
+        while inner.by_offset.len() > self.capacity() {
+            let Some((_, victim)) = inner.by_age.pop_first() else {
+                break;
+            };
+            inner.by_offset.remove(&victim);
         }
     }
 
@@ -62,12 +83,7 @@ impl L2Cache {
             inner.by_age.remove(&old);
         }
         inner.by_age.insert(tick, offset);
-        while inner.by_offset.len() > self.capacity {
-            let Some((_, victim)) = inner.by_age.pop_first() else {
-                break;
-            };
-            inner.by_offset.remove(&victim);
-        }
+        self.evict_over_capacity(&mut inner);
     }
 
     /// Forgets a table (after it was freed).
