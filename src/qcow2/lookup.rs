@@ -7,11 +7,27 @@
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::format::{self, ClusterDescriptor, L1Entry, L2Entry, SubclusterBitmap};
+use crate::format::{self, ClusterDescriptor, Geometry, L1Entry, L2Entry, SubclusterBitmap};
 
 use super::image::Image;
 use super::l2cache::L2Table;
 use super::mapping::{Mapping, Run, RunCursor};
+
+/// The first cluster boundary from `from` (one) on, before `end` (inside `from`'s L2
+/// table), whose entry has a non-zero word; `end` if there is none.
+fn skip_zero_entries(table: &[u64], g: Geometry, from: u64, end: u64) -> u64 {
+    let words = if g.extended_l2() { 2 } else { 1 };
+    let first = g.l2_index(from) as usize * words;
+    let clusters = (end - from).div_ceil(g.cluster_size()) as usize;
+    let Some(entries) = table.get(first..first + clusters * words) else {
+        return from;
+    };
+    let zero_words = entries
+        .iter()
+        .position(|&w| w != 0)
+        .unwrap_or(entries.len());
+    (from + (zero_words / words) as u64 * g.cluster_size()).min(end)
+}
 
 impl Image {
     /// L1 entry `index` of the active table (unallocated past its end), refused when it
@@ -87,6 +103,14 @@ impl Image {
         let mut unit_end = (offset / unit + 1) * unit;
         if !matches!(first, Mapping::Compressed(_)) {
             while unit_end < end {
+                if first == Mapping::Unallocated && unit_end % g.cluster_size() == 0 {
+                    // Entries of all-zero words are unallocated: a sparse table's long
+                    // unallocated runs are found without decoding each entry.
+                    unit_end = skip_zero_entries(&table, g, unit_end, end);
+                    if unit_end >= end {
+                        break;
+                    }
+                }
                 let (next, _) = self.unit_mapping(&table, l2_offset, unit_end)?;
                 if !first.continued_by(next, unit_end - offset) {
                     break;
