@@ -101,8 +101,18 @@ impl Image {
     /// the image is not prepared for guest writes, so a dirty or corrupt image opens
     /// as it is.
     pub fn open_for_repair(path: impl AsRef<Path>) -> Result<Image> {
+        Image::open_for_repair_with(path, &ImageOptions::default())
+    }
+
+    /// [`Image::open_for_repair`] with the opener and locking of `options` (its other
+    /// fields are ignored).
+    pub fn open_for_repair_with(path: impl AsRef<Path>, options: &ImageOptions) -> Result<Image> {
         let path = path.as_ref();
-        let options = ImageOptions::default();
+        let options = ImageOptions {
+            opener: options.opener.clone(),
+            locking: options.locking,
+            ..ImageOptions::default()
+        };
         let storage = options.open_storage(path, true)?;
         Image::from_storage_inner(storage, path.to_path_buf(), &options, None)
             .map_err(|e| e.in_file(path))
