@@ -491,3 +491,65 @@ fn qimg_check_repair_prints_and_repairs_as_qemu_img() {
     let theirs = s.qemu_img(&["snapshot", "-l", "o.qcow2"]);
     assert_eq!(ours, theirs);
 }
+
+/// Opened normally (not for a check), an image whose snapshot table lies wholly or partly
+/// past the end of the file reads as QEMU reads it, zeros past the end: `info` (JSON and
+/// text) and `snapshot -l` list the same entries as qemu-img (cut entries with the rest
+/// of their fields zero, an empty ID and name), the guest data reads, and a write leaves
+/// the twin of what qemu-io leaves (same content, same `qemu-img check` findings).
+#[test]
+fn a_snapshot_table_past_the_end_opens_as_qemu_opens_it() {
+    let s = Scratch::new();
+    for (options, version) in [("cluster_size=65536", 3), ("compat=0.10", 2)] {
+        let whole = format!("whole{version}.qcow2");
+        s.create(&whole, options, 4 << 20);
+        s.qemu_io(&whole, "qcow2", &["write -P 1 0 256k".to_string()]);
+        s.qemu_img(&["snapshot", "-c", "one", &whole]);
+        s.qemu_img(&["snapshot", "-c", "two", &whole]);
+        let table = read_header_field(&s.path(&whole), HeaderField::SnapshotsOffset);
+        // Cut where the table starts, inside the first entry's fields, inside its ID,
+        // and inside the second entry.
+        for cut in [0u64, 20, 50, 80, 100] {
+            let name = format!("cut{version}-{cut}.qcow2");
+            s.copy(&whole, &name);
+            s.truncate(&name, table + cut);
+            let label = format!("v{version} cut at table + {cut}");
+            let json = |out: String| -> Value { serde_json::from_str(&out).unwrap() };
+            assert_eq!(
+                json(s.qimg(&["info", "--output=json", &name])),
+                json(s.qemu_img(&["info", "--output=json", &name])),
+                "{label}: info JSON"
+            );
+            assert_eq!(
+                s.qimg(&["info", &name]),
+                s.qemu_img(&["info", &name]),
+                "{label}: info"
+            );
+            assert_eq!(
+                s.qimg(&["snapshot", "-l", &name]),
+                s.qemu_img(&["snapshot", "-l", &name]),
+                "{label}: snapshot -l"
+            );
+            let read = s.qimg(&["io", "-r", "-c", "read -P 1 0 256k", &name]);
+            assert!(
+                read.starts_with("read 262144/262144 bytes at offset 0"),
+                "{label}: {read}"
+            );
+            let (q, m) = (format!("q-{name}"), format!("m-{name}"));
+            s.copy(&name, &q);
+            s.copy(&name, &m);
+            s.run("qemu-io", &["-c", "write -P 7 256k 64k", &q]);
+            s.qimg(&["io", "-c", "write -P 7 256k 64k", &m]);
+            s.assert_same_content(&q, &m, &label);
+            let check = |file: &str| {
+                let out = s.output("qemu-img", &["check", file]);
+                (
+                    out.status.code(),
+                    String::from_utf8_lossy(&out.stdout).to_string(),
+                    String::from_utf8_lossy(&out.stderr).to_string(),
+                )
+            };
+            assert_eq!(check(&m), check(&q), "{label}: check after a write");
+        }
+    }
+}

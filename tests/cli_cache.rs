@@ -253,3 +253,140 @@ fn t_none_opens_o_direct_and_changes_no_result() {
     s.assert_same_content("b1.qcow2", "b2.qcow2", "bench");
     s.assert_clean("b1.qcow2", "bench");
 }
+
+/// Runs the same command line with qemu-img and qimg; both must fail with the same exit
+/// code, and qimg with one line naming `file` and saying what qemu-img says.
+fn assert_refused_as_qemu_img(s: &Scratch, args: &[&str], file: &str) {
+    let theirs = s.output("qemu-img", args);
+    let ours = s.qimg_output(args);
+    let label = args.join(" ");
+    let (q, m) = (
+        String::from_utf8_lossy(&theirs.stderr).to_string(),
+        String::from_utf8_lossy(&ours.stderr).to_string(),
+    );
+    assert_eq!(
+        ours.status.code(),
+        theirs.status.code(),
+        "{label}: {q} / {m}"
+    );
+    assert!(!ours.status.success(), "{label}: succeeded");
+    const REFUSED: &str = "filesystem does not support O_DIRECT";
+    assert!(q.contains(REFUSED), "{label}: qemu-img said {q}");
+    common::assert_one_line_failure(&ours, &label);
+    assert!(
+        m.starts_with(&format!("qimg: {file}: ")) && m.contains(REFUSED),
+        "{label}: {m}"
+    );
+}
+
+/// A file system that refuses O_DIRECT (procfs here: the kernel refuses it on files
+/// without direct I/O with EINVAL, as on ramfs, or tmpfs before Linux 6.6) fails every
+/// `-t none`/`-T none` open, in one line naming the file, with qemu-img's words and exit
+/// code. (The library side: `FileStorage::open_cached`.)
+#[test]
+fn o_direct_refused_by_the_file_system_fails_in_one_line_as_qemu_img() {
+    let s = Scratch::new();
+    let proc_file = "/proc/version";
+    let direct = FileCache {
+        direct: true,
+        ..FileCache::default()
+    };
+    let Err(err) = FileStorage::open_cached(proc_file, false, direct) else {
+        panic!("procfs accepted O_DIRECT");
+    };
+    assert_eq!(err.to_string(), "filesystem does not support O_DIRECT");
+    for args in [
+        &[
+            "convert", "-f", "raw", "-T", "none", "-O", "raw", proc_file, "o.raw",
+        ][..],
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-T",
+            "directsync",
+            proc_file,
+            "o.raw",
+        ],
+        &["check", "-f", "qcow2", "-T", "none", proc_file],
+        &[
+            "compare", "-f", "raw", "-F", "raw", "-T", "none", proc_file, proc_file,
+        ],
+    ] {
+        assert_refused_as_qemu_img(&s, args, proc_file);
+    }
+}
+
+/// Writing commands refused O_DIRECT on a ramfs mount (mounted when the tests run as
+/// root; said and skipped otherwise): convert's output, commit, rebase, amend, bench,
+/// check -r, as qemu-img, and the files are left as they were.
+#[test]
+fn o_direct_refused_for_writes_on_ramfs_as_qemu_img() {
+    struct Mount(std::path::PathBuf);
+    impl Drop for Mount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let s = Scratch::new();
+    let dir = s.path("ramfs");
+    std::fs::create_dir(&dir).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "ramfs", "ramfs"])
+        .arg(&dir)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !mounted {
+        eprintln!("SKIPPED: cannot mount a ramfs here (not root?)");
+        return;
+    }
+    let _mount = Mount(dir.clone());
+    s.qemu_img(&["create", "-q", "-f", "raw", "src.raw", "1M"]);
+    s.qemu_img(&["create", "-q", "-f", "qcow2", "ramfs/base.qcow2", "1M"]);
+    s.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "ramfs/top.qcow2",
+    ]);
+    s.qemu_io("ramfs/top.qcow2", "qcow2", &["write -P 1 0 64k".into()]);
+    let before = std::fs::read(s.path("ramfs/top.qcow2")).unwrap();
+    let top = "ramfs/top.qcow2";
+    for args in [
+        &[
+            "convert",
+            "-t",
+            "none",
+            "-O",
+            "raw",
+            "src.raw",
+            "ramfs/o.raw",
+        ][..],
+        &[
+            "convert",
+            "-t",
+            "none",
+            "-O",
+            "qcow2",
+            "src.raw",
+            "ramfs/o.qcow2",
+        ],
+        &["commit", "-t", "none", top],
+        &["rebase", "-t", "none", "-u", "-b", "", top],
+        &["amend", "-t", "directsync", "-o", "lazy_refcounts=on", top],
+        &["bench", "-w", "-t", "none", "-c", "1", top],
+        &["check", "-r", "all", "-T", "none", top],
+    ] {
+        let file = match args[1..] {
+            [.., last] if last.starts_with("ramfs/o.") => last,
+            _ => top,
+        };
+        assert_refused_as_qemu_img(&s, args, file);
+        assert!(std::fs::read(s.path(top)).unwrap() == before, "{args:?}");
+    }
+}

@@ -126,7 +126,8 @@ fn hostile_directories_are_read_within_bounds_and_skipped_files_are_named() {
     let mut bad = std::fs::read(s.path("a.qcow2")).unwrap();
     bad[20..24].copy_from_slice(&40u32.to_be_bytes());
     s.write_file("bad.qcow2", &bad);
-    // A snapshot table claimed far past the end of a small file.
+    // A snapshot table claimed far past the end of a small file: read as QEMU reads it
+    // (zeros past the end: 65536 snapshots without names), in bounded memory.
     let mut huge = std::fs::read(s.path("a.qcow2")).unwrap();
     huge[60..64].copy_from_slice(&65536u32.to_be_bytes());
     huge[64..72].copy_from_slice(&(1u64 << 40).to_be_bytes());
@@ -147,20 +148,20 @@ fn hostile_directories_are_read_within_bounds_and_skipped_files_are_named() {
     }
 
     let forest = Forest::scan(&[s.dir()], &TreeOptions::default()).unwrap();
-    // 1000 copies, one, a, b: the loop is cut once, so one of a and b is a root.
-    assert_eq!(forest.images().len(), 1003);
+    // 1000 copies, one, huge, a, b: the loop is cut once, so one of a and b is a root.
+    assert_eq!(forest.images().len(), 1004);
     let skipped: Vec<String> = forest
         .skipped()
         .iter()
         .map(|e| e.report().to_string())
         .collect();
-    assert_eq!(skipped.len(), 3, "{skipped:?}");
+    assert_eq!(skipped.len(), 2, "{skipped:?}");
     assert!(
         skipped.iter().any(|e| e.contains("bad.qcow2")),
         "{skipped:?}"
     );
     assert!(
-        skipped.iter().any(|e| e.contains("huge.qcow2")),
+        !skipped.iter().any(|e| e.contains("huge.qcow2")),
         "{skipped:?}"
     );
     assert!(skipped.iter().any(|e| e.contains("loops")), "{skipped:?}");
@@ -177,7 +178,7 @@ fn hostile_directories_are_read_within_bounds_and_skipped_files_are_named() {
     let out = s.qimg_output(&["tree", "--output=json", "."]);
     assert!(out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(stderr.lines().count(), 3, "{stderr}");
+    assert_eq!(stderr.lines().count(), 2, "{stderr}");
     assert!(stderr.lines().all(|l| l.starts_with("qimg: warning: ")));
 }
 

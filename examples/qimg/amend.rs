@@ -29,9 +29,10 @@ pub struct Args {
     /// Show progress (0 then 100: the amendment is one step).
     #[arg(short = 'p')]
     progress: bool,
-    /// Cache mode for FILE (none, writeback, writethrough, directsync, unsafe): accepted
-    /// as qemu-img's; a hint (an amendment makes itself durable step by step whatever
-    /// the mode).
+    /// Cache mode for FILE (none, writeback, writethrough, directsync, unsafe), as
+    /// qemu-img amend -t: none and directsync write aligned requests with O_DIRECT,
+    /// writethrough and directsync make each write durable; unsafe skips the flushes
+    /// that order the amendment's steps.
     #[arg(short = 't', long = "cache", value_name = "CACHE", value_parser = crate::common::parse_cache)]
     cache: Option<crate::common::CacheMode>,
     /// Allow unsafe amendments (qemu-img's `--force`): QEMU uses it only for changes to
@@ -135,7 +136,6 @@ fn print_amend_options_help(args: &Args) -> Result<u8> {
 
 /// Runs `qimg amend`.
 pub fn run(args: Args) -> Result<u8> {
-    let _ = args.cache;
     // --force allows nothing more here (see the field).
     let _ = args.force;
     if wants_option_help(&args.options) {
@@ -148,6 +148,7 @@ pub fn run(args: Args) -> Result<u8> {
         &ChainOptions {
             format: args.format,
             writable: true,
+            opener: args.cache.and_then(crate::common::CacheMode::opener),
             ..crate::common::chain_defaults()
         },
     )?;

@@ -29,8 +29,8 @@ pub struct Args {
     /// Format of FILE (probed when absent).
     #[arg(short = 'f', value_parser = parse_format)]
     format: Option<Format>,
-    /// Cache mode (none, writeback, writethrough, directsync, unsafe): accepted as
-    /// qemu-img's; a hint, since a check only reads.
+    /// Cache mode (none, writeback, writethrough, directsync, unsafe): none and
+    /// directsync read FILE's aligned requests with O_DIRECT, as qemu-img check -T.
     #[arg(short = 'T', long = "cache", value_name = "CACHE", value_parser = parse_source_cache)]
     cache: Option<CacheMode>,
     /// Open read-only sharing the image with every other user, without QEMU's locks'
@@ -49,7 +49,7 @@ const NOT_SUPPORTED: u8 = 63;
 
 /// Runs `qimg check`.
 pub fn run(args: Args) -> Result<u8> {
-    let _ = args.cache;
+    let opener = args.cache.and_then(CacheMode::opener);
     if Format::for_file(&args.file, args.format)? == Format::Raw {
         eprintln!(
             "qimg: {}: this image format does not support checks",
@@ -61,6 +61,7 @@ pub fn run(args: Args) -> Result<u8> {
         None => {
             let options = ImageOptions {
                 locking: crate::common::locking(args.force_share),
+                opener,
                 ..ImageOptions::default()
             };
             Image::open_for_check(&args.file, &options)?.check()?
@@ -73,7 +74,11 @@ pub fn run(args: Args) -> Result<u8> {
                 Repair::Leaks => RepairMode::Leaks,
                 Repair::All => RepairMode::All,
             };
-            Image::open_for_repair(&args.file)?.repair(mode)?
+            let options = ImageOptions {
+                opener,
+                ..ImageOptions::default()
+            };
+            Image::open_for_repair_with(&args.file, &options)?.repair(mode)?
         }
     };
     // As qemu-img: what the repair pass found and did, then what the double check finds,

@@ -3,10 +3,12 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use qcow2_engine::Format;
 use qcow2_engine::ops::{self, Comparison};
+use qcow2_engine::{Chain, ChainOptions, Format};
 
-use crate::common::{CacheMode, Progress, open_chain, parse_format, parse_source_cache};
+use crate::common::{
+    CacheMode, Progress, chain_defaults, locking, parse_format, parse_source_cache,
+};
 
 /// Arguments of `qimg compare`.
 #[derive(clap::Args)]
@@ -31,7 +33,7 @@ pub struct Args {
     #[arg(short = 'q')]
     quiet: bool,
     /// Cache mode for both images (none, writeback, writethrough, directsync, unsafe):
-    /// accepted as qemu-img's; a hint, since compare only reads.
+    /// none and directsync read their aligned requests with O_DIRECT, as qemu-img.
     #[arg(short = 'T', long = "cache", value_name = "CACHE", value_parser = parse_source_cache)]
     cache: Option<CacheMode>,
     /// First image.
@@ -42,9 +44,19 @@ pub struct Args {
 
 /// Runs `qimg compare`.
 pub fn run(args: Args) -> Result<u8> {
-    let a = open_chain(&args.a, args.format_a, args.force_share)?;
-    let b = open_chain(&args.b, args.format_b, args.force_share)?;
-    let _ = args.cache;
+    let open = |path: &PathBuf, format| {
+        Chain::open_with(
+            path,
+            &ChainOptions {
+                format,
+                locking: locking(args.force_share),
+                opener: args.cache.and_then(CacheMode::opener),
+                ..chain_defaults()
+            },
+        )
+    };
+    let a = open(&args.a, args.format_a)?;
+    let b = open(&args.b, args.format_b)?;
     let mut progress = Progress::new(args.progress && !args.quiet);
     let result = ops::compare(&a, &b, args.strict, &mut progress.callback());
     let common = a.size().min(b.size());

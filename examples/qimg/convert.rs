@@ -34,10 +34,11 @@ pub struct Args {
     /// Store clusters compressed (qcow2 output).
     #[arg(short = 'c', long = "compress")]
     compress: bool,
-    /// Copy offloading: accepted for qemu-img's command lines; qimg's convert reads the
-    /// source and writes the output through memory either way (merges, not convert, let
-    /// the kernel copy with copy_file_range and reflinks). Refused with -c and -S, as
-    /// qemu-img.
+    /// Copy offloading: data ranges go to DST as copies the kernel makes
+    /// (copy_file_range: shared extents on XFS and Btrfs), unread, zeros inside them
+    /// included, as qemu-img -C. Compressed clusters are read and written as without -C;
+    /// with -B the conversion compares with BACKING as without -C. Refused with -c and
+    /// -S, as qemu-img.
     #[arg(short = 'C', long = "copy-range-offloading")]
     copy_range: bool,
     /// Out-of-order writes: accepted; changes nothing, since qimg reads ahead on other
@@ -308,6 +309,7 @@ pub fn run(args: Args) -> Result<u8> {
         skip_broken_bitmaps: args.skip_broken_bitmaps,
         target_is_zero: args.target_is_zero,
         cache: args.cache.map(CacheMode::file_cache).unwrap_or_default(),
+        copy_offload: args.copy_range,
         ..ConvertOptions::default()
     };
     if args.no_create {

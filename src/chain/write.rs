@@ -122,6 +122,36 @@ impl Chain {
         }
     }
 
+    /// [`Chain::resize`] with qemu-img resize's `--preallocation`: the area a raw image
+    /// grows by is reserved (`Falloc`) or written with zeros (`Full`); `Metadata` is
+    /// refused for a raw image, as QEMU's raw driver refuses it. Modes other than `Off`
+    /// only grow (as qemu-img: "Preallocation can only be used for growing images"), and
+    /// are not supported yet on a qcow2 image (QEMU allocates its new clusters there).
+    pub fn resize_preallocated(
+        &self,
+        new_size: u64,
+        allow_shrink: bool,
+        mode: crate::qcow2::Preallocation,
+    ) -> Result<()> {
+        if mode == crate::qcow2::Preallocation::Off {
+            return self.resize(new_size, allow_shrink);
+        }
+        let top = self.writable_top()?;
+        if new_size < top.size() {
+            return Err(Error::InvalidArgument(
+                "Preallocation can only be used for growing images".into(),
+            )
+            .in_file(top.name()));
+        }
+        match top {
+            Layer::Qcow2(image) => Err(Error::Unsupported(
+                "preallocation when resizing a qcow2 image (only off so far)",
+            )
+            .in_file(image.name())),
+            Layer::Raw(raw) => raw.grow_preallocated(raw.file_len(), new_size, mode),
+        }
+    }
+
     /// Changes the top image's options as qemu-img amend (see [`AmendOptions`]); a new
     /// `size` is applied as a resize that may shrink.
     pub fn amend(&self, options: &AmendOptions) -> Result<()> {

@@ -173,6 +173,44 @@ impl RawImage {
             .map_err(|e| Error::io("resizing", e).in_file(&self.name))
     }
 
+    /// Grows the file from `old_len` to `new_size` (see [`RawImage::resize`]) and makes
+    /// the new area take disk space as `mode` says, as QEMU's file driver truncates with
+    /// preallocation: `Falloc` reserves it (`fallocate`; zeros are written on a storage
+    /// that is not a host file), `Full` writes zeros. `Off` only grows; `Metadata` is
+    /// refused before anything changes, as QEMU's raw driver refuses it.
+    pub(crate) fn grow_preallocated(
+        &self,
+        old_len: u64,
+        new_size: u64,
+        mode: crate::qcow2::Preallocation,
+    ) -> Result<()> {
+        use crate::qcow2::Preallocation;
+        let fail = |what: &str, e| Error::io(what.to_owned(), e).in_file(&self.name);
+        match mode {
+            Preallocation::Metadata => {
+                return Err(Error::InvalidArgument(
+                    "Unsupported preallocation mode: metadata".into(),
+                )
+                .in_file(&self.name));
+            }
+            Preallocation::Off => return self.resize(new_size, false),
+            Preallocation::Falloc | Preallocation::Full => {}
+        }
+        let len = new_size.saturating_sub(old_len);
+        match (mode, self.storage.as_file()) {
+            (Preallocation::Falloc, Some(file)) if len > 0 => {
+                rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), old_len, len)
+                    .map_err(|e| fail("reserving space (fallocate)", e.into()))?;
+            }
+            _ => write_zeros(old_len, len, |zeros, at| {
+                self.storage
+                    .write_at(zeros, at)
+                    .map_err(|e| fail("writing zeros", e))
+            })?,
+        }
+        self.resize(new_size, false)
+    }
+
     pub(crate) fn flush(&self) -> Result<()> {
         self.storage
             .flush()

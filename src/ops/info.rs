@@ -93,11 +93,14 @@ pub struct SnapshotInfo {
 }
 
 impl SnapshotInfo {
-    /// The facts of a snapshot table entry.
+    /// The facts of a snapshot table entry. QEMU holds the ID and name as C strings, so
+    /// they end at a NUL byte (an entry cut short by the end of the file reads zeros
+    /// there: its ID and name show as empty).
     pub fn from_entry(entry: &SnapshotEntry) -> SnapshotInfo {
+        let c_string = |s: &str| s.split('\0').next().unwrap_or_default().to_owned();
         SnapshotInfo {
-            id: entry.id.clone(),
-            name: entry.name.clone(),
+            id: c_string(&entry.id),
+            name: c_string(&entry.name),
             vm_state_size: entry.vm_state_size(),
             date_sec: entry.date_sec,
             date_nsec: entry.date_nsec,

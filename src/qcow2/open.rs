@@ -39,30 +39,28 @@ impl Image {
     /// Opens the qcow2 image at `path` as `options` say: read-only, or for writing when
     /// [`ImageOptions::writable`].
     pub fn open_with(path: impl AsRef<Path>, options: &ImageOptions) -> Result<Image> {
-        Image::open_with_inner(path.as_ref(), options, false)
+        Image::open_with_inner(path.as_ref(), options)
     }
 
     /// Opens the image at `path` read-only for [`Image::check`] as `qemu-img check` opens
-    /// it: a snapshot table reaching past the end of the file reads as zeros there (QEMU's
-    /// file driver pads short reads), so the check can report its entries as incomplete
-    /// instead of refusing the image.
+    /// it. (A snapshot table reaching past the end of the file reads as zeros there, as
+    /// every open reads it: see [`Image::from_storage`]; the check reports such entries.)
     pub fn open_for_check(path: impl AsRef<Path>, options: &ImageOptions) -> Result<Image> {
         let options = ImageOptions {
             writable: false,
             ..options.clone()
         };
-        Image::open_with_inner(path.as_ref(), &options, true)
+        Image::open_with_inner(path.as_ref(), &options)
     }
 
-    fn open_with_inner(path: &Path, options: &ImageOptions, for_check: bool) -> Result<Image> {
+    fn open_with_inner(path: &Path, options: &ImageOptions) -> Result<Image> {
         let storage = options.open_storage(path, options.writable)?;
         let read_only = ImageOptions {
             writable: false,
             ..options.clone()
         };
-        let mut image =
-            Image::from_storage_inner(storage, path.to_path_buf(), &read_only, None, for_check)
-                .map_err(|e| e.in_file(path))?;
+        let mut image = Image::from_storage_inner(storage, path.to_path_buf(), &read_only, None)
+            .map_err(|e| e.in_file(path))?;
         if image.has_external_data_file() {
             let meta = image.meta();
             let name = meta
@@ -101,13 +99,22 @@ impl Image {
 
     /// Opens the image at `path` for [`Image::repair`]: the file is opened for writing but
     /// the image is not prepared for guest writes, so a dirty or corrupt image opens
-    /// as it is, and a snapshot table past the end of the file as [`Image::open_for_check`]
-    /// opens it.
+    /// as it is.
     pub fn open_for_repair(path: impl AsRef<Path>) -> Result<Image> {
+        Image::open_for_repair_with(path, &ImageOptions::default())
+    }
+
+    /// [`Image::open_for_repair`] with the opener and locking of `options` (its other
+    /// fields are ignored).
+    pub fn open_for_repair_with(path: impl AsRef<Path>, options: &ImageOptions) -> Result<Image> {
         let path = path.as_ref();
-        let options = ImageOptions::default();
+        let options = ImageOptions {
+            opener: options.opener.clone(),
+            locking: options.locking,
+            ..ImageOptions::default()
+        };
         let storage = options.open_storage(path, true)?;
-        Image::from_storage_inner(storage, path.to_path_buf(), &options, None, true)
+        Image::from_storage_inner(storage, path.to_path_buf(), &options, None)
             .map_err(|e| e.in_file(path))
     }
 
@@ -121,7 +128,7 @@ impl Image {
     ) -> Result<Image> {
         let name = name.into();
         let external = data_file.is_some();
-        let mut image = Image::from_storage_inner(storage, name.clone(), options, data_file, false)
+        let mut image = Image::from_storage_inner(storage, name.clone(), options, data_file)
             .map_err(|e| e.in_file(&name))?;
         if image.has_external_data_file() && !external {
             return Err(Error::InvalidArgument(
@@ -140,7 +147,6 @@ impl Image {
         name: PathBuf,
         options: &ImageOptions,
         data_file: Option<Box<dyn Storage>>,
-        for_check: bool,
     ) -> Result<Image> {
         let file_len = storage
             .len()
@@ -159,7 +165,7 @@ impl Image {
             file_len,
         )?;
         let l1 = format::decode_u64_table(&l1_bytes);
-        let snapshots = read_snapshot_table(&*storage, &header, file_len, for_check)?;
+        let snapshots = read_snapshot_table(&*storage, &header, file_len)?;
         let tables = (options.l2_cache_bytes / header.cluster_size()).max(4) as usize;
         Ok(Image {
             name,
@@ -283,7 +289,7 @@ impl Headers {
         storage: &dyn Storage,
         file_len: u64,
     ) -> Result<Vec<String>> {
-        Ok(read_snapshot_table(storage, &self.header, file_len, false)?
+        Ok(read_snapshot_table(storage, &self.header, file_len)?
             .into_iter()
             .map(|s| s.name)
             .collect())
@@ -325,27 +331,26 @@ fn check_features(header: &Header, extensions: &HeaderExtensions) -> Result<()> 
     Ok(())
 }
 
-/// Reads the snapshot table. `zeros_past_end` (check and repair): what lies past the end
-/// of the file reads as zeros, as QEMU's file driver reads it, instead of being refused.
+/// Reads the snapshot table. What lies past the end of the file reads as zeros, as
+/// QEMU's `qcow2_read_snapshots` reads it (`bdrv_pread` past the end of a file returns
+/// zeros): an entry cut short by a truncation opens with the rest of its fields zero, and
+/// an entry wholly past the end is empty (no ID, no name, no L1 table), as `qemu-img
+/// snapshot -l` and `qemu-img info` list them. Memory stays bounded: at most 65536
+/// entries, read from at most QEMU's 64 MiB in 1 MiB pieces.
 fn read_snapshot_table(
     storage: &dyn Storage,
     header: &Header,
     file_len: u64,
-    zeros_past_end: bool,
 ) -> Result<Vec<SnapshotEntry>> {
     let count = header.nb_snapshots as usize;
     if count == 0 {
         return Ok(Vec::new());
     }
-    // Each entry takes at least 40 bytes; check the minimum fits before reading anything,
-    // so a huge count in a small file fails at once.
+    // Each entry takes at least 40 bytes; check the minimum fits QEMU's limit before
+    // reading anything.
     let min_len = count as u64 * 40;
     let offset = header.snapshots_offset;
-    let limit = if zeros_past_end {
-        offset.saturating_add(format::MAX_SNAPSHOT_TABLE_BYTES)
-    } else {
-        file_len
-    };
+    let limit = offset.saturating_add(format::MAX_SNAPSHOT_TABLE_BYTES);
     if offset.checked_add(min_len).is_none_or(|end| end > limit) {
         return Err(Error::Truncated {
             structure: "snapshot table",
@@ -383,23 +388,13 @@ fn read_snapshot_table(
         let chunk = &buf[(pos - buf_start) as usize..];
         let (entry, used) = match SnapshotEntry::decode(chunk, offset + pos) {
             Ok(decoded) => decoded,
-            // The entry needs bytes past what may be read: past the end of the file, or
-            // past QEMU's limit on the table.
+            // The entry needs bytes past QEMU's limit on the table.
             Err(Error::Truncated { len, .. }) => {
-                return Err(if !zeros_past_end && offset + pos + len > file_len {
-                    Error::Truncated {
-                        structure: "snapshot table entry",
-                        offset: offset + pos,
-                        len,
-                        file_len,
-                    }
-                } else {
-                    Error::invalid(
-                        "snapshot table size",
-                        pos + len,
-                        "snapshot table larger than QEMU's 64 MiB limit",
-                    )
-                });
+                return Err(Error::invalid(
+                    "snapshot table size",
+                    pos + len,
+                    "snapshot table larger than QEMU's 64 MiB limit",
+                ));
             }
             Err(e) => return Err(e),
         };

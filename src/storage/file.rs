@@ -78,7 +78,8 @@ impl FileStorage {
     }
 
     /// [`FileStorage::open`] with a cache mode. A file system that refuses `O_DIRECT`
-    /// fails the open with its error (`EINVAL`), as QEMU's `cache=none` does.
+    /// (`EINVAL`: procfs, ramfs, tmpfs before Linux 6.6) fails the open, as QEMU's
+    /// `cache=none` does, with QEMU's words: "filesystem does not support O_DIRECT".
     pub fn open_cached(
         path: impl AsRef<Path>,
         writable: bool,
@@ -100,13 +101,23 @@ impl FileStorage {
                 .open(path)?;
         }
         if cache.direct {
-            storage.direct = Some(
-                OpenOptions::new()
-                    .read(true)
-                    .write(writable)
-                    .custom_flags((rustix::fs::OFlags::DIRECT.bits() | sync) as i32)
-                    .open(path)?,
-            );
+            let direct = OpenOptions::new()
+                .read(true)
+                .write(writable)
+                .custom_flags((rustix::fs::OFlags::DIRECT.bits() | sync) as i32)
+                .open(path)
+                .map_err(|e| match e.raw_os_error() {
+                    // The file opened without O_DIRECT just above: EINVAL now is the
+                    // file system refusing it, which QEMU says in these words.
+                    Some(code) if code == rustix::io::Errno::INVAL.raw_os_error() => {
+                        io::Error::new(
+                            io::ErrorKind::InvalidInput,
+                            "filesystem does not support O_DIRECT",
+                        )
+                    }
+                    _ => e,
+                })?;
+            storage.direct = Some(direct);
         }
         storage.no_flush = cache.no_flush;
         Ok(storage)

@@ -7,6 +7,7 @@ mod bitmaps;
 mod clusters;
 mod concat;
 mod dispatch;
+mod offload;
 mod options;
 mod output;
 mod qcow2;

@@ -38,6 +38,12 @@ pub struct ConvertOptions {
     /// How the output file uses the page cache (qemu-img's `-t`): `direct` writes its
     /// aligned requests with `O_DIRECT`. Default: through the page cache.
     pub cache: FileCache,
+    /// Copy offloading (qemu-img's `-C`): data ranges go to the output as storage copies
+    /// (`copy_file_range` between host files: shared extents on XFS and Btrfs, a copy
+    /// inside the kernel elsewhere), whole and unread, so zeros inside them are written
+    /// as data, as qemu-img's copy range writes them. Not with `compress`; over a backing
+    /// file (`-B`) the conversion reads and compares as without it.
+    pub copy_offload: bool,
 }
 
 impl Default for ConvertOptions {
@@ -52,13 +58,20 @@ impl Default for ConvertOptions {
             skip_broken_bitmaps: false,
             target_is_zero: false,
             cache: FileCache::default(),
+            copy_offload: false,
         }
     }
 }
 
 impl ConvertOptions {
-    /// Refuses a sparse size that is not a whole number of sectors.
-    pub(super) fn check_min_sparse(&self) -> Result<()> {
+    /// Refuses a sparse size that is not a whole number of sectors, and copy offloading
+    /// with compression (qemu-img's message).
+    pub(super) fn check(&self) -> Result<()> {
+        if self.copy_offload && self.compress {
+            return Err(Error::InvalidArgument(
+                "Cannot enable copy offloading when -c is used".into(),
+            ));
+        }
         if self.min_sparse % 512 != 0 {
             return Err(Error::InvalidArgument(format!(
                 "sparse size {} is not a multiple of 512",

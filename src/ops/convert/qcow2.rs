@@ -29,6 +29,7 @@ use crate::qcow2::Compat;
 use crate::storage::Storage;
 
 use super::clusters::{Action, Clusters};
+use super::offload::{Part, for_each_part};
 use super::options::{ConvertOptions, refuse_overwriting_a_source};
 use super::output::open_output;
 
@@ -58,7 +59,7 @@ pub fn convert_to_qcow2(
     progress: Progress<'_>,
 ) -> Result<()> {
     let dst = dst.as_ref();
-    options.check_min_sparse()?;
+    options.check()?;
     let mut create_options = CreateOptions {
         format: Format::Qcow2,
         size: Some(chain.size()),
@@ -127,7 +128,7 @@ pub(super) fn fill_existing_qcow2(
     options: &ConvertOptions,
     progress: Progress<'_>,
 ) -> Result<()> {
-    options.check_min_sparse()?;
+    options.check()?;
     let Layer::Qcow2(image) = out.top() else {
         return Err(Error::InvalidArgument(
             "the output is not a qcow2 image".into(),
@@ -185,6 +186,9 @@ fn fill(
     };
     let mut tracker = Tracker::new(progress, chain.size());
     let base = base.filter(|_| clusters.has_base);
+    if options.copy_offload && base.is_none() {
+        return fill_offloaded(chain, clusters, unit, options, tracker);
+    }
     std::thread::scope(|scope| -> Result<()> {
         let mut pool = options
             .compress
@@ -228,6 +232,51 @@ fn fill(
             pool.finish(&mut store)?;
         }
         Ok(())
+    })?;
+    tracker.finish()
+}
+
+/// [`fill`] with copy offloading ([`ConvertOptions::copy_offload`]), without a backing
+/// file: data ranges go in as storage copies, whole; the rest as [`fill`] handles it.
+fn fill_offloaded(
+    chain: &Chain,
+    clusters: &Clusters<'_>,
+    unit: u64,
+    options: &ConvertOptions,
+    mut tracker: Tracker<'_, '_>,
+) -> Result<()> {
+    // Nothing is compressed (refused with offloading), so nothing is ever stored here.
+    let mut store = |_: Compressed<'_>| -> Result<()> {
+        Err(Error::Unsupported("compression with copy offloading"))
+    };
+    let mut done = 0u64;
+    for_each_part(chain, options.chunk_size, |part| {
+        match part {
+            Part::Zero { offset, len } => {
+                let action = match (clusters.min_sparse, clusters.zero_init) {
+                    (0, _) => Action::Data,
+                    (_, true) => Action::Skip,
+                    (_, false) => Action::Zero,
+                };
+                clusters.write(action, offset, None, offset + len, &mut None, &mut store)?;
+                done += len;
+            }
+            Part::Data { offset, bytes } => {
+                let len = bytes.len() as u64;
+                clusters.piece(offset, len, unit, Some(bytes), None, &mut None, &mut store)?;
+                done += len;
+            }
+            Part::Copy {
+                offset,
+                len,
+                from,
+                host,
+            } => {
+                clusters.out.copy_in(from, host, len, offset)?;
+                done += len;
+            }
+        }
+        tracker.report(done)
     })?;
     tracker.finish()
 }

@@ -10,6 +10,7 @@ use crate::ops::read_ahead::{Chunk, for_each_chunk};
 use crate::progress::{Progress, Tracker};
 use crate::storage::{Storage, write_zeros};
 
+use super::offload::{Part, for_each_part};
 use super::options::ConvertOptions;
 
 /// Writes `chain`'s guest content to `out` as a raw image of the chain's virtual size.
@@ -38,7 +39,7 @@ pub(super) fn fill_raw(
     options: &ConvertOptions,
     progress: Progress<'_>,
 ) -> Result<()> {
-    options.check_min_sparse()?;
+    options.check()?;
     if options.compress {
         return Err(Error::Unsupported("compressed clusters in a raw image"));
     }
@@ -52,29 +53,56 @@ pub(super) fn fill_raw(
         Some(zero) if len > 0 => zero(offset, len),
         _ => Ok(()),
     };
+    let data = |offset: u64, bytes: &[u8]| -> Result<()> {
+        if options.min_sparse == 0 {
+            return write(bytes, offset);
+        }
+        let mut at = 0;
+        for (start, end) in nonzero_spans(bytes, offset, options.min_sparse) {
+            zero(offset + at as u64, (start - at) as u64)?;
+            write(&bytes[start..end], offset + start as u64)?;
+            at = end;
+        }
+        zero(offset + at as u64, (bytes.len() - at) as u64)
+    };
+    let zeros = |offset: u64, len: u64| match options.min_sparse {
+        0 => write_zeros(offset, len, write),
+        _ => zero(offset, len),
+    };
     let mut done = 0u64;
+    if options.copy_offload {
+        for_each_part(chain, options.chunk_size, |part| {
+            done += match part {
+                Part::Zero { offset, len } => zeros(offset, len).map(|()| len)?,
+                Part::Data { offset, bytes } => data(offset, bytes).map(|()| bytes.len() as u64)?,
+                Part::Copy {
+                    offset,
+                    len,
+                    from,
+                    host,
+                } => {
+                    out.copy_from(from.data_storage(), host, offset, len)
+                        .map_err(|e| {
+                            Error::io(
+                                format!("copying from {} to {offset:#x}", from.name().display()),
+                                e,
+                            )
+                        })?;
+                    len
+                }
+            };
+            tracker.report(done)
+        })?;
+        return tracker.finish();
+    }
     for_each_chunk(chain, options.chunk_size, |chunk| {
         match chunk {
             Chunk::Zero { offset, len } => {
-                if options.min_sparse == 0 {
-                    write_zeros(offset, len, write)?;
-                } else {
-                    zero(offset, len)?;
-                }
+                zeros(offset, len)?;
                 done += len;
             }
             Chunk::Data { offset, bytes } => {
-                if options.min_sparse == 0 {
-                    write(bytes, offset)?;
-                } else {
-                    let mut at = 0;
-                    for (start, end) in nonzero_spans(bytes, offset, options.min_sparse) {
-                        zero(offset + at as u64, (start - at) as u64)?;
-                        write(&bytes[start..end], offset + start as u64)?;
-                        at = end;
-                    }
-                    zero(offset + at as u64, (bytes.len() - at) as u64)?;
-                }
+                data(offset, bytes)?;
                 done += bytes.len() as u64;
             }
         }
