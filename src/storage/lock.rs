@@ -352,10 +352,25 @@ mod tests {
         let dev = meta.dev();
         let (major, minor) = ((dev >> 8) & 0xfff, (dev & 0xff) | ((dev >> 12) & 0xfff00));
         let id = format!(" {major:02x}:{minor:02x}:{} ", meta.ino());
-        let locks = std::fs::read_to_string("/proc/locks").unwrap();
+        // /proc/locks is read a page at a time: locks other tests take and drop
+        // meanwhile can shift entries past the reader. Two equal reads in a row are
+        // taken as the truth.
+        let mut last = None;
+        for _ in 0..20 {
+            let now = locks_of(&std::fs::read_to_string("/proc/locks").unwrap(), &id);
+            if last.as_ref() == Some(&now) {
+                break;
+            }
+            last = Some(now);
+        }
+        last.unwrap()
+    }
+
+    /// The locked bytes of the file `id` (` MAJOR:MINOR:INODE `) in `/proc/locks` text.
+    fn locks_of(locks: &str, id: &str) -> Vec<String> {
         let mut out: Vec<String> = locks
             .lines()
-            .filter(|l| l.contains(&id))
+            .filter(|l| l.contains(id))
             .flat_map(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();
                 let start: u64 = f[f.len() - 2].parse().unwrap();
