@@ -142,17 +142,17 @@ impl Zeros {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
     use std::sync::Arc;
 
-    use crate::chain::{Chain, ChainOptions};
+    use crate::chain::Chain;
     use crate::create::{CreateOptions, create_on};
     use crate::format::CompressionType;
     use crate::layers::Layer;
     use crate::ops::convert::{ConvertOptions, convert_into, convert_to_raw};
+    use crate::ops::read_ahead::test_chain::memory_chain;
     use crate::qcow2::{Image, ImageOptions, compress_cluster};
+    use crate::storage::Storage;
     use crate::storage::recording::Recording;
-    use crate::storage::{MemOpener, Storage};
 
     const SIZE: u64 = 2 << 20;
     const CLUSTER: usize = 64 << 10;
@@ -160,20 +160,7 @@ mod tests {
     /// A qcow2 image in memory: data at 0, a data cluster of zeros at 128 KiB, a
     /// compressed cluster at 512 KiB, 4 KiB of data at 1 MiB; the rest unallocated.
     fn source() -> Chain {
-        let opener = Arc::new(MemOpener::new());
-        let path = Path::new("/src.qcow2");
-        create_on(&*opener.create(path), &CreateOptions::qcow2(SIZE)).unwrap();
-        let chain = Chain::open_with(
-            path,
-            &ChainOptions {
-                writable: true,
-                opener: Some(opener),
-                ..ChainOptions::default()
-            },
-        )
-        .unwrap();
-        chain.write_at(&[1; CLUSTER], 0).unwrap();
-        chain.write_at(&[0; CLUSTER], 128 << 10).unwrap();
+        let chain = memory_chain(SIZE, &[(0, &[1; CLUSTER]), (128 << 10, &[0; CLUSTER])]);
         let packed = compress_cluster(CompressionType::Zlib, &[3; CLUSTER])
             .unwrap()
             .unwrap();

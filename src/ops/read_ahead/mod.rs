@@ -5,7 +5,7 @@
 mod chunks;
 mod pipeline;
 #[cfg(test)]
-mod test_chain;
+pub(crate) mod test_chain;
 mod windows;
 
 pub(crate) use chunks::{Chunk, for_each_chunk};
