@@ -198,8 +198,9 @@ pub fn check(data: &[u8]) {
     };
     drop(image);
     let repaired = storage.to_bytes();
-    let Ok(image) = open(repaired.clone()) else {
-        panic!("a repaired image does not open");
+    let image = match open(repaired.clone()) {
+        Ok(image) => image,
+        Err(e) => panic!("a repaired image does not open: {e:?}"),
     };
     let again = image.check().expect("checking a repaired image");
     if first.is_clean() {

@@ -65,7 +65,12 @@ impl Image {
         }
         let per_block = format::refcounts_per_block(cb, order);
         let per_cluster = cs / 8;
-        let area = (counts.len() as u64).max(self.file_len().div_ceil(cs));
+        // A snapshot table reaching past the end of the file (read as zeros there) keeps
+        // its clusters: the new structures go past it, or it would read them as entries.
+        let snapshot_table = self.snapshot_table_clusters();
+        let area = (counts.len() as u64)
+            .max(self.file_len().div_ceil(cs))
+            .max(snapshot_table.end);
         let used_ranges = |end: u64| -> Vec<u64> {
             let mut ranges: Vec<u64> = counts
                 .iter()
@@ -101,6 +106,8 @@ impl Image {
             for c in range * per_block..((range + 1) * per_block).min(end) {
                 let n = if c >= area {
                     1
+                } else if c as usize >= counts.len() && snapshot_table.contains(&c) {
+                    1
                 } else {
                     u64::from(counts.get(c as usize).copied().unwrap_or(0))
                 };
@@ -130,6 +137,18 @@ impl Image {
         self.file_len
             .fetch_max(end << cb, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The clusters the snapshot table occupies (empty without snapshots).
+    fn snapshot_table_clusters(&self) -> std::ops::Range<u64> {
+        let offset = self.header().snapshots_offset;
+        let snapshots = self.snapshots();
+        if snapshots.is_empty() {
+            return 0..0;
+        }
+        let len = format::snapshot_table_len(&snapshots);
+        let cs = self.cluster_size();
+        offset / cs..offset.saturating_add(len).div_ceil(cs)
     }
 
     /// How many references each host cluster of the image file has, by cluster index,
