@@ -104,9 +104,9 @@ impl Image {
             table[range as usize] = at << cb;
             let mut bytes = vec![0u8; cs as usize];
             for c in range * per_block..((range + 1) * per_block).min(end) {
-                let n = if c >= area {
-                    1
-                } else if c as usize >= counts.len() && snapshot_table.contains(&c) {
+                // The new structures, and the snapshot table's clusters past the file.
+                let n = if c >= area || (c as usize >= counts.len() && snapshot_table.contains(&c))
+                {
                     1
                 } else {
                     u64::from(counts.get(c as usize).copied().unwrap_or(0))
