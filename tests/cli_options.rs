@@ -490,72 +490,20 @@ fn qcow2_resize_preallocation_as_qemu_img() {
     let blocks = |f: &str| std::fs::metadata(s.path(f)).unwrap().blocks() * 512;
     let len = |f: &str| std::fs::metadata(s.path(f)).unwrap().len();
     // (label, options, size, data written, on the backing file, new size)
-    let layouts: [(&str, &str, u64, &str, bool, &str); 9] = [
-        (
-            "64k",
-            "cluster_size=65536",
-            1 << 20,
-            "write -P 1 0 64k",
-            false,
-            "+1M",
-        ),
-        (
-            "64k-ext",
-            "cluster_size=65536,extended_l2=on",
-            1 << 20,
-            "write -P 1 0 64k",
-            false,
-            "+1M",
-        ),
+    #[rustfmt::skip]
+    let layouts: [(&str, &str, u64, &str, bool, &str); 10] = [
+        ("64k", "cluster_size=65536", 1 << 20, "write -P 1 0 64k", false, "+1M"),
+        ("64k-ext", "cluster_size=65536,extended_l2=on", 1 << 20, "write -P 1 0 64k", false,
+         "+1M"),
         ("4k", "cluster_size=4096", 1 << 20, "", false, "+5M"),
-        (
-            "512",
-            "cluster_size=512",
-            1 << 20,
-            "write -P 1 0 64k",
-            false,
-            "+3M",
-        ),
-        (
-            "v2",
-            "cluster_size=4096,compat=0.10",
-            1 << 20,
-            "write -P 1 0 64k",
-            false,
-            "+2M",
-        ),
-        (
-            "partial",
-            "cluster_size=65536",
-            1000 << 10,
-            "write -P 1 0 1000k",
-            false,
-            "+1100k",
-        ),
-        (
-            "backing",
-            "cluster_size=65536",
-            1000 << 10,
-            "write -P 1 0 4k",
-            true,
-            "3M",
-        ),
-        (
-            "backing-ext",
-            "cluster_size=65536,extended_l2=on",
-            1 << 20,
-            "",
-            true,
-            "3M",
-        ),
-        (
-            "v2-backing",
-            "cluster_size=65536,compat=0.10",
-            1 << 20,
-            "",
-            true,
-            "3M",
-        ),
+        ("512", "cluster_size=512", 1 << 20, "write -P 1 0 64k", false, "+3M"),
+        ("v2", "cluster_size=4096,compat=0.10", 1 << 20, "write -P 1 0 64k", false, "+2M"),
+        ("partial", "cluster_size=65536", 1000 << 10, "write -P 1 0 1000k", false, "+1100k"),
+        ("backing", "cluster_size=65536", 1000 << 10, "write -P 1 0 4k", true, "3M"),
+        ("backing-ext", "cluster_size=65536,extended_l2=on", 1 << 20, "", true, "3M"),
+        ("v2-backing", "cluster_size=65536,compat=0.10", 1 << 20, "", true, "3M"),
+        // Growth inside the partial last cluster: zeros written, even in version 2.
+        ("v2-tail", "cluster_size=65536,compat=0.10", 1000 << 10, "", true, "1020k"),
     ];
     for (name, options, size, write, on_backing, new_size) in layouts {
         for mode in ["metadata", "falloc", "full"] {
@@ -603,6 +551,9 @@ fn qcow2_resize_preallocation_as_qemu_img() {
                 };
                 assert_eq!(offsets("o.qcow2"), offsets("q.qcow2"), "{label}: offsets");
             }
+            if name == "v2-tail" {
+                continue;
+            }
             // The new area (at least 1 MiB) takes disk space exactly when qemu-img's does.
             let grown = |now: u64, then: u64| now.saturating_sub(then) >= 1 << 20;
             let (q_grown, o_grown) = (
@@ -620,6 +571,16 @@ fn qcow2_resize_preallocation_as_qemu_img() {
             );
         }
     }
+    // Without preallocation too, version 2 grows inside its partial last cluster over a
+    // longer backing file.
+    for f in ["q.qcow2", "o.qcow2"] {
+        s.create_overlay(f, "b.qcow2", "qcow2", "compat=0.10", Some(1000 << 10));
+    }
+    assert_eq!(
+        s.qimg(&["resize", "o.qcow2", "1020k"]),
+        s.qemu_img(&["resize", "q.qcow2", "1020k"])
+    );
+    s.assert_same_content("o.qcow2", "q.qcow2", "v2 tail off");
     // Not even to the same size, as qemu-img.
     s.create("q.qcow2", "", 1 << 20);
     s.copy("q.qcow2", "o.qcow2");
