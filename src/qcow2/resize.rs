@@ -61,7 +61,18 @@ impl Image {
         }
         self.set_data_file_len(new_size)?;
         let l1_size = u64::from(self.header().l1_size);
-        if needed_l1 > l1_size {
+        let first = old_size.div_ceil(cs) * cs;
+        let end = new_size.div_ceil(cs) * cs;
+        let hide_backing = backing_longer && first < end;
+        if hide_backing {
+            // Whole new clusters become zero clusters before the size grows, as QEMU
+            // orders it: a crash never shows the longer backing file there.
+            if needed_l1 > l1_size {
+                self.set_size(old_size, Some(needed_l1))?;
+            }
+            self.zero_new_clusters(first, end)?;
+            self.set_size(new_size, None)?;
+        } else if needed_l1 > l1_size {
             self.set_size(new_size, Some(needed_l1))?;
         } else {
             self.set_size(new_size, None)?;
@@ -71,12 +82,50 @@ impl Image {
         self.resize_bitmaps(new_size);
         // The new area must read as zeros: a partial last cluster may hold old bytes past
         // the old end, and a longer backing file would show through.
-        let tail_end = new_size.min(old_size.div_ceil(cs) * cs);
-        let zero_to = if backing_longer { new_size } else { tail_end };
+        let tail_end = new_size.min(first);
+        let zero_to = if backing_longer && !hide_backing {
+            new_size
+        } else {
+            tail_end
+        };
         if zero_to > old_size {
             self.write_zeroes_with(old_size, zero_to - old_size, false, backing)?;
         }
         Ok(())
+    }
+
+    /// Makes the whole clusters `first..end` (past the old end, version 3) zero clusters,
+    /// freeing whatever they mapped.
+    fn zero_new_clusters(&self, first: u64, end: u64) -> Result<()> {
+        let _io = self.io_lock.write().unwrap_or_else(PoisonError::into_inner);
+        let mut w = self.writer()?;
+        let g = self.geometry;
+        let (entry, bitmap) = if g.extended_l2() {
+            (L2Entry::UNALLOCATED, SubclusterBitmap::ALL_ZERO)
+        } else {
+            (L2Entry::zero(None, false), SubclusterBitmap(0))
+        };
+        let mut pos = first;
+        while pos < end {
+            let l1_index = g.l1_index(pos);
+            let span_end = end.min((l1_index + 1) * g.l2_span());
+            let mut slot = self.l2_for_write(&mut w, l1_index)?;
+            let mut c = pos;
+            while c < span_end {
+                let (old, _) = self.entry(&slot.table, c);
+                let mut frees = Vec::new();
+                self.release_descriptor(&mut frees, self.descriptor(old, c)?);
+                for (cluster, n) in frees {
+                    slot.free_on_commit(cluster, n);
+                }
+                self.set_entry(&mut slot.table, c, entry, bitmap);
+                c += g.cluster_size();
+            }
+            self.commit_l2(&mut w, l1_index, slot);
+            self.maybe_checkpoint(&mut w)?;
+            pos = span_end;
+        }
+        self.checkpoint(&mut w)
     }
 
     /// Checks a resize to `new_size` as QEMU does before changing anything; returns the
@@ -212,6 +261,8 @@ impl Image {
         } else {
             let at = self.allocate(&mut w, count)?;
             self.fill_preallocated(at, count * cs, mode)?;
+            // Durable before a checkpoint in the loop below can map them.
+            self.sync()?;
             Some(at)
         };
         let mut data_end = 0u64;
