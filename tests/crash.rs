@@ -597,3 +597,103 @@ fn new_refcount_blocks_reach_the_table_in_dependency_order() {
         chain.write_at(&[7; 96 << 10], 0).unwrap();
     });
 }
+
+/// A crash anywhere in a preallocating resize (`qemu-img resize --preallocation`) leaves
+/// an image that `qemu-img check` finds without corruption, with the old size or the new
+/// one, its data intact and the new area reading as zeros (a longer backing file never
+/// shows through: zero clusters, or in version 2 the new data clusters, are mapped before
+/// the size grows).
+#[test]
+fn a_preallocating_resize_crashes_into_the_old_or_the_new_size() {
+    use qcow2_engine::Preallocation;
+    let cases = [
+        (
+            "cluster_size=4096",
+            false,
+            Preallocation::Falloc,
+            1u64 << 20,
+            3u64 << 20,
+        ),
+        (
+            "cluster_size=512",
+            false,
+            Preallocation::Metadata,
+            256 << 10,
+            640 << 10,
+        ),
+        (
+            "cluster_size=65536,compat=0.10",
+            true,
+            Preallocation::Full,
+            1 << 20,
+            3 << 20,
+        ),
+        (
+            "cluster_size=65536",
+            true,
+            Preallocation::Metadata,
+            1 << 20,
+            3 << 20,
+        ),
+    ];
+    // Without preallocation, over a longer backing file: zero clusters before the size.
+    let off = (
+        "cluster_size=65536,extended_l2=on",
+        true,
+        Preallocation::Off,
+        1 << 20,
+        3 << 20,
+    );
+    for (options, backing, mode, old_size, new_size) in cases.into_iter().chain([off]) {
+        let s = Scratch::new();
+        let case = Case {
+            backing,
+            ..Case::new("resize", old_size, 512)
+        };
+        if backing {
+            s.create(BASE, "", 4 << 20);
+            s.qemu_io(BASE, "qcow2", &["write -P 0x11 0 4M".to_string()]);
+            s.create_overlay("top.qcow2", BASE, "qcow2", options, Some(old_size));
+        } else {
+            s.create("top.qcow2", options, old_size);
+        }
+        s.qemu_io("top.qcow2", "qcow2", &["write -P 0x33 4k 60k".to_string()]);
+        let before = s.reference("top.qcow2", "qcow2");
+        let template = std::fs::read(s.path("top.qcow2")).unwrap();
+        let resize = |disk: &Arc<FaultStorage>| {
+            let chain = open_top(&s, &case, disk.clone())?;
+            chain.resize_preallocated(new_size, false, mode)?;
+            chain.close()
+        };
+        let clean = Arc::new(FaultStorage::from_bytes(template.clone()));
+        resize(&clean).unwrap();
+        let total = clean.writes();
+        for k in 0..=total {
+            let disk = Arc::new(FaultStorage::from_bytes(template.clone()));
+            disk.crash_after(k);
+            let _ = resize(&disk);
+            for unflushed in [Unflushed::Kept, Unflushed::Lost] {
+                let label = format!("{options} {mode:?}: crash after {k}/{total} writes");
+                let bytes = disk.crash_image(unflushed);
+                std::fs::write(s.path(CRASHED), &bytes).unwrap();
+                let out = s.output("qemu-img", &["check", "-f", "qcow2", CRASHED]);
+                assert!(
+                    matches!(out.status.code(), Some(0 | 3)),
+                    "{label}: qemu-img check {}",
+                    String::from_utf8_lossy(&out.stdout)
+                );
+                let chain = Chain::open(s.path(CRASHED)).unwrap();
+                let size = chain.size();
+                assert!(size == old_size || size == new_size, "{label}: size {size}");
+                let mut got = vec![0u8; size as usize];
+                chain.read_at(&mut got, 0).unwrap();
+                assert!(got[..old_size as usize] == before[..], "{label}: old data");
+                assert!(
+                    got[old_size as usize..].iter().all(|&b| b == 0),
+                    "{label}: the new area"
+                );
+            }
+        }
+        assert!(total >= 2, "{options}: {total} writes");
+    }
+}

@@ -13,9 +13,9 @@ pub struct Args {
     /// Allow the new size to be smaller (data past the new end is lost).
     #[arg(long)]
     shrink: bool,
-    /// How the area a raw image grows by takes disk space, as qemu-img: off (a hole),
-    /// falloc (reserved), full (zeros written); metadata is refused for raw images, as
-    /// qemu-img refuses it. qcow2 images take only off so far.
+    /// How the area the image grows by takes disk space, as qemu-img: off (a hole),
+    /// metadata (qcow2 only: clusters mapped over holes), falloc (reserved), full (zeros
+    /// written). Growing only.
     #[arg(long, value_name = "MODE", value_parser = parse_preallocation)]
     preallocation: Option<Preallocation>,
     /// Format of FILE (probed when absent).

@@ -124,9 +124,10 @@ impl Chain {
 
     /// [`Chain::resize`] with qemu-img resize's `--preallocation`: the area a raw image
     /// grows by is reserved (`Falloc`) or written with zeros (`Full`); `Metadata` is
-    /// refused for a raw image, as QEMU's raw driver refuses it. Modes other than `Off`
-    /// only grow (as qemu-img: "Preallocation can only be used for growing images"), and
-    /// are not supported yet on a qcow2 image (QEMU allocates its new clusters there).
+    /// refused for a raw image, as QEMU's raw driver refuses it. A qcow2 image maps the
+    /// new area to new host clusters, as QEMU does. Modes other
+    /// than `Off` only grow (as qemu-img: "Preallocation can only be used for growing
+    /// images").
     pub fn resize_preallocated(
         &self,
         new_size: u64,
@@ -137,17 +138,20 @@ impl Chain {
             return self.resize(new_size, allow_shrink);
         }
         let top = self.writable_top()?;
-        if new_size < top.size() {
+        // Not even the same size, as qemu-img.
+        if new_size <= top.size() {
             return Err(Error::InvalidArgument(
                 "Preallocation can only be used for growing images".into(),
             )
             .in_file(top.name()));
         }
+        let backing_longer = self.layers().get(1).is_some_and(|b| b.size() > self.size());
         match top {
-            Layer::Qcow2(image) => Err(Error::Unsupported(
-                "preallocation when resizing a qcow2 image (only off so far)",
-            )
-            .in_file(image.name())),
+            Layer::Qcow2(image) => {
+                image.grow_preallocated_with(new_size, mode, backing_longer, &|b, o| {
+                    self.read_below(b, o)
+                })
+            }
             Layer::Raw(raw) => raw.grow_preallocated(raw.file_len(), new_size, mode),
         }
     }

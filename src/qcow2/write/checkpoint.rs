@@ -29,7 +29,7 @@ use super::state::Writer;
 const MAX_DIRTY_L2_BYTES: u64 = 16 << 20;
 
 impl Image {
-    pub(super) fn maybe_checkpoint(&self, w: &mut Writer) -> Result<()> {
+    pub(crate) fn maybe_checkpoint(&self, w: &mut Writer) -> Result<()> {
         if w.dirty_l2.len() as u64 * self.cluster_size() > MAX_DIRTY_L2_BYTES {
             self.checkpoint(w)?;
         }

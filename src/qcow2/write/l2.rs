@@ -111,7 +111,7 @@ impl Image {
     }
 
     /// Queues in `frees` the refcount drop of whatever host clusters `old` referenced.
-    pub(super) fn release_descriptor(&self, frees: &mut Vec<(u64, u64)>, old: ClusterDescriptor) {
+    pub(crate) fn release_descriptor(&self, frees: &mut Vec<(u64, u64)>, old: ClusterDescriptor) {
         let cb = self.geometry.cluster_bits();
         match old {
             ClusterDescriptor::Data { host, .. } | ClusterDescriptor::Zero { host: Some(host) } => {

@@ -52,9 +52,12 @@ impl Run {
         let mut possible = top < base && base < n;
         if possible && !dry_run {
             // The base grows to the committed range's size first: version 2 refuses with
-            // snapshots, or over a longer backing file.
+            // snapshots, or over a longer backing file past its partial last cluster.
             let dest = &self.layers[base];
-            let grows = dest.view.len() < self.layers[top].view.len();
+            let (old_len, new_len) = (dest.view.len() as u64, self.layers[top].view.len() as u64);
+            let grows = old_len < new_len;
+            let cs = dest.config.cluster_size;
+            let past_tail = new_len > old_len.div_ceil(cs) * cs;
             let has_snapshots = self
                 .snapshots
                 .get(&dest.name)
@@ -63,7 +66,7 @@ impl Run {
                 .layers
                 .get(base + 1)
                 .is_some_and(|b| b.view.len() > dest.view.len());
-            possible = !(dest.config.v2 && grows && (has_snapshots || backing_longer));
+            possible = !(dest.config.v2 && grows && (has_snapshots || backing_longer && past_tail));
         }
         self.close_for_merge();
         let r = ops::commit(&self.layers[0].name, &options, &mut |_, _| true).map(drop);

@@ -97,7 +97,10 @@ impl Run {
                     .snapshots
                     .get(&self.layers[0].name)
                     .is_some_and(|s| !s.is_empty());
-                let refused = top.v2 && (has_snapshots || backing_longer && new_size > size);
+                // Growth inside the partial last cluster is zeroed by writing zeros: only
+                // growth past it needs zero clusters.
+                let past_tail = new_size > size.div_ceil(top.cluster_size) * top.cluster_size;
+                let refused = top.v2 && (has_snapshots || backing_longer && past_tail);
                 let outcome = if new_size == size || !refused {
                     Outcome::Succeeds
                 } else {
