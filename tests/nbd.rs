@@ -777,9 +777,14 @@ fn tcp_on_localhost() {
         .unwrap();
     let uri = format!("nbd://127.0.0.1:{port}");
     let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
-        && start.elapsed() < Duration::from_secs(20)
-    {
+    // Ready once a connection reaches the server. While nobody listens, a connect to a
+    // port in the ephemeral range can connect to itself (TCP simultaneous open), which
+    // would look ready and block the server's bind: such a connection does not count.
+    let listening = || {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .is_ok_and(|stream| stream.local_addr().ok() != stream.peer_addr().ok())
+    };
+    while !listening() && start.elapsed() < Duration::from_secs(20) {
         std::thread::sleep(Duration::from_millis(20));
     }
     let out = run(&s, "qemu-img", &["compare", "-U", "a/top.qcow2", &uri]);
