@@ -13,7 +13,7 @@ use crate::format::{
 };
 use crate::storage::Storage;
 
-use super::image::{Image, ImageOptions, Meta, WrittenRange, read_exact};
+use super::image::{Image, ImageOptions, Meta, WrittenRuns, read_exact};
 use super::l2cache::L2Cache;
 
 impl Image {
@@ -185,7 +185,7 @@ impl Image {
             }),
             l2_cache: L2Cache::new(tables),
             file_len: AtomicU64::new(file_len),
-            data_written: WrittenRange::new(),
+            data_written: WrittenRuns::new(geometry.cluster_size()),
             last_compressed: Mutex::new(None),
             io_lock: RwLock::new(()),
             writer: None,

@@ -182,14 +182,16 @@ impl Image {
     /// call it as they go, so that the disk works while they do and the final flush is
     /// short. Durability still comes only from [`Image::flush`].
     ///
-    /// Only the host range the data went to (`data_written`): the rest of the file holds
+    /// Only the host runs the data went to (`data_written`): the rest of the file holds
     /// the metadata the copy reads as it goes (a metadata-heavy commit re-read thousands
     /// of L2 tables from the disk when the whole file's cache was dropped).
     pub fn start_writeback(&self) -> Result<()> {
-        let range = self.data_written.take();
-        self.data_storage()
-            .start_writeback(range)
-            .map_err(|e| self.name_error(Error::io("writing back", e)))
+        for run in self.data_written.take() {
+            self.data_storage()
+                .start_writeback(run)
+                .map_err(|e| self.name_error(Error::io("writing back", e)))?;
+        }
+        Ok(())
     }
 
     /// Flushes, and with lazy refcounts also writes the refcounts and clears the dirty
