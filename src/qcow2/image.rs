@@ -135,14 +135,19 @@ impl std::fmt::Debug for Image {
 /// are runs of what was written, not one span from the lowest byte to the highest: data
 /// that filled a free cluster low in the file would make such a span cover every table
 /// above it, which the copy then re-reads from the disk (6,242 L2 tables in one
-/// metadata-heavy commit). Runs closer than a few clusters merge (the gap holds what was
-/// allocated with the data: its new L2 tables and refcount blocks, held in memory until
-/// written whole); past [`MAX_WRITTEN_RUNS`] the run nearest to a write grows over it.
+/// metadata-heavy commit). Runs closer than a few clusters and a batch of L2 tables merge
+/// (the gap holds what was allocated with the data: its new L2 tables and refcount
+/// blocks, held in memory until written whole); past [`MAX_WRITTEN_RUNS`] the run
+/// nearest to a write grows over it.
 #[derive(Debug)]
 pub(crate) struct WrittenRuns {
     runs: Mutex<Vec<std::ops::Range<u64>>>,
     merge_gap: u64,
 }
+
+/// How much of the file a batch of new L2 tables takes (see
+/// [`Image::batch_new_l2_tables`]).
+pub(crate) const L2_BATCH_BYTES: u64 = 256 << 10;
 
 /// Runs kept between two takes. Few: each run costs the storage a writeback pass of its
 /// own (with 64, the scattered in-place writes of a commit made 781 passes instead of 28
@@ -153,7 +158,7 @@ impl WrittenRuns {
     pub(crate) fn new(cluster_size: u64) -> WrittenRuns {
         WrittenRuns {
             runs: Mutex::new(Vec::new()),
-            merge_gap: 4 * cluster_size,
+            merge_gap: 4 * cluster_size + L2_BATCH_BYTES,
         }
     }
 

@@ -19,6 +19,9 @@ pub(super) trait Sink {
     fn copy(&self, from: &Layer, host: u64, len: u64, offset: u64) -> Result<()>;
     /// Whether [`Sink::copy`] from `from` shares extents instead of moving data.
     fn shares_extents_with(&self, from: &Layer) -> bool;
+    /// Lays new metadata out for a long run of writes (a qcow2 destination takes its new
+    /// L2 tables in batches: `Image::batch_new_l2_tables`).
+    fn prepare_for_merge(&self) {}
 }
 
 impl Sink for Chain {
@@ -41,6 +44,11 @@ impl Sink for Chain {
         self.top()
             .data_storage()
             .shares_extents_with(from.data_storage())
+    }
+    fn prepare_for_merge(&self) {
+        if let Layer::Qcow2(image) = self.top() {
+            image.batch_new_l2_tables();
+        }
     }
 }
 
@@ -68,6 +76,9 @@ impl Sink for ZerosAsData<'_> {
     fn shares_extents_with(&self, from: &Layer) -> bool {
         self.0.shares_extents_with(from)
     }
+    fn prepare_for_merge(&self) {
+        self.0.prepare_for_merge()
+    }
 }
 
 /// Writeback of the destination is started every this many bytes written: the disk then
@@ -92,6 +103,9 @@ pub(super) struct Out<'a> {
 
 impl<'a> Out<'a> {
     pub(super) fn new(sink: Option<&'a dyn Sink>, options: &MergeOptions) -> Out<'a> {
+        if let Some(s) = sink {
+            s.prepare_for_merge();
+        }
         Out {
             storage_copy: options.storage_copy,
             sink,

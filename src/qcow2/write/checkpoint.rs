@@ -28,6 +28,9 @@ use super::state::Writer;
 /// How many changed L2 tables may wait in memory before a checkpoint writes them.
 const MAX_DIRTY_L2_BYTES: u64 = 16 << 20;
 
+/// The most a checkpoint writes of consecutive L2 tables at once.
+const MAX_L2_WRITE_BYTES: u64 = 1 << 20;
+
 impl Image {
     pub(crate) fn maybe_checkpoint(&self, w: &mut Writer) -> Result<()> {
         if w.dirty_l2.len() as u64 * self.cluster_size() > MAX_DIRTY_L2_BYTES {
@@ -91,7 +94,14 @@ impl Image {
             self.write_header()?;
             self.sync()?;
         }
-        // 1. Data and raised refcounts.
+        // 1. Data and raised refcounts. Clusters reserved for L2 tables and not used are
+        // released first: nothing points at them, and no refcount on disk may count them.
+        if !w.l2_reserve.is_empty() {
+            let unused = w.l2_reserve.clone();
+            w.refcounts
+                .add(&*self.storage, unused.start, unused.end - unused.start, -1)?;
+            w.l2_reserve = 0..0;
+        }
         if let Some(data) = &self.data_file {
             data.flush()
                 .map_err(|e| Error::io("flushing the data file", e))?;
@@ -104,23 +114,37 @@ impl Image {
         // Each table stays dirty (and pinned) until written: after a failed write (a
         // full disk) the next checkpoint retries it, and step 3 never publishes an L1
         // entry for a table that is not on disk.
+        // Tables in consecutive clusters (new tables taken in batches) go in one write.
         let wrote_l2 = !w.dirty_l2.is_empty();
-        while let Some(&offset) = w.dirty_l2.first() {
-            if let Some(table) = self.l2_cache.pinned(offset) {
-                self.check_overlap(
-                    "an L2 table",
-                    offset,
-                    self.cluster_size(),
-                    Some(ReferenceKind::L2Table),
-                )?;
-                let mut bytes = vec![0u8; self.cluster_size() as usize];
-                format::encode_u64_table(&table, &mut bytes);
-                self.storage
-                    .write_at(&bytes, offset)
-                    .map_err(|e| self.io_error("writing L2 table", offset, e))?;
+        let cs = self.cluster_size();
+        let max_run = (MAX_L2_WRITE_BYTES / cs).max(1) as usize;
+        let mut bytes = Vec::new();
+        while let Some(&first) = w.dirty_l2.first() {
+            let mut run = 0;
+            bytes.clear();
+            for &offset in w.dirty_l2.range(first..).take(max_run) {
+                if offset != first + run as u64 * cs {
+                    break;
+                }
+                let Some(table) = self.l2_cache.pinned(offset) else {
+                    break;
+                };
+                self.check_overlap("an L2 table", offset, cs, Some(ReferenceKind::L2Table))?;
+                bytes.resize((run + 1) * cs as usize, 0);
+                format::encode_u64_table(&table, &mut bytes[run * cs as usize..]);
+                run += 1;
             }
-            self.l2_cache.unpin(offset);
-            w.dirty_l2.remove(&offset);
+            if run > 0 {
+                self.storage
+                    .write_at(&bytes, first)
+                    .map_err(|e| self.io_error("writing L2 table", first, e))?;
+            }
+            // The first table without a copy in the cache has nothing to write.
+            for i in 0..run.max(1) as u64 {
+                let offset = first + i * cs;
+                self.l2_cache.unpin(offset);
+                w.dirty_l2.remove(&offset);
+            }
         }
         // The L2 tables must be durable before an L1 entry points at them, before a
         // refcount they no longer use drops (step 4), and before the flush returns — also

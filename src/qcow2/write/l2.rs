@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::format::{ClusterDescriptor, L1Entry, L2Entry, SubclusterBitmap};
 
-use crate::qcow2::image::Image;
+use crate::qcow2::image::{Image, L2_BATCH_BYTES};
 
 use super::state::Writer;
 
@@ -83,7 +83,7 @@ impl Image {
             t
         };
         table.truncate(words);
-        let offset = self.allocate(w, 1)?;
+        let offset = self.allocate_l2_table(w)?;
         self.note_new_l2_table(offset);
         let mut frees = Vec::new();
         if old_offset != 0 {
@@ -95,6 +95,34 @@ impl Image {
             new_l1: Some(L1Entry::new(offset, true)),
             frees,
         })
+    }
+
+    /// A cluster for a new L2 table: the next of the reserve, taken `l2_batch` clusters at
+    /// a time when batching (see [`Image::batch_new_l2_tables`]).
+    fn allocate_l2_table(&self, w: &mut Writer) -> Result<u64> {
+        if w.l2_reserve.is_empty() {
+            if w.l2_batch <= 1 {
+                return self.allocate(w, 1);
+            }
+            let first = self.allocate(w, w.l2_batch)? >> self.geometry.cluster_bits();
+            w.l2_reserve = first..first + w.l2_batch;
+        }
+        let cluster = w.l2_reserve.start;
+        w.l2_reserve.start += 1;
+        Ok(cluster << self.geometry.cluster_bits())
+    }
+
+    /// Makes new L2 tables come from runs of clusters taken together ([`L2_BATCH_BYTES`]), instead of each from the cluster after the data last written. Merges ask
+    /// for it: a scattered write then leaves data and tables each in runs of their own,
+    /// and the disk writes long runs where it wrote every other 4 KiB block (the writes
+    /// alone took 1.3-1.5 s against 0.65 s in order for a metadata-heavy commit,
+    /// `scripts/floor-scattered.py`). Not for writes that must lay an image out as QEMU
+    /// does (convert, create and resize preallocation keep QEMU's offsets). Unused
+    /// clusters of a run are released at every checkpoint. Read-only images ignore it.
+    pub(crate) fn batch_new_l2_tables(&self) {
+        if let Ok(mut w) = self.writer() {
+            w.l2_batch = (L2_BATCH_BYTES / self.cluster_size()).max(1);
+        }
     }
 
     /// Publishes a changed L2 table (pinned in the cache) and its L1 entry, in memory, and
@@ -165,5 +193,78 @@ impl L2Slot {
     /// only if this slot is committed (see [`Image::commit_l2`]).
     pub(crate) fn free_on_commit(&mut self, cluster: u64, count: u64) {
         self.frees.push((cluster, count));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::create::{CreateOptions, create_on};
+    use crate::qcow2::{Image, ImageOptions};
+    use crate::storage::recording::Recording;
+
+    use crate::qcow2::image::L2_BATCH_BYTES;
+
+    /// Writes one 4 KiB cluster into each of `tables` L2 ranges of a fresh image (4 KiB
+    /// clusters), flushing after `flush_after` of them, and returns the image.
+    fn scattered(batch: bool, tables: u64, flush_after: u64) -> (Arc<Recording>, Image) {
+        let file = Arc::new(Recording::default());
+        let mut create = CreateOptions::qcow2(1 << 32);
+        create.cluster_size = 4096;
+        create_on(&*file, &create).unwrap();
+        let options = ImageOptions {
+            writable: true,
+            ..ImageOptions::default()
+        };
+        let image = Image::from_storage(Box::new(Arc::clone(&file)), "t", &options, None).unwrap();
+        if batch {
+            image.batch_new_l2_tables();
+        }
+        // 512 entries of 4 KiB per table: one cluster per 2 MiB.
+        for i in 0..tables {
+            let zeros_below = |b: &mut [u8], _| {
+                b.fill(0);
+                Ok(())
+            };
+            image
+                .write_at_with(&[i as u8 + 1; 4096], i << 21, &zeros_below)
+                .unwrap();
+            if i + 1 == flush_after {
+                image.flush().unwrap();
+            }
+        }
+        (file, image)
+    }
+
+    #[test]
+    fn batched_l2_tables_lie_together_and_nothing_leaks() {
+        let per_batch = L2_BATCH_BYTES / 4096;
+        let tables = per_batch + per_batch / 2;
+        // A checkpoint in the middle of the second batch releases its rest.
+        let (_, image) = scattered(true, tables, per_batch + 3);
+        let l2 = |i: u64| image.l1_entry(i).unwrap().l2_offset();
+        for i in 1..per_batch {
+            assert_eq!(l2(i), l2(i - 1) + 4096, "table {i}");
+        }
+        image.close().unwrap();
+        let report = image.check().unwrap();
+        assert!(report.is_clean(), "{report:?}");
+        for i in 0..tables {
+            let mut buf = [0u8; 4096];
+            image.read_at(&mut buf, i << 21).unwrap();
+            assert_eq!(buf, [i as u8 + 1; 4096], "cluster {i}");
+        }
+    }
+
+    #[test]
+    fn unbatched_l2_tables_alternate_with_their_data_as_qemu_lays_them_out() {
+        let (_, image) = scattered(false, 8, 0);
+        for i in 1..8 {
+            let at = |i: u64| image.l1_entry(i).unwrap().l2_offset();
+            assert_eq!(at(i), at(i - 1) + 2 * 4096, "table {i}");
+        }
+        image.close().unwrap();
+        assert!(image.check().unwrap().is_clean());
     }
 }

@@ -28,6 +28,12 @@ pub(crate) struct Writer {
     /// Free bytes after the last compressed cluster stored since the last checkpoint
     /// (next byte, end of its host cluster): the next one is packed there.
     pub(super) compressed_tail: Option<(u64, u64)>,
+    /// Clusters (indices) allocated for new L2 tables ahead of need and not used yet:
+    /// see [`crate::qcow2::Image::batch_new_l2_tables`]. Released at every checkpoint
+    /// before refcounts are written, so no image on disk counts them.
+    pub(super) l2_reserve: std::ops::Range<u64>,
+    /// How many clusters a new reserve takes (1: none, each table allocated alone).
+    pub(super) l2_batch: u64,
 }
 
 impl Writer {
@@ -41,6 +47,8 @@ impl Writer {
             pending_free: Vec::new(),
             lazy: false,
             compressed_tail: None,
+            l2_reserve: 0..0,
+            l2_batch: 1,
         }
     }
 

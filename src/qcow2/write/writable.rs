@@ -1,6 +1,5 @@
 //! Making an image writable, and what every write checks first.
 
-use std::collections::BTreeSet;
 use std::sync::{MutexGuard, PoisonError};
 
 use crate::error::{Error, Result};
@@ -29,15 +28,9 @@ impl Image {
         let lazy = header
             .compatible_features
             .contains(CompatibleFeatures::LAZY_REFCOUNTS);
-        self.writer = Some(std::sync::Mutex::new(Writer {
-            refcounts,
-            dirty_l2: BTreeSet::new(),
-            dirty_l1: BTreeSet::new(),
-            header_dirty: false,
-            pending_free: Vec::new(),
-            lazy,
-            compressed_tail: None,
-        }));
+        let mut writer = Writer::new(refcounts);
+        writer.set_lazy(lazy);
+        self.writer = Some(std::sync::Mutex::new(writer));
         self.refresh_overlap_map(&*self.writer()?);
         if header
             .incompatible_features
